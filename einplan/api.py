@@ -1,0 +1,91 @@
+"""The Python API the CLI is a thin layer over: compile, save/load, bind weights, forward."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from einplan.compiler.pipeline import PassContext, run_pipeline
+from einplan.compiler.plan import Plan
+from einplan.models.config import ModelConfig, load_config, parse_config
+from einplan.models.llama import build_forward
+from einplan.runtime.executor import Executor, InputError
+from einplan.runtime.recorder import Recorder
+from einplan.runtime.weights import load_weights, random_weights
+
+WEIGHT_DTYPES = ("f32", "bf16", "f16")
+
+
+def compile_model(config: str | Path | dict[str, Any], *, weight_dtype: str = "f32",
+                  ctx: PassContext | None = None) -> Plan:
+    """Trace a model config (path, built-in name, dict or HF config.json) and compile it into
+    a plan with a ``forward`` entry point."""
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"weight dtype {weight_dtype!r} is not one of {', '.join(WEIGHT_DTYPES)}")
+    t0 = time.perf_counter()
+    cfg = load_config(config)
+    ctx = ctx or PassContext()
+    traced = build_forward(cfg, weight_dtype)
+    trace_seconds = time.perf_counter() - t0
+    graph = run_pipeline(traced, ctx)
+    params = sum(int(np.prod(n.shape)) for n in graph.params())
+    meta = {"weight_dtype": weight_dtype, "parameters": params,
+            "trace_seconds": trace_seconds, "passes": ctx.stats,
+            "compile_seconds": time.perf_counter() - t0}
+    return Plan(cfg.to_dict(), {"forward": graph}, meta)
+
+
+def load_plan(path: str | Path) -> Plan:
+    """Read a plan file (clear errors for foreign, damaged or other-version files)."""
+    return Plan.load(path)
+
+
+def plan_config(plan: Plan) -> ModelConfig:
+    """The normalised model config a plan was compiled from."""
+    raw = dict(plan.config)
+    return ModelConfig(**raw) if raw else parse_config(raw)
+
+
+class Session:
+    """A plan bound to weights, ready to run ``forward`` on token ids."""
+
+    def __init__(self, plan: Plan | str | Path, weights: str | os.PathLike | dict | None = None,
+                 *, random_seed: int | None = None, workers: int = 0) -> None:
+        """Bind ``weights`` (HF folder, safetensors file, hub id, or a dict of arrays), or
+        seeded random weights when ``random_seed`` is given instead. One of the two is needed:
+        there is no silent random fallback."""
+        self.plan = plan if isinstance(plan, Plan) else load_plan(plan)
+        self.config = plan_config(self.plan)
+        graph = self.plan.entry("forward")
+        if (weights is None) == (random_seed is None):
+            raise ValueError("give either weights or random_seed (random weights), not both "
+                             "or neither")
+        if random_seed is not None:
+            arrays = random_weights(graph, random_seed)
+        elif isinstance(weights, dict):
+            arrays = weights
+        else:
+            arrays = load_weights(graph, weights, tied=self.config.tie_word_embeddings)
+        self.weights = arrays
+        self.executor = Executor(graph, arrays, workers)
+
+    def forward(self, tokens: np.ndarray, positions: np.ndarray | None = None,
+                recorder: Recorder | None = None) -> np.ndarray:
+        """Logits, float32 ``(batch, seq, vocab)``, for integer token ids ``(batch, seq)``."""
+        tokens = np.asarray(tokens)
+        if tokens.ndim == 1:
+            tokens = tokens[None, :]
+        if not np.issubdtype(tokens.dtype, np.integer):
+            raise InputError(f"token ids must be integers, got {tokens.dtype}")
+        vocab = self.config.vocab_size
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab):
+            raise InputError(f"token ids must lie in 0..{vocab - 1}, got {tokens.min()}.."
+                             f"{tokens.max()}")
+        if positions is None:
+            positions = np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape)
+        out = self.executor.run({"tokens": tokens, "positions": positions}, recorder)
+        return out["logits"]

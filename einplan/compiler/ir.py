@@ -1,0 +1,160 @@
+"""The IR: one node type, one op enum, a graph in linear SSA form.
+
+A :class:`Graph` is a list of :class:`Node` in topological order; each node
+defines one value, used only after its definition. ``str(graph)`` prints one
+line per node in the style of a jaxpr, and :meth:`Graph.verify` re-checks the
+invariants every pass must keep.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from einplan.compiler.ops import OPS, Op, ShapeError
+from einplan.compiler.symbolic import Dim, Shape
+
+
+@dataclass(frozen=True)
+class Node:
+    """One SSA value: ``id = op[attrs](*inputs)`` with its inferred shape and dtype."""
+
+    id: int
+    op: Op
+    inputs: tuple[int, ...]
+    attrs: dict[str, Any]
+    shape: Shape
+    dtype: str
+    name: str = ""
+    tags: frozenset[str] = frozenset()
+
+    def ref(self) -> str:
+        """How other lines of the printed graph refer to this value."""
+        return f"%{self.name}" if self.op in (Op.PARAM, Op.INPUT) else f"%{self.id}"
+
+    def with_(self, **changes: Any) -> Node:
+        """Return a copy with some fields replaced."""
+        return replace(self, **changes)
+
+
+def format_type(shape: Shape, dtype: str) -> str:
+    """Render ``f32[batch,seq,576]``."""
+    return f"{dtype}[{','.join(str(d) for d in shape)}]"
+
+
+def format_attr(value: Any) -> str:
+    if isinstance(value, list | tuple):
+        return "(" + ",".join(str(v) for v in value) + ")"
+    return str(value)
+
+
+@dataclass
+class Graph:
+    """Nodes in topological order plus the named outputs of the computation."""
+
+    nodes: list[Node] = field(default_factory=list)
+    outputs: dict[str, int] = field(default_factory=dict)
+    dims: dict[str, int] = field(default_factory=dict)  # symbolic dim -> its upper limit
+    name: str = "forward"
+    annotations: dict[int, dict[str, Any]] = field(default_factory=dict)  # per node: schedule
+    meta: dict[str, Any] = field(default_factory=dict)  # per graph: slots, peak, pass stats
+
+    def replace_nodes(self, nodes: list[Node], outputs: dict[str, int] | None = None) -> Graph:
+        """Return a graph with new nodes and the same dims, annotations and meta."""
+        return Graph(nodes, dict(self.outputs if outputs is None else outputs), dict(self.dims),
+                     self.name, dict(self.annotations), dict(self.meta))
+
+    def by_id(self) -> dict[int, Node]:
+        """Return a map from value id to node."""
+        return {n.id: n for n in self.nodes}
+
+    def params(self) -> list[Node]:
+        """Return the parameter leaves in order."""
+        return [n for n in self.nodes if n.op is Op.PARAM]
+
+    def inputs(self) -> list[Node]:
+        """Return the input leaves in order."""
+        return [n for n in self.nodes if n.op is Op.INPUT]
+
+    def consumers(self) -> dict[int, list[int]]:
+        """Return, for each value id, the ids of the nodes that read it."""
+        uses: dict[int, list[int]] = {n.id: [] for n in self.nodes}
+        for n in self.nodes:
+            for i in n.inputs:
+                uses[i].append(n.id)
+        return uses
+
+    def format_line(self, n: Node, nodes: dict[int, Node]) -> str:
+        """Render one node as a jaxpr-like line."""
+        hidden = OPS[n.op].hidden_attrs
+        attrs = ",".join(
+            (format_attr(v) if k in ("spec", "key") else f"{k}={format_attr(v)}")
+            for k, v in n.attrs.items()
+            if k not in hidden
+        )
+        head = f"{n.ref()}:{format_type(n.shape, n.dtype)} = {n.op.value}"
+        if attrs:
+            head += f"[{attrs}]"
+        args = " ".join(nodes[i].ref() for i in n.inputs)
+        line = f"{head} {args}".rstrip()
+        if n.op not in (Op.PARAM, Op.INPUT) and n.name:
+            tags = f" {{{','.join(sorted(n.tags))}}}" if n.tags else ""
+            line = f"{line:<72} # {n.name}{tags}"
+        return line
+
+    def __str__(self) -> str:
+        nodes = self.by_id()
+        dims = ", ".join(f"{k}<={v}" for k, v in self.dims.items())
+        lines = [f"graph {self.name}({dims}) {{"]
+        lines += ["  " + self.format_line(n, nodes) for n in self.nodes]
+        outs = ", ".join(f"{k}={nodes[v].ref()}" for k, v in self.outputs.items())
+        lines.append(f"  return {outs}")
+        lines.append("}")
+        return "\n".join(lines)
+
+    def verify(self) -> None:
+        """Check SSA order, unique names of leaves, and re-infer every shape and dtype.
+
+        Raises :class:`ShapeError` naming the first node that breaks an invariant.
+        """
+        seen: dict[int, Node] = {}
+        leaf_names: set[str] = set()
+        for n in self.nodes:
+            where = f"node %{n.id} ({n.name or n.op.value})"
+            if n.id in seen:
+                raise ShapeError(f"{where}: value %{n.id} defined twice")
+            for i in n.inputs:
+                if i not in seen:
+                    raise ShapeError(f"{where}: input %{i} used before it is defined")
+            if n.op in (Op.PARAM, Op.INPUT):
+                if n.name in leaf_names:
+                    raise ShapeError(f"{where}: two leaves named {n.name!r}")
+                leaf_names.add(n.name)
+                for d in n.shape:
+                    check_dim(d, self.dims, where)
+            else:
+                ins = [seen[i] for i in n.inputs]
+                try:
+                    shape, dtype = OPS[n.op].infer(
+                        [x.shape for x in ins], [x.dtype for x in ins], n.attrs
+                    )
+                except ShapeError as e:
+                    raise ShapeError(f"{where}: {e}") from None
+                if tuple(shape) != tuple(n.shape) or dtype != n.dtype:
+                    raise ShapeError(
+                        f"{where}: recorded {format_type(n.shape, n.dtype)} but inputs give "
+                        f"{format_type(shape, dtype)}"
+                    )
+            seen[n.id] = n
+        for k, v in self.outputs.items():
+            if v not in seen:
+                raise ShapeError(f"output {k!r} names undefined value %{v}")
+
+
+def check_dim(d: Dim, dims: dict[str, int], where: str) -> None:
+    """Reject negative sizes and symbolic dims the graph does not declare."""
+    if isinstance(d, str):
+        if d not in dims:
+            raise ShapeError(f"{where}: symbolic dim {d!r} is not declared (have {sorted(dims)})")
+    elif not isinstance(d, int) or d < 0:
+        raise ShapeError(f"{where}: bad dimension {d!r}")

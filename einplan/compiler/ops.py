@@ -1,0 +1,223 @@
+"""The op set: for every op its shape/dtype inference, FLOP count and print rule.
+
+One table, keyed by :class:`Op`, so that adding an op means adding one entry
+here, one kernel in ``runtime/kernels.py`` and (for training) one VJP rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from einplan.compiler.symbolic import Dim, Poly, Shape, add_polys, numel, scale_poly
+
+
+class Op(str, Enum):
+    """Every operation a graph node can perform."""
+
+    PARAM = "param"
+    INPUT = "input"
+    EINSUM = "einsum"
+    ADD = "add"
+    MUL = "mul"
+    GATHER = "gather"
+    RMS_NORM = "rms_norm"
+    ROPE_TABLE = "rope_table"
+    ROPE = "rope"
+    SOFTMAX = "softmax"
+    SILU_MUL = "silu_mul"
+    RESHAPE = "reshape"
+    TRANSPOSE = "transpose"
+    CAST = "cast"
+
+
+class ShapeError(ValueError):
+    """A node's inputs do not fit its op (ranks, dims or dtypes)."""
+
+
+ITEMSIZE = {"f64": 8, "f32": 4, "bf16": 2, "f16": 2, "i64": 8, "i32": 4, "i8": 1, "u8": 1}
+FLOAT_DTYPES = {"f64", "f32", "bf16", "f16"}
+INT_DTYPES = {"i64", "i32", "i8", "u8"}
+
+Infer = Callable[[list[Shape], list[str], dict[str, Any]], tuple[Shape, str]]
+
+
+@dataclass(frozen=True)
+class OpDef:
+    """How the compiler reasons about one op."""
+
+    infer: Infer
+    flops_per_element: int = 0  # of the output, for elementwise-like ops
+    alias: bool = False  # output is a view of input 0: no buffer, no copy
+    hidden_attrs: tuple[str, ...] = ()  # attrs left out of the printed graph
+
+
+def _need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ShapeError(msg)
+
+
+def _same_dims(a: Dim, b: Dim) -> bool:
+    return a == b
+
+
+def parse_spec(spec: str) -> tuple[list[str], str]:
+    """Split an explicit einsum spec ``"bsd,ed->bse"`` into input terms and output."""
+    _need("->" in spec, f"einsum spec {spec!r} must be explicit (contain '->')")
+    lhs, out = spec.split("->")
+    terms = lhs.split(",")
+    for t in [*terms, out]:
+        _need(t.isalpha() or t == "", f"einsum spec {spec!r}: only letters allowed in terms")
+        _need(len(set(t)) == len(t), f"einsum spec {spec!r}: repeated index in term {t!r}")
+    return terms, out
+
+
+def einsum_sizes(spec: str, shapes: list[Shape]) -> dict[str, Dim]:
+    """Map each index letter of ``spec`` to its dimension, checking ranks and agreement."""
+    terms, out = parse_spec(spec)
+    _need(len(terms) == len(shapes), f"einsum {spec!r} has {len(terms)} operands, got {len(shapes)}")
+    sizes: dict[str, Dim] = {}
+    for i, (t, s) in enumerate(zip(terms, shapes, strict=True)):
+        _need(len(t) == len(s), f"einsum {spec!r}: operand {i} has rank {len(s)}, term {t!r}")
+        for ch, d in zip(t, s, strict=True):
+            if ch in sizes:
+                _need(
+                    _same_dims(sizes[ch], d),
+                    f"einsum {spec!r}: index {ch!r} is {sizes[ch]} in one operand and {d} in another",
+                )
+            sizes[ch] = d
+    for ch in out:
+        _need(ch in sizes, f"einsum {spec!r}: output index {ch!r} is in no input")
+    return sizes
+
+
+def _infer_einsum(shapes, dtypes, attrs):
+    sizes = einsum_sizes(attrs["spec"], shapes)
+    _need(all(d == dtypes[0] for d in dtypes), f"einsum operands differ in dtype: {dtypes}")
+    _need(dtypes[0] in FLOAT_DTYPES, f"einsum needs float operands, got {dtypes[0]}")
+    out = attrs["spec"].split("->")[1]
+    return tuple(sizes[c] for c in out), dtypes[0]
+
+
+def _broadcasts(small: Shape, big: Shape) -> bool:
+    if len(small) > len(big):
+        return False
+    return all(s == 1 or s == b for s, b in zip(small[::-1], big[::-1], strict=False))
+
+
+def _infer_binary(shapes, dtypes, attrs):
+    a, b = shapes
+    _need(_broadcasts(b, a), f"second operand {list(b)} does not broadcast to {list(a)}")
+    _need(dtypes[0] == dtypes[1], f"operands differ in dtype: {dtypes}")
+    return a, dtypes[0]
+
+
+def _infer_gather(shapes, dtypes, attrs):
+    table, ids = shapes
+    _need(len(table) == 2, f"gather table must be 2-D, got {list(table)}")
+    _need(dtypes[1] in INT_DTYPES, f"gather ids must be integers, got {dtypes[1]}")
+    return (*ids, table[1]), attrs.get("dtype", "f32")
+
+
+def _infer_rms_norm(shapes, dtypes, attrs):
+    x, w = shapes
+    _need(len(w) == 1 and w[0] == x[-1], f"rms_norm weight {list(w)} must be [{x[-1]}]")
+    _need(dtypes[0] == dtypes[1] == "f32" or dtypes[0] == dtypes[1], "rms_norm dtypes differ")
+    return x, dtypes[0]
+
+
+def _infer_rope_table(shapes, dtypes, attrs):
+    (pos,) = shapes
+    _need(dtypes[0] in INT_DTYPES, f"rope_table positions must be integers, got {dtypes[0]}")
+    return (2, *pos, len(attrs["inv_freq"])), "f32"
+
+
+def _infer_rope(shapes, dtypes, attrs):
+    x, table = shapes
+    _need(len(table) == 4 and table[0] == 2, f"rope table must be [2,batch,seq,half], got {table}")
+    _need(x[:2] == table[1:3], f"rope: x {list(x)} and table {list(table)} differ in batch/seq")
+    _need(x[-1] == 2 * table[3], f"rope: head dim {x[-1]} is not twice the table's {table[3]}")
+    return x, dtypes[0]
+
+
+def _infer_softmax(shapes, dtypes, attrs):
+    (x,) = shapes
+    if attrs.get("causal"):
+        _need(len(x) >= 2, "causal softmax needs [..., q, k]")
+    return x, dtypes[0]
+
+
+def _infer_silu_mul(shapes, dtypes, attrs):
+    g, u = shapes
+    _need(g == u, f"silu_mul operands differ: {list(g)} vs {list(u)}")
+    return g, dtypes[0]
+
+
+def _infer_reshape(shapes, dtypes, attrs):
+    (x,) = shapes
+    new = tuple(attrs["shape"])
+    _need(numel(x) == numel(new), f"reshape {list(x)} -> {list(new)} changes the element count")
+    return new, dtypes[0]
+
+
+def _infer_transpose(shapes, dtypes, attrs):
+    (x,) = shapes
+    perm = attrs["perm"]
+    _need(sorted(perm) == list(range(len(x))), f"transpose perm {perm} does not fit rank {len(x)}")
+    return tuple(x[p] for p in perm), dtypes[0]
+
+
+def _infer_cast(shapes, dtypes, attrs):
+    return shapes[0], attrs["dtype"]
+
+
+def _infer_leaf(shapes, dtypes, attrs):
+    raise AssertionError("leaves carry their own shape")
+
+
+OPS: dict[Op, OpDef] = {
+    Op.PARAM: OpDef(_infer_leaf),
+    Op.INPUT: OpDef(_infer_leaf),
+    Op.EINSUM: OpDef(_infer_einsum, hidden_attrs=("recipe",)),
+    Op.ADD: OpDef(_infer_binary, 1),
+    Op.MUL: OpDef(_infer_binary, 1),
+    Op.GATHER: OpDef(_infer_gather),
+    Op.RMS_NORM: OpDef(_infer_rms_norm, 4),
+    Op.ROPE_TABLE: OpDef(_infer_rope_table, 2, hidden_attrs=("inv_freq",)),
+    Op.ROPE: OpDef(_infer_rope, 3),
+    Op.SOFTMAX: OpDef(_infer_softmax, 5),
+    Op.SILU_MUL: OpDef(_infer_silu_mul, 5),
+    Op.RESHAPE: OpDef(_infer_reshape, alias=True),
+    Op.TRANSPOSE: OpDef(_infer_transpose),
+    Op.CAST: OpDef(_infer_cast, 1),
+}
+
+
+def einsum_flops(spec: str, shapes: list[Shape]) -> Poly:
+    """FLOPs of a contraction done pairwise: 2 per multiply-add over all index combinations."""
+    sizes = einsum_sizes(spec, shapes)
+    terms, out = parse_spec(spec)
+    every = numel(sizes.values())
+    if len(terms) == 1:
+        return every if set(terms[0]) - set(out) else {}
+    contracted = set("".join(terms)) - set(out)
+    return scale_poly(every, 2 * (len(terms) - 1)) if contracted else every
+
+
+def count_flops(op: Op, in_shapes: list[Shape], out_shape: Shape, attrs: dict) -> Poly:
+    """FLOPs one execution of the op performs, as a polynomial in the symbolic dims."""
+    if op is Op.EINSUM:
+        return einsum_flops(attrs["spec"], in_shapes)
+    return scale_poly(numel(out_shape), OPS[op].flops_per_element)
+
+
+def count_bytes(op: Op, in_shapes, in_dtypes, out_shape, out_dtype) -> Poly:
+    """Bytes read plus written by one execution (views move nothing)."""
+    if OPS[op].alias or op in (Op.PARAM, Op.INPUT):
+        return {}
+    parts = [scale_poly(numel(s), ITEMSIZE[d]) for s, d in zip(in_shapes, in_dtypes, strict=True)]
+    if op is Op.GATHER:  # reads only the gathered rows, not the table
+        parts[0] = scale_poly(numel(out_shape), ITEMSIZE[in_dtypes[0]])
+    return add_polys(*parts, scale_poly(numel(out_shape), ITEMSIZE[out_dtype]))

@@ -1,0 +1,1 @@
+"""Compiler passes: each module has one pure ``run(graph, ctx) -> Graph``."""

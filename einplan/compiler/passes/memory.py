@@ -1,0 +1,83 @@
+"""Liveness and buffer assignment: when each value dies, which buffer it lives in, the peak.
+
+Every computed value gets a slot of the runtime's arena; a slot is reused by a later value of
+the same (symbolic) size once its previous value is dead, and only by a step of a later
+dependency level, so steps that may run concurrently never share a buffer. Views (reshape)
+share their source's buffer and keep it alive. Graph outputs get fresh arrays at run time.
+"""
+
+from __future__ import annotations
+
+from einplan.compiler.ir import Graph
+from einplan.compiler.ops import ITEMSIZE, OPS, Op
+from einplan.compiler.pipeline import PassContext
+from einplan.compiler.symbolic import evaluate, numel, poly_to_json, scale_poly
+
+LEAVES = (Op.PARAM, Op.INPUT)
+
+
+def run(graph: Graph, ctx: PassContext) -> Graph:
+    """Annotate each step with ``slot`` and ``free_after``; record slot sizes and peak."""
+    nodes = graph.by_id()
+    root = {}
+    for n in graph.nodes:
+        root[n.id] = root[n.inputs[0]] if OPS[n.op].alias else n.id
+    order = {n.id: k for k, n in enumerate(graph.nodes)}
+    views: dict[int, list[int]] = {}  # root value -> itself and every view of it
+    for n in graph.nodes:
+        views.setdefault(root[n.id], []).append(n.id)
+    last_use: dict[int, int] = {}
+    for n in graph.nodes:
+        for i in n.inputs:
+            last_use[root[i]] = max(last_use.get(root[i], -1), order[n.id])
+    outputs = {root[v] for v in graph.outputs.values()}
+    ann = {k: dict(v) for k, v in graph.annotations.items()}
+    level = {i: a.get("level", order[i]) for i, a in ann.items()}
+
+    slot_sizes: list[dict] = []
+    free_slots: dict[str, list[tuple[int, int]]] = {}  # size key -> [(slot, level freed)]
+    slot_of: dict[int, int] = {}
+    dies_at: dict[int, list[int]] = {}
+    for r, k in last_use.items():
+        if r not in outputs:
+            dies_at.setdefault(k, []).append(r)
+    for k, n in enumerate(graph.nodes):
+        if n.op in LEAVES:
+            continue
+        a = ann.setdefault(n.id, {})
+        if OPS[n.op].alias or n.id in outputs:
+            a["slot"] = None
+        else:
+            size = scale_poly(numel(n.shape), ITEMSIZE[n.dtype])
+            key = repr(sorted(size.items()))
+            pool = free_slots.get(key, [])
+            pick = next((p for p in pool if p[1] < level[n.id]), None)
+            if pick is not None:
+                pool.remove(pick)
+                slot = pick[0]
+            else:
+                slot = len(slot_sizes)
+                slot_sizes.append(size)
+            slot_of[n.id] = slot
+            a["slot"] = slot
+        dead = [r for r in dies_at.get(k, []) if nodes[r].op not in LEAVES]
+        a["free_after"] = [v for r in dead for v in views[r]]
+        for r in dead:
+            if r in slot_of:
+                size = scale_poly(numel(nodes[r].shape), ITEMSIZE[nodes[r].dtype])
+                free_slots.setdefault(repr(sorted(size.items())), []).append(
+                    (slot_of[r], level[n.id]))
+    out = graph.replace_nodes(list(graph.nodes))
+    out.annotations = ann
+    weights = sum(evaluate(scale_poly(numel(n.shape), ITEMSIZE[n.dtype]), ctx.typical_dims)
+                  for n in graph.nodes if n.op is Op.PARAM)
+    outs = sum(evaluate(scale_poly(numel(nodes[v].shape), ITEMSIZE[nodes[v].dtype]),
+                        ctx.typical_dims) for v in outputs)
+    arena = sum(evaluate(s, ctx.typical_dims) for s in slot_sizes)
+    out.meta["memory"] = {
+        "slots": [poly_to_json(s) for s in slot_sizes],
+        "estimate_dims": dict(ctx.typical_dims),
+        "weights_bytes": weights, "arena_bytes": arena, "outputs_bytes": outs,
+        "peak_bytes": weights + arena + outs,
+    }
+    return out

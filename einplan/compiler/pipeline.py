@@ -1,0 +1,54 @@
+"""Runs the named passes in order, timing each and verifying the graph after it."""
+
+from __future__ import annotations
+
+import importlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from einplan.compiler.ir import Graph
+
+# The order of DESIGN.md; passes of later issues (lora, quantize, autodiff, optimizer) slot in
+# before simplify. schedule runs before memory: buffers may only be reused across dependency
+# levels, so liveness needs the level order.
+PASSES = ("simplify", "contract", "schedule", "memory")
+
+
+@dataclass
+class PassContext:
+    """Options shared by the passes of one compilation."""
+
+    # sizes the symbolic dims take when a pass needs numbers (contraction order, peak estimate)
+    typical_dims: dict[str, int] = field(default_factory=lambda: {"batch": 1, "seq": 256})
+    path_cache: Path | None = None  # on-disk cache of contraction paths; None: default location
+    use_path_cache: bool = True
+    verify: bool = True
+    dump_after: tuple[str, ...] = ()
+    on_dump: Callable[[str, Graph], None] | None = None
+    stats: list[dict] = field(default_factory=list)
+
+
+def run_pass(name: str, graph: Graph, ctx: PassContext) -> Graph:
+    """Run one pass by name, record its time and node count, and verify its result."""
+    module = importlib.import_module(f"einplan.compiler.passes.{name}")
+    t0 = time.perf_counter()
+    out = module.run(graph, ctx)
+    seconds = time.perf_counter() - t0
+    if ctx.verify:
+        out.verify()
+    ctx.stats.append({"pass": name, "entry": graph.name, "nodes_in": len(graph.nodes),
+                      "nodes_out": len(out.nodes), "seconds": seconds})
+    if name in ctx.dump_after and ctx.on_dump is not None:
+        ctx.on_dump(name, out)
+    return out
+
+
+def run_pipeline(graph: Graph, ctx: PassContext, passes: tuple[str, ...] = PASSES) -> Graph:
+    """Run every pass of ``passes`` over ``graph`` and return the final graph."""
+    if ctx.verify:
+        graph.verify()
+    for name in passes:
+        graph = run_pass(name, graph, ctx)
+    return graph

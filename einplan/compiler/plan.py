@@ -1,0 +1,133 @@
+"""The plan file: versioned JSON holding the compiled graphs (entry points) of one model.
+
+Data only, never pickle: a magic string, ``plan_version``, the engine version, the config
+and its hash, and per entry the nodes with their lowering recipes and schedule annotations.
+A checksum over the body tells a damaged file from a foreign one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from einplan import __version__
+from einplan.compiler.ir import Graph, Node
+from einplan.compiler.ops import Op
+
+MAGIC = "einplan-plan"
+PLAN_VERSION = 1
+
+
+class PlanError(ValueError):
+    """A file is not a plan, is damaged, or was written by an incompatible version."""
+
+
+@dataclass
+class Plan:
+    """Compiled entry points of one model plus the config they came from."""
+
+    config: dict[str, Any]
+    entries: dict[str, Graph]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def entry(self, name: str = "forward") -> Graph:
+        """Return one entry point, or a clear error listing those present."""
+        if name not in self.entries:
+            raise PlanError(f"plan has no entry {name!r} (it has: {', '.join(self.entries)})")
+        return self.entries[name]
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the plan as a JSON-ready document."""
+        body = {
+            "engine_version": __version__,
+            "config": self.config,
+            "config_hash": hash_config(self.config),
+            "meta": self.meta,
+            "entries": {k: graph_to_json(g) for k, g in self.entries.items()},
+        }
+        return {"magic": MAGIC, "plan_version": PLAN_VERSION, "checksum": checksum(body),
+                "body": body}
+
+    def save(self, path: str | Path) -> None:
+        """Write the plan file atomically (temp file + rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.to_json(), f, separators=(",", ":"))
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        """Read a plan file, refusing foreign, damaged or other-version files by name."""
+        path = Path(path)
+        if not path.is_file():
+            raise PlanError(f"plan file {str(path)!r} not found (make one with: einplan compile "
+                            f"CONFIG -o {path.name})")
+        try:
+            doc = json.loads(path.read_bytes())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise PlanError(f"{path}: not an einplan plan file (not JSON) or damaged; "
+                            "recompile it with einplan compile") from None
+        if not isinstance(doc, dict) or doc.get("magic") != MAGIC:
+            raise PlanError(f"{path}: not an einplan plan file (no '{MAGIC}' magic)")
+        if doc.get("plan_version") != PLAN_VERSION:
+            raise PlanError(f"{path}: plan format version {doc.get('plan_version')!r}, this "
+                            f"einplan {__version__} reads version {PLAN_VERSION}; recompile it")
+        body = doc.get("body")
+        if not isinstance(body, dict) or doc.get("checksum") != checksum(body):
+            raise PlanError(f"{path}: plan file is damaged (checksum mismatch); recompile it")
+        try:
+            entries = {k: graph_from_json(g) for k, g in body["entries"].items()}
+            return cls(body["config"], entries, body.get("meta", {}))
+        except (KeyError, TypeError, ValueError) as e:
+            raise PlanError(f"{path}: plan file is malformed ({e}); recompile it") from None
+
+
+def checksum(body: dict[str, Any]) -> str:
+    """SHA-256 of the canonical JSON of the plan body."""
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def hash_config(config: dict[str, Any]) -> str:
+    """Short hash naming the config a plan was compiled from."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def node_to_json(n: Node) -> dict[str, Any]:
+    """Serialise one node."""
+    d = {"id": n.id, "op": n.op.value, "in": list(n.inputs), "shape": list(n.shape),
+         "dtype": n.dtype, "name": n.name}
+    if n.attrs:
+        d["attrs"] = n.attrs
+    if n.tags:
+        d["tags"] = sorted(n.tags)
+    return d
+
+
+def node_from_json(d: dict[str, Any]) -> Node:
+    """Read one node written by :func:`node_to_json`."""
+    return Node(d["id"], Op(d["op"]), tuple(d["in"]), d.get("attrs", {}), tuple(d["shape"]),
+                d["dtype"], d.get("name", ""), frozenset(d.get("tags", ())))
+
+
+def graph_to_json(g: Graph) -> dict[str, Any]:
+    """Serialise a graph with its annotations and meta."""
+    return {"name": g.name, "dims": g.dims, "outputs": g.outputs,
+            "nodes": [node_to_json(n) for n in g.nodes],
+            "annotations": {str(k): v for k, v in g.annotations.items()}, "meta": g.meta}
+
+
+def graph_from_json(d: dict[str, Any]) -> Graph:
+    """Read a graph written by :func:`graph_to_json`."""
+    return Graph([node_from_json(n) for n in d["nodes"]], dict(d["outputs"]), dict(d["dims"]),
+                 d["name"], {int(k): v for k, v in d["annotations"].items()}, d["meta"])

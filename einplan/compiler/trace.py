@@ -1,0 +1,127 @@
+"""The builder that model code calls: each method appends one node to a graph.
+
+Model code never touches arrays; it describes the computation through these
+calls and gets back :class:`Value` handles carrying shape and dtype, so shape
+errors surface at trace time with the name of the node that caused them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from einplan.compiler.ir import Graph, Node
+from einplan.compiler.ops import OPS, Op, ShapeError
+from einplan.compiler.symbolic import Shape
+
+
+@dataclass(frozen=True)
+class Value:
+    """A handle on a traced value."""
+
+    id: int
+    shape: Shape
+    dtype: str
+
+
+class Builder:
+    """Traces model code into a :class:`Graph`."""
+
+    def __init__(self, dims: dict[str, int], name: str = "forward") -> None:
+        self.graph = Graph(dims=dict(dims), name=name)
+        self._layer: int | None = None
+
+    @contextmanager
+    def layer(self, index: int) -> Iterator[None]:
+        """Name every node made inside the block ``role-index``."""
+        prev, self._layer = self._layer, index
+        try:
+            yield
+        finally:
+            self._layer = prev
+
+    def _name(self, role: str) -> str:
+        if self._layer is None:
+            return role
+        base, dot, rest = role.partition(".")
+        return f"{base}-{self._layer}{dot}{rest}"
+
+    def _append(self, op: Op, inputs: list[Value], attrs: dict[str, Any], role: str,
+                shape: Shape | None = None, dtype: str | None = None,
+                tags: frozenset[str] = frozenset()) -> Value:
+        name = self._name(role)
+        if shape is None:
+            try:
+                shape, dtype = OPS[op].infer([v.shape for v in inputs], [v.dtype for v in inputs],
+                                             attrs)
+            except ShapeError as e:
+                raise ShapeError(f"{name} ({op.value}): {e}") from None
+        node = Node(len(self.graph.nodes), op, tuple(v.id for v in inputs), attrs, tuple(shape),
+                    dtype, name, tags)
+        self.graph.nodes.append(node)
+        return Value(node.id, node.shape, node.dtype)
+
+    def input(self, name: str, shape: Shape, dtype: str) -> Value:
+        """Declare a runtime input such as token ids."""
+        return self._append(Op.INPUT, [], {}, name, shape, dtype)
+
+    def param(self, role: str, key: str, shape: Shape, dtype: str = "f32",
+              tags: frozenset[str] = frozenset()) -> Value:
+        """Declare a weight named ``role-layer`` loaded from checkpoint tensor ``key``."""
+        return self._append(Op.PARAM, [], {"key": key}, role, shape, dtype, tags)
+
+    def einsum(self, spec: str, *xs: Value, role: str = "einsum",
+               tags: frozenset[str] = frozenset()) -> Value:
+        """Contract operands by an explicit einsum spec."""
+        return self._append(Op.EINSUM, list(xs), {"spec": spec}, role, tags=tags)
+
+    def add(self, a: Value, b: Value, role: str = "add") -> Value:
+        """Elementwise sum; ``b`` may broadcast over leading dims of ``a``."""
+        return self._append(Op.ADD, [a, b], {}, role)
+
+    def mul(self, a: Value, b: Value, role: str = "mul") -> Value:
+        """Elementwise product; ``b`` may broadcast over leading dims of ``a``."""
+        return self._append(Op.MUL, [a, b], {}, role)
+
+    def gather(self, table: Value, ids: Value, role: str = "embed") -> Value:
+        """Rows of ``table`` selected by integer ``ids`` (an embedding lookup)."""
+        return self._append(Op.GATHER, [table, ids], {}, role)
+
+    def rms_norm(self, x: Value, w: Value, eps: float, role: str = "norm") -> Value:
+        """RMS normalisation over the last axis, scaled by ``w``."""
+        return self._append(Op.RMS_NORM, [x, w], {"eps": float(eps)}, role)
+
+    def rope_table(self, positions: Value, inv_freq: list[float], role: str = "rope_table") -> Value:
+        """cos and sin of ``positions * inv_freq``, stacked as ``[2, batch, seq, half]``."""
+        return self._append(Op.ROPE_TABLE, [positions], {"inv_freq": list(inv_freq)}, role)
+
+    def rope(self, x: Value, table: Value, role: str = "rope") -> Value:
+        """Rotate the last axis of ``x`` (half-split convention) by a rope table."""
+        return self._append(Op.ROPE, [x, table], {}, role)
+
+    def softmax(self, x: Value, scale: float = 1.0, causal: bool = False,
+                role: str = "softmax") -> Value:
+        """softmax(scale * x) over the last axis; ``causal`` masks keys after the query."""
+        return self._append(Op.SOFTMAX, [x], {"scale": float(scale), "causal": causal}, role)
+
+    def silu_mul(self, gate: Value, up: Value, role: str = "silu_mul") -> Value:
+        """silu(gate) * up, the SwiGLU activation."""
+        return self._append(Op.SILU_MUL, [gate, up], {}, role)
+
+    def reshape(self, x: Value, shape: Shape, role: str = "reshape") -> Value:
+        """A view of ``x`` with a new shape of the same size."""
+        return self._append(Op.RESHAPE, [x], {"shape": list(shape)}, role)
+
+    def transpose(self, x: Value, perm: list[int], role: str = "transpose") -> Value:
+        """Permute axes (materialised)."""
+        return self._append(Op.TRANSPOSE, [x], {"perm": list(perm)}, role)
+
+    def cast(self, x: Value, dtype: str, role: str = "cast") -> Value:
+        """Convert to another dtype (bf16/f16 weights to f32 compute)."""
+        return self._append(Op.CAST, [x], {"dtype": dtype}, role)
+
+    def output(self, name: str, x: Value) -> None:
+        """Mark ``x`` as a named result of the graph."""
+        self.graph.outputs[name] = x.id

@@ -1,0 +1,122 @@
+"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2), traced into einsum nodes.
+
+One readable file in the spirit of nanoGPT: every contraction is an einsum with
+its shape comment, every projection goes through :func:`linear`, and node
+names follow ``role-layer`` (``attn_q-3``) so graphs and reports speak the
+model's language. Weights keep Hugging Face's names and (out, in) layout.
+
+Dims: b batch, s (query) sequence, t key sequence, d hidden, n KV heads,
+g query heads per KV head, h head dim, f MLP width, v vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from einplan.compiler.ir import Graph
+from einplan.compiler.trace import Builder, Value
+from einplan.models.config import ModelConfig
+
+LINEAR = frozenset({"linear"})
+
+
+def rope_inv_freq(cfg: ModelConfig) -> list[float]:
+    """Rotary inverse frequencies in float32, with Llama-3 or linear scaling applied."""
+    hd = cfg.head_dim
+    inv = (1.0 / (np.float32(cfg.rope_theta) ** (np.arange(0, hd, 2, dtype=np.float32) / hd)))
+    inv = inv.astype(np.float32)
+    sc = cfg.rope_scaling
+    if sc.get("rope_type") == "linear":
+        inv = inv / np.float32(sc["factor"])
+    elif sc.get("rope_type") == "llama3":
+        factor, lo, hi = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
+        old_ctx = sc["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > old_ctx / lo, inv / factor, inv)
+        smooth = (old_ctx / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_ctx / hi) & (wavelen <= old_ctx / lo)
+        inv = np.where(medium, smoothed, scaled).astype(np.float32)
+    return [float(x) for x in inv]
+
+
+def linear(b: Builder, x: Value, role: str, key: str, n_out: int, bias: bool = False,
+           dtype: str = "f32") -> Value:
+    """Project the last axis of ``x`` by the (out, in) weight ``key``; the one choke point
+    where LoRA and quantisation rewrite the graph."""
+    w = b.param(f"{role}.w", f"{key}.weight", (n_out, x.shape[-1]), dtype, tags=LINEAR)
+    if dtype != "f32":
+        w = b.cast(w, "f32", role=f"{role}.cast")
+    # (batch, seq, in) x (out, in) -> (batch, seq, out)
+    y = b.einsum("bsi,oi->bso", x, w, role=role, tags=LINEAR)
+    if bias:
+        y = b.add(y, b.param(f"{role}.b", f"{key}.bias", (n_out,)), role=f"{role}.bias")
+    return y
+
+
+def attention(b: Builder, x: Value, rope: Value, cfg: ModelConfig, i: int, wdt: str) -> Value:
+    """Causal self-attention with grouped KV heads (MHA when g = 1, MQA when n = 1)."""
+    n, hd = cfg.num_key_value_heads, cfg.head_dim
+    g = cfg.num_attention_heads // n
+    pre = f"model.layers.{i}.self_attn"
+    bias = cfg.qkv_bias
+    q = linear(b, x, "attn_q", f"{pre}.q_proj", n * g * hd, bias, wdt)
+    k = linear(b, x, "attn_k", f"{pre}.k_proj", n * hd, bias, wdt)
+    v = linear(b, x, "attn_v", f"{pre}.v_proj", n * hd, bias, wdt)
+    bs, s = x.shape[0], x.shape[1]
+    q = b.rope(b.reshape(q, (bs, s, n, g, hd), role="attn_q.heads"), rope, role="attn_q.rope")
+    k = b.rope(b.reshape(k, (bs, s, n, hd), role="attn_k.heads"), rope, role="attn_k.rope")
+    v = b.reshape(v, (bs, s, n, hd), role="attn_v.heads")
+    # (b, s, n, g, h) x (b, t, n, h) -> (b, n, g, s, t)
+    scores = b.einsum("bsngh,btnh->bngst", q, k, role="attn_scores")
+    probs = b.softmax(scores, scale=1.0 / math.sqrt(hd), causal=True, role="attn_softmax")
+    # (b, n, g, s, t) x (b, t, n, h) -> (b, s, n, g, h)
+    ctx = b.einsum("bngst,btnh->bsngh", probs, v, role="attn_ctx")
+    ctx = b.reshape(ctx, (bs, s, n * g * hd), role="attn_ctx.merge")
+    return linear(b, ctx, "attn_o", f"{pre}.o_proj", cfg.hidden_size, False, wdt)
+
+
+def mlp(b: Builder, x: Value, cfg: ModelConfig, i: int, wdt: str) -> Value:
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+    pre = f"model.layers.{i}.mlp"
+    gate = linear(b, x, "ffn_gate", f"{pre}.gate_proj", cfg.intermediate_size, False, wdt)
+    up = linear(b, x, "ffn_up", f"{pre}.up_proj", cfg.intermediate_size, False, wdt)
+    return linear(b, b.silu_mul(gate, up, role="ffn_act"), "ffn_down", f"{pre}.down_proj",
+                  cfg.hidden_size, False, wdt)
+
+
+def build_forward(cfg: ModelConfig, weight_dtype: str = "f32") -> Graph:
+    """Trace the full forward pass: token ids and positions in, float32 logits out."""
+    b = Builder({"batch": cfg.max_batch, "seq": cfg.max_position_embeddings}, "forward")
+    d = cfg.hidden_size
+    tokens = b.input("tokens", ("batch", "seq"), "i64")
+    positions = b.input("positions", ("batch", "seq"), "i64")
+    embed = b.param("embed.w", "model.embed_tokens.weight", (cfg.vocab_size, d), weight_dtype)
+    x = b.gather(embed, tokens, role="embed")  # (b, s) -> (b, s, d)
+    rope = b.rope_table(positions, rope_inv_freq(cfg))
+    for i in range(cfg.num_hidden_layers):
+        with b.layer(i):
+            ln1 = b.param("attn_norm.w", f"model.layers.{i}.input_layernorm.weight", (d,))
+            h = attention(b, b.rms_norm(x, ln1, cfg.rms_norm_eps, role="attn_norm"), rope, cfg, i,
+                          weight_dtype)
+            x = b.add(x, h, role="attn_residual")
+            ln2 = b.param("ffn_norm.w", f"model.layers.{i}.post_attention_layernorm.weight", (d,))
+            h = mlp(b, b.rms_norm(x, ln2, cfg.rms_norm_eps, role="ffn_norm"), cfg, i, weight_dtype)
+            x = b.add(x, h, role="ffn_residual")
+    norm = b.param("output_norm.w", "model.norm.weight", (d,))
+    x = b.rms_norm(x, norm, cfg.rms_norm_eps, role="output_norm")
+    if cfg.tie_word_embeddings:
+        head = embed if weight_dtype == "f32" else b.cast(embed, "f32", role="output.cast")
+        # (b, s, d) x (v, d) -> (b, s, v)
+        logits = b.einsum("bsd,vd->bsv", x, head, role="output", tags=LINEAR)
+    else:
+        logits = linear(b, x, "output", "lm_head", cfg.vocab_size, False, weight_dtype)
+    b.output("logits", logits)
+    return b.graph
+
+
+def count_parameters(cfg: ModelConfig) -> int:
+    """Number of distinct parameters (a tied embedding counted once)."""
+    return sum(int(np.prod(n.shape)) for n in build_forward(cfg).params())

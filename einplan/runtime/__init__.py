@@ -1,0 +1,1 @@
+"""The runtime: executes plan files over preallocated buffers and times every step."""

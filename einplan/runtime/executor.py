@@ -1,0 +1,197 @@
+"""Executes one entry of a plan: bind sizes, run each step's kernel into preallocated
+buffers, drop values at ``free_after``, and time every step.
+
+Buffers (the arena) and kernels are prepared once per set of bound sizes and reused by every
+later run with the same sizes, so a steady-state run allocates only its outputs.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from einplan.compiler.ir import Graph
+from einplan.compiler.ops import OPS, Op, count_bytes, count_flops
+from einplan.compiler.symbolic import evaluate, poly_from_json, resolve_shape
+from einplan.runtime.dtypes import to_numpy_dtype
+from einplan.runtime.kernels import make_kernel
+from einplan.runtime.recorder import Recorder
+
+
+class InputError(ValueError):
+    """Inputs or weights do not fit the plan (shape, dtype, size limits)."""
+
+
+@dataclass
+class Prepared:
+    """Everything a run needs for one binding of the symbolic dims."""
+
+    dims: dict[str, int]
+    steps: list[tuple]  # (index, node id, kernel, input ids, out buffer or shape, free ids, thread)
+    levels: list[list[int]]  # step indices per dependency level
+    table: list[tuple]  # per step: (name, op, flops, bytes)
+    arena_bytes: int
+
+
+class Executor:
+    """Runs one entry point of a plan over bound parameters."""
+
+    def __init__(self, graph: Graph, params: dict[str, np.ndarray], workers: int = 0) -> None:
+        """``params`` maps checkpoint keys to arrays; ``workers`` > 1 runs independent steps of
+        a level on a thread pool (BLAS threads capped so workers x BLAS threads <= cores)."""
+        self.graph = graph
+        self.nodes = graph.by_id()
+        self.workers = workers
+        self.params: dict[int, np.ndarray] = {}
+        for n in graph.params():
+            arr = params[n.attrs["key"]]
+            if tuple(arr.shape) != tuple(n.shape) or arr.dtype != to_numpy_dtype(n.dtype):
+                raise InputError(f"weight {n.attrs['key']} is {arr.dtype}{list(arr.shape)}, "
+                                 f"the plan needs {n.dtype}{list(n.shape)}")
+            self.params[n.id] = arr
+        self._prepared: OrderedDict[tuple, Prepared] = OrderedDict()
+        self._pool = ThreadPoolExecutor(workers) if workers > 1 else None
+        self._blas_threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None
+
+    def bind_dims(self, inputs: dict[str, np.ndarray]) -> dict[str, int]:
+        """Read the symbolic dims off the input arrays, checking ranks, agreement and limits."""
+        dims: dict[str, int] = {}
+        for n in self.graph.inputs():
+            if n.name not in inputs:
+                raise InputError(f"missing input {n.name!r} (plan inputs: "
+                                 f"{', '.join(x.name for x in self.graph.inputs())})")
+            arr = inputs[n.name]
+            if arr.ndim != len(n.shape):
+                raise InputError(f"input {n.name!r} must have rank {len(n.shape)} "
+                                 f"{list(n.shape)}, got shape {list(arr.shape)}")
+            for sym, size in zip(n.shape, arr.shape, strict=True):
+                if isinstance(sym, int):
+                    if sym != size:
+                        raise InputError(f"input {n.name!r}: dim of size {size}, plan needs {sym}")
+                elif dims.setdefault(sym, size) != size:
+                    raise InputError(f"input {n.name!r}: {sym} is {size} here, {dims[sym]} "
+                                     "in another input")
+        for sym, size in dims.items():
+            limit = self.graph.dims[sym]
+            if not 1 <= size <= limit:
+                raise InputError(f"{sym}={size} is outside the plan's limit 1..{limit}")
+        return dims
+
+    def prepare(self, dims: dict[str, int]) -> Prepared:
+        """Allocate the arena and build the kernels for these dims (cached)."""
+        key = tuple(sorted(dims.items()))
+        if key in self._prepared:
+            self._prepared.move_to_end(key)
+            return self._prepared[key]
+        g, nodes = self.graph, self.nodes
+        slot_sizes = [evaluate(poly_from_json(s), dims) for s in g.meta["memory"]["slots"]]
+        arena = [np.empty(max(s, 1), np.uint8) for s in slot_sizes]
+        scratch_bufs: dict[tuple, np.ndarray] = {}
+        outputs = set(g.outputs.values())
+        steps, table, levels = [], [], {}
+        for n in g.nodes:
+            if n.op in (Op.PARAM, Op.INPUT):
+                continue
+            ann = g.annotations.get(n.id, {})
+            thread = ann.get("thread", 0)
+            shape = resolve_shape(n.shape, dims)
+            ins = [resolve_shape(nodes[i].shape, dims) for i in n.inputs]
+
+            def scratch(role, mat, thread=thread):
+                size = int(np.prod(mat))
+                buf = scratch_bufs.get((thread, role))
+                if buf is None or buf.size < size:
+                    buf = scratch_bufs[(thread, role)] = np.empty(size, np.float32)
+                return buf[:size].reshape(mat)
+
+            kernel = make_kernel(n, ins, shape, scratch)
+            dtype = to_numpy_dtype(n.dtype)
+            if n.id in outputs or OPS[n.op].alias:
+                out = (shape, dtype) if n.id in outputs else None
+            else:
+                nbytes = int(np.prod(shape)) * dtype.itemsize
+                out = arena[ann["slot"]][:nbytes].view(dtype).reshape(shape)
+            index = len(steps)
+            steps.append((index, n.id, kernel, n.inputs, out, ann.get("free_after", []), thread))
+            levels.setdefault(ann.get("level", index), []).append(index)
+            in_nodes = [nodes[i] for i in n.inputs]
+            table.append((n.name, n.op.value,
+                          evaluate(count_flops(n.op, [x.shape for x in in_nodes], n.shape,
+                                               n.attrs), dims),
+                          evaluate(count_bytes(n.op, [x.shape for x in in_nodes],
+                                               [x.dtype for x in in_nodes], n.shape, n.dtype),
+                                   dims)))
+        # scratch for one binding is sized by the kernels built above
+        arena_bytes = sum(slot_sizes) + sum(b.nbytes for b in scratch_bufs.values())
+        prepared = Prepared(dict(dims), steps, [levels[k] for k in sorted(levels)], table,
+                            arena_bytes)
+        self._prepared[key] = prepared
+        while len(self._prepared) > 2:
+            self._prepared.popitem(last=False)
+        return prepared
+
+    def run(self, inputs: dict[str, np.ndarray], recorder: Recorder | None = None
+            ) -> dict[str, np.ndarray]:
+        """Execute the entry on ``inputs`` and return its named outputs."""
+        prepared = self.prepare(self.bind_dims(inputs))
+        env: dict[int, np.ndarray] = dict(self.params)
+        for n in self.graph.inputs():
+            env[n.id] = np.ascontiguousarray(inputs[n.name], dtype=to_numpy_dtype(n.dtype))
+        run = recorder.begin_run(self.graph.name, prepared.dims, prepared.table) \
+            if recorder else None
+        with np.errstate(over="ignore", under="ignore"):
+            if self._pool is None:
+                self._run_sequential(prepared, env, recorder, run)
+            else:
+                with threadpool_limits(self._blas_threads, user_api="blas"):
+                    self._run_pooled(prepared, env, recorder, run)
+        if recorder:
+            recorder.end_run(run)
+        return {k: env[v] for k, v in self.graph.outputs.items()}
+
+    @staticmethod
+    def _run_step(step, env, recorder, run, thread=0, free_now=True):
+        index, nid, kernel, in_ids, out, free, _ = step
+        if type(out) is tuple:
+            out = np.empty(*out)
+        if recorder is None:
+            env[nid] = kernel([env[i] for i in in_ids], out)
+        else:
+            t0 = time.perf_counter_ns()
+            env[nid] = kernel([env[i] for i in in_ids], out)
+            recorder.add(run, index, thread, t0, time.perf_counter_ns() - t0)
+        if free_now:
+            for f in free:
+                del env[f]
+
+    def _run_sequential(self, prepared, env, recorder, run):
+        run_step = self._run_step
+        for step in prepared.steps:
+            run_step(step, env, recorder, run)
+
+    def _run_pooled(self, prepared, env, recorder, run):
+        steps = prepared.steps
+        for level in prepared.levels:
+            if len(level) == 1:
+                self._run_step(steps[level[0]], env, recorder, run)
+                continue
+            # siblings may read what one of them frees: free only once the level is done
+            futures = [self._pool.submit(self._run_step, steps[i], env, recorder, run, k + 1,
+                                         False) for k, i in enumerate(level[1:])]
+            self._run_step(steps[level[0]], env, recorder, run, 0, False)
+            for f in futures:
+                f.result()
+            for i in level:
+                for f in steps[i][5]:
+                    del env[f]
+
+    def close(self) -> None:
+        """Stop the thread pool, if any."""
+        if self._pool is not None:
+            self._pool.shutdown()

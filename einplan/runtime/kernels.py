@@ -1,0 +1,236 @@
+"""One NumPy kernel per op. Contractions run as ``np.matmul`` (BLAS) by their plan recipe.
+
+``make_kernel`` is called once per step when a plan is bound to concrete sizes; it does the
+shape arithmetic up front and returns ``fn(inputs, out) -> array`` that writes into the
+preallocated ``out`` (views return their input reshaped, and write nothing).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+
+from einplan.compiler.ir import Node
+from einplan.compiler.ops import Op
+
+Kernel = Callable[[list[np.ndarray], np.ndarray | None], np.ndarray]
+Scratch = Callable[[str, tuple[int, ...]], np.ndarray]
+
+
+def _prod(dims) -> int:
+    return math.prod(int(d) for d in dims)
+
+
+def _operand_view(shape: tuple[int, ...], perm: list[int], nb: int, n1: int,
+                  role: str, scratch: Scratch) -> Callable[[np.ndarray], np.ndarray]:
+    """How to present one operand to matmul as ``[batch,] rows x cols`` without a copy when
+    the stored layout allows (identity, or a plain 2-D transpose BLAS reads directly)."""
+    t = [shape[p] for p in perm]
+    batch, rows, cols = _prod(t[:nb]), _prod(t[nb:nb + n1]), _prod(t[nb + n1:])
+    mat = (batch, rows, cols) if nb else (rows, cols)
+    if perm == sorted(perm):
+        return lambda x: x.reshape(mat)
+    k = len(perm) - n1  # stored axes before the rows group
+    if nb == 0 and perm == list(range(k, len(perm))) + list(range(k)):
+        # stored as (cols, rows): a transposed view, which BLAS reads with its trans flag
+        return lambda x: x.reshape(cols, rows).T
+    buf = scratch(role, mat)
+    tshape = tuple(t)
+
+    def copy(x: np.ndarray) -> np.ndarray:
+        np.copyto(buf.reshape(tshape), x.transpose(perm))
+        return buf
+
+    return copy
+
+
+def make_einsum(node: Node, shapes: list[tuple[int, ...]], out_shape: tuple[int, ...],
+                scratch: Scratch) -> Kernel:
+    """A pairwise contraction as permute/reshape + one ``np.matmul`` into the output buffer."""
+    r = node.attrs["recipe"]
+    if r["kind"] == "unary":
+        axes, perm = tuple(r["sum_axes"]), r["perm"]
+
+        def unary(ins, out):
+            x = ins[0].sum(axis=axes) if axes else ins[0]
+            np.copyto(out, x.transpose(perm))
+            return out
+
+        return unary
+    a_shape = tuple(d for i, d in enumerate(shapes[0]) if i not in r["a_sum"])
+    b_shape = tuple(d for i, d in enumerate(shapes[1]) if i not in r["b_sum"])
+    nb, na, nk, nn = r["groups"]
+    a_view = _operand_view(a_shape, r["a_perm"], nb, na, "a", scratch)
+    b_view = _operand_view(b_shape, r["b_perm"], nb, nk, "b", scratch)
+    at = [a_shape[p] for p in r["a_perm"]]
+    bt = [b_shape[p] for p in r["b_perm"]]
+    logical = tuple(at[:nb + na]) + tuple(bt[nb + nk:])
+    mm = ((_prod(at[:nb]),) if nb else ()) + (_prod(at[nb:nb + na]), _prod(bt[nb + nk:]))
+    a_sum, b_sum = tuple(r["a_sum"]), tuple(r["b_sum"])
+    out_perm = r["out_perm"]
+    direct = out_perm == sorted(out_perm)
+    c_buf = None if direct else scratch("c", mm)
+
+    def matmul(ins, out):
+        a, b = ins
+        if a_sum:
+            a = a.sum(axis=a_sum)
+        if b_sum:
+            b = b.sum(axis=b_sum)
+        if direct:
+            np.matmul(a_view(a), b_view(b), out=out.reshape(mm))
+        else:
+            np.matmul(a_view(a), b_view(b), out=c_buf)
+            np.copyto(out, c_buf.reshape(logical).transpose(out_perm))
+        return out
+
+    return matmul
+
+
+def make_gather(node, shapes, out_shape, scratch) -> Kernel:
+    def gather(ins, out):
+        table, ids = ins
+        if table.dtype == out.dtype:
+            np.take(table, ids, axis=0, out=out)
+        else:
+            out[...] = table[ids]
+        return out
+
+    return gather
+
+
+def make_rms_norm(node, shapes, out_shape, scratch) -> Kernel:
+    eps = np.float32(node.attrs["eps"])
+
+    def rms_norm(ins, out):
+        x, w = ins
+        np.multiply(x, x, out=out)
+        denom = out.mean(axis=-1, keepdims=True)
+        denom += eps
+        np.sqrt(denom, out=denom)
+        np.divide(x, denom, out=out)
+        out *= w
+        return out
+
+    return rms_norm
+
+
+def make_rope_table(node, shapes, out_shape, scratch) -> Kernel:
+    inv_freq = np.asarray(node.attrs["inv_freq"], dtype=np.float32)
+
+    def rope_table(ins, out):
+        angles = ins[0][..., None].astype(np.float32) * inv_freq
+        np.cos(angles, out=out[0])
+        np.sin(angles, out=out[1])
+        return out
+
+    return rope_table
+
+
+def make_rope(node, shapes, out_shape, scratch) -> Kernel:
+    x_shape, t_shape = shapes
+    half = x_shape[-1] // 2
+    bcast = tuple(x_shape[:2]) + (1,) * (len(x_shape) - 3) + (half,)
+
+    def rope(ins, out):
+        x, table = ins
+        cos, sin = table[0].reshape(bcast), table[1].reshape(bcast)
+        x1, x2 = x[..., :half], x[..., half:]
+        o1, o2 = out[..., :half], out[..., half:]
+        np.multiply(x1, cos, out=o1)
+        o1 -= x2 * sin
+        np.multiply(x2, cos, out=o2)
+        o2 += x1 * sin
+        return out
+
+    return rope
+
+
+def make_softmax(node, shapes, out_shape, scratch) -> Kernel:
+    scale = np.float32(node.attrs["scale"])
+    mask = None
+    if node.attrs.get("causal"):
+        q, k = out_shape[-2], out_shape[-1]
+        # query i sits at position k - q + i: it sees keys up to that position
+        above = np.arange(k)[None, :] > (np.arange(q)[:, None] + (k - q))
+        mask = np.where(above, np.float32(-np.inf), np.float32(0)).astype(np.float32)
+
+    def softmax(ins, out):
+        np.multiply(ins[0], scale, out=out)
+        if mask is not None:
+            out += mask
+        out -= out.max(axis=-1, keepdims=True)
+        np.exp(out, out=out)
+        out /= out.sum(axis=-1, keepdims=True)
+        return out
+
+    return softmax
+
+
+def make_silu_mul(node, shapes, out_shape, scratch) -> Kernel:
+    def silu_mul(ins, out):
+        g, u = ins
+        np.negative(g, out=out)
+        np.exp(out, out=out)
+        out += 1
+        np.divide(g, out, out=out)
+        out *= u
+        return out
+
+    return silu_mul
+
+
+def make_elementwise(ufunc) -> Callable:
+    def factory(node, shapes, out_shape, scratch) -> Kernel:
+        def elementwise(ins, out):
+            return ufunc(ins[0], ins[1], out=out)
+
+        return elementwise
+
+    return factory
+
+
+def make_reshape(node, shapes, out_shape, scratch) -> Kernel:
+    return lambda ins, out: ins[0].reshape(out_shape)
+
+
+def make_transpose(node, shapes, out_shape, scratch) -> Kernel:
+    perm = node.attrs["perm"]
+
+    def transpose(ins, out):
+        np.copyto(out, ins[0].transpose(perm))
+        return out
+
+    return transpose
+
+
+def make_cast(node, shapes, out_shape, scratch) -> Kernel:
+    def cast(ins, out):
+        out[...] = ins[0]
+        return out
+
+    return cast
+
+
+KERNELS: dict[Op, Callable[..., Kernel]] = {
+    Op.EINSUM: make_einsum,
+    Op.ADD: make_elementwise(np.add),
+    Op.MUL: make_elementwise(np.multiply),
+    Op.GATHER: make_gather,
+    Op.RMS_NORM: make_rms_norm,
+    Op.ROPE_TABLE: make_rope_table,
+    Op.ROPE: make_rope,
+    Op.SOFTMAX: make_softmax,
+    Op.SILU_MUL: make_silu_mul,
+    Op.RESHAPE: make_reshape,
+    Op.TRANSPOSE: make_transpose,
+    Op.CAST: make_cast,
+}
+
+
+def make_kernel(node: Node, shapes: list[tuple[int, ...]], out_shape: tuple[int, ...],
+                scratch: Scratch) -> Kernel:
+    """Build the kernel of one step for concrete input and output shapes."""
+    return KERNELS[node.op](node, shapes, out_shape, scratch)

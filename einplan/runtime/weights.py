@@ -1,0 +1,164 @@
+"""Weights for a plan: Hugging Face folders (single or sharded safetensors), hub ids, and
+seeded random initialisation when asked for explicitly.
+
+safetensors files are memory-mapped and only the tensors a plan names are touched, so a
+float32 checkpoint costs no copy and no resident memory until the runtime reads it. (The
+``safetensors`` package's NumPy loader copies every tensor, hence the small header reader.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from einplan.compiler.ir import Graph
+from einplan.runtime.dtypes import to_numpy_dtype
+
+SAFETENSORS_DTYPES = {"F64": "f64", "F32": "f32", "BF16": "bf16", "F16": "f16", "I64": "i64",
+                      "I32": "i32", "I8": "i8", "U8": "u8"}
+
+
+class WeightsError(ValueError):
+    """Weights cannot be found, read, or do not match the plan."""
+
+
+def read_safetensors_index(path: Path) -> dict[str, tuple[np.ndarray, str]]:
+    """Map every tensor name of one .safetensors file to (memory-mapped array, dtype name)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise WeightsError(f"{path}: too short to be a safetensors file (truncated?)")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise WeightsError(f"{path}: header length {n} exceeds the file (truncated or not "
+                               "a safetensors file)")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise WeightsError(f"{path}: damaged safetensors header") from None
+    data = np.memmap(path, np.uint8, mode="r")
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
+        if dtype is None:
+            raise WeightsError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')}")
+        begin, end = (8 + n + o for o in info["data_offsets"])
+        shape = tuple(info["shape"])
+        np_dtype = to_numpy_dtype(dtype)
+        if end > size or end - begin != int(np.prod(shape)) * np_dtype.itemsize:
+            raise WeightsError(f"{path}: tensor {name} runs past the end of the file or has the "
+                               "wrong length (truncated download?)")
+        out[name] = (data[begin:end].view(np_dtype).reshape(shape), dtype)
+    return out
+
+
+def resolve_weights_dir(source: str | os.PathLike) -> Path:
+    """Return a local folder for a path or a Hugging Face hub id (downloaded or cached)."""
+    path = Path(source)
+    if path.exists():
+        return path
+    text = str(source)
+    if text.count("/") != 1 or text.startswith((".", "/")) or text.endswith(".gguf"):
+        raise WeightsError(f"weights {text!r} not found (give an HF-layout folder, a "
+                           "*.safetensors file, or a hub id like HuggingFaceTB/SmolLM2-135M)")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(text, allow_patterns=["*.json", "*.safetensors",
+                                                            "tokenizer*"]))
+    except LocalEntryNotFoundError:
+        raise WeightsError(f"hub model {text!r} is not in the local cache and the hub cannot be "
+                           "reached (HF_HUB_OFFLINE or no network); download it first or give "
+                           "a local folder") from None
+    except (HfHubHTTPError, OSError, ValueError) as e:
+        raise WeightsError(f"hub model {text!r} could not be fetched: {e}") from None
+
+
+def open_checkpoint(source: str | os.PathLike) -> dict[str, tuple[np.ndarray, str]]:
+    """All tensors of a checkpoint (file, folder, sharded folder or hub id), memory-mapped."""
+    path = resolve_weights_dir(source)
+    if path.suffix == ".gguf":
+        raise WeightsError(f"{path}: GGUF weights are not supported yet; convert the model to "
+                           "an HF safetensors folder")
+    if path.is_file():
+        return read_safetensors_index(path)
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as e:
+            raise WeightsError(f"{index}: damaged shard index ({e})") from None
+        files = [path / s for s in shards]
+    elif (path / "model.safetensors").exists():
+        files = [path / "model.safetensors"]
+    else:
+        files = sorted(path.glob("*.safetensors"))
+        if len(files) != 1:
+            raise WeightsError(f"{path}: expected model.safetensors, a sharded index "
+                               "(model.safetensors.index.json) or exactly one *.safetensors file; "
+                               f"found {len(files)}")
+    tensors: dict[str, tuple[np.ndarray, str]] = {}
+    for f in files:
+        if not f.exists():
+            raise WeightsError(f"{f}: shard named in the index is missing")
+        tensors.update(read_safetensors_index(f))
+    return tensors
+
+
+# Tensors a checkpoint may carry that no plan reads.
+IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def load_weights(graph: Graph, source: str | os.PathLike, tied: bool = False
+                 ) -> dict[str, np.ndarray]:
+    """Bind a checkpoint to a graph's params, converting dtypes only where they differ.
+
+    Missing, unexpected or mis-shaped tensors raise :class:`WeightsError` listing them all.
+    """
+    tensors = open_checkpoint(source)
+    params = {n.attrs["key"]: n for n in graph.params()}
+    missing = sorted(set(params) - set(tensors))
+    extra = sorted(k for k in set(tensors) - set(params)
+                   if not k.endswith(IGNORABLE_SUFFIXES) and not (tied and k == "lm_head.weight"))
+    bad = [f"{k}: checkpoint {list(tensors[k][0].shape)}, plan {list(params[k].shape)}"
+           for k in sorted(set(params) & set(tensors))
+           if tuple(tensors[k][0].shape) != tuple(params[k].shape)]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {', '.join(missing)}")
+    if extra:
+        problems.append(f"unexpected tensors: {', '.join(extra)}")
+    if bad:
+        problems.append(f"shape mismatches: {'; '.join(bad)}")
+    if problems:
+        raise WeightsError(f"weights {source} do not fit this plan: " + " | ".join(problems))
+    out = {}
+    for key, node in params.items():
+        arr, dtype = tensors[key]
+        out[key] = arr if dtype == node.dtype else arr.astype(to_numpy_dtype(node.dtype))
+    return out
+
+
+def random_weights(graph: Graph, seed: int = 0, std: float = 0.02) -> dict[str, np.ndarray]:
+    """Seeded random weights for every param (norm weights 1, biases 0): for demos and
+    benchmarks, only when asked for; never a fallback for a failed load."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for n in graph.params():
+        key, dtype = n.attrs["key"], to_numpy_dtype(n.dtype)
+        if key.endswith("norm.weight"):
+            arr = np.ones(n.shape, np.float32)
+        elif key.endswith(".bias"):
+            arr = np.zeros(n.shape, np.float32)
+        else:
+            arr = rng.standard_normal(n.shape, np.float32) * np.float32(std)
+        out[key] = arr.astype(dtype, copy=False)
+    return out

@@ -79,6 +79,9 @@ class Session:
         tokens = np.asarray(tokens)
         if tokens.ndim == 1:
             tokens = tokens[None, :]
+        if tokens.ndim != 2:
+            raise InputError(f"token ids must have rank 2 (batch, seq), got shape "
+                             f"{list(tokens.shape)}")
         if not np.issubdtype(tokens.dtype, np.integer):
             raise InputError(f"token ids must be integers, got {tokens.dtype}")
         vocab = self.config.vocab_size

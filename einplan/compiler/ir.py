@@ -48,6 +48,20 @@ def format_attr(value: Any) -> str:
     return str(value)
 
 
+def format_annotation(ann: dict[str, Any] | None) -> str:
+    """Render a step's schedule: ``L3.1`` (level, thread), ``buf2`` (slot), ``free %8 %10``."""
+    if not ann:
+        return ""
+    parts = []
+    if "level" in ann:
+        parts.append(f"L{ann['level']}.{ann.get('thread', 0)}")
+    if ann.get("slot") is not None:
+        parts.append(f"buf{ann['slot']}")
+    if ann.get("free_after"):
+        parts.append("free " + " ".join(f"%{v}" for v in ann["free_after"]))
+    return "  | " + " ".join(parts) if parts else ""
+
+
 @dataclass
 class Graph:
     """Nodes in topological order plus the named outputs of the computation."""
@@ -99,7 +113,7 @@ class Graph:
         line = f"{head} {args}".rstrip()
         if n.op not in (Op.PARAM, Op.INPUT) and n.name:
             tags = f" {{{','.join(sorted(n.tags))}}}" if n.tags else ""
-            line = f"{line:<72} # {n.name}{tags}"
+            line = f"{line:<72} # {n.name}{tags}{format_annotation(self.annotations.get(n.id))}"
         return line
 
     def __str__(self) -> str:

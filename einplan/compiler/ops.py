@@ -12,6 +12,7 @@ from enum import Enum
 from typing import Any
 
 from einplan.compiler.symbolic import Dim, Poly, Shape, add_polys, numel, scale_poly
+from einplan.errors import EinplanError
 
 
 class Op(str, Enum):
@@ -33,7 +34,7 @@ class Op(str, Enum):
     CAST = "cast"
 
 
-class ShapeError(ValueError):
+class ShapeError(EinplanError):
     """A node's inputs do not fit its op (ranks, dims or dtypes)."""
 
 

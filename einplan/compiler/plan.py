@@ -18,12 +18,13 @@ from typing import Any
 from einplan import __version__
 from einplan.compiler.ir import Graph, Node
 from einplan.compiler.ops import Op
+from einplan.errors import EinplanError
 
 MAGIC = "einplan-plan"
 PLAN_VERSION = 1
 
 
-class PlanError(ValueError):
+class PlanError(EinplanError):
     """A file is not a plan, is damaged, or was written by an incompatible version."""
 
 

@@ -12,8 +12,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from einplan.errors import EinplanError
 
-class ConfigError(ValueError):
+
+class ConfigError(EinplanError):
     """A config is unreadable, has an unknown key, or a value of the wrong type."""
 
 

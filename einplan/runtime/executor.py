@@ -19,12 +19,13 @@ from threadpoolctl import threadpool_limits
 from einplan.compiler.ir import Graph
 from einplan.compiler.ops import OPS, Op, count_bytes, count_flops
 from einplan.compiler.symbolic import evaluate, poly_from_json, resolve_shape
+from einplan.errors import EinplanError
 from einplan.runtime.dtypes import to_numpy_dtype
 from einplan.runtime.kernels import make_kernel
 from einplan.runtime.recorder import Recorder
 
 
-class InputError(ValueError):
+class InputError(EinplanError):
     """Inputs or weights do not fit the plan (shape, dtype, size limits)."""
 
 

@@ -16,13 +16,14 @@ from pathlib import Path
 import numpy as np
 
 from einplan.compiler.ir import Graph
+from einplan.errors import EinplanError
 from einplan.runtime.dtypes import to_numpy_dtype
 
 SAFETENSORS_DTYPES = {"F64": "f64", "F32": "f32", "BF16": "bf16", "F16": "f16", "I64": "i64",
                       "I32": "i32", "I8": "i8", "U8": "u8"}
 
 
-class WeightsError(ValueError):
+class WeightsError(EinplanError):
     """Weights cannot be found, read, or do not match the plan."""
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from einplan.compiler.ir import Graph
 from einplan.compiler.ops import ITEMSIZE, OPS, Op
 from einplan.compiler.pipeline import PassContext
-from einplan.compiler.symbolic import evaluate, numel, poly_to_json, scale_poly
+from einplan.compiler.symbolic import evaluate, numel, poly_from_json, poly_to_json, scale_poly
 
 LEAVES = (Op.PARAM, Op.INPUT)
 
@@ -69,15 +69,20 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
                     (slot_of[r], level[n.id]))
     out = graph.replace_nodes(list(graph.nodes))
     out.annotations = ann
-    weights = sum(evaluate(scale_poly(numel(n.shape), ITEMSIZE[n.dtype]), ctx.typical_dims)
-                  for n in graph.nodes if n.op is Op.PARAM)
-    outs = sum(evaluate(scale_poly(numel(nodes[v].shape), ITEMSIZE[nodes[v].dtype]),
-                        ctx.typical_dims) for v in outputs)
-    arena = sum(evaluate(s, ctx.typical_dims) for s in slot_sizes)
-    out.meta["memory"] = {
-        "slots": [poly_to_json(s) for s in slot_sizes],
-        "estimate_dims": dict(ctx.typical_dims),
-        "weights_bytes": weights, "arena_bytes": arena, "outputs_bytes": outs,
-        "peak_bytes": weights + arena + outs,
-    }
+    out.meta["memory"] = {"slots": [poly_to_json(s) for s in slot_sizes]}
+    out.meta["memory"].update(estimate_memory(out, ctx.typical_dims))
     return out
+
+
+def estimate_memory(graph: Graph, dims: dict[str, int]) -> dict[str, int]:
+    """Bytes of weights, arena (all intermediate buffers) and outputs for bound dims."""
+    nodes = graph.by_id()
+
+    def size(n):
+        return evaluate(scale_poly(numel(n.shape), ITEMSIZE[n.dtype]), dims)
+
+    weights = sum(size(n) for n in graph.params())
+    arena = sum(evaluate(poly_from_json(s), dims) for s in graph.meta["memory"]["slots"])
+    outs = sum(size(nodes[v]) for v in set(graph.outputs.values()))
+    return {"weights_bytes": weights, "arena_bytes": arena, "outputs_bytes": outs,
+            "peak_bytes": weights + arena + outs, "dims": dict(dims)}

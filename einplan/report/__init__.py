@@ -1,0 +1,1 @@
+"""Views for people: compile summaries, graph listings, cost tables."""

@@ -1,0 +1,66 @@
+"""The compile summary: nodes per op, parameters, FLOPs per token, memory, pass times."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from rich.console import Console
+from rich.table import Table
+
+from einplan.compiler.ops import count_flops
+from einplan.compiler.passes.memory import estimate_memory
+from einplan.compiler.plan import Plan
+from einplan.compiler.symbolic import evaluate
+
+
+def flops_per_token(plan: Plan, seq: int, entry: str = "forward") -> float:
+    """Forward FLOPs per token at batch 1 and sequence ``seq``, summed over all steps."""
+    g = plan.entry(entry)
+    nodes = g.by_id()
+    dims = {"batch": 1, "seq": seq}
+    total = sum(evaluate(count_flops(n.op, [nodes[i].shape for i in n.inputs], n.shape, n.attrs),
+                         dims) for n in g.nodes)
+    return total / seq
+
+
+def mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def print_compile_summary(plan: Plan, batch: int, seq: int, console: Console | None = None
+                          ) -> None:
+    """Print what a compiled plan holds and costs."""
+    console = console or Console()
+    g = plan.entry("forward")
+    ops = Counter(n.op.value for n in g.nodes)
+    t = Table(title="nodes per op")
+    t.add_column("op")
+    t.add_column("nodes", justify="right")
+    for op, k in ops.most_common():
+        t.add_row(op, str(k))
+    t.add_row("total", str(len(g.nodes)), style="bold")
+    console.print(t)
+    mem = estimate_memory(g, {"batch": batch, "seq": seq})
+    s = Table(title=f"model (batch {batch}, seq {seq})", show_header=False)
+    s.add_row("parameters", f"{plan.meta['parameters']:,}")
+    s.add_row("weight dtype", plan.meta["weight_dtype"])
+    s.add_row("forward FLOPs per token", f"{flops_per_token(plan, seq) / 1e6:,.1f} MFLOP")
+    s.add_row("weights", mib(mem["weights_bytes"]))
+    s.add_row("activation buffers (arena)", mib(mem["arena_bytes"]))
+    s.add_row("outputs", mib(mem["outputs_bytes"]))
+    s.add_row("estimated peak", mib(mem["peak_bytes"]))
+    sched = g.meta.get("schedule", {})
+    s.add_row("dependency levels", f"{sched.get('levels')} ({sched.get('parallel_levels')} with "
+              "independent steps)")
+    cache = g.meta.get("path_cache", {})
+    s.add_row("contraction paths", f"{cache.get('hits', 0)} from cache, "
+              f"{cache.get('misses', 0)} planned")
+    s.add_row("compile time", f"{plan.meta['compile_seconds']:.3f} s")
+    console.print(s)
+    p = Table(title="passes")
+    for col in ("pass", "nodes in", "nodes out", "ms"):
+        p.add_column(col, justify="right" if col != "pass" else "left")
+    for st in plan.meta["passes"]:
+        p.add_row(st["pass"], str(st["nodes_in"]), str(st["nodes_out"]),
+                  f"{st['seconds'] * 1e3:.1f}")
+    console.print(p)

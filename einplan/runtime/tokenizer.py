@@ -1,0 +1,49 @@
+"""Tokenizers through the ``tokenizers`` library: a model's tokenizer.json, or a byte-level
+tokenizer (256 ids, one per byte) for configs like tiny.json that have no trained vocabulary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+from einplan.errors import EinplanError
+
+
+class TokenizerError(EinplanError):
+    """No usable tokenizer was found or given."""
+
+
+def byte_to_unicode() -> dict[int, str]:
+    """The GPT-2 byte-level alphabet: each byte as a printable character."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    extra = iter(range(256, 512))
+    return {b: chr(b if b in printable else next(extra)) for b in range(256)}
+
+
+def byte_tokenizer() -> Tokenizer:
+    """A tokenizer mapping each byte of UTF-8 text to its own id (0..255)."""
+    vocab = {ch: b for b, ch in byte_to_unicode().items()}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def load_tokenizer(spec: str | None, weights_dir: Path | None = None) -> Tokenizer:
+    """``"bytes"``, a tokenizer.json path or folder, or (spec None) the weights folder's."""
+    if spec == "bytes":
+        return byte_tokenizer()
+    path = Path(spec) if spec else weights_dir
+    if path is None:
+        raise TokenizerError("no tokenizer: give --tokenizer PATH (tokenizer.json or its folder), "
+                             "--tokenizer bytes, or weights in a folder with tokenizer.json")
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    if not path.is_file():
+        raise TokenizerError(f"tokenizer {str(path)!r} not found (a weights folder needs "
+                             "tokenizer.json; or give --tokenizer)")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # the tokenizers library raises bare Exception on bad files
+        raise TokenizerError(f"{path}: not a readable tokenizer.json ({e})") from None

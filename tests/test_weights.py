@@ -1,0 +1,109 @@
+"""Weights: lazy memory-mapped safetensors, sharded folders, dtype conversion, and clear
+errors for missing, unexpected, mis-shaped or truncated tensors; hub ids offline."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import ml_dtypes
+import numpy as np
+import pytest
+from conftest import FIXTURES
+from safetensors.numpy import load_file, save_file
+
+import einplan
+from einplan.runtime.weights import WeightsError, load_weights
+
+CASE = FIXTURES / "llama_mha_untied"
+
+
+@pytest.fixture
+def plan():
+    return einplan.compile_model(CASE / "config.json")
+
+
+def _copy_case(tmp_path, tensors):
+    shutil.copy(CASE / "config.json", tmp_path / "config.json")
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    return tmp_path
+
+
+def test_weights_are_memory_mapped_not_copied(plan):
+    arrays = load_weights(plan.entry(), CASE)
+    w = arrays["model.layers.0.mlp.up_proj.weight"]
+    assert isinstance(w.base, np.memmap) or isinstance(w, np.memmap) or not w.flags.owndata
+
+
+def test_missing_unexpected_and_misshaped_tensors_are_listed(tmp_path, plan):
+    t = load_file(CASE / "model.safetensors")
+    del t["model.norm.weight"]
+    t["model.extra.weight"] = np.zeros(3, np.float32)
+    t["lm_head.weight"] = np.zeros((7, 64), np.float32)
+    folder = _copy_case(tmp_path, t)
+    with pytest.raises(WeightsError) as e:
+        load_weights(plan.entry(), folder)
+    msg = str(e.value)
+    assert "missing tensors: model.norm.weight" in msg
+    assert "unexpected tensors: model.extra.weight" in msg
+    assert "lm_head.weight: checkpoint [7, 64], plan [256, 64]" in msg
+
+
+def test_truncated_checkpoint_is_refused(tmp_path, plan):
+    shutil.copy(CASE / "config.json", tmp_path / "config.json")
+    data = (CASE / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[: len(data) - 1000])
+    with pytest.raises(WeightsError, match="truncated"):
+        load_weights(plan.entry(), tmp_path)
+
+
+def test_bf16_checkpoint_converts_to_f32_plan(tmp_path, plan):
+    t = load_file(CASE / "model.safetensors")
+    bf = {k: v.astype(ml_dtypes.bfloat16) for k, v in t.items()}
+    folder = _copy_case(tmp_path, bf)
+    arrays = load_weights(plan.entry(), folder)
+    w = arrays["model.layers.0.mlp.up_proj.weight"]
+    assert w.dtype == np.float32
+    np.testing.assert_array_equal(w, bf["model.layers.0.mlp.up_proj.weight"].astype(np.float32))
+
+
+def test_bf16_weight_plan_runs_close_to_f32(plan):
+    ref = load_file(CASE / "reference.safetensors")
+    bf_plan = einplan.compile_model(CASE / "config.json", weight_dtype="bf16")
+    session = einplan.Session(bf_plan, CASE)
+    w = session.weights["model.layers.0.mlp.up_proj.weight"]
+    assert w.dtype == ml_dtypes.bfloat16
+    logits = session.forward(ref["input_ids"])
+    assert logits.dtype == np.float32
+    assert np.abs(logits - ref["logits"]).max() < 2e-2
+
+
+def test_sharded_folder_with_index(tmp_path, plan):
+    t = load_file(CASE / "model.safetensors")
+    keys = sorted(t)
+    shards = {"model-00001-of-00002.safetensors": keys[::2],
+              "model-00002-of-00002.safetensors": keys[1::2]}
+    for name, ks in shards.items():
+        save_file({k: t[k] for k in ks}, str(tmp_path / name))
+    index = {"weight_map": {k: name for name, ks in shards.items() for k in ks}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    ref = load_file(CASE / "reference.safetensors")
+    logits = einplan.Session(plan, tmp_path).forward(ref["input_ids"])
+    assert np.abs(logits - ref["logits"]).max() < 1e-4
+    (tmp_path / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(WeightsError, match="shard named in the index is missing"):
+        load_weights(plan.entry(), tmp_path)
+
+
+def test_missing_path_and_offline_hub_id(monkeypatch, tmp_path, plan):
+    with pytest.raises(WeightsError, match="not found"):
+        load_weights(plan.entry(), tmp_path / "no-such-folder")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(WeightsError, match="not in the local cache"):
+        load_weights(plan.entry(), "nobody/no-such-model")
+
+
+def test_session_needs_weights_or_an_explicit_random_seed(plan):
+    with pytest.raises(ValueError, match="either weights or random_seed"):
+        einplan.Session(plan)

@@ -20,8 +20,12 @@ from einplan.runtime.weights import load_weights, random_weights
 WEIGHT_DTYPES = ("f32", "bf16", "f16")
 
 
-def compile_model(config: str | Path | dict[str, Any], *, weight_dtype: str = "f32",
-                  ctx: PassContext | None = None) -> Plan:
+def compile_model(
+    config: str | Path | dict[str, Any],
+    *,
+    weight_dtype: str = "f32",
+    ctx: PassContext | None = None,
+) -> Plan:
     """Trace a model config (path, built-in name, dict or HF config.json) and compile it into
     a plan with a ``forward`` entry point."""
     if weight_dtype not in WEIGHT_DTYPES:
@@ -33,9 +37,13 @@ def compile_model(config: str | Path | dict[str, Any], *, weight_dtype: str = "f
     trace_seconds = time.perf_counter() - t0
     graph = run_pipeline(traced, ctx)
     params = sum(int(np.prod(n.shape)) for n in graph.params())
-    meta = {"weight_dtype": weight_dtype, "parameters": params,
-            "trace_seconds": trace_seconds, "passes": ctx.stats,
-            "compile_seconds": time.perf_counter() - t0}
+    meta = {
+        "weight_dtype": weight_dtype,
+        "parameters": params,
+        "trace_seconds": trace_seconds,
+        "passes": ctx.stats,
+        "compile_seconds": time.perf_counter() - t0,
+    }
     return Plan(cfg.to_dict(), {"forward": graph}, meta)
 
 
@@ -53,8 +61,14 @@ def plan_config(plan: Plan) -> ModelConfig:
 class Session:
     """A plan bound to weights, ready to run ``forward`` on token ids."""
 
-    def __init__(self, plan: Plan | str | Path, weights: str | os.PathLike | dict | None = None,
-                 *, random_seed: int | None = None, workers: int = 0) -> None:
+    def __init__(
+        self,
+        plan: Plan | str | Path,
+        weights: str | os.PathLike | dict | None = None,
+        *,
+        random_seed: int | None = None,
+        workers: int = 0,
+    ) -> None:
         """Bind ``weights`` (HF folder, safetensors file, hub id, or a dict of arrays), or
         seeded random weights when ``random_seed`` is given instead. One of the two is needed:
         there is no silent random fallback."""
@@ -62,8 +76,9 @@ class Session:
         self.config = plan_config(self.plan)
         graph = self.plan.entry("forward")
         if (weights is None) == (random_seed is None):
-            raise ValueError("give either weights or random_seed (random weights), not both "
-                             "or neither")
+            raise ValueError(
+                "give either weights or random_seed (random weights), not both or neither"
+            )
         if random_seed is not None:
             arrays = random_weights(graph, random_seed)
         elif isinstance(weights, dict):
@@ -73,21 +88,27 @@ class Session:
         self.weights = arrays
         self.executor = Executor(graph, arrays, workers)
 
-    def forward(self, tokens: np.ndarray, positions: np.ndarray | None = None,
-                recorder: Recorder | None = None) -> np.ndarray:
+    def forward(
+        self,
+        tokens: np.ndarray,
+        positions: np.ndarray | None = None,
+        recorder: Recorder | None = None,
+    ) -> np.ndarray:
         """Logits, float32 ``(batch, seq, vocab)``, for integer token ids ``(batch, seq)``."""
         tokens = np.asarray(tokens)
         if tokens.ndim == 1:
             tokens = tokens[None, :]
         if tokens.ndim != 2:
-            raise InputError(f"token ids must have rank 2 (batch, seq), got shape "
-                             f"{list(tokens.shape)}")
+            raise InputError(
+                f"token ids must have rank 2 (batch, seq), got shape {list(tokens.shape)}"
+            )
         if not np.issubdtype(tokens.dtype, np.integer):
             raise InputError(f"token ids must be integers, got {tokens.dtype}")
         vocab = self.config.vocab_size
         if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab):
-            raise InputError(f"token ids must lie in 0..{vocab - 1}, got {tokens.min()}.."
-                             f"{tokens.max()}")
+            raise InputError(
+                f"token ids must lie in 0..{vocab - 1}, got {tokens.min()}..{tokens.max()}"
+            )
         if positions is None:
             positions = np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape)
         out = self.executor.run({"tokens": tokens, "positions": positions}, recorder)

@@ -56,8 +56,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
     with tqdm(total=(len(ids) - 1) // window * window, unit="tok", desc="eval") as bar:
         result = evaluate_text(session.forward, ids, window, args.batch_size, bar.update)
     seconds = time.perf_counter() - t0
-    print(f"tokens {result.tokens}  loss {result.loss:.4f}  perplexity {result.perplexity:.3f}  "
-          f"({result.tokens / seconds:,.0f} tok/s, window {window}, batch {args.batch_size})")
+    print(
+        f"tokens {result.tokens}  loss {result.loss:.4f}  perplexity {result.perplexity:.3f}  "
+        f"({result.tokens / seconds:,.0f} tok/s, window {window}, batch {args.batch_size})"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,32 +69,56 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("compile", help="compile a model config into a plan file")
-    c.add_argument("config", help="config JSON (einplan or Hugging Face config.json), a model "
-                   "folder, or a built-in name (tiny, smollm2-135m)")
+    c.add_argument(
+        "config",
+        help="config JSON (einplan or Hugging Face config.json), a model "
+        "folder, or a built-in name (tiny, smollm2-135m)",
+    )
     c.add_argument("-o", "--output", help="plan file to write (default: CONFIG-NAME.plan)")
-    c.add_argument("--weight-dtype", default="f32", choices=["f32", "bf16", "f16"],
-                   help="storage dtype of the weights (compute is float32)")
+    c.add_argument(
+        "--weight-dtype",
+        default="f32",
+        choices=["f32", "bf16", "f16"],
+        help="storage dtype of the weights (compute is float32)",
+    )
     c.add_argument("--batch", type=int, default=1, help="batch for the memory estimate")
     c.add_argument("--seq", type=int, default=256, help="sequence length for the estimates")
-    c.add_argument("--no-path-cache", action="store_true",
-                   help="plan every contraction afresh (ignore the on-disk path cache)")
+    c.add_argument(
+        "--no-path-cache",
+        action="store_true",
+        help="plan every contraction afresh (ignore the on-disk path cache)",
+    )
     c.set_defaults(func=cmd_compile)
 
     e = sub.add_parser("eval", help="loss and perplexity of a plan on a text file")
     e.add_argument("plan", help="plan file from einplan compile")
     w = e.add_mutually_exclusive_group(required=True)
     w.add_argument("--weights", help="HF-layout folder, .safetensors file, or hub id")
-    w.add_argument("--random-weights", type=int, metavar="SEED",
-                   help="seeded random weights instead (demos and benchmarks)")
-    e.add_argument("--tokenizer", help="tokenizer.json (or folder), or 'bytes' for byte ids "
-                   "(default: the weights folder's tokenizer.json)")
-    e.add_argument("--text-file", default=str(BUNDLED_TEXT),
-                   help="UTF-8 text to evaluate on (default: the bundled Shakespeare sample)")
+    w.add_argument(
+        "--random-weights",
+        type=int,
+        metavar="SEED",
+        help="seeded random weights instead (demos and benchmarks)",
+    )
+    e.add_argument(
+        "--tokenizer",
+        help="tokenizer.json (or folder), or 'bytes' for byte ids "
+        "(default: the weights folder's tokenizer.json)",
+    )
+    e.add_argument(
+        "--text-file",
+        default=str(BUNDLED_TEXT),
+        help="UTF-8 text to evaluate on (default: the bundled Shakespeare sample)",
+    )
     e.add_argument("--max-tokens", type=int, default=4096, help="tokens to evaluate")
     e.add_argument("--window", type=int, default=512, help="tokens per forward window")
     e.add_argument("--batch-size", type=int, default=1, help="windows per forward")
-    e.add_argument("--workers", type=int, default=0,
-                   help="thread-pool workers for independent steps (0: sequential)")
+    e.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="thread-pool workers for independent steps (0: sequential)",
+    )
     e.set_defaults(func=cmd_eval)
     return p
 

@@ -10,12 +10,26 @@ import pytest
 TESTS = Path(__file__).parent
 FIXTURES = TESTS / "fixtures"
 GOLDEN = TESTS / "golden"
-CASES = ["llama_gqa_tied", "llama_mha_untied", "llama3_rope_scaling", "mistral_head_dim",
-         "qwen2_bias_mqa"]
+CASES = [
+    "llama_gqa_tied",
+    "llama_mha_untied",
+    "llama3_rope_scaling",
+    "mistral_head_dim",
+    "qwen2_bias_mqa",
+]
 
-ONE_LAYER = {"name": "one-layer", "vocab_size": 32, "hidden_size": 16, "intermediate_size": 24,
-             "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
-             "max_position_embeddings": 64, "tie_word_embeddings": True, "max_batch": 4}
+ONE_LAYER = {
+    "name": "one-layer",
+    "vocab_size": 32,
+    "hidden_size": 16,
+    "intermediate_size": 24,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+    "tie_word_embeddings": True,
+    "max_batch": 4,
+}
 
 
 @pytest.fixture(autouse=True)

@@ -11,8 +11,13 @@ from conftest import CASES, FIXTURES
 from einplan.models.config import ConfigError, load_config, parse_config
 from einplan.models.llama import rope_inv_freq
 
-BASE = {"vocab_size": 32, "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 1,
-        "num_attention_heads": 4}
+BASE = {
+    "vocab_size": 32,
+    "hidden_size": 16,
+    "intermediate_size": 24,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 4,
+}
 
 
 def test_unknown_key_is_an_error_naming_it():
@@ -20,9 +25,17 @@ def test_unknown_key_is_an_error_naming_it():
         parse_config({**BASE, "num_hiden_layers": 2})
 
 
-@pytest.mark.parametrize("key, value", [("hidden_size", "16"), ("num_hidden_layers", 1.5),
-                                        ("tie_word_embeddings", 1), ("hidden_size", True),
-                                        ("rms_norm_eps", "1e-5"), ("hidden_size", -16)])
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("hidden_size", "16"),
+        ("num_hidden_layers", 1.5),
+        ("tie_word_embeddings", 1),
+        ("hidden_size", True),
+        ("rms_norm_eps", "1e-5"),
+        ("hidden_size", -16),
+    ],
+)
 def test_ill_typed_key_is_an_error_naming_it(key, value):
     with pytest.raises(ConfigError, match=f"'{key}'"):
         parse_config({**BASE, key: value})
@@ -51,12 +64,32 @@ def test_fixture_hf_configs_load(case):
 
 
 def test_old_and_new_rope_layouts_agree():
-    old = parse_config({**BASE, "rope_theta": 500000.0, "rope_scaling": {
-        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 8}})
-    new = parse_config({**BASE, "rope_parameters": {
-        "rope_theta": 500000.0, "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0, "original_max_position_embeddings": 8}})
+    old = parse_config(
+        {
+            **BASE,
+            "rope_theta": 500000.0,
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8,
+            },
+        }
+    )
+    new = parse_config(
+        {
+            **BASE,
+            "rope_parameters": {
+                "rope_theta": 500000.0,
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8,
+            },
+        }
+    )
     assert old == new
     plain = parse_config({**BASE, "rope_theta": 500000.0})
     assert rope_inv_freq(old) != rope_inv_freq(plain)

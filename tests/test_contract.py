@@ -7,13 +7,13 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from einplan.compiler.ir import Node
+from einplan.compiler.ops import Op
 from einplan.compiler.passes.contract import lower_einsum
 from einplan.compiler.pipeline import PassContext, run_pass
 from einplan.compiler.trace import Builder
 from einplan.runtime.executor import Executor
 from einplan.runtime.kernels import make_kernel
-from einplan.compiler.ir import Node
-from einplan.compiler.ops import Op
 
 LETTERS = "abcdefg"
 
@@ -43,8 +43,14 @@ def _run_lowered(spec, arrays):
     for t, a in zip(spec.split("->")[0].split(","), arrays, strict=True):
         sizes.update(zip(t, a.shape, strict=True))
     out_shape = tuple(sizes[c] for c in out_term)
-    node = Node(9, Op.EINSUM, tuple(range(len(arrays))),
-                {"spec": spec, "recipe": lower_einsum(spec)}, out_shape, "f32")
+    node = Node(
+        9,
+        Op.EINSUM,
+        tuple(range(len(arrays))),
+        {"spec": spec, "recipe": lower_einsum(spec)},
+        out_shape,
+        "f32",
+    )
     kernel = make_kernel(node, [a.shape for a in arrays], out_shape, _scratch)
     return kernel(arrays, np.empty(out_shape, np.float32))
 
@@ -54,8 +60,10 @@ def _run_lowered(spec, arrays):
 def test_lowered_einsum_matches_numpy(eq, seed):
     spec, sizes = eq
     rng = np.random.default_rng(seed)
-    arrays = [rng.standard_normal([sizes[c] for c in t]).astype(np.float32)
-              for t in spec.split("->")[0].split(",")]
+    arrays = [
+        rng.standard_normal([sizes[c] for c in t]).astype(np.float32)
+        for t in spec.split("->")[0].split(",")
+    ]
     want = np.einsum(spec, *arrays)
     got = _run_lowered(spec, arrays)
     assert got.dtype == np.float32
@@ -75,8 +83,10 @@ def test_nary_einsum_split_by_path_matches_numpy(eq, seed):
     assert len(einsums) == 2 and all(len(n.inputs) <= 2 for n in einsums)
     graph = run_pass("memory", run_pass("schedule", graph, PassContext()), PassContext())
     rng = np.random.default_rng(seed)
-    arrays = {f"x{i}": rng.standard_normal([sizes[c] for c in t]).astype(np.float32)
-              for i, t in enumerate(terms)}
+    arrays = {
+        f"x{i}": rng.standard_normal([sizes[c] for c in t]).astype(np.float32)
+        for i, t in enumerate(terms)
+    }
     got = Executor(graph, {}).run(arrays)["y"]
     np.testing.assert_allclose(got, np.einsum(spec, *arrays.values()), rtol=1e-4, atol=1e-4)
 

@@ -48,24 +48,38 @@ W = Node(1, Op.PARAM, (), {"key": "w"}, (6, 4), "f32", "w")
 
 
 def test_verify_accepts_a_good_graph():
-    _graph(X, W, Node(2, Op.EINSUM, (0, 1), {"spec": "bsd,ed->bse"}, ("batch", "seq", 6),
-                      "f32")).verify()
+    _graph(
+        X, W, Node(2, Op.EINSUM, (0, 1), {"spec": "bsd,ed->bse"}, ("batch", "seq", 6), "f32")
+    ).verify()
 
 
-@pytest.mark.parametrize("bad, message", [
-    (Node(2, Op.EINSUM, (0, 7), {"spec": "bsd,ed->bse"}, ("batch", "seq", 6), "f32"),
-     "used before it is defined"),
-    (Node(2, Op.EINSUM, (0, 1), {"spec": "bsd,ed->bse"}, ("batch", "seq", 5), "f32"),
-     "recorded f32[batch,seq,5]"),
-    (Node(2, Op.EINSUM, (0, 1), {"spec": "bd,ed->be"}, ("batch", 6), "f32"), "rank"),
-    (Node(2, Op.EINSUM, (0, 1), {"spec": "bsd,ed->bsz"}, ("batch", "seq", 6), "f32"),
-     "output index 'z'"),
-    (Node(2, Op.EINSUM, (0, 1), {"spec": "bsd,de->bse"}, ("batch", "seq", 4), "f32"),
-     "index 'd' is 4 in one operand and 6"),
-    (Node(2, Op.ADD, (0, 1), {}, ("batch", "seq", 4), "f32"), "does not broadcast"),
-    (Node(2, Op.EINSUM, (0, 1), {"spec": "bsd,ed->bse"}, ("batch", "seq", 6), "f16"),
-     "recorded f16"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (
+            Node(2, Op.EINSUM, (0, 7), {"spec": "bsd,ed->bse"}, ("batch", "seq", 6), "f32"),
+            "used before it is defined",
+        ),
+        (
+            Node(2, Op.EINSUM, (0, 1), {"spec": "bsd,ed->bse"}, ("batch", "seq", 5), "f32"),
+            "recorded f32[batch,seq,5]",
+        ),
+        (Node(2, Op.EINSUM, (0, 1), {"spec": "bd,ed->be"}, ("batch", 6), "f32"), "rank"),
+        (
+            Node(2, Op.EINSUM, (0, 1), {"spec": "bsd,ed->bsz"}, ("batch", "seq", 6), "f32"),
+            "output index 'z'",
+        ),
+        (
+            Node(2, Op.EINSUM, (0, 1), {"spec": "bsd,de->bse"}, ("batch", "seq", 4), "f32"),
+            "index 'd' is 4 in one operand, 6",
+        ),
+        (Node(2, Op.ADD, (0, 1), {}, ("batch", "seq", 4), "f32"), "does not broadcast"),
+        (
+            Node(2, Op.EINSUM, (0, 1), {"spec": "bsd,ed->bse"}, ("batch", "seq", 6), "f16"),
+            "recorded f16",
+        ),
+    ],
+)
 def test_verify_rejects(bad, message):
     with pytest.raises(ShapeError, match=re.escape(message)):
         _graph(X, W, bad).verify()

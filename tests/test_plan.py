@@ -31,11 +31,14 @@ def test_plan_is_json_with_magic_and_version(tmp_path):
     assert doc["body"]["config"]["hidden_size"] == 16
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"\x89PNG\r\n\x1a\n....", "not an einplan plan file"),
-    (b'{"hello": "world"}', "no 'einplan-plan' magic"),
-    (b"", "not an einplan plan file"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"\x89PNG\r\n\x1a\n....", "not an einplan plan file"),
+        (b'{"hello": "world"}', "no 'einplan-plan' magic"),
+        (b"", "not an einplan plan file"),
+    ],
+)
 def test_foreign_files_are_refused(tmp_path, content, message):
     (tmp_path / "x.plan").write_bytes(content)
     with pytest.raises(PlanError, match=message):

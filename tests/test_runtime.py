@@ -59,15 +59,17 @@ def test_causal_prefix_property(plan):
     """Logits of a prefix do not depend on later tokens."""
     session = einplan.Session(plan, random_seed=2)
     ids = _ids((1, 30))
-    np.testing.assert_allclose(session.forward(ids[:, :12]), session.forward(ids)[:, :12],
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        session.forward(ids[:, :12]), session.forward(ids)[:, :12], rtol=1e-5, atol=1e-5
+    )
 
 
 def test_batch_rows_are_independent(plan):
     session = einplan.Session(plan, random_seed=2)
     ids = _ids((3, 16))
-    np.testing.assert_allclose(session.forward(ids[1:2]), session.forward(ids)[1:2],
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        session.forward(ids[1:2]), session.forward(ids)[1:2], rtol=1e-5, atol=1e-5
+    )
 
 
 def test_outputs_are_not_overwritten_by_the_next_run(plan):
@@ -78,13 +80,16 @@ def test_outputs_are_not_overwritten_by_the_next_run(plan):
     assert np.array_equal(a, kept)
 
 
-@pytest.mark.parametrize("tokens, message", [
-    (np.zeros((1, 513), np.int64), "seq=513 is outside the plan's limit 1..512"),
-    (np.zeros((65, 4), np.int64), "batch=65"),
-    (np.full((1, 4), 256), "token ids must lie in 0..255"),
-    (np.zeros((1, 4), np.float32), "must be integers"),
-    (np.zeros((1, 2, 3), np.int64), "rank 2"),
-])
+@pytest.mark.parametrize(
+    "tokens, message",
+    [
+        (np.zeros((1, 513), np.int64), "seq=513 is outside the plan's limit 1..512"),
+        (np.zeros((65, 4), np.int64), "batch=65"),
+        (np.full((1, 4), 256), "token ids must lie in 0..255"),
+        (np.zeros((1, 4), np.float32), "must be integers"),
+        (np.zeros((1, 2, 3), np.int64), "rank 2"),
+    ],
+)
 def test_bad_inputs_are_refused(plan, tokens, message):
     session = einplan.Session(plan, random_seed=0)
     with pytest.raises(InputError, match=message):

@@ -81,8 +81,10 @@ def test_bf16_weight_plan_runs_close_to_f32(plan):
 def test_sharded_folder_with_index(tmp_path, plan):
     t = load_file(CASE / "model.safetensors")
     keys = sorted(t)
-    shards = {"model-00001-of-00002.safetensors": keys[::2],
-              "model-00002-of-00002.safetensors": keys[1::2]}
+    shards = {
+        "model-00001-of-00002.safetensors": keys[::2],
+        "model-00002-of-00002.safetensors": keys[1::2],
+    }
     for name, ks in shards.items():
         save_file({k: t[k] for k in ks}, str(tmp_path / name))
     index = {"weight_map": {k: name for name, ks in shards.items() for k in ks}}

@@ -75,8 +75,14 @@ class Graph:
 
     def replace_nodes(self, nodes: list[Node], outputs: dict[str, int] | None = None) -> Graph:
         """Return a graph with new nodes and the same dims, annotations and meta."""
-        return Graph(nodes, dict(self.outputs if outputs is None else outputs), dict(self.dims),
-                     self.name, dict(self.annotations), dict(self.meta))
+        return Graph(
+            nodes,
+            dict(self.outputs if outputs is None else outputs),
+            dict(self.dims),
+            self.name,
+            dict(self.annotations),
+            dict(self.meta),
+        )
 
     def by_id(self) -> dict[int, Node]:
         """Return a map from value id to node."""

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from einplan.compiler.symbolic import Dim, Poly, Shape, add_polys, numel, scale_poly
 from einplan.errors import EinplanError
 
 
-class Op(str, Enum):
+class Op(StrEnum):
     """Every operation a graph node can perform."""
 
     PARAM = "param"
@@ -78,7 +78,9 @@ def parse_spec(spec: str) -> tuple[list[str], str]:
 def einsum_sizes(spec: str, shapes: list[Shape]) -> dict[str, Dim]:
     """Map each index letter of ``spec`` to its dimension, checking ranks and agreement."""
     terms, out = parse_spec(spec)
-    _need(len(terms) == len(shapes), f"einsum {spec!r} has {len(terms)} operands, got {len(shapes)}")
+    _need(
+        len(terms) == len(shapes), f"einsum {spec!r} has {len(terms)} operands, got {len(shapes)}"
+    )
     sizes: dict[str, Dim] = {}
     for i, (t, s) in enumerate(zip(terms, shapes, strict=True)):
         _need(len(t) == len(s), f"einsum {spec!r}: operand {i} has rank {len(s)}, term {t!r}")
@@ -86,7 +88,7 @@ def einsum_sizes(spec: str, shapes: list[Shape]) -> dict[str, Dim]:
             if ch in sizes:
                 _need(
                     _same_dims(sizes[ch], d),
-                    f"einsum {spec!r}: index {ch!r} is {sizes[ch]} in one operand and {d} in another",
+                    f"einsum {spec!r}: index {ch!r} is {sizes[ch]} in one operand, {d} in another",
                 )
             sizes[ch] = d
     for ch in out:

@@ -13,7 +13,7 @@ from einplan import __version__
 
 
 def default_cache_path() -> Path:
-    """``$EINPLAN_CACHE_DIR/paths.json``, else ``$XDG_CACHE_HOME/einplan`` or ``~/.cache/einplan``."""
+    """``$EINPLAN_CACHE_DIR/paths.json``; else under ``$XDG_CACHE_HOME`` or ``~/.cache``."""
     root = os.environ.get("EINPLAN_CACHE_DIR")
     if root is None:
         root = os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "einplan")

@@ -38,8 +38,15 @@ def run_pass(name: str, graph: Graph, ctx: PassContext) -> Graph:
     seconds = time.perf_counter() - t0
     if ctx.verify:
         out.verify()
-    ctx.stats.append({"pass": name, "entry": graph.name, "nodes_in": len(graph.nodes),
-                      "nodes_out": len(out.nodes), "seconds": seconds})
+    ctx.stats.append(
+        {
+            "pass": name,
+            "entry": graph.name,
+            "nodes_in": len(graph.nodes),
+            "nodes_out": len(out.nodes),
+            "seconds": seconds,
+        }
+    )
     if name in ctx.dump_after and ctx.on_dump is not None:
         ctx.on_dump(name, out)
     return out

@@ -51,8 +51,12 @@ class Plan:
             "meta": self.meta,
             "entries": {k: graph_to_json(g) for k, g in self.entries.items()},
         }
-        return {"magic": MAGIC, "plan_version": PLAN_VERSION, "checksum": checksum(body),
-                "body": body}
+        return {
+            "magic": MAGIC,
+            "plan_version": PLAN_VERSION,
+            "checksum": checksum(body),
+            "body": body,
+        }
 
     def save(self, path: str | Path) -> None:
         """Write the plan file atomically (temp file + rename)."""
@@ -72,18 +76,24 @@ class Plan:
         """Read a plan file, refusing foreign, damaged or other-version files by name."""
         path = Path(path)
         if not path.is_file():
-            raise PlanError(f"plan file {str(path)!r} not found (make one with: einplan compile "
-                            f"CONFIG -o {path.name})")
+            raise PlanError(
+                f"plan file {str(path)!r} not found (make one with: einplan compile "
+                f"CONFIG -o {path.name})"
+            )
         try:
             doc = json.loads(path.read_bytes())
         except (json.JSONDecodeError, UnicodeDecodeError):
-            raise PlanError(f"{path}: not an einplan plan file (not JSON) or damaged; "
-                            "recompile it with einplan compile") from None
+            raise PlanError(
+                f"{path}: not an einplan plan file (not JSON) or damaged; "
+                "recompile it with einplan compile"
+            ) from None
         if not isinstance(doc, dict) or doc.get("magic") != MAGIC:
             raise PlanError(f"{path}: not an einplan plan file (no '{MAGIC}' magic)")
         if doc.get("plan_version") != PLAN_VERSION:
-            raise PlanError(f"{path}: plan format version {doc.get('plan_version')!r}, this "
-                            f"einplan {__version__} reads version {PLAN_VERSION}; recompile it")
+            raise PlanError(
+                f"{path}: plan format version {doc.get('plan_version')!r}, this "
+                f"einplan {__version__} reads version {PLAN_VERSION}; recompile it"
+            )
         body = doc.get("body")
         if not isinstance(body, dict) or doc.get("checksum") != checksum(body):
             raise PlanError(f"{path}: plan file is damaged (checksum mismatch); recompile it")
@@ -106,8 +116,14 @@ def hash_config(config: dict[str, Any]) -> str:
 
 def node_to_json(n: Node) -> dict[str, Any]:
     """Serialise one node."""
-    d = {"id": n.id, "op": n.op.value, "in": list(n.inputs), "shape": list(n.shape),
-         "dtype": n.dtype, "name": n.name}
+    d = {
+        "id": n.id,
+        "op": n.op.value,
+        "in": list(n.inputs),
+        "shape": list(n.shape),
+        "dtype": n.dtype,
+        "name": n.name,
+    }
     if n.attrs:
         d["attrs"] = n.attrs
     if n.tags:
@@ -117,18 +133,37 @@ def node_to_json(n: Node) -> dict[str, Any]:
 
 def node_from_json(d: dict[str, Any]) -> Node:
     """Read one node written by :func:`node_to_json`."""
-    return Node(d["id"], Op(d["op"]), tuple(d["in"]), d.get("attrs", {}), tuple(d["shape"]),
-                d["dtype"], d.get("name", ""), frozenset(d.get("tags", ())))
+    return Node(
+        d["id"],
+        Op(d["op"]),
+        tuple(d["in"]),
+        d.get("attrs", {}),
+        tuple(d["shape"]),
+        d["dtype"],
+        d.get("name", ""),
+        frozenset(d.get("tags", ())),
+    )
 
 
 def graph_to_json(g: Graph) -> dict[str, Any]:
     """Serialise a graph with its annotations and meta."""
-    return {"name": g.name, "dims": g.dims, "outputs": g.outputs,
-            "nodes": [node_to_json(n) for n in g.nodes],
-            "annotations": {str(k): v for k, v in g.annotations.items()}, "meta": g.meta}
+    return {
+        "name": g.name,
+        "dims": g.dims,
+        "outputs": g.outputs,
+        "nodes": [node_to_json(n) for n in g.nodes],
+        "annotations": {str(k): v for k, v in g.annotations.items()},
+        "meta": g.meta,
+    }
 
 
 def graph_from_json(d: dict[str, Any]) -> Graph:
     """Read a graph written by :func:`graph_to_json`."""
-    return Graph([node_from_json(n) for n in d["nodes"]], dict(d["outputs"]), dict(d["dims"]),
-                 d["name"], {int(k): v for k, v in d["annotations"].items()}, d["meta"])
+    return Graph(
+        [node_from_json(n) for n in d["nodes"]],
+        dict(d["outputs"]),
+        dict(d["dims"]),
+        d["name"],
+        {int(k): v for k, v in d["annotations"].items()},
+        d["meta"],
+    )

@@ -48,18 +48,34 @@ class Builder:
         base, dot, rest = role.partition(".")
         return f"{base}-{self._layer}{dot}{rest}"
 
-    def _append(self, op: Op, inputs: list[Value], attrs: dict[str, Any], role: str,
-                shape: Shape | None = None, dtype: str | None = None,
-                tags: frozenset[str] = frozenset()) -> Value:
+    def _append(
+        self,
+        op: Op,
+        inputs: list[Value],
+        attrs: dict[str, Any],
+        role: str,
+        shape: Shape | None = None,
+        dtype: str | None = None,
+        tags: frozenset[str] = frozenset(),
+    ) -> Value:
         name = self._name(role)
         if shape is None:
             try:
-                shape, dtype = OPS[op].infer([v.shape for v in inputs], [v.dtype for v in inputs],
-                                             attrs)
+                shape, dtype = OPS[op].infer(
+                    [v.shape for v in inputs], [v.dtype for v in inputs], attrs
+                )
             except ShapeError as e:
                 raise ShapeError(f"{name} ({op.value}): {e}") from None
-        node = Node(len(self.graph.nodes), op, tuple(v.id for v in inputs), attrs, tuple(shape),
-                    dtype, name, tags)
+        node = Node(
+            len(self.graph.nodes),
+            op,
+            tuple(v.id for v in inputs),
+            attrs,
+            tuple(shape),
+            dtype,
+            name,
+            tags,
+        )
         self.graph.nodes.append(node)
         return Value(node.id, node.shape, node.dtype)
 
@@ -67,13 +83,20 @@ class Builder:
         """Declare a runtime input such as token ids."""
         return self._append(Op.INPUT, [], {}, name, shape, dtype)
 
-    def param(self, role: str, key: str, shape: Shape, dtype: str = "f32",
-              tags: frozenset[str] = frozenset()) -> Value:
+    def param(
+        self,
+        role: str,
+        key: str,
+        shape: Shape,
+        dtype: str = "f32",
+        tags: frozenset[str] = frozenset(),
+    ) -> Value:
         """Declare a weight named ``role-layer`` loaded from checkpoint tensor ``key``."""
         return self._append(Op.PARAM, [], {"key": key}, role, shape, dtype, tags)
 
-    def einsum(self, spec: str, *xs: Value, role: str = "einsum",
-               tags: frozenset[str] = frozenset()) -> Value:
+    def einsum(
+        self, spec: str, *xs: Value, role: str = "einsum", tags: frozenset[str] = frozenset()
+    ) -> Value:
         """Contract operands by an explicit einsum spec."""
         return self._append(Op.EINSUM, list(xs), {"spec": spec}, role, tags=tags)
 
@@ -93,16 +116,21 @@ class Builder:
         """RMS normalisation over the last axis, scaled by ``w``."""
         return self._append(Op.RMS_NORM, [x, w], {"eps": float(eps)}, role)
 
-    def rope_table(self, positions: Value, inv_freq: list[float], role: str = "rope_table") -> Value:
+    def rope_table(
+        self, positions: Value, inv_freq: list[float], role: str = "rope_table"
+    ) -> Value:
         """cos and sin of ``positions * inv_freq``, stacked as ``[2, batch, seq, half]``."""
         return self._append(Op.ROPE_TABLE, [positions], {"inv_freq": list(inv_freq)}, role)
 
-    def rope(self, x: Value, table: Value, role: str = "rope") -> Value:
-        """Rotate the last axis of ``x`` (half-split convention) by a rope table."""
-        return self._append(Op.ROPE, [x, table], {}, role)
+    def rope(self, x: Value, table: Value, scale: float = 1.0, role: str = "rope") -> Value:
+        """Rotate the last axis of ``x`` (half-split convention) by a rope table, times
+        ``scale`` (attention folds its 1/sqrt(head_dim) into q here)."""
+        attrs = {} if scale == 1.0 else {"scale": float(scale)}
+        return self._append(Op.ROPE, [x, table], attrs, role)
 
-    def softmax(self, x: Value, scale: float = 1.0, causal: bool = False,
-                role: str = "softmax") -> Value:
+    def softmax(
+        self, x: Value, scale: float = 1.0, causal: bool = False, role: str = "softmax"
+    ) -> Value:
         """softmax(scale * x) over the last axis; ``causal`` masks keys after the query."""
         return self._append(Op.SOFTMAX, [x], {"scale": float(scale), "causal": causal}, role)
 

@@ -23,12 +23,36 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 # Keys of Hugging Face configs that do not change the forward computation.
 IGNORED_HF_KEYS = {
-    "architectures", "torch_dtype", "dtype", "transformers_version", "initializer_range",
-    "use_cache", "attention_dropout", "pretraining_tp", "is_llama_config", "rope_interleaved",
-    "max_window_layers", "transformers.js_config", "_name_or_path", "tokenizer_class",
-    "output_attentions", "output_hidden_states", "return_dict", "unsloth_fixed", "layer_types",
-    "bos_token_id", "eos_token_id", "pad_token_id", "use_sliding_window", "sliding_window",
-    "mlp_bias", "hidden_act", "model_type", "attention_bias", "rope_theta", "rope_scaling",
+    "architectures",
+    "torch_dtype",
+    "dtype",
+    "transformers_version",
+    "initializer_range",
+    "use_cache",
+    "attention_dropout",
+    "pretraining_tp",
+    "is_llama_config",
+    "rope_interleaved",
+    "max_window_layers",
+    "transformers.js_config",
+    "_name_or_path",
+    "tokenizer_class",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+    "unsloth_fixed",
+    "layer_types",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "use_sliding_window",
+    "sliding_window",
+    "mlp_bias",
+    "hidden_act",
+    "model_type",
+    "attention_bias",
+    "rope_theta",
+    "rope_scaling",
     "rope_parameters",
 }
 
@@ -65,23 +89,43 @@ class ModelConfig:
 EINPLAN_KEYS = {"max_batch": int, "name": str, "head_dim": int, "num_key_value_heads": int}
 
 TYPED_KEYS: dict[str, type | tuple[type, ...]] = {
-    "vocab_size": int, "hidden_size": int, "intermediate_size": int, "num_hidden_layers": int,
-    "num_attention_heads": int, "rms_norm_eps": (int, float), "max_position_embeddings": int,
-    "tie_word_embeddings": bool, "rope_theta": (int, float), "attention_bias": bool,
-    "mlp_bias": bool, "hidden_act": str, "model_type": str, "use_sliding_window": bool,
-    "bos_token_id": (int, type(None)), "eos_token_id": (int, list, type(None)),
-    "rope_scaling": (dict, type(None)), "rope_parameters": (dict, type(None)),
-    "sliding_window": (int, type(None)), **EINPLAN_KEYS,
+    "vocab_size": int,
+    "hidden_size": int,
+    "intermediate_size": int,
+    "num_hidden_layers": int,
+    "num_attention_heads": int,
+    "rms_norm_eps": (int, float),
+    "max_position_embeddings": int,
+    "tie_word_embeddings": bool,
+    "rope_theta": (int, float),
+    "attention_bias": bool,
+    "mlp_bias": bool,
+    "hidden_act": str,
+    "model_type": str,
+    "use_sliding_window": bool,
+    "bos_token_id": (int, type(None)),
+    "eos_token_id": (int, list, type(None)),
+    "rope_scaling": (dict, type(None)),
+    "rope_parameters": (dict, type(None)),
+    "sliding_window": (int, type(None)),
+    **EINPLAN_KEYS,
 }
-REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-            "num_attention_heads")
+REQUIRED = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+)
 
 
 def _check_types(raw: dict[str, Any], origin: str) -> None:
     for key, value in raw.items():
         if key not in TYPED_KEYS and key not in IGNORED_HF_KEYS:
-            raise ConfigError(f"{origin}: unknown config key {key!r}; check its spelling "
-                              f"(known keys: {', '.join(sorted(TYPED_KEYS))})")
+            raise ConfigError(
+                f"{origin}: unknown config key {key!r}; check its spelling "
+                f"(known keys: {', '.join(sorted(TYPED_KEYS))})"
+            )
         want = TYPED_KEYS.get(key)
         if want is None:
             continue
@@ -89,8 +133,10 @@ def _check_types(raw: dict[str, Any], origin: str) -> None:
         ok = isinstance(value, wants) and not (isinstance(value, bool) and bool not in wants)
         if not ok:
             names = " or ".join(t.__name__ for t in wants)
-            raise ConfigError(f"{origin}: config key {key!r} must be {names}, "
-                              f"got {type(value).__name__} {value!r}")
+            raise ConfigError(
+                f"{origin}: config key {key!r} must be {names}, "
+                f"got {type(value).__name__} {value!r}"
+            )
         if isinstance(value, int) and not isinstance(value, bool) and value < 0:
             raise ConfigError(f"{origin}: config key {key!r} must not be negative, got {value}")
 
@@ -102,13 +148,21 @@ def _rope(raw: dict[str, Any], origin: str) -> tuple[float, dict[str, Any]]:
     merged = {**scaling, **params}
     rope_type = merged.pop("rope_type", merged.pop("type", "default"))
     if rope_type not in ("default", "linear", "llama3"):
-        raise ConfigError(f"{origin}: rope type {rope_type!r} is not supported "
-                          "(supported: default, linear, llama3)")
+        raise ConfigError(
+            f"{origin}: rope type {rope_type!r} is not supported "
+            "(supported: default, linear, llama3)"
+        )
     if rope_type == "default":
         return theta, {}
-    need = {"linear": ("factor",),
-            "llama3": ("factor", "low_freq_factor", "high_freq_factor",
-                       "original_max_position_embeddings")}[rope_type]
+    need = {
+        "linear": ("factor",),
+        "llama3": (
+            "factor",
+            "low_freq_factor",
+            "high_freq_factor",
+            "original_max_position_embeddings",
+        ),
+    }[rope_type]
     missing = [k for k in need if k not in merged]
     if missing:
         raise ConfigError(f"{origin}: rope scaling {rope_type!r} needs {', '.join(missing)}")
@@ -125,8 +179,10 @@ def parse_config(raw: dict[str, Any], origin: str = "config") -> ModelConfig:
         raise ConfigError(f"{origin}: missing config key(s) {', '.join(missing)}")
     model_type = raw.get("model_type", "llama")
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ConfigError(f"{origin}: model_type {model_type!r} is not supported "
-                          f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+        raise ConfigError(
+            f"{origin}: model_type {model_type!r} is not supported "
+            f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
     if raw.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"{origin}: hidden_act {raw['hidden_act']!r} is not supported (silu)")
     if raw.get("mlp_bias"):
@@ -136,12 +192,16 @@ def parse_config(raw: dict[str, Any], origin: str = "config") -> ModelConfig:
     heads = raw["num_attention_heads"]
     kv_heads = raw.get("num_key_value_heads") or heads
     if heads == 0 or heads % kv_heads:
-        raise ConfigError(f"{origin}: num_attention_heads ({heads}) must be a multiple of "
-                          f"num_key_value_heads ({kv_heads})")
+        raise ConfigError(
+            f"{origin}: num_attention_heads ({heads}) must be a multiple of "
+            f"num_key_value_heads ({kv_heads})"
+        )
     head_dim = raw.get("head_dim") or raw["hidden_size"] // heads
     if not raw.get("head_dim") and raw["hidden_size"] % heads:
-        raise ConfigError(f"{origin}: hidden_size {raw['hidden_size']} is not divisible by "
-                          f"num_attention_heads {heads}; give head_dim")
+        raise ConfigError(
+            f"{origin}: hidden_size {raw['hidden_size']} is not divisible by "
+            f"num_attention_heads {heads}; give head_dim"
+        )
     if head_dim % 2:
         raise ConfigError(f"{origin}: head_dim {head_dim} must be even for rotary embeddings")
     max_pos = raw.get("max_position_embeddings", 2048)
@@ -151,14 +211,22 @@ def parse_config(raw: dict[str, Any], origin: str = "config") -> ModelConfig:
     theta, scaling = _rope(raw, origin)
     eos = raw.get("eos_token_id")
     return ModelConfig(
-        vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"],
-        intermediate_size=raw["intermediate_size"], num_hidden_layers=raw["num_hidden_layers"],
-        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
-        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)), max_position_embeddings=max_pos,
+        vocab_size=raw["vocab_size"],
+        hidden_size=raw["hidden_size"],
+        intermediate_size=raw["intermediate_size"],
+        num_hidden_layers=raw["num_hidden_layers"],
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        max_position_embeddings=max_pos,
         tie_word_embeddings=raw.get("tie_word_embeddings", False),
         qkv_bias=bool(raw.get("attention_bias", model_type == "qwen2")),
-        rope_theta=theta, rope_scaling=scaling, model_type=model_type,
-        max_batch=raw.get("max_batch", 64), bos_token_id=raw.get("bos_token_id"),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        model_type=model_type,
+        max_batch=raw.get("max_batch", 64),
+        bos_token_id=raw.get("bos_token_id"),
         eos_token_id=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
         name=raw.get("name", ""),
     )
@@ -179,9 +247,11 @@ def load_config(source: str | Path | dict[str, Any]) -> ModelConfig:
     if path.is_dir():
         path = path / "config.json"
     if not path.exists():
-        raise ConfigError(f"config file {str(source)!r} not found (give a path to a JSON config, "
-                          f"a model folder with config.json, or a built-in name: "
-                          f"{', '.join(p.stem for p in sorted(builtin_config_dir().glob('*.json')))})")
+        raise ConfigError(
+            f"config file {str(source)!r} not found (give a path to a JSON config, "
+            f"a model folder with config.json, or a built-in name: "
+            f"{', '.join(p.stem for p in sorted(builtin_config_dir().glob('*.json')))})"
+        )
     try:
         raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

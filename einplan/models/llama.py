@@ -25,7 +25,7 @@ LINEAR = frozenset({"linear"})
 def rope_inv_freq(cfg: ModelConfig) -> list[float]:
     """Rotary inverse frequencies in float32, with Llama-3 or linear scaling applied."""
     hd = cfg.head_dim
-    inv = (1.0 / (np.float32(cfg.rope_theta) ** (np.arange(0, hd, 2, dtype=np.float32) / hd)))
+    inv = 1.0 / (np.float32(cfg.rope_theta) ** (np.arange(0, hd, 2, dtype=np.float32) / hd))
     inv = inv.astype(np.float32)
     sc = cfg.rope_scaling
     if sc.get("rope_type") == "linear":
@@ -42,8 +42,9 @@ def rope_inv_freq(cfg: ModelConfig) -> list[float]:
     return [float(x) for x in inv]
 
 
-def linear(b: Builder, x: Value, role: str, key: str, n_out: int, bias: bool = False,
-           dtype: str = "f32") -> Value:
+def linear(
+    b: Builder, x: Value, role: str, key: str, n_out: int, bias: bool = False, dtype: str = "f32"
+) -> Value:
     """Project the last axis of ``x`` by the (out, in) weight ``key``; the one choke point
     where LoRA and quantisation rewrite the graph."""
     w = b.param(f"{role}.w", f"{key}.weight", (n_out, x.shape[-1]), dtype, tags=LINEAR)
@@ -66,12 +67,14 @@ def attention(b: Builder, x: Value, rope: Value, cfg: ModelConfig, i: int, wdt: 
     k = linear(b, x, "attn_k", f"{pre}.k_proj", n * hd, bias, wdt)
     v = linear(b, x, "attn_v", f"{pre}.v_proj", n * hd, bias, wdt)
     bs, s = x.shape[0], x.shape[1]
-    q = b.rope(b.reshape(q, (bs, s, n, g, hd), role="attn_q.heads"), rope, role="attn_q.rope")
+    # 1/sqrt(head_dim) is applied to q (s x h values) rather than to the scores (s x t)
+    q = b.reshape(q, (bs, s, n, g, hd), role="attn_q.heads")
+    q = b.rope(q, rope, scale=1.0 / math.sqrt(hd), role="attn_q.rope")
     k = b.rope(b.reshape(k, (bs, s, n, hd), role="attn_k.heads"), rope, role="attn_k.rope")
     v = b.reshape(v, (bs, s, n, hd), role="attn_v.heads")
     # (b, s, n, g, h) x (b, t, n, h) -> (b, n, g, s, t)
     scores = b.einsum("bsngh,btnh->bngst", q, k, role="attn_scores")
-    probs = b.softmax(scores, scale=1.0 / math.sqrt(hd), causal=True, role="attn_softmax")
+    probs = b.softmax(scores, causal=True, role="attn_softmax")
     # (b, n, g, s, t) x (b, t, n, h) -> (b, s, n, g, h)
     ctx = b.einsum("bngst,btnh->bsngh", probs, v, role="attn_ctx")
     ctx = b.reshape(ctx, (bs, s, n * g * hd), role="attn_ctx.merge")
@@ -83,8 +86,15 @@ def mlp(b: Builder, x: Value, cfg: ModelConfig, i: int, wdt: str) -> Value:
     pre = f"model.layers.{i}.mlp"
     gate = linear(b, x, "ffn_gate", f"{pre}.gate_proj", cfg.intermediate_size, False, wdt)
     up = linear(b, x, "ffn_up", f"{pre}.up_proj", cfg.intermediate_size, False, wdt)
-    return linear(b, b.silu_mul(gate, up, role="ffn_act"), "ffn_down", f"{pre}.down_proj",
-                  cfg.hidden_size, False, wdt)
+    return linear(
+        b,
+        b.silu_mul(gate, up, role="ffn_act"),
+        "ffn_down",
+        f"{pre}.down_proj",
+        cfg.hidden_size,
+        False,
+        wdt,
+    )
 
 
 def build_forward(cfg: ModelConfig, weight_dtype: str = "f32") -> Graph:
@@ -99,8 +109,14 @@ def build_forward(cfg: ModelConfig, weight_dtype: str = "f32") -> Graph:
     for i in range(cfg.num_hidden_layers):
         with b.layer(i):
             ln1 = b.param("attn_norm.w", f"model.layers.{i}.input_layernorm.weight", (d,))
-            h = attention(b, b.rms_norm(x, ln1, cfg.rms_norm_eps, role="attn_norm"), rope, cfg, i,
-                          weight_dtype)
+            h = attention(
+                b,
+                b.rms_norm(x, ln1, cfg.rms_norm_eps, role="attn_norm"),
+                rope,
+                cfg,
+                i,
+                weight_dtype,
+            )
             x = b.add(x, h, role="attn_residual")
             ln2 = b.param("ffn_norm.w", f"model.layers.{i}.post_attention_layernorm.weight", (d,))
             h = mlp(b, b.rms_norm(x, ln2, cfg.rms_norm_eps, role="ffn_norm"), cfg, i, weight_dtype)

@@ -18,8 +18,10 @@ def flops_per_token(plan: Plan, seq: int, entry: str = "forward") -> float:
     g = plan.entry(entry)
     nodes = g.by_id()
     dims = {"batch": 1, "seq": seq}
-    total = sum(evaluate(count_flops(n.op, [nodes[i].shape for i in n.inputs], n.shape, n.attrs),
-                         dims) for n in g.nodes)
+    total = sum(
+        evaluate(count_flops(n.op, [nodes[i].shape for i in n.inputs], n.shape, n.attrs), dims)
+        for n in g.nodes
+    )
     return total / seq
 
 
@@ -27,8 +29,7 @@ def mib(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
 
-def print_compile_summary(plan: Plan, batch: int, seq: int, console: Console | None = None
-                          ) -> None:
+def print_compile_summary(plan: Plan, batch: int, seq: int, console: Console | None = None) -> None:
     """Print what a compiled plan holds and costs."""
     console = console or Console()
     g = plan.entry("forward")
@@ -50,17 +51,21 @@ def print_compile_summary(plan: Plan, batch: int, seq: int, console: Console | N
     s.add_row("outputs", mib(mem["outputs_bytes"]))
     s.add_row("estimated peak", mib(mem["peak_bytes"]))
     sched = g.meta.get("schedule", {})
-    s.add_row("dependency levels", f"{sched.get('levels')} ({sched.get('parallel_levels')} with "
-              "independent steps)")
+    s.add_row(
+        "dependency levels",
+        f"{sched.get('levels')} ({sched.get('parallel_levels')} with independent steps)",
+    )
     cache = g.meta.get("path_cache", {})
-    s.add_row("contraction paths", f"{cache.get('hits', 0)} from cache, "
-              f"{cache.get('misses', 0)} planned")
+    s.add_row(
+        "contraction paths", f"{cache.get('hits', 0)} from cache, {cache.get('misses', 0)} planned"
+    )
     s.add_row("compile time", f"{plan.meta['compile_seconds']:.3f} s")
     console.print(s)
     p = Table(title="passes")
     for col in ("pass", "nodes in", "nodes out", "ms"):
         p.add_column(col, justify="right" if col != "pass" else "left")
     for st in plan.meta["passes"]:
-        p.add_row(st["pass"], str(st["nodes_in"]), str(st["nodes_out"]),
-                  f"{st['seconds'] * 1e3:.1f}")
+        p.add_row(
+            st["pass"], str(st["nodes_in"]), str(st["nodes_out"]), f"{st['seconds'] * 1e3:.1f}"
+        )
     console.print(p)

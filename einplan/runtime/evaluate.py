@@ -22,9 +22,9 @@ def next_token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
 def windows(ids: np.ndarray, window: int, batch: int) -> Iterator[np.ndarray]:
     """Non-overlapping ``(batch, window + 1)`` slices of a token stream (input + target)."""
     n = (len(ids) - 1) // window
-    rows = [ids[i * window: i * window + window + 1] for i in range(n)]
+    rows = [ids[i * window : i * window + window + 1] for i in range(n)]
     for k in range(0, n, batch):
-        yield np.stack(rows[k:k + batch])
+        yield np.stack(rows[k : k + batch])
 
 
 @dataclass
@@ -39,8 +39,13 @@ class EvalResult:
         return math.exp(self.loss)
 
 
-def evaluate_text(forward: Callable[[np.ndarray], np.ndarray], ids: np.ndarray, window: int,
-                  batch: int, progress: Callable[[int], None] | None = None) -> EvalResult:
+def evaluate_text(
+    forward: Callable[[np.ndarray], np.ndarray],
+    ids: np.ndarray,
+    window: int,
+    batch: int,
+    progress: Callable[[int], None] | None = None,
+) -> EvalResult:
     """Run ``forward`` over windows of ``ids`` and average the next-token loss."""
     total, count = 0.0, 0
     for chunk in windows(ids, window, batch):

@@ -8,6 +8,7 @@ later run with the same sizes, so a steady-state run allocates only its outputs.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -29,12 +30,37 @@ class InputError(EinplanError):
     """Inputs or weights do not fit the plan (shape, dtype, size limits)."""
 
 
+class OutputRing:
+    """Buffers for one graph output, recycled once the caller has dropped them.
+
+    Outputs are handed to the caller, so a run must not overwrite one still in use; but a
+    fresh 200 MB logits array per run costs tens of thousands of page faults. An array is
+    reused only when nothing outside this ring refers to it (no variable, no view).
+    """
+
+    def __init__(self, shape: tuple[int, ...], dtype: np.dtype, keep: int = 2) -> None:
+        self.shape, self.dtype, self.keep = shape, dtype, keep
+        self.arrays: list[np.ndarray] = []
+
+    def take(self) -> np.ndarray:
+        """Return a free buffer: a recycled one, or a new one."""
+        for arr in self.arrays:
+            if sys.getrefcount(arr) == 3:  # the list, the loop variable, the call's argument
+                return arr
+        arr = np.empty(self.shape, self.dtype)
+        if len(self.arrays) < self.keep:
+            self.arrays.append(arr)
+        return arr
+
+
 @dataclass
 class Prepared:
     """Everything a run needs for one binding of the symbolic dims."""
 
     dims: dict[str, int]
-    steps: list[tuple]  # (index, node id, kernel, input ids, out buffer or shape, free ids, thread)
+    steps: list[
+        tuple
+    ]  # (index, node id, kernel, input ids, out buffer or OutputRing, free ids, thread)
     levels: list[list[int]]  # step indices per dependency level
     table: list[tuple]  # per step: (name, op, flops, bytes)
     arena_bytes: int
@@ -53,8 +79,10 @@ class Executor:
         for n in graph.params():
             arr = params[n.attrs["key"]]
             if tuple(arr.shape) != tuple(n.shape) or arr.dtype != to_numpy_dtype(n.dtype):
-                raise InputError(f"weight {n.attrs['key']} is {arr.dtype}{list(arr.shape)}, "
-                                 f"the plan needs {n.dtype}{list(n.shape)}")
+                raise InputError(
+                    f"weight {n.attrs['key']} is {arr.dtype}{list(arr.shape)}, "
+                    f"the plan needs {n.dtype}{list(n.shape)}"
+                )
             self.params[n.id] = arr
         self._prepared: OrderedDict[tuple, Prepared] = OrderedDict()
         self._pool = ThreadPoolExecutor(workers) if workers > 1 else None
@@ -65,19 +93,24 @@ class Executor:
         dims: dict[str, int] = {}
         for n in self.graph.inputs():
             if n.name not in inputs:
-                raise InputError(f"missing input {n.name!r} (plan inputs: "
-                                 f"{', '.join(x.name for x in self.graph.inputs())})")
+                raise InputError(
+                    f"missing input {n.name!r} (plan inputs: "
+                    f"{', '.join(x.name for x in self.graph.inputs())})"
+                )
             arr = inputs[n.name]
             if arr.ndim != len(n.shape):
-                raise InputError(f"input {n.name!r} must have rank {len(n.shape)} "
-                                 f"{list(n.shape)}, got shape {list(arr.shape)}")
+                raise InputError(
+                    f"input {n.name!r} must have rank {len(n.shape)} "
+                    f"{list(n.shape)}, got shape {list(arr.shape)}"
+                )
             for sym, size in zip(n.shape, arr.shape, strict=True):
                 if isinstance(sym, int):
                     if sym != size:
                         raise InputError(f"input {n.name!r}: dim of size {size}, plan needs {sym}")
                 elif dims.setdefault(sym, size) != size:
-                    raise InputError(f"input {n.name!r}: {sym} is {size} here, {dims[sym]} "
-                                     "in another input")
+                    raise InputError(
+                        f"input {n.name!r}: {sym} is {size} here, {dims[sym]} in another input"
+                    )
         for sym, size in dims.items():
             limit = self.graph.dims[sym]
             if not 1 <= size <= limit:
@@ -114,7 +147,7 @@ class Executor:
             kernel = make_kernel(n, ins, shape, scratch)
             dtype = to_numpy_dtype(n.dtype)
             if n.id in outputs or OPS[n.op].alias:
-                out = (shape, dtype) if n.id in outputs else None
+                out = OutputRing(shape, dtype) if n.id in outputs else None
             else:
                 nbytes = int(np.prod(shape)) * dtype.itemsize
                 out = arena[ann["slot"]][:nbytes].view(dtype).reshape(shape)
@@ -122,30 +155,46 @@ class Executor:
             steps.append((index, n.id, kernel, n.inputs, out, ann.get("free_after", []), thread))
             levels.setdefault(ann.get("level", index), []).append(index)
             in_nodes = [nodes[i] for i in n.inputs]
-            table.append((n.name, n.op.value,
-                          evaluate(count_flops(n.op, [x.shape for x in in_nodes], n.shape,
-                                               n.attrs), dims),
-                          evaluate(count_bytes(n.op, [x.shape for x in in_nodes],
-                                               [x.dtype for x in in_nodes], n.shape, n.dtype),
-                                   dims)))
+            table.append(
+                (
+                    n.name,
+                    n.op.value,
+                    evaluate(
+                        count_flops(n.op, [x.shape for x in in_nodes], n.shape, n.attrs), dims
+                    ),
+                    evaluate(
+                        count_bytes(
+                            n.op,
+                            [x.shape for x in in_nodes],
+                            [x.dtype for x in in_nodes],
+                            n.shape,
+                            n.dtype,
+                        ),
+                        dims,
+                    ),
+                )
+            )
         # scratch for one binding is sized by the kernels built above
         arena_bytes = sum(slot_sizes) + sum(b.nbytes for b in scratch_bufs.values())
-        prepared = Prepared(dict(dims), steps, [levels[k] for k in sorted(levels)], table,
-                            arena_bytes)
+        prepared = Prepared(
+            dict(dims), steps, [levels[k] for k in sorted(levels)], table, arena_bytes
+        )
         self._prepared[key] = prepared
         while len(self._prepared) > 2:
             self._prepared.popitem(last=False)
         return prepared
 
-    def run(self, inputs: dict[str, np.ndarray], recorder: Recorder | None = None
-            ) -> dict[str, np.ndarray]:
+    def run(
+        self, inputs: dict[str, np.ndarray], recorder: Recorder | None = None
+    ) -> dict[str, np.ndarray]:
         """Execute the entry on ``inputs`` and return its named outputs."""
         prepared = self.prepare(self.bind_dims(inputs))
         env: dict[int, np.ndarray] = dict(self.params)
         for n in self.graph.inputs():
             env[n.id] = np.ascontiguousarray(inputs[n.name], dtype=to_numpy_dtype(n.dtype))
-        run = recorder.begin_run(self.graph.name, prepared.dims, prepared.table) \
-            if recorder else None
+        run = (
+            recorder.begin_run(self.graph.name, prepared.dims, prepared.table) if recorder else None
+        )
         with np.errstate(over="ignore", under="ignore"):
             if self._pool is None:
                 self._run_sequential(prepared, env, recorder, run)
@@ -159,8 +208,8 @@ class Executor:
     @staticmethod
     def _run_step(step, env, recorder, run, thread=0, free_now=True):
         index, nid, kernel, in_ids, out, free, _ = step
-        if type(out) is tuple:
-            out = np.empty(*out)
+        if type(out) is OutputRing:
+            out = out.take()
         if recorder is None:
             env[nid] = kernel([env[i] for i in in_ids], out)
         else:
@@ -183,8 +232,10 @@ class Executor:
                 self._run_step(steps[level[0]], env, recorder, run)
                 continue
             # siblings may read what one of them frees: free only once the level is done
-            futures = [self._pool.submit(self._run_step, steps[i], env, recorder, run, k + 1,
-                                         False) for k, i in enumerate(level[1:])]
+            futures = [
+                self._pool.submit(self._run_step, steps[i], env, recorder, run, k + 1, False)
+                for k, i in enumerate(level[1:])
+            ]
             self._run_step(steps[level[0]], env, recorder, run, 0, False)
             for f in futures:
                 f.result()

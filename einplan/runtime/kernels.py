@@ -23,12 +23,13 @@ def _prod(dims) -> int:
     return math.prod(int(d) for d in dims)
 
 
-def _operand_view(shape: tuple[int, ...], perm: list[int], nb: int, n1: int,
-                  role: str, scratch: Scratch) -> Callable[[np.ndarray], np.ndarray]:
+def _operand_view(
+    shape: tuple[int, ...], perm: list[int], nb: int, n1: int, role: str, scratch: Scratch
+) -> Callable[[np.ndarray], np.ndarray]:
     """How to present one operand to matmul as ``[batch,] rows x cols`` without a copy when
     the stored layout allows (identity, or a plain 2-D transpose BLAS reads directly)."""
     t = [shape[p] for p in perm]
-    batch, rows, cols = _prod(t[:nb]), _prod(t[nb:nb + n1]), _prod(t[nb + n1:])
+    batch, rows, cols = _prod(t[:nb]), _prod(t[nb : nb + n1]), _prod(t[nb + n1 :])
     mat = (batch, rows, cols) if nb else (rows, cols)
     if perm == sorted(perm):
         return lambda x: x.reshape(mat)
@@ -46,8 +47,9 @@ def _operand_view(shape: tuple[int, ...], perm: list[int], nb: int, n1: int,
     return copy
 
 
-def make_einsum(node: Node, shapes: list[tuple[int, ...]], out_shape: tuple[int, ...],
-                scratch: Scratch) -> Kernel:
+def make_einsum(
+    node: Node, shapes: list[tuple[int, ...]], out_shape: tuple[int, ...], scratch: Scratch
+) -> Kernel:
     """A pairwise contraction as permute/reshape + one ``np.matmul`` into the output buffer."""
     r = node.attrs["recipe"]
     if r["kind"] == "unary":
@@ -66,8 +68,8 @@ def make_einsum(node: Node, shapes: list[tuple[int, ...]], out_shape: tuple[int,
     b_view = _operand_view(b_shape, r["b_perm"], nb, nk, "b", scratch)
     at = [a_shape[p] for p in r["a_perm"]]
     bt = [b_shape[p] for p in r["b_perm"]]
-    logical = tuple(at[:nb + na]) + tuple(bt[nb + nk:])
-    mm = ((_prod(at[:nb]),) if nb else ()) + (_prod(at[nb:nb + na]), _prod(bt[nb + nk:]))
+    logical = tuple(at[: nb + na]) + tuple(bt[nb + nk :])
+    mm = ((_prod(at[:nb]),) if nb else ()) + (_prod(at[nb : nb + na]), _prod(bt[nb + nk :]))
     a_sum, b_sum = tuple(r["a_sum"]), tuple(r["b_sum"])
     out_perm = r["out_perm"]
     direct = out_perm == sorted(out_perm)
@@ -133,10 +135,13 @@ def make_rope(node, shapes, out_shape, scratch) -> Kernel:
     x_shape, t_shape = shapes
     half = x_shape[-1] // 2
     bcast = tuple(x_shape[:2]) + (1,) * (len(x_shape) - 3) + (half,)
+    scale = np.float32(node.attrs.get("scale", 1.0))
 
     def rope(ins, out):
         x, table = ins
         cos, sin = table[0].reshape(bcast), table[1].reshape(bcast)
+        if scale != 1:
+            cos, sin = cos * scale, sin * scale
         x1, x2 = x[..., :half], x[..., half:]
         o1, o2 = out[..., :half], out[..., half:]
         np.multiply(x1, cos, out=o1)
@@ -148,22 +153,52 @@ def make_rope(node, shapes, out_shape, scratch) -> Kernel:
     return rope
 
 
+SOFTMAX_BLOCK_BYTES = 1 << 20  # rows per block sized to stay in L2 across the six passes
+
+
 def make_softmax(node, shapes, out_shape, scratch) -> Kernel:
-    scale = np.float32(node.attrs["scale"])
-    mask = None
-    if node.attrs.get("causal"):
-        q, k = out_shape[-2], out_shape[-1]
-        # query i sits at position k - q + i: it sees keys up to that position
-        above = np.arange(k)[None, :] > (np.arange(q)[:, None] + (k - q))
+    """softmax(scale * x) over the last axis, in blocks of query rows that stay in cache.
+
+    With ``causal``, query i (at position k - q + i) sees keys up to its own position: a block
+    of rows reads only the keys some row of it can see, masks (-inf) only the diagonal part
+    where its rows differ, and writes zeros beyond, so the masked half is never exponentiated.
+    """
+    scale = np.float32(node.attrs.get("scale", 1.0))
+    causal = bool(node.attrs.get("causal"))
+    q, k = (out_shape[-2], out_shape[-1]) if len(out_shape) >= 2 else (1, out_shape[-1])
+    rows = _prod(out_shape[:-2]) if len(out_shape) >= 2 else 1
+    block = max(16, SOFTMAX_BLOCK_BYTES // max(1, 4 * rows * k))
+    blocks = []  # (first row, end row, end of visible keys, start of masked keys, mask)
+    for i0 in range(0, q, block):
+        i1 = min(q, i0 + block)
+        kend = min(k, i1 + (k - q)) if causal else k
+        dstart = max(0, min(kend, i0 + (k - q) + 1)) if causal else kend
+        above = np.arange(dstart, kend)[None, :] > (np.arange(i0, i1)[:, None] + (k - q))
         mask = np.where(above, np.float32(-np.inf), np.float32(0)).astype(np.float32)
+        blocks.append((i0, i1, kend, dstart, mask))
+    shape3 = (rows, q, k)
 
     def softmax(ins, out):
-        np.multiply(ins[0], scale, out=out)
-        if mask is not None:
-            out += mask
-        out -= out.max(axis=-1, keepdims=True)
-        np.exp(out, out=out)
-        out /= out.sum(axis=-1, keepdims=True)
+        x3, o3 = ins[0].reshape(shape3), out.reshape(shape3)
+        for i0, i1, kend, dstart, mask in blocks:
+            o = o3[:, i0:i1, :kend]
+            if scale != 1:
+                x = np.multiply(x3[:, i0:i1, :kend], scale, out=o)
+            else:
+                x = x3[:, i0:i1, :kend]
+            if dstart < kend:  # rows of this block see different numbers of keys
+                diag = x[:, :, dstart:] + mask
+                top = diag.max(axis=-1, keepdims=True)
+                if dstart > 0:
+                    np.maximum(top, x[:, :, :dstart].max(axis=-1, keepdims=True), out=top)
+                np.subtract(x, top, out=o)
+                o[:, :, dstart:] += mask
+            else:
+                np.subtract(x, x.max(axis=-1, keepdims=True), out=o)
+            np.exp(o, out=o)
+            o *= np.float32(1) / o.sum(axis=-1, keepdims=True)
+            if kend < k:
+                o3[:, i0:i1, kend:] = 0
         return out
 
     return softmax
@@ -230,7 +265,8 @@ KERNELS: dict[Op, Callable[..., Kernel]] = {
 }
 
 
-def make_kernel(node: Node, shapes: list[tuple[int, ...]], out_shape: tuple[int, ...],
-                scratch: Scratch) -> Kernel:
+def make_kernel(
+    node: Node, shapes: list[tuple[int, ...]], out_shape: tuple[int, ...], scratch: Scratch
+) -> Kernel:
     """Build the kernel of one step for concrete input and output shapes."""
     return KERNELS[node.op](node, shapes, out_shape, scratch)

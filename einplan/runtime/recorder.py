@@ -32,8 +32,15 @@ class Recorder:
 
     def begin_run(self, entry: str, dims: dict[str, int], table: list[tuple]) -> int:
         """Open a run; ``table`` holds (name, op, flops, bytes) per step for these dims."""
-        self.runs.append({"entry": entry, "dims": dict(dims), "start_ns": time.perf_counter_ns(),
-                          "end_ns": None, "table": table})
+        self.runs.append(
+            {
+                "entry": entry,
+                "dims": dict(dims),
+                "start_ns": time.perf_counter_ns(),
+                "end_ns": None,
+                "table": table,
+            }
+        )
         return len(self.runs) - 1
 
     def end_run(self, run: int) -> None:

@@ -36,13 +36,17 @@ def load_tokenizer(spec: str | None, weights_dir: Path | None = None) -> Tokeniz
         return byte_tokenizer()
     path = Path(spec) if spec else weights_dir
     if path is None:
-        raise TokenizerError("no tokenizer: give --tokenizer PATH (tokenizer.json or its folder), "
-                             "--tokenizer bytes, or weights in a folder with tokenizer.json")
+        raise TokenizerError(
+            "no tokenizer: give --tokenizer PATH (tokenizer.json or its folder), "
+            "--tokenizer bytes, or weights in a folder with tokenizer.json"
+        )
     if path.is_dir():
         path = path / "tokenizer.json"
     if not path.is_file():
-        raise TokenizerError(f"tokenizer {str(path)!r} not found (a weights folder needs "
-                             "tokenizer.json; or give --tokenizer)")
+        raise TokenizerError(
+            f"tokenizer {str(path)!r} not found (a weights folder needs "
+            "tokenizer.json; or give --tokenizer)"
+        )
     try:
         return Tokenizer.from_file(str(path))
     except Exception as e:  # the tokenizers library raises bare Exception on bad files

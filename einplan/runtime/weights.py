@@ -19,8 +19,16 @@ from einplan.compiler.ir import Graph
 from einplan.errors import EinplanError
 from einplan.runtime.dtypes import to_numpy_dtype
 
-SAFETENSORS_DTYPES = {"F64": "f64", "F32": "f32", "BF16": "bf16", "F16": "f16", "I64": "i64",
-                      "I32": "i32", "I8": "i8", "U8": "u8"}
+SAFETENSORS_DTYPES = {
+    "F64": "f64",
+    "F32": "f32",
+    "BF16": "bf16",
+    "F16": "f16",
+    "I64": "i64",
+    "I32": "i32",
+    "I8": "i8",
+    "U8": "u8",
+}
 
 
 class WeightsError(EinplanError):
@@ -36,8 +44,9 @@ def read_safetensors_index(path: Path) -> dict[str, tuple[np.ndarray, str]]:
             raise WeightsError(f"{path}: too short to be a safetensors file (truncated?)")
         (n,) = struct.unpack("<Q", head)
         if n > size - 8:
-            raise WeightsError(f"{path}: header length {n} exceeds the file (truncated or not "
-                               "a safetensors file)")
+            raise WeightsError(
+                f"{path}: header length {n} exceeds the file (truncated or not a safetensors file)"
+            )
         try:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -54,8 +63,10 @@ def read_safetensors_index(path: Path) -> dict[str, tuple[np.ndarray, str]]:
         shape = tuple(info["shape"])
         np_dtype = to_numpy_dtype(dtype)
         if end > size or end - begin != int(np.prod(shape)) * np_dtype.itemsize:
-            raise WeightsError(f"{path}: tensor {name} runs past the end of the file or has the "
-                               "wrong length (truncated download?)")
+            raise WeightsError(
+                f"{path}: tensor {name} runs past the end of the file or has the "
+                "wrong length (truncated download?)"
+            )
         out[name] = (data[begin:end].view(np_dtype).reshape(shape), dtype)
     return out
 
@@ -67,18 +78,23 @@ def resolve_weights_dir(source: str | os.PathLike) -> Path:
         return path
     text = str(source)
     if text.count("/") != 1 or text.startswith((".", "/")) or text.endswith(".gguf"):
-        raise WeightsError(f"weights {text!r} not found (give an HF-layout folder, a "
-                           "*.safetensors file, or a hub id like HuggingFaceTB/SmolLM2-135M)")
+        raise WeightsError(
+            f"weights {text!r} not found (give an HF-layout folder, a "
+            "*.safetensors file, or a hub id like HuggingFaceTB/SmolLM2-135M)"
+        )
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(text, allow_patterns=["*.json", "*.safetensors",
-                                                            "tokenizer*"]))
+        return Path(
+            snapshot_download(text, allow_patterns=["*.json", "*.safetensors", "tokenizer*"])
+        )
     except LocalEntryNotFoundError:
-        raise WeightsError(f"hub model {text!r} is not in the local cache and the hub cannot be "
-                           "reached (HF_HUB_OFFLINE or no network); download it first or give "
-                           "a local folder") from None
+        raise WeightsError(
+            f"hub model {text!r} is not in the local cache and the hub cannot be "
+            "reached (HF_HUB_OFFLINE or no network); download it first or give "
+            "a local folder"
+        ) from None
     except (HfHubHTTPError, OSError, ValueError) as e:
         raise WeightsError(f"hub model {text!r} could not be fetched: {e}") from None
 
@@ -87,8 +103,10 @@ def open_checkpoint(source: str | os.PathLike) -> dict[str, tuple[np.ndarray, st
     """All tensors of a checkpoint (file, folder, sharded folder or hub id), memory-mapped."""
     path = resolve_weights_dir(source)
     if path.suffix == ".gguf":
-        raise WeightsError(f"{path}: GGUF weights are not supported yet; convert the model to "
-                           "an HF safetensors folder")
+        raise WeightsError(
+            f"{path}: GGUF weights are not supported yet; convert the model to "
+            "an HF safetensors folder"
+        )
     if path.is_file():
         return read_safetensors_index(path)
     index = path / "model.safetensors.index.json"
@@ -103,9 +121,11 @@ def open_checkpoint(source: str | os.PathLike) -> dict[str, tuple[np.ndarray, st
     else:
         files = sorted(path.glob("*.safetensors"))
         if len(files) != 1:
-            raise WeightsError(f"{path}: expected model.safetensors, a sharded index "
-                               "(model.safetensors.index.json) or exactly one *.safetensors file; "
-                               f"found {len(files)}")
+            raise WeightsError(
+                f"{path}: expected model.safetensors, a sharded index "
+                "(model.safetensors.index.json) or exactly one *.safetensors file; "
+                f"found {len(files)}"
+            )
     tensors: dict[str, tuple[np.ndarray, str]] = {}
     for f in files:
         if not f.exists():
@@ -118,8 +138,9 @@ def open_checkpoint(source: str | os.PathLike) -> dict[str, tuple[np.ndarray, st
 IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def load_weights(graph: Graph, source: str | os.PathLike, tied: bool = False
-                 ) -> dict[str, np.ndarray]:
+def load_weights(
+    graph: Graph, source: str | os.PathLike, tied: bool = False
+) -> dict[str, np.ndarray]:
     """Bind a checkpoint to a graph's params, converting dtypes only where they differ.
 
     Missing, unexpected or mis-shaped tensors raise :class:`WeightsError` listing them all.
@@ -127,11 +148,16 @@ def load_weights(graph: Graph, source: str | os.PathLike, tied: bool = False
     tensors = open_checkpoint(source)
     params = {n.attrs["key"]: n for n in graph.params()}
     missing = sorted(set(params) - set(tensors))
-    extra = sorted(k for k in set(tensors) - set(params)
-                   if not k.endswith(IGNORABLE_SUFFIXES) and not (tied and k == "lm_head.weight"))
-    bad = [f"{k}: checkpoint {list(tensors[k][0].shape)}, plan {list(params[k].shape)}"
-           for k in sorted(set(params) & set(tensors))
-           if tuple(tensors[k][0].shape) != tuple(params[k].shape)]
+    extra = sorted(
+        k
+        for k in set(tensors) - set(params)
+        if not k.endswith(IGNORABLE_SUFFIXES) and not (tied and k == "lm_head.weight")
+    )
+    bad = [
+        f"{k}: checkpoint {list(tensors[k][0].shape)}, plan {list(params[k].shape)}"
+        for k in sorted(set(params) & set(tensors))
+        if tuple(tensors[k][0].shape) != tuple(params[k].shape)
+    ]
     problems = []
     if missing:
         problems.append(f"missing tensors: {', '.join(missing)}")

@@ -27,8 +27,11 @@ def lower_einsum(spec: str) -> dict:
     if len(terms) == 1:
         (a,) = terms
         kept = [c for c in a if c in out]
-        return {"kind": "unary", "sum_axes": [i for i, c in enumerate(a) if c not in out],
-                "perm": [kept.index(c) for c in out]}
+        return {
+            "kind": "unary",
+            "sum_axes": [i for i, c in enumerate(a) if c not in out],
+            "perm": [kept.index(c) for c in out],
+        }
     a, b = terms
     a_sum = [i for i, c in enumerate(a) if c not in b and c not in out]
     b_sum = [i for i, c in enumerate(b) if c not in a and c not in out]
@@ -41,7 +44,8 @@ def lower_einsum(spec: str) -> dict:
     order = batch + a_free + b_free
     return {
         "kind": "matmul",
-        "a_sum": a_sum, "b_sum": b_sum,
+        "a_sum": a_sum,
+        "b_sum": b_sum,
         "a_perm": [a2.index(c) for c in batch + a_free + contr],
         "b_perm": [b2.index(c) for c in batch + contr + b_free],
         "groups": [len(batch), len(a_free), len(contr), len(b_free)],
@@ -49,8 +53,9 @@ def lower_einsum(spec: str) -> dict:
     }
 
 
-def _split_nary(n: Node, nodes: dict[int, Node], next_id: int, cache: PathCache,
-                typical: dict[str, int]) -> list[Node]:
+def _split_nary(
+    n: Node, nodes: dict[int, Node], next_id: int, cache: PathCache, typical: dict[str, int]
+) -> list[Node]:
     """Replace an einsum of three or more operands by the pairwise einsums of its best path."""
     spec = n.attrs["spec"]
     terms, out = parse_spec(spec)
@@ -71,9 +76,16 @@ def _split_nary(n: Node, nodes: dict[int, Node], next_id: int, cache: PathCache,
             result = "".join(dict.fromkeys(c for c in seen if c in rest))
         sub = ",".join(t for t, _ in picked) + "->" + result
         last = step == len(path) - 1
-        node = Node(n.id if last else next_id + step, Op.EINSUM, tuple(i for _, i in picked),
-                    {"spec": sub}, tuple(letters[c] for c in result), n.dtype,
-                    n.name if last else f"{n.name}.part{step}", n.tags)
+        node = Node(
+            n.id if last else next_id + step,
+            Op.EINSUM,
+            tuple(i for _, i in picked),
+            {"spec": sub},
+            tuple(letters[c] for c in result),
+            n.dtype,
+            n.name if last else f"{n.name}.part{step}",
+            n.tags,
+        )
         made.append(node)
         operands.append((result, node.id))
     return made

@@ -66,7 +66,8 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
             if r in slot_of:
                 size = scale_poly(numel(nodes[r].shape), ITEMSIZE[nodes[r].dtype])
                 free_slots.setdefault(repr(sorted(size.items())), []).append(
-                    (slot_of[r], level[n.id]))
+                    (slot_of[r], level[n.id])
+                )
     out = graph.replace_nodes(list(graph.nodes))
     out.annotations = ann
     out.meta["memory"] = {"slots": [poly_to_json(s) for s in slot_sizes]}
@@ -84,5 +85,10 @@ def estimate_memory(graph: Graph, dims: dict[str, int]) -> dict[str, int]:
     weights = sum(size(n) for n in graph.params())
     arena = sum(evaluate(poly_from_json(s), dims) for s in graph.meta["memory"]["slots"])
     outs = sum(size(nodes[v]) for v in set(graph.outputs.values()))
-    return {"weights_bytes": weights, "arena_bytes": arena, "outputs_bytes": outs,
-            "peak_bytes": weights + arena + outs, "dims": dict(dims)}
+    return {
+        "weights_bytes": weights,
+        "arena_bytes": arena,
+        "outputs_bytes": outs,
+        "peak_bytes": weights + arena + outs,
+        "dims": dict(dims),
+    }

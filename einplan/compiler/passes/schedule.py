@@ -24,8 +24,10 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
     for n in graph.nodes:
         if n.op in LEAVES:
             continue
-        flops = evaluate(count_flops(n.op, [nodes[i].shape for i in n.inputs], n.shape, n.attrs),
-                         ctx.typical_dims)
+        flops = evaluate(
+            count_flops(n.op, [nodes[i].shape for i in n.inputs], n.shape, n.attrs),
+            ctx.typical_dims,
+        )
         dag.add_node(n.id, flops=flops)
         dag.add_edges_from((i, n.id) for i in n.inputs if nodes[i].op not in LEAVES)
     level_of: dict[int, int] = {}

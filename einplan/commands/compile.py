@@ -1,0 +1,45 @@
+"""``einplan compile``: a config into a plan file, with a summary of what it holds and costs."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def run(args: argparse.Namespace) -> None:
+    """Compile, save, and print the summary."""
+    from einplan.api import compile_model
+    from einplan.compiler.pipeline import PassContext
+    from einplan.report.summary import print_compile_summary
+
+    ctx = PassContext(use_path_cache=not args.no_path_cache)
+    plan = compile_model(args.config, weight_dtype=args.weight_dtype, ctx=ctx)
+    out = Path(args.output or Path(args.config).with_suffix(".plan").name)
+    plan.save(out)
+    print_compile_summary(plan, args.batch, args.seq)
+    print(f"wrote {out} ({out.stat().st_size / 1024:,.0f} KiB)")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``compile`` parser."""
+    c = sub.add_parser("compile", help="compile a model config into a plan file")
+    c.add_argument(
+        "config",
+        help="config JSON (einplan or Hugging Face config.json), a model "
+        "folder, or a built-in name (tiny, smollm2-135m)",
+    )
+    c.add_argument("-o", "--output", help="plan file to write (default: CONFIG-NAME.plan)")
+    c.add_argument(
+        "--weight-dtype",
+        default="f32",
+        choices=["f32", "bf16", "f16"],
+        help="storage dtype of the weights (compute is float32)",
+    )
+    c.add_argument("--batch", type=int, default=1, help="batch for the memory estimate")
+    c.add_argument("--seq", type=int, default=256, help="sequence length for the estimates")
+    c.add_argument(
+        "--no-path-cache",
+        action="store_true",
+        help="plan every contraction afresh (ignore the on-disk path cache)",
+    )
+    c.set_defaults(func=run)

@@ -1,0 +1,86 @@
+"""``einplan eval``: next-token loss and perplexity of a plan on a text file."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+from einplan.errors import EinplanError
+
+BUNDLED_TEXT = Path(__file__).resolve().parent.parent / "data" / "shakespeare_sample.txt"
+
+
+def run(args: argparse.Namespace) -> None:
+    """Tokenize the text, run the plan over windows, print loss and perplexity."""
+    from tqdm import tqdm
+
+    from einplan.api import Session, load_plan
+    from einplan.runtime.evaluate import evaluate_text
+    from einplan.runtime.tokenizer import load_tokenizer
+    from einplan.runtime.weights import resolve_weights_dir
+
+    plan = load_plan(args.plan)
+    weights_dir = None
+    if args.weights is not None:
+        weights_dir = resolve_weights_dir(args.weights)
+        if weights_dir.is_file():
+            weights_dir = weights_dir.parent
+    tokenizer = load_tokenizer(args.tokenizer, weights_dir)
+    text_path = Path(args.text_file)
+    if not text_path.is_file():
+        raise EinplanError(f"text file {str(text_path)!r} not found")
+    text = text_path.read_text(encoding="utf-8", errors="replace")
+    ids = np.asarray(tokenizer.encode(text[: args.max_tokens * 16]).ids, dtype=np.int64)
+    ids = ids[: args.max_tokens + 1]
+    session = Session(plan, args.weights, random_seed=args.random_weights, workers=args.workers)
+    window = min(args.window, plan.entry("forward").dims["seq"])
+    t0 = time.perf_counter()
+    with tqdm(total=(len(ids) - 1) // window * window, unit="tok", desc="eval") as bar:
+        result = evaluate_text(session.forward, ids, window, args.batch_size, bar.update)
+    seconds = time.perf_counter() - t0
+    print(
+        f"tokens {result.tokens}  loss {result.loss:.4f}  perplexity {result.perplexity:.3f}  "
+        f"({result.tokens / seconds:,.0f} tok/s, window {window}, batch {args.batch_size})"
+    )
+
+
+def add_weights_arguments(p: argparse.ArgumentParser) -> None:
+    """``--weights`` or ``--random-weights SEED`` (one required) and ``--tokenizer``."""
+    w = p.add_mutually_exclusive_group(required=True)
+    w.add_argument("--weights", help="HF-layout folder, .safetensors file, or hub id")
+    w.add_argument(
+        "--random-weights",
+        type=int,
+        metavar="SEED",
+        help="seeded random weights instead (demos and benchmarks)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        help="tokenizer.json (or folder), or 'bytes' for byte ids "
+        "(default: the weights folder's tokenizer.json)",
+    )
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``eval`` parser."""
+    e = sub.add_parser("eval", help="loss and perplexity of a plan on a text file")
+    e.add_argument("plan", help="plan file from einplan compile")
+    add_weights_arguments(e)
+    e.add_argument(
+        "--text-file",
+        default=str(BUNDLED_TEXT),
+        help="UTF-8 text to evaluate on (default: the bundled Shakespeare sample)",
+    )
+    e.add_argument("--max-tokens", type=int, default=4096, help="tokens to evaluate")
+    e.add_argument("--window", type=int, default=512, help="tokens per forward window")
+    e.add_argument("--batch-size", type=int, default=1, help="windows per forward")
+    e.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="thread-pool workers for independent steps (0: sequential)",
+    )
+    e.set_defaults(func=run)

@@ -11,8 +11,9 @@ import numpy as np
 
 from einplan.compiler.pipeline import PassContext, run_pipeline
 from einplan.compiler.plan import Plan
+from einplan.errors import EinplanError
 from einplan.models.config import ModelConfig, load_config, parse_config
-from einplan.models.llama import build_forward
+from einplan.models.llama import ENTRIES, build_graph
 from einplan.runtime.executor import Executor, InputError
 from einplan.runtime.recorder import Recorder
 from einplan.runtime.weights import load_weights, random_weights
@@ -24,27 +25,29 @@ def compile_model(
     config: str | Path | dict[str, Any],
     *,
     weight_dtype: str = "f32",
+    entries: tuple[str, ...] = ENTRIES,
     ctx: PassContext | None = None,
 ) -> Plan:
-    """Trace a model config (path, built-in name, dict or HF config.json) and compile it into
-    a plan with a ``forward`` entry point."""
+    """Trace a model config (path, built-in name, dict or HF config.json) and compile each
+    entry point (``forward``, ``prefill``, ``decode``) into one plan."""
     if weight_dtype not in WEIGHT_DTYPES:
-        raise ValueError(f"weight dtype {weight_dtype!r} is not one of {', '.join(WEIGHT_DTYPES)}")
+        raise EinplanError(
+            f"weight dtype {weight_dtype!r} is not one of {', '.join(WEIGHT_DTYPES)}"
+        )
     t0 = time.perf_counter()
     cfg = load_config(config)
     ctx = ctx or PassContext()
-    traced = build_forward(cfg, weight_dtype)
-    trace_seconds = time.perf_counter() - t0
-    graph = run_pipeline(traced, ctx)
-    params = sum(int(np.prod(n.shape)) for n in graph.params())
+    graphs = {}
+    for entry in entries:
+        graphs[entry] = run_pipeline(build_graph(cfg, entry, weight_dtype), ctx)
+    params = sum(int(np.prod(n.shape)) for n in graphs[entries[0]].params())
     meta = {
         "weight_dtype": weight_dtype,
         "parameters": params,
-        "trace_seconds": trace_seconds,
         "passes": ctx.stats,
         "compile_seconds": time.perf_counter() - t0,
     }
-    return Plan(cfg.to_dict(), {"forward": graph}, meta)
+    return Plan(cfg.to_dict(), graphs, meta)
 
 
 def load_plan(path: str | Path) -> Plan:

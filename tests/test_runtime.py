@@ -83,7 +83,7 @@ def test_outputs_are_not_overwritten_by_the_next_run(plan):
 @pytest.mark.parametrize(
     "tokens, message",
     [
-        (np.zeros((1, 513), np.int64), "seq=513 is outside the plan's limit 1..512"),
+        (np.zeros((1, 513), np.int64), "seq=513 is outside the limit 1..512"),
         (np.zeros((65, 4), np.int64), "batch=65"),
         (np.full((1, 4), 256), "token ids must lie in 0..255"),
         (np.zeros((1, 4), np.float32), "must be integers"),

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from einplan.compiler.ops import OPS, Op, ShapeError
+from einplan.compiler.ops import LEAVES, OPS, Op, ShapeError
 from einplan.compiler.symbolic import Dim, Shape
 
 
@@ -30,7 +30,7 @@ class Node:
 
     def ref(self) -> str:
         """How other lines of the printed graph refer to this value."""
-        return f"%{self.name}" if self.op in (Op.PARAM, Op.INPUT) else f"%{self.id}"
+        return f"%{self.name}" if self.op in LEAVES else f"%{self.id}"
 
     def with_(self, **changes: Any) -> Node:
         """Return a copy with some fields replaced."""
@@ -92,6 +92,10 @@ class Graph:
         """Return the parameter leaves in order."""
         return [n for n in self.nodes if n.op is Op.PARAM]
 
+    def states(self) -> list[Node]:
+        """Return the state leaves (persistent buffers such as the KV cache) in order."""
+        return [n for n in self.nodes if n.op is Op.STATE]
+
     def inputs(self) -> list[Node]:
         """Return the input leaves in order."""
         return [n for n in self.nodes if n.op is Op.INPUT]
@@ -117,7 +121,7 @@ class Graph:
             head += f"[{attrs}]"
         args = " ".join(nodes[i].ref() for i in n.inputs)
         line = f"{head} {args}".rstrip()
-        if n.op not in (Op.PARAM, Op.INPUT) and n.name:
+        if n.op not in LEAVES and n.name:
             tags = f" {{{','.join(sorted(n.tags))}}}" if n.tags else ""
             line = f"{line:<72} # {n.name}{tags}{format_annotation(self.annotations.get(n.id))}"
         return line
@@ -146,7 +150,7 @@ class Graph:
             for i in n.inputs:
                 if i not in seen:
                     raise ShapeError(f"{where}: input %{i} used before it is defined")
-            if n.op in (Op.PARAM, Op.INPUT):
+            if n.op in LEAVES:
                 if n.name in leaf_names:
                     raise ShapeError(f"{where}: two leaves named {n.name!r}")
                 leaf_names.add(n.name)

@@ -20,6 +20,9 @@ class Op(StrEnum):
 
     PARAM = "param"
     INPUT = "input"
+    STATE = "state"
+    KV_APPEND = "kv_append"
+    SLICE_LAST = "slice_last"
     EINSUM = "einsum"
     ADD = "add"
     MUL = "mul"
@@ -146,9 +149,15 @@ def _infer_rope(shapes, dtypes, attrs):
 
 
 def _infer_softmax(shapes, dtypes, attrs):
-    (x,) = shapes
+    x = shapes[0]
     if attrs.get("causal"):
         _need(len(x) >= 2, "causal softmax needs [..., q, k]")
+    if len(shapes) == 2:  # an additive mask over (batch, queries, keys)
+        m = shapes[1]
+        _need(
+            len(x) >= 3 and tuple(m) == (x[0], x[-2], x[-1]),
+            f"softmax mask {list(m)} must be [batch, queries, keys] = [{x[0]}, {x[-2]}, {x[-1]}]",
+        )
     return x, dtypes[0]
 
 
@@ -176,6 +185,24 @@ def _infer_cast(shapes, dtypes, attrs):
     return shapes[0], attrs["dtype"]
 
 
+def _infer_kv_append(shapes, dtypes, attrs):
+    cache, new, pos = shapes
+    _need(pos == (1,) and dtypes[2] in INT_DTYPES, f"kv_append position must be i64[1], got {pos}")
+    _need(len(cache) == len(new) == 4, f"kv_append needs [b,ctx,n,h] and [b,s,n,h], got {shapes}")
+    _need(
+        cache[0] == new[0] and cache[2:] == new[2:],
+        f"kv_append: new entries {list(new)} do not fit the cache {list(cache)}",
+    )
+    _need(dtypes[0] == dtypes[1], f"kv_append dtypes differ: {dtypes[:2]}")
+    return (cache[0], attrs["length"], *cache[2:]), dtypes[0]
+
+
+def _infer_slice_last(shapes, dtypes, attrs):
+    (x,) = shapes
+    _need(len(x) >= 2, f"slice_last needs [batch, seq, ...], got {list(x)}")
+    return (x[0], *x[2:]), dtypes[0]
+
+
 def _infer_leaf(shapes, dtypes, attrs):
     raise AssertionError("leaves carry their own shape")
 
@@ -183,6 +210,9 @@ def _infer_leaf(shapes, dtypes, attrs):
 OPS: dict[Op, OpDef] = {
     Op.PARAM: OpDef(_infer_leaf),
     Op.INPUT: OpDef(_infer_leaf),
+    Op.STATE: OpDef(_infer_leaf),
+    Op.KV_APPEND: OpDef(_infer_kv_append, alias=True),
+    Op.SLICE_LAST: OpDef(_infer_slice_last),
     Op.EINSUM: OpDef(_infer_einsum, hidden_attrs=("recipe",)),
     Op.ADD: OpDef(_infer_binary, 1),
     Op.MUL: OpDef(_infer_binary, 1),
@@ -196,6 +226,9 @@ OPS: dict[Op, OpDef] = {
     Op.TRANSPOSE: OpDef(_infer_transpose),
     Op.CAST: OpDef(_infer_cast, 1),
 }
+
+
+LEAVES = frozenset({Op.PARAM, Op.INPUT, Op.STATE})  # values bound from outside, never computed
 
 
 def einsum_flops(spec: str, shapes: list[Shape]) -> Poly:
@@ -218,7 +251,9 @@ def count_flops(op: Op, in_shapes: list[Shape], out_shape: Shape, attrs: dict) -
 
 def count_bytes(op: Op, in_shapes, in_dtypes, out_shape, out_dtype) -> Poly:
     """Bytes read plus written by one execution (views move nothing)."""
-    if OPS[op].alias or op in (Op.PARAM, Op.INPUT):
+    if op is Op.KV_APPEND:  # writes the new entries into the cache, in place
+        return scale_poly(numel(in_shapes[1]), 2 * ITEMSIZE[in_dtypes[1]])
+    if OPS[op].alias or op in LEAVES:
         return {}
     parts = [scale_poly(numel(s), ITEMSIZE[d]) for s, d in zip(in_shapes, in_dtypes, strict=True)]
     if op is Op.GATHER:  # reads only the gathered rows, not the table

@@ -21,7 +21,9 @@ class PassContext:
     """Options shared by the passes of one compilation."""
 
     # sizes the symbolic dims take when a pass needs numbers (contraction order, peak estimate)
-    typical_dims: dict[str, int] = field(default_factory=lambda: {"batch": 1, "seq": 256})
+    typical_dims: dict[str, int] = field(
+        default_factory=lambda: {"batch": 1, "seq": 256, "kv": 256, "ctx": 256}
+    )
     path_cache: Path | None = None  # on-disk cache of contraction paths; None: default location
     use_path_cache: bool = True
     verify: bool = True

@@ -129,10 +129,33 @@ class Builder:
         return self._append(Op.ROPE, [x, table], attrs, role)
 
     def softmax(
-        self, x: Value, scale: float = 1.0, causal: bool = False, role: str = "softmax"
+        self,
+        x: Value,
+        scale: float = 1.0,
+        causal: bool = False,
+        mask: Value | None = None,
+        role: str = "softmax",
     ) -> Value:
-        """softmax(scale * x) over the last axis; ``causal`` masks keys after the query."""
-        return self._append(Op.SOFTMAX, [x], {"scale": float(scale), "causal": causal}, role)
+        """softmax(scale * x + mask) over the last axis; ``causal`` masks keys after the
+        query; ``mask`` is an additive (batch, queries, keys) mask (cache, padding)."""
+        attrs: dict[str, Any] = {} if scale == 1.0 else {"scale": float(scale)}
+        attrs["causal"] = causal
+        return self._append(Op.SOFTMAX, [x] if mask is None else [x, mask], attrs, role)
+
+    def kv_append(
+        self, cache: Value, new: Value, pos: Value, length: str, role: str = "kv_append"
+    ) -> Value:
+        """Write ``new`` (b, s, n, h) into the state ``cache`` (b, ctx, n, h) at slots
+        ``pos .. pos + s`` and return a view of the first ``length`` slots."""
+        return self._append(Op.KV_APPEND, [cache, new, pos], {"length": length}, role)
+
+    def slice_last(self, x: Value, role: str = "last") -> Value:
+        """The last position of the sequence axis: (b, s, ...) -> (b, ...)."""
+        return self._append(Op.SLICE_LAST, [x], {}, role)
+
+    def state(self, role: str, key: str, shape: Shape, dtype: str = "f32") -> Value:
+        """Declare a persistent buffer the runtime owns across runs (a KV cache)."""
+        return self._append(Op.STATE, [], {"key": key}, role, shape, dtype)
 
     def silu_mul(self, gate: Value, up: Value, role: str = "silu_mul") -> Value:
         """silu(gate) * up, the SwiGLU activation."""

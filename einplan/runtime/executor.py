@@ -18,7 +18,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from einplan.compiler.ir import Graph
-from einplan.compiler.ops import OPS, Op, count_bytes, count_flops
+from einplan.compiler.ops import LEAVES, OPS, Op, count_bytes, count_flops
 from einplan.compiler.symbolic import evaluate, poly_from_json, resolve_shape
 from einplan.errors import EinplanError
 from einplan.runtime.dtypes import to_numpy_dtype
@@ -28,6 +28,10 @@ from einplan.runtime.recorder import Recorder
 
 class InputError(EinplanError):
     """Inputs or weights do not fit the plan (shape, dtype, size limits)."""
+
+
+# a dim bounded by another at run time: the keys attended to cannot exceed the cache
+CAPACITY = {"kv": "ctx"}
 
 
 class OutputRing:
@@ -76,21 +80,36 @@ class Executor:
         self.nodes = graph.by_id()
         self.workers = workers
         self.params: dict[int, np.ndarray] = {}
-        for n in graph.params():
-            arr = params[n.attrs["key"]]
-            if tuple(arr.shape) != tuple(n.shape) or arr.dtype != to_numpy_dtype(n.dtype):
-                raise InputError(
-                    f"weight {n.attrs['key']} is {arr.dtype}{list(arr.shape)}, "
-                    f"the plan needs {n.dtype}{list(n.shape)}"
-                )
-            self.params[n.id] = arr
+        self.fixed_dims: dict[str, int] = {}  # symbolic dims of state buffers (ctx, batch)
+        for n in graph.nodes:
+            if n.op in (Op.PARAM, Op.STATE):
+                key = n.attrs["key"]
+                if key not in params:
+                    raise InputError(f"no array bound for {n.op.value} {key}")
+                self.params[n.id] = self._check_leaf(n, params[key])
         self._prepared: OrderedDict[tuple, Prepared] = OrderedDict()
         self._pool = ThreadPoolExecutor(workers) if workers > 1 else None
         self._blas_threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None
 
+    def _check_leaf(self, n, arr: np.ndarray) -> np.ndarray:
+        """Check a weight or state array against its leaf; bind the state's symbolic dims."""
+        what = f"{'weight' if n.op is Op.PARAM else 'state'} {n.attrs['key']}"
+        ok = arr.ndim == len(n.shape) and arr.dtype == to_numpy_dtype(n.dtype)
+        for sym, size in zip(n.shape, arr.shape, strict=False):
+            ok = ok and (
+                sym == size
+                if isinstance(sym, int)
+                else self.fixed_dims.setdefault(sym, size) == size
+            )
+        if not ok:
+            raise InputError(
+                f"{what} is {arr.dtype}{list(arr.shape)}, the plan needs {n.dtype}{list(n.shape)}"
+            )
+        return arr
+
     def bind_dims(self, inputs: dict[str, np.ndarray]) -> dict[str, int]:
         """Read the symbolic dims off the input arrays, checking ranks, agreement and limits."""
-        dims: dict[str, int] = {}
+        dims: dict[str, int] = dict(self.fixed_dims)
         for n in self.graph.inputs():
             if n.name not in inputs:
                 raise InputError(
@@ -112,9 +131,12 @@ class Executor:
                         f"input {n.name!r}: {sym} is {size} here, {dims[sym]} in another input"
                     )
         for sym, size in dims.items():
-            limit = self.graph.dims[sym]
+            limit = min(self.graph.dims[sym], dims.get(CAPACITY.get(sym, sym), size))
             if not 1 <= size <= limit:
-                raise InputError(f"{sym}={size} is outside the plan's limit 1..{limit}")
+                raise InputError(
+                    f"{sym}={size} is outside the limit 1..{limit}"
+                    + (" (the KV cache's ctx)" if sym in CAPACITY else "")
+                )
         return dims
 
     def prepare(self, dims: dict[str, int]) -> Prepared:
@@ -130,7 +152,7 @@ class Executor:
         outputs = set(g.outputs.values())
         steps, table, levels = [], [], {}
         for n in g.nodes:
-            if n.op in (Op.PARAM, Op.INPUT):
+            if n.op in LEAVES:
                 continue
             ann = g.annotations.get(n.id, {})
             thread = ann.get("thread", 0)

@@ -157,17 +157,22 @@ SOFTMAX_BLOCK_BYTES = 1 << 20  # rows per block sized to stay in L2 across the s
 
 
 def make_softmax(node, shapes, out_shape, scratch) -> Kernel:
-    """softmax(scale * x) over the last axis, in blocks of query rows that stay in cache.
+    """softmax(scale * x + mask) over the last axis, in blocks of query rows kept in cache.
 
     With ``causal``, query i (at position k - q + i) sees keys up to its own position: a block
     of rows reads only the keys some row of it can see, masks (-inf) only the diagonal part
     where its rows differ, and writes zeros beyond, so the masked half is never exponentiated.
+    An optional second input is an additive (batch, queries, keys) mask.
     """
     scale = np.float32(node.attrs.get("scale", 1.0))
     causal = bool(node.attrs.get("causal"))
-    q, k = (out_shape[-2], out_shape[-1]) if len(out_shape) >= 2 else (1, out_shape[-1])
-    rows = _prod(out_shape[:-2]) if len(out_shape) >= 2 else 1
-    block = max(16, SOFTMAX_BLOCK_BYTES // max(1, 4 * rows * k))
+    has_mask = len(shapes) == 2
+    if len(out_shape) >= 2:
+        q, k = out_shape[-2], out_shape[-1]
+        batch, rows = out_shape[0], _prod(out_shape[1:-2])
+    else:
+        q, k, batch, rows = 1, out_shape[-1], 1, 1
+    block = max(16, SOFTMAX_BLOCK_BYTES // max(1, 4 * batch * rows * k))
     blocks = []  # (first row, end row, end of visible keys, start of masked keys, mask)
     for i0 in range(0, q, block):
         i1 = min(q, i0 + block)
@@ -176,29 +181,30 @@ def make_softmax(node, shapes, out_shape, scratch) -> Kernel:
         above = np.arange(dstart, kend)[None, :] > (np.arange(i0, i1)[:, None] + (k - q))
         mask = np.where(above, np.float32(-np.inf), np.float32(0)).astype(np.float32)
         blocks.append((i0, i1, kend, dstart, mask))
-    shape3 = (rows, q, k)
+    shape4 = (batch, rows, q, k)
 
     def softmax(ins, out):
-        x3, o3 = ins[0].reshape(shape3), out.reshape(shape3)
+        x4, o4 = ins[0].reshape(shape4), out.reshape(shape4)
+        pad = ins[1][:, None] if has_mask else None  # (batch, 1, queries, keys)
         for i0, i1, kend, dstart, mask in blocks:
-            o = o3[:, i0:i1, :kend]
+            o = o4[:, :, i0:i1, :kend]
+            x = x4[:, :, i0:i1, :kend]
             if scale != 1:
-                x = np.multiply(x3[:, i0:i1, :kend], scale, out=o)
-            else:
-                x = x3[:, i0:i1, :kend]
+                x = np.multiply(x, scale, out=o)
+            if pad is not None:
+                x = np.add(x, pad[:, :, i0:i1, :kend], out=o)
             if dstart < kend:  # rows of this block see different numbers of keys
-                diag = x[:, :, dstart:] + mask
-                top = diag.max(axis=-1, keepdims=True)
+                top = (x[..., dstart:] + mask).max(axis=-1, keepdims=True)
                 if dstart > 0:
-                    np.maximum(top, x[:, :, :dstart].max(axis=-1, keepdims=True), out=top)
+                    np.maximum(top, x[..., :dstart].max(axis=-1, keepdims=True), out=top)
                 np.subtract(x, top, out=o)
-                o[:, :, dstart:] += mask
+                o[..., dstart:] += mask
             else:
                 np.subtract(x, x.max(axis=-1, keepdims=True), out=o)
             np.exp(o, out=o)
             o *= np.float32(1) / o.sum(axis=-1, keepdims=True)
             if kend < k:
-                o3[:, i0:i1, kend:] = 0
+                o4[:, :, i0:i1, kend:] = 0
         return out
 
     return softmax
@@ -225,6 +231,30 @@ def make_elementwise(ufunc) -> Callable:
         return elementwise
 
     return factory
+
+
+def make_kv_append(node, shapes, out_shape, scratch) -> Kernel:
+    """Write the new keys/values into the cache at slot ``pos`` (an input), in place, and
+    return a view of the first ``kv`` slots."""
+    kv, s = out_shape[1], shapes[1][1]
+
+    def kv_append(ins, out):
+        cache, new, pos = ins
+        p = int(pos[0])
+        if not 0 <= p <= kv - s:
+            raise IndexError(f"KV cache write at slot {p} of {s} entries exceeds kv={kv}")
+        cache[:, p : p + s] = new
+        return cache[:, :kv]
+
+    return kv_append
+
+
+def make_slice_last(node, shapes, out_shape, scratch) -> Kernel:
+    def slice_last(ins, out):
+        np.copyto(out, ins[0][:, -1])
+        return out
+
+    return slice_last
 
 
 def make_reshape(node, shapes, out_shape, scratch) -> Kernel:
@@ -260,6 +290,8 @@ KERNELS: dict[Op, Callable[..., Kernel]] = {
     Op.SOFTMAX: make_softmax,
     Op.SILU_MUL: make_silu_mul,
     Op.RESHAPE: make_reshape,
+    Op.KV_APPEND: make_kv_append,
+    Op.SLICE_LAST: make_slice_last,
     Op.TRANSPOSE: make_transpose,
     Op.CAST: make_cast,
 }

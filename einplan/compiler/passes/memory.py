@@ -9,11 +9,9 @@ share their source's buffer and keep it alive. Graph outputs get fresh arrays at
 from __future__ import annotations
 
 from einplan.compiler.ir import Graph
-from einplan.compiler.ops import ITEMSIZE, OPS, Op
+from einplan.compiler.ops import ITEMSIZE, LEAVES, OPS
 from einplan.compiler.pipeline import PassContext
 from einplan.compiler.symbolic import evaluate, numel, poly_from_json, poly_to_json, scale_poly
-
-LEAVES = (Op.PARAM, Op.INPUT)
 
 
 def run(graph: Graph, ctx: PassContext) -> Graph:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from einplan.compiler.ir import Graph
-from einplan.compiler.ops import Op
+from einplan.compiler.ops import LEAVES
 from einplan.compiler.pipeline import PassContext
 
 
@@ -31,7 +31,7 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
         if n.id not in live:
             continue
         n = n.with_(inputs=tuple(rename.get(i, i) for i in n.inputs))
-        if n.op not in (Op.PARAM, Op.INPUT):
+        if n.op not in LEAVES:
             key = json.dumps([n.op.value, n.inputs, n.attrs, n.dtype], sort_keys=True)
             if key in seen:
                 rename[n.id] = seen[key]

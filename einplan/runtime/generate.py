@@ -168,6 +168,7 @@ class Generator:
             tokens[r, pads[r] :] = p
         positions = np.maximum(np.arange(longest)[None, :] - pads[:, None], 0)
         sampler = Sampler(sampling)
+        next_ids = np.zeros(batch, np.int64)
         seen = [list(p) for p in prompts]
         new: list[list[int]] = [[] for _ in prompts]
         reasons = ["length"] * batch

@@ -12,11 +12,11 @@ import numpy as np
 from einplan.compiler.pipeline import PassContext, run_pipeline
 from einplan.compiler.plan import Plan
 from einplan.errors import EinplanError
-from einplan.models.config import ModelConfig, load_config, parse_config
+from einplan.models.config import ModelConfig, config_differences, load_config, parse_config
 from einplan.models.llama import ENTRIES, build_graph
 from einplan.runtime.executor import Executor, InputError
 from einplan.runtime.recorder import Recorder
-from einplan.runtime.weights import load_weights, random_weights
+from einplan.runtime.weights import WeightsError, load_weights, random_weights, weights_config
 
 WEIGHT_DTYPES = ("f32", "bf16", "f16")
 
@@ -61,6 +61,19 @@ def plan_config(plan: Plan) -> ModelConfig:
     return ModelConfig(**raw) if raw else parse_config(raw)
 
 
+def check_weights_config(config: ModelConfig, weights: str | os.PathLike) -> None:
+    """Refuse weights whose own config (config.json, GGUF metadata) describes another model."""
+    raw = weights_config(weights)
+    if raw is None:
+        return
+    diff = config_differences(config, parse_config(raw, f"config of {weights}"))
+    if diff:
+        raise WeightsError(
+            f"weights {weights} are for a different model than this plan ({'; '.join(diff)}); "
+            "compile the plan from the weights' config.json"
+        )
+
+
 class Session:
     """A plan bound to weights, ready to run ``forward`` on token ids."""
 
@@ -87,6 +100,7 @@ class Session:
         elif isinstance(weights, dict):
             arrays = weights
         else:
+            check_weights_config(self.config, weights)
             arrays = load_weights(graph, weights, tied=self.config.tie_word_embeddings)
         self.weights = arrays
         self.executor = Executor(graph, arrays, workers)

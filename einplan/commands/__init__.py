@@ -4,4 +4,6 @@
 COMMANDS = [
     "compile",
     "eval",
+    "run",
+    "convert",
 ]

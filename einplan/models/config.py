@@ -257,3 +257,32 @@ def load_config(source: str | Path | dict[str, Any]) -> ModelConfig:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
     return parse_config(raw, str(path))
+
+
+# Fields that change what the weights compute; two configs that differ in one are different
+# models even when every tensor has the same shape.
+ARCHITECTURE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "rms_norm_eps",
+    "tie_word_embeddings",
+    "qkv_bias",
+    "rope_theta",
+    "rope_scaling",
+)
+
+
+def config_differences(a: ModelConfig, b: ModelConfig) -> list[str]:
+    """The architecture fields on which two configs disagree, as ``field: a vs b``."""
+    out = []
+    for name in ARCHITECTURE_FIELDS:
+        x, y = getattr(a, name), getattr(b, name)
+        same = abs(x - y) <= 1e-6 * abs(x) if isinstance(x, float) else x == y
+        if not same:
+            out.append(f"{name}: {x!r} vs {y!r}")
+    return out

@@ -103,10 +103,9 @@ def open_checkpoint(source: str | os.PathLike) -> dict[str, tuple[np.ndarray, st
     """All tensors of a checkpoint (file, folder, sharded folder or hub id), memory-mapped."""
     path = resolve_weights_dir(source)
     if path.suffix == ".gguf":
-        raise WeightsError(
-            f"{path}: GGUF weights are not supported yet; convert the model to "
-            "an HF safetensors folder"
-        )
+        from einplan.runtime.gguf_import import read_gguf
+
+        return {k: (v, "f32") for k, v in read_gguf(path).tensors.items()}
     if path.is_file():
         return read_safetensors_index(path)
     index = path / "model.safetensors.index.json"
@@ -132,6 +131,22 @@ def open_checkpoint(source: str | os.PathLike) -> dict[str, tuple[np.ndarray, st
             raise WeightsError(f"{f}: shard named in the index is missing")
         tensors.update(read_safetensors_index(f))
     return tensors
+
+
+def weights_config(source: str | os.PathLike) -> dict | None:
+    """The model config that came with the weights (config.json or GGUF metadata), if any."""
+    path = resolve_weights_dir(source)
+    if path.suffix == ".gguf":
+        from einplan.runtime.gguf_import import read_gguf
+
+        return read_gguf(path).config
+    cfg = (path if path.is_dir() else path.parent) / "config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        return json.loads(cfg.read_text())
+    except json.JSONDecodeError as e:
+        raise WeightsError(f"{cfg}: not valid JSON ({e})") from None
 
 
 # Tensors a checkpoint may carry that no plan reads.

@@ -85,7 +85,8 @@ class Session:
         random_seed: int | None = None,
         workers: int = 0,
     ) -> None:
-        """Bind ``weights`` (HF folder, safetensors file, hub id, or a dict of arrays), or
+        """Bind ``weights`` (HF folder, safetensors file, hub id, GGUF file, or a dict of
+        arrays under Hugging Face names), or
         seeded random weights when ``random_seed`` is given instead. One of the two is needed:
         there is no silent random fallback."""
         self.plan = plan if isinstance(plan, Plan) else load_plan(plan)
@@ -97,10 +98,9 @@ class Session:
             )
         if random_seed is not None:
             arrays = random_weights(graph, random_seed)
-        elif isinstance(weights, dict):
-            arrays = weights
         else:
-            check_weights_config(self.config, weights)
+            if not isinstance(weights, dict):
+                check_weights_config(self.config, weights)
             arrays = load_weights(graph, weights, tied=self.config.tie_word_embeddings)
         self.weights = arrays
         self.executor = Executor(graph, arrays, workers)

@@ -13,7 +13,7 @@ from einplan.compiler.ir import Graph
 # The order of DESIGN.md; passes of later issues (lora, quantize, autodiff, optimizer) slot in
 # before simplify. schedule runs before memory: buffers may only be reused across dependency
 # levels, so liveness needs the level order.
-PASSES = ("simplify", "contract", "schedule", "memory")
+PASSES = ("simplify", "pack", "contract", "schedule", "memory")
 
 
 @dataclass

@@ -257,6 +257,11 @@ def make_slice_last(node, shapes, out_shape, scratch) -> Kernel:
     return slice_last
 
 
+def make_split(node, shapes, out_shape, scratch) -> Kernel:
+    start, stop = node.attrs["start"], node.attrs["stop"]
+    return lambda ins, out: ins[0][..., start:stop]
+
+
 def make_reshape(node, shapes, out_shape, scratch) -> Kernel:
     return lambda ins, out: ins[0].reshape(out_shape)
 
@@ -292,6 +297,7 @@ KERNELS: dict[Op, Callable[..., Kernel]] = {
     Op.RESHAPE: make_reshape,
     Op.KV_APPEND: make_kv_append,
     Op.SLICE_LAST: make_slice_last,
+    Op.SPLIT: make_split,
     Op.TRANSPOSE: make_transpose,
     Op.CAST: make_cast,
 }

@@ -153,25 +153,56 @@ def weights_config(source: str | os.PathLike) -> dict | None:
 IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def load_weights(
-    graph: Graph, source: str | os.PathLike, tied: bool = False
-) -> dict[str, np.ndarray]:
-    """Bind a checkpoint to a graph's params, converting dtypes only where they differ.
+def checkpoint_shapes(graph: Graph) -> dict[str, tuple[int, ...]]:
+    """The checkpoint tensors a graph's params are made of, with their shapes; a packed param
+    (``attrs["pack"]``, see compiler/passes/pack.py) is made of several (out, in) tensors."""
+    out = {}
+    for n in graph.params():
+        if "pack" in n.attrs:
+            for key, rows in n.attrs["pack"]:
+                out[key] = (rows, n.shape[0])
+        else:
+            out[n.attrs["key"]] = tuple(n.shape)
+    return out
 
-    Missing, unexpected or mis-shaped tensors raise :class:`WeightsError` listing them all.
+
+def bind_params(graph: Graph, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Arrays for a graph's params from checkpoint tensors: packed params concatenated and
+    transposed, dtypes converted where they differ, the rest passed through (zero copy)."""
+    out = {}
+    for n in graph.params():
+        dtype = to_numpy_dtype(n.dtype)
+        if "pack" in n.attrs:
+            parts = [tensors[key].T for key, _ in n.attrs["pack"]]
+            out[n.attrs["key"]] = np.concatenate(parts, axis=1).astype(dtype, copy=False)
+        else:
+            arr = tensors[n.attrs["key"]]
+            out[n.attrs["key"]] = arr if arr.dtype == dtype else arr.astype(dtype)
+    return out
+
+
+def load_weights(
+    graph: Graph, source: str | os.PathLike | dict[str, np.ndarray], tied: bool = False
+) -> dict[str, np.ndarray]:
+    """Bind a checkpoint (a path, a hub id, or a dict of tensors under HF names) to a graph's
+    params. Missing, unexpected or mis-shaped tensors raise :class:`WeightsError` listing all.
     """
-    tensors = open_checkpoint(source)
-    params = {n.attrs["key"]: n for n in graph.params()}
-    missing = sorted(set(params) - set(tensors))
+    if isinstance(source, dict):
+        tensors, origin = source, "given as arrays"
+    else:
+        tensors = {k: a for k, (a, _) in open_checkpoint(source).items()}
+        origin = str(source)
+    want = checkpoint_shapes(graph)
+    missing = sorted(set(want) - set(tensors))
     extra = sorted(
         k
-        for k in set(tensors) - set(params)
+        for k in set(tensors) - set(want)
         if not k.endswith(IGNORABLE_SUFFIXES) and not (tied and k == "lm_head.weight")
     )
     bad = [
-        f"{k}: checkpoint {list(tensors[k][0].shape)}, plan {list(params[k].shape)}"
-        for k in sorted(set(params) & set(tensors))
-        if tuple(tensors[k][0].shape) != tuple(params[k].shape)
+        f"{k}: checkpoint {list(tensors[k].shape)}, plan {list(want[k])}"
+        for k in sorted(set(want) & set(tensors))
+        if tuple(tensors[k].shape) != tuple(want[k])
     ]
     problems = []
     if missing:
@@ -181,26 +212,21 @@ def load_weights(
     if bad:
         problems.append(f"shape mismatches: {'; '.join(bad)}")
     if problems:
-        raise WeightsError(f"weights {source} do not fit this plan: " + " | ".join(problems))
-    out = {}
-    for key, node in params.items():
-        arr, dtype = tensors[key]
-        out[key] = arr if dtype == node.dtype else arr.astype(to_numpy_dtype(node.dtype))
-    return out
+        raise WeightsError(f"weights {origin} do not fit this plan: " + " | ".join(problems))
+    return bind_params(graph, {k: tensors[k] for k in want})
 
 
 def random_weights(graph: Graph, seed: int = 0, std: float = 0.02) -> dict[str, np.ndarray]:
     """Seeded random weights for every param (norm weights 1, biases 0): for demos and
-    benchmarks, only when asked for; never a fallback for a failed load."""
+    benchmarks, only when asked for; never a fallback for a failed load. The values depend
+    on the checkpoint keys only, not on how the plan packs them."""
     rng = np.random.default_rng(seed)
-    out = {}
-    for n in graph.params():
-        key, dtype = n.attrs["key"], to_numpy_dtype(n.dtype)
+    tensors = {}
+    for key, shape in sorted(checkpoint_shapes(graph).items()):
         if key.endswith("norm.weight"):
-            arr = np.ones(n.shape, np.float32)
+            tensors[key] = np.ones(shape, np.float32)
         elif key.endswith(".bias"):
-            arr = np.zeros(n.shape, np.float32)
+            tensors[key] = np.zeros(shape, np.float32)
         else:
-            arr = rng.standard_normal(n.shape, np.float32) * np.float32(std)
-        out[key] = arr.astype(dtype, copy=False)
-    return out
+            tensors[key] = rng.standard_normal(shape, np.float32) * np.float32(std)
+    return bind_params(graph, tensors)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import struct
+import zlib
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -166,7 +168,7 @@ def checkpoint_shapes(graph: Graph) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def bind_params(graph: Graph, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def bind_params(graph: Graph, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Arrays for a graph's params from checkpoint tensors: packed params concatenated and
     transposed, dtypes converted where they differ, the rest passed through (zero copy)."""
     out = {}
@@ -216,17 +218,30 @@ def load_weights(
     return bind_params(graph, {k: tensors[k] for k in want})
 
 
+class RandomTensors(Mapping):
+    """Seeded random checkpoint tensors made on demand, each from its own key's stream, so the
+    values depend only on (seed, key) and packing never holds two copies of the weights."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], seed: int, std: float) -> None:
+        self.shapes, self.seed, self.std = shapes, seed, np.float32(std)
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        shape = self.shapes[key]
+        if key.endswith("norm.weight"):
+            return np.ones(shape, np.float32)
+        if key.endswith(".bias"):
+            return np.zeros(shape, np.float32)
+        rng = np.random.default_rng([self.seed, zlib.crc32(key.encode())])
+        return rng.standard_normal(shape, np.float32) * self.std
+
+    def __iter__(self):
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+
 def random_weights(graph: Graph, seed: int = 0, std: float = 0.02) -> dict[str, np.ndarray]:
     """Seeded random weights for every param (norm weights 1, biases 0): for demos and
-    benchmarks, only when asked for; never a fallback for a failed load. The values depend
-    on the checkpoint keys only, not on how the plan packs them."""
-    rng = np.random.default_rng(seed)
-    tensors = {}
-    for key, shape in sorted(checkpoint_shapes(graph).items()):
-        if key.endswith("norm.weight"):
-            tensors[key] = np.ones(shape, np.float32)
-        elif key.endswith(".bias"):
-            tensors[key] = np.zeros(shape, np.float32)
-        else:
-            tensors[key] = rng.standard_normal(shape, np.float32) * np.float32(std)
-    return bind_params(graph, tensors)
+    benchmarks, only when asked for; never a fallback for a failed load."""
+    return bind_params(graph, RandomTensors(checkpoint_shapes(graph), seed, std))

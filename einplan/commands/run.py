@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> None:
     prompts = read_prompts(args)
     for start in range(0, len(prompts), args.batch_size):
         chunk = prompts[start : start + args.batch_size]
-        stream = len(chunk) == 1
+        stream = not args.prompts_file  # a single --prompt streams as it is generated
         if stream:
             print(chunk[0], end="", flush=True)
         result = generate(chunk, stream)

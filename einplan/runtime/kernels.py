@@ -105,11 +105,12 @@ def make_gather(node, shapes, out_shape, scratch) -> Kernel:
 
 def make_rms_norm(node, shapes, out_shape, scratch) -> Kernel:
     eps = np.float32(node.attrs["eps"])
+    inv_d = np.float32(1.0 / out_shape[-1])
 
     def rms_norm(ins, out):
         x, w = ins
-        np.multiply(x, x, out=out)
-        denom = out.mean(axis=-1, keepdims=True)
+        denom = np.vecdot(x, x)[..., None]  # sum of squares over the last axis
+        denom *= inv_d
         denom += eps
         np.sqrt(denom, out=denom)
         np.divide(x, denom, out=out)

@@ -9,10 +9,19 @@ from typing import Any
 
 import numpy as np
 
+from einplan.compiler.ir import Graph
+from einplan.compiler.lora_spec import parse_lora
 from einplan.compiler.pipeline import PassContext, run_pipeline
 from einplan.compiler.plan import Plan
+from einplan.compiler.quant_scheme import parse_quant
 from einplan.errors import EinplanError
-from einplan.models.config import ModelConfig, config_differences, load_config, parse_config
+from einplan.models.config import (
+    ModelConfig,
+    config_differences,
+    config_sections,
+    load_config,
+    parse_config,
+)
 from einplan.models.llama import ENTRIES, build_graph
 from einplan.runtime.executor import Executor, InputError
 from einplan.runtime.recorder import Recorder
@@ -27,27 +36,49 @@ def compile_model(
     weight_dtype: str = "f32",
     entries: tuple[str, ...] = ENTRIES,
     ctx: PassContext | None = None,
+    lora: str | dict[str, Any] | None = None,
+    quant: str | dict[str, Any] | None = None,
 ) -> Plan:
     """Trace a model config (path, built-in name, dict or HF config.json) and compile each
-    entry point (``forward``, ``prefill``, ``decode``) into one plan."""
+    entry point (``forward``, ``prefill``, ``decode``) into one plan. ``lora``
+    (``"r=8,alpha=16,targets=q,v"`` or a dict) and ``quant`` (``"w4a16"`` or a dict with
+    group_size, symmetric, activations) override the config's sections of those names."""
     if weight_dtype not in WEIGHT_DTYPES:
         raise EinplanError(
             f"weight dtype {weight_dtype!r} is not one of {', '.join(WEIGHT_DTYPES)}"
         )
     t0 = time.perf_counter()
     cfg = load_config(config)
+    sections = config_sections(config)
     ctx = ctx or PassContext()
+    ctx.lora = parse_lora(lora if lora is not None else sections.get("lora"))
+    ctx.quant = parse_quant(quant if quant is not None else sections.get("quant"))
     graphs = {}
     for entry in entries:
         graphs[entry] = run_pipeline(build_graph(cfg, entry, weight_dtype), ctx)
-    params = sum(int(np.prod(n.shape)) for n in graphs[entries[0]].params())
+    params = parameter_count(graphs[entries[0]])
     meta = {
         "weight_dtype": weight_dtype,
+        "lora": ctx.lora.to_dict() if ctx.lora else None,
+        "quant": ctx.quant.to_dict() if ctx.quant else None,
         "parameters": params,
         "passes": ctx.stats,
         "compile_seconds": time.perf_counter() - t0,
     }
     return Plan(cfg.to_dict(), graphs, meta)
+
+
+def parameter_count(graph: Graph) -> int:
+    """Parameters of the model a graph computes (LoRA's included): a quantised weight counts
+    as the float matrix it stands for, its scales and zero points not at all."""
+    total = 0
+    for n in graph.params():
+        quant = n.attrs.get("quant")
+        if quant is None:
+            total += int(np.prod(n.shape))
+        elif quant["part"] == "q":
+            total += int(np.prod(quant["shape"]))
+    return total
 
 
 def load_plan(path: str | Path) -> Plan:

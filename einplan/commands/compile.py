@@ -5,15 +5,24 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from einplan.commands.quantize import add_quant_arguments
+
 
 def run(args: argparse.Namespace) -> None:
     """Compile, save, and print the summary."""
     from einplan.api import compile_model
+    from einplan.commands.quantize import quant_options
     from einplan.compiler.pipeline import PassContext
     from einplan.report.summary import print_compile_summary
 
     ctx = PassContext(use_path_cache=not args.no_path_cache)
-    plan = compile_model(args.config, weight_dtype=args.weight_dtype, ctx=ctx)
+    plan = compile_model(
+        args.config,
+        weight_dtype=args.weight_dtype,
+        ctx=ctx,
+        lora=args.lora,
+        quant=quant_options(args),
+    )
     out = Path(args.output or Path(args.config).with_suffix(".plan").name)
     plan.save(out)
     print_compile_summary(plan, args.batch, args.seq)
@@ -42,4 +51,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="plan every contraction afresh (ignore the on-disk path cache)",
     )
+    c.add_argument(
+        "--lora",
+        metavar="SPEC",
+        help="LoRA adapters, e.g. r=8,alpha=16,targets=q,k,v,o,dropout=0.05 "
+        "(targets: q k v o gate up down lm_head)",
+    )
+    add_quant_arguments(c)
     c.set_defaults(func=run)

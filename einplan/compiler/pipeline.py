@@ -9,11 +9,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from einplan.compiler.ir import Graph
+from einplan.compiler.lora_spec import LoraConfig
+from einplan.compiler.quant_scheme import QuantConfig
 
-# The order of DESIGN.md; passes of later issues (lora, quantize, autodiff, optimizer) slot in
-# before simplify. schedule runs before memory: buffers may only be reused across dependency
-# levels, so liveness needs the level order.
-PASSES = ("simplify", "pack", "contract", "schedule", "memory")
+# The order of DESIGN.md; passes of later issues (autodiff, optimizer) slot in before simplify.
+# schedule runs before memory: buffers may only be reused across dependency levels, so
+# liveness needs the level order.
+PASSES = ("lora", "quantize", "simplify", "pack", "contract", "schedule", "memory")
 
 
 @dataclass
@@ -30,6 +32,8 @@ class PassContext:
     dump_after: tuple[str, ...] = ()
     on_dump: Callable[[str, Graph], None] | None = None
     stats: list[dict] = field(default_factory=list)
+    lora: LoraConfig | None = None  # the lora pass adds adapters when set
+    quant: QuantConfig | None = None  # the quantize pass quantises when set
 
 
 def run_pass(name: str, graph: Graph, ctx: PassContext) -> Graph:

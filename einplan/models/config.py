@@ -119,8 +119,15 @@ REQUIRED = (
 )
 
 
+# Sections of an einplan config beside the model: options of compiler passes, checked by
+# their own parsers (compiler/lora_spec.py, compiler/quant_scheme.py).
+SECTIONS = ("lora", "quant")
+
+
 def _check_types(raw: dict[str, Any], origin: str) -> None:
     for key, value in raw.items():
+        if key in SECTIONS:
+            continue
         if key not in TYPED_KEYS and key not in IGNORED_HF_KEYS:
             raise ConfigError(
                 f"{origin}: unknown config key {key!r}; check its spelling "
@@ -237,10 +244,11 @@ def builtin_config_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "configs"
 
 
-def load_config(source: str | Path | dict[str, Any]) -> ModelConfig:
-    """Load a config from a dict, a JSON file, or a built-in name such as ``"tiny"``."""
+def read_config(source: str | Path | dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """The raw JSON object of a config (a dict, a JSON file, a model folder or a built-in name
+    such as ``"tiny"``) and where it came from."""
     if isinstance(source, dict):
-        return parse_config(source)
+        return source, "config"
     path = Path(source)
     if not path.exists() and not path.suffix and (builtin_config_dir() / f"{source}.json").exists():
         path = builtin_config_dir() / f"{source}.json"
@@ -253,10 +261,20 @@ def load_config(source: str | Path | dict[str, Any]) -> ModelConfig:
             f"{', '.join(p.stem for p in sorted(builtin_config_dir().glob('*.json')))})"
         )
     try:
-        raw = json.loads(path.read_text())
+        return json.loads(path.read_text()), str(path)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    return parse_config(raw, str(path))
+
+
+def load_config(source: str | Path | dict[str, Any]) -> ModelConfig:
+    """Load a config from a dict, a JSON file, or a built-in name such as ``"tiny"``."""
+    return parse_config(*read_config(source))
+
+
+def config_sections(source: str | Path | dict[str, Any]) -> dict[str, Any]:
+    """The pass sections (``lora``, ``quant``) a config carries besides the model."""
+    raw, _ = read_config(source)
+    return {k: raw[k] for k in SECTIONS if isinstance(raw, dict) and k in raw}
 
 
 # Fields that change what the weights compute; two configs that differ in one are different

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from einplan.compiler.ir import Graph
-from einplan.compiler.ops import LEAVES, OPS, Op, count_bytes, count_flops
+from einplan.compiler.ir import Graph, step_bytes
+from einplan.compiler.ops import LEAVES, OPS, Op, count_flops
 from einplan.compiler.symbolic import evaluate, poly_from_json, resolve_shape
 from einplan.errors import EinplanError
 from einplan.runtime.dtypes import to_numpy_dtype
@@ -149,7 +149,6 @@ class Executor:
         slot_sizes = [evaluate(poly_from_json(s), dims) for s in g.meta["memory"]["slots"]]
         arena = [np.empty(max(s, 1), np.uint8) for s in slot_sizes]
         scratch_bufs: dict[tuple, np.ndarray] = {}
-        outputs = set(g.outputs.values())
         steps, table, levels = [], [], {}
         for n in g.nodes:
             if n.op in LEAVES:
@@ -168,8 +167,10 @@ class Executor:
 
             kernel = make_kernel(n, ins, shape, scratch)
             dtype = to_numpy_dtype(n.dtype)
-            if n.id in outputs or OPS[n.op].alias:
-                out = OutputRing(shape, dtype) if n.id in outputs else None
+            if OPS[n.op].alias:
+                out = None
+            elif ann.get("slot") is None:  # an output, or a value an output is a view of
+                out = OutputRing(shape, dtype)
             else:
                 nbytes = int(np.prod(shape)) * dtype.itemsize
                 out = arena[ann["slot"]][:nbytes].view(dtype).reshape(shape)
@@ -184,16 +185,7 @@ class Executor:
                     evaluate(
                         count_flops(n.op, [x.shape for x in in_nodes], n.shape, n.attrs), dims
                     ),
-                    evaluate(
-                        count_bytes(
-                            n.op,
-                            [x.shape for x in in_nodes],
-                            [x.dtype for x in in_nodes],
-                            n.shape,
-                            n.dtype,
-                        ),
-                        dims,
-                    ),
+                    evaluate(step_bytes(n, nodes), dims),
                 )
             )
         # scratch for one binding is sized by the kernels built above

@@ -88,7 +88,8 @@ def test_block_products_equal_the_float_product(monkeypatch, bits, group, symmet
     f = a.dequantize()
     x = np.random.default_rng(2).standard_normal((m, 96)).astype(np.float32)
     dy = np.random.default_rng(3).standard_normal((m, 23)).astype(np.float32)
-    bufs = {k: np.empty(s, np.float32) for k, s in qmatmul.scratch_shapes(23, 96, group, m).items()}
+    shapes = qmatmul.scratch_shapes(23, 96, group, m)
+    bufs = [{k: np.empty(s, np.float32) for k, s in shapes.items()} for _ in range(2)]
     y = np.empty((m, 23), np.float32)
     a.matmul(x, y, bufs)
     np.testing.assert_allclose(y, x @ f.T, rtol=1e-4, atol=1e-5)

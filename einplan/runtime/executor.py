@@ -7,6 +7,7 @@ later run with the same sizes, so a steady-state run allocates only its outputs.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -15,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController, threadpool_limits
 
 from einplan.compiler.ir import Graph, step_bytes
 from einplan.compiler.ops import LEAVES, OPS, Op, count_flops
@@ -32,6 +33,12 @@ class InputError(EinplanError):
 
 # a dim bounded by another at run time: the keys attended to cannot exceed the cache
 CAPACITY = {"kv": "ctx"}
+
+
+@functools.cache
+def blas_controller() -> ThreadpoolController:
+    """The BLAS libraries of this process (found once: looking them up takes milliseconds)."""
+    return ThreadpoolController()
 
 
 class OutputRing:
@@ -89,6 +96,7 @@ class Executor:
                 self.params[n.id] = self._check_leaf(n, params[key])
         self._prepared: OrderedDict[tuple, Prepared] = OrderedDict()
         self._pool = ThreadPoolExecutor(workers) if workers > 1 else None
+        self._quantized = any(n.op is Op.DEQUANTIZE for n in graph.nodes)
         self._blas_threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None
 
     def _check_leaf(self, n, arr: np.ndarray) -> np.ndarray:
@@ -210,7 +218,11 @@ class Executor:
             recorder.begin_run(self.graph.name, prepared.dims, prepared.table) if recorder else None
         )
         with np.errstate(over="ignore", under="ignore"):
-            if self._pool is None:
+            if self._pool is None and self._quantized:
+                # quantised products split their rows over two threads themselves
+                with blas_controller().limit(limits=1, user_api="blas"):
+                    self._run_sequential(prepared, env, recorder, run)
+            elif self._pool is None:
                 self._run_sequential(prepared, env, recorder, run)
             else:
                 with threadpool_limits(self._blas_threads, user_api="blas"):

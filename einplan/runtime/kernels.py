@@ -14,7 +14,7 @@ import numpy as np
 
 from einplan.compiler.ir import Node
 from einplan.compiler.ops import Op
-from einplan.runtime.qmatmul import QuantizedMatrix, scratch_shapes
+from einplan.runtime.qmatmul import THREADS, QuantizedMatrix, scratch_shapes
 from einplan.runtime.quantize import fake_quantize
 
 Kernel = Callable[[list[np.ndarray], np.ndarray | None], np.ndarray]
@@ -100,7 +100,8 @@ def make_qmatmul(node, shapes, out_shape, scratch) -> Kernel:
     r = node.attrs["recipe"]
     rows, cols = shapes[1]
     m = _prod(shapes[0][:-1])
-    bufs = {k: scratch(k, s) for k, s in scratch_shapes(rows, cols, r["group"], m).items()}
+    shapes = scratch_shapes(rows, cols, r["group"], m)
+    bufs = [{k: scratch(f"{k}{t}", s) for k, s in shapes.items()} for t in range(THREADS)]
     transposed = r["transposed"]
 
     def qmatmul(ins, out):

@@ -14,11 +14,52 @@ Many rows (prefill) dequantise the block in place and run one GEMM.
 
 from __future__ import annotations
 
+import os
+import queue
+import threading
+from collections.abc import Callable
+
 import numpy as np
 
 BLOCK_ELEMENTS = 1 << 18  # floats per scratch block (1 MiB): about one core's L2
 SMALL_ROWS = 16  # inputs of at most this many rows use the per-group path
 LOW_NIBBLES = np.uint64(0x0F0F0F0F0F0F0F0F)
+
+
+class Helper:
+    """One helper thread that runs half of a product's row blocks while the calling thread
+    runs the other half (numpy and BLAS release the GIL inside their loops)."""
+
+    def __init__(self) -> None:
+        self.todo: queue.SimpleQueue = queue.SimpleQueue()
+        self.done: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread: threading.Thread | None = None
+
+    def _serve(self) -> None:
+        while True:
+            job = self.todo.get()
+            try:
+                job()
+                self.done.put(None)
+            except BaseException as e:  # handed to the caller by wait()
+                self.done.put(e)
+
+    def start(self, job: Callable[[], None]) -> None:
+        """Run ``job`` on the helper thread."""
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._serve, name="qmatmul", daemon=True)
+            self.thread.start()
+        self.todo.put(job)
+
+    def wait(self) -> None:
+        """Wait for the job started last; re-raise its exception."""
+        error = self.done.get()
+        if error is not None:
+            raise error
+
+
+HELPER = Helper()
+THREADS = min(2, os.cpu_count() or 1)  # scratch sets a product uses: this thread + helper
 
 
 def block_rows(rows: int, cols: int) -> int:
@@ -30,7 +71,7 @@ def scratch_shapes(rows: int, cols: int, group: int, m: int) -> dict[str, tuple[
     """Float32 scratch a product with an (rows, cols) quantised weight needs for ``m`` input
     rows: one dequantised block, and for the per-group path its partial sums and the input."""
     n = block_rows(rows, cols)
-    shapes = {"dq": (n * cols,)}
+    shapes = {"dq": (n * cols,), "dq_n": (n * cols // 4,)}
     if m <= SMALL_ROWS:
         shapes["dq_p"] = (cols // group * n * m,)
         shapes["dq_x"] = (cols * m,)
@@ -60,19 +101,27 @@ class QuantizedMatrix:
         self.scaled_zero = None if zero is None else (scale * zero).astype(np.float32)
         self.block_rows = block_rows(self.rows, self.cols)
 
-    def unpack(self, start: int, stop: int, out: np.ndarray) -> np.ndarray:
+    def unpack(
+        self, start: int, stop: int, out: np.ndarray, work: np.ndarray | None = None
+    ) -> np.ndarray:
         """Write the raw integer values of rows ``start:stop`` into ``out`` (float32, any
-        strided (rows, groups, group) view): no scale, no zero point."""
+        strided (rows, groups, group) view): no scale, no zero point. ``work``: float32 scratch
+        of at least (rows x in / 4) values for the int4 nibbles (allocated if None)."""
         q = self.q[start:stop]
         if self.bits == 8:
             np.copyto(out, q.reshape(out.shape), casting="unsafe")
             return out
+        words = q.size // 8  # the packed bytes as uint64 words: 16 nibbles each
+        work = np.empty(2 * words, np.uint64) if work is None else work.view(np.uint64)
+        packed = q.reshape(-1).view(np.uint64)
+        low, high = work[:words], work[words : 2 * words]
+        np.bitwise_and(packed, LOW_NIBBLES, out=low)
+        np.right_shift(packed, np.uint64(4), out=high)
+        np.bitwise_and(high, LOW_NIBBLES, out=high)
         half = self.group // 2
-        packed = np.ascontiguousarray(q).view(np.uint64)
-        low = (packed & LOW_NIBBLES).view(np.uint8).reshape(stop - start, self.groups, half)
-        np.copyto(out[..., :half], low, casting="unsafe")
-        high = ((packed >> np.uint64(4)) & LOW_NIBBLES).view(np.uint8)
-        np.copyto(out[..., half:], high.reshape(low.shape), casting="unsafe")
+        shape = (stop - start, self.groups, half)
+        np.copyto(out[..., :half], low.view(np.uint8).reshape(shape), casting="unsafe")
+        np.copyto(out[..., half:], high.view(np.uint8).reshape(shape), casting="unsafe")
         return out
 
     def dequantize_rows(self, start: int, stop: int, out: np.ndarray) -> np.ndarray:
@@ -103,44 +152,50 @@ class QuantizedMatrix:
             picked.dequantize_rows(r, stop, flat[r:stop])
         return out
 
-    def matmul(self, x: np.ndarray, out: np.ndarray, scratch: dict[str, np.ndarray]) -> None:
-        """``out[m, o] = x[m, :] . W[o, :]`` for (m, in) ``x`` into (m, out) ``out``."""
+    def matmul(self, x: np.ndarray, out: np.ndarray, scratch: list[dict[str, np.ndarray]]) -> None:
+        """``out[m, o] = x[m, :] . W[o, :]`` for (m, in) ``x`` into (m, out) ``out``; the
+        row blocks are shared between this thread and the helper (one scratch set each)."""
         m = x.shape[0]
-        if m <= SMALL_ROWS:
-            self._matmul_by_groups(x, out, scratch)
-            return
-        for r in range(0, self.rows, self.block_rows):
-            stop = min(self.rows, r + self.block_rows)
-            f = scratch["dq"][: (stop - r) * self.cols].reshape(stop - r, self.cols)
-            self.dequantize_rows(r, stop, f)
-            np.matmul(x, f.T, out=out[:, r:stop])
+        xg = None
+        if m <= SMALL_ROWS:  # x per group, (groups, group, m), read by both threads
+            xg = scratch[0]["dq_x"].reshape(self.groups, self.group, m)
+            np.copyto(xg, x.reshape(m, self.groups, self.group).transpose(1, 2, 0))
+        blocks = -(-self.rows // self.block_rows)
+        mid = min(self.rows, -(-blocks // 2) * self.block_rows)
+        if len(scratch) > 1 and mid < self.rows:
+            HELPER.start(lambda: self._rows_product(x, xg, out, mid, self.rows, scratch[1]))
+            self._rows_product(x, xg, out, 0, mid, scratch[0])
+            HELPER.wait()
+        else:
+            self._rows_product(x, xg, out, 0, self.rows, scratch[0])
+        if xg is not None and self.scaled_zero is not None:
+            # the zero-point term: (m, groups) group sums of x times (out, groups) s * z
+            out -= xg.sum(axis=1).T @ self.scaled_zero.T
 
-    def _matmul_by_groups(
-        self, x: np.ndarray, out: np.ndarray, scratch: dict[str, np.ndarray]
-    ) -> None:
-        m, groups, group = x.shape[0], self.groups, self.group
-        xg = scratch["dq_x"].reshape(groups, group, m)
-        np.copyto(xg, x.reshape(m, groups, group).transpose(1, 2, 0))
-        # the zero-point term: (m, groups) group sums of x times (out, groups) s*z
-        correction = None
-        if self.scaled_zero is not None:
-            correction = xg.sum(axis=1).T @ self.scaled_zero.T  # (m, out)
-        for r in range(0, self.rows, self.block_rows):
-            n = min(self.rows, r + self.block_rows) - r
-            f = scratch["dq"][: groups * n * group].reshape(groups, n, group)
-            self.unpack(r, r + n, f.transpose(1, 0, 2))
-            p = scratch["dq_p"][: groups * n * m].reshape(groups, n, m)
+    def _rows_product(self, x, xg, out, start: int, stop: int, bufs: dict) -> None:
+        """Output columns ``start:stop``: per group with scales after the product (``xg``
+        given, few input rows), or by dequantised blocks and one GEMM each."""
+        groups, group = self.groups, self.group
+        for r in range(start, stop, self.block_rows):
+            n = min(stop, r + self.block_rows) - r
+            if xg is None:
+                f = bufs["dq"][: n * self.cols].reshape(n, self.cols)
+                self.dequantize_rows(r, r + n, f)
+                np.matmul(x, f.T, out=out[:, r : r + n])
+                continue
+            f = bufs["dq"][: groups * n * group].reshape(groups, n, group)
+            self.unpack(r, r + n, f.transpose(1, 0, 2), bufs.get("dq_n"))
+            p = bufs["dq_p"][: groups * n * xg.shape[2]].reshape(groups, n, xg.shape[2])
             np.matmul(f, xg, out=p)  # per group: (n, group) x (group, m)
             p *= self.scale[r : r + n].T[:, :, None]
             np.sum(p, axis=0, out=out[:, r : r + n].T)
-        if correction is not None:
-            out -= correction
 
     def matmul_transposed(
-        self, dy: np.ndarray, out: np.ndarray, scratch: dict[str, np.ndarray]
+        self, dy: np.ndarray, out: np.ndarray, scratch: list[dict[str, np.ndarray]]
     ) -> None:
         """``out[m, i] = sum_o dy[m, o] W[o, i]`` (the input gradient of ``x . W^T``)."""
         out[...] = 0
+        scratch = scratch[0]
         for r in range(0, self.rows, self.block_rows):
             stop = min(self.rows, r + self.block_rows)
             f = scratch["dq"][: (stop - r) * self.cols].reshape(stop - r, self.cols)

@@ -24,6 +24,7 @@ from einplan.models.config import (
 )
 from einplan.models.llama import ENTRIES, build_graph
 from einplan.runtime.executor import Executor, InputError
+from einplan.runtime.lora import init_lora, load_adapter
 from einplan.runtime.recorder import Recorder
 from einplan.runtime.weights import WeightsError, load_weights, random_weights, weights_config
 
@@ -115,11 +116,15 @@ class Session:
         *,
         random_seed: int | None = None,
         workers: int = 0,
+        adapter: str | os.PathLike | None = None,
+        lora_seed: int = 0,
     ) -> None:
         """Bind ``weights`` (HF folder, safetensors file, hub id, GGUF file, or a dict of
         arrays under Hugging Face names), or
         seeded random weights when ``random_seed`` is given instead. One of the two is needed:
-        there is no silent random fallback."""
+        there is no silent random fallback. A plan with LoRA takes its A and B from
+        ``adapter`` (a PEFT folder made for these weights) or, without one, fresh ones
+        (``lora_seed``; B is zero, so the logits are the base model's)."""
         self.plan = plan if isinstance(plan, Plan) else load_plan(plan)
         self.config = plan_config(self.plan)
         graph = self.plan.entry("forward")
@@ -133,6 +138,10 @@ class Session:
             if not isinstance(weights, dict):
                 check_weights_config(self.config, weights)
             arrays = load_weights(graph, weights, tied=self.config.tie_word_embeddings)
+        if adapter is not None:
+            arrays.update(load_adapter(adapter, graph, arrays))
+        else:
+            arrays.update(init_lora(graph, lora_seed))
         self.weights = arrays
         self.executor = Executor(graph, arrays, workers)
 

@@ -7,4 +7,5 @@ COMMANDS = [
     "run",
     "convert",
     "quantize",
+    "lora",
 ]

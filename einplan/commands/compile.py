@@ -14,13 +14,14 @@ def run(args: argparse.Namespace) -> None:
     from einplan.commands.quantize import quant_options
     from einplan.compiler.pipeline import PassContext
     from einplan.report.summary import print_compile_summary
+    from einplan.runtime.lora import adapter_options
 
     ctx = PassContext(use_path_cache=not args.no_path_cache)
     plan = compile_model(
         args.config,
         weight_dtype=args.weight_dtype,
         ctx=ctx,
-        lora=args.lora,
+        lora=adapter_options(args.lora) if args.lora and Path(args.lora).is_dir() else args.lora,
         quant=quant_options(args),
     )
     out = Path(args.output or Path(args.config).with_suffix(".plan").name)
@@ -55,7 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--lora",
         metavar="SPEC",
         help="LoRA adapters, e.g. r=8,alpha=16,targets=q,k,v,o,dropout=0.05 "
-        "(targets: q k v o gate up down lm_head)",
+        "(targets: q k v o gate up down lm_head), or a PEFT adapter folder to match",
     )
     add_quant_arguments(c)
     c.set_defaults(func=run)

@@ -35,7 +35,13 @@ def run(args: argparse.Namespace) -> None:
     text = text_path.read_text(encoding="utf-8", errors="replace")
     ids = np.asarray(tokenizer.encode(text[: args.max_tokens * 16]).ids, dtype=np.int64)
     ids = ids[: args.max_tokens + 1]
-    session = Session(plan, args.weights, random_seed=args.random_weights, workers=args.workers)
+    session = Session(
+        plan,
+        args.weights,
+        random_seed=args.random_weights,
+        workers=args.workers,
+        adapter=args.adapter,
+    )
     window = min(args.window, plan.entry("forward").dims["seq"])
     t0 = time.perf_counter()
     with tqdm(total=(len(ids) - 1) // window * window, unit="tok", desc="eval") as bar:
@@ -57,6 +63,7 @@ def add_weights_arguments(p: argparse.ArgumentParser) -> None:
         metavar="SEED",
         help="seeded random weights instead (demos and benchmarks)",
     )
+    p.add_argument("--adapter", help="LoRA adapter folder (PEFT layout) for a plan with --lora")
     p.add_argument(
         "--tokenizer",
         help="tokenizer.json (or folder), or 'bytes' for byte ids "

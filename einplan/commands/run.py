@@ -56,7 +56,13 @@ def run(args: argparse.Namespace) -> None:
     weights = resolve_weights_dir(args.weights) if args.weights else None
     tokenizer = load_tokenizer(args.tokenizer, weights)
     tk_cfg = load_tokenizer_config(weights)
-    session = Session(plan, args.weights, random_seed=args.random_weights, workers=args.workers)
+    session = Session(
+        plan,
+        args.weights,
+        random_seed=args.random_weights,
+        workers=args.workers,
+        adapter=args.adapter,
+    )
     generator = Generator(plan, session.weights, args.workers)
     sampling = SamplingConfig(
         args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed

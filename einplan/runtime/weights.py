@@ -40,8 +40,8 @@ class WeightsError(EinplanError):
     """Weights cannot be found, read, or do not match the plan."""
 
 
-def read_safetensors_index(path: Path) -> dict[str, tuple[np.ndarray, str]]:
-    """Map every tensor name of one .safetensors file to (memory-mapped array, dtype name)."""
+def read_safetensors_header(path: Path) -> tuple[dict, int]:
+    """The JSON header of a .safetensors file and its length, checked against the file."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -53,9 +53,20 @@ def read_safetensors_index(path: Path) -> dict[str, tuple[np.ndarray, str]]:
                 f"{path}: header length {n} exceeds the file (truncated or not a safetensors file)"
             )
         try:
-            header = json.loads(f.read(n))
+            return json.loads(f.read(n)), n
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise WeightsError(f"{path}: damaged safetensors header") from None
+
+
+def safetensors_metadata(path: Path) -> dict[str, str]:
+    """The free-form ``__metadata__`` strings of a .safetensors file."""
+    return read_safetensors_header(path)[0].get("__metadata__", {})
+
+
+def read_safetensors_index(path: Path) -> dict[str, tuple[np.ndarray, str]]:
+    """Map every tensor name of one .safetensors file to (memory-mapped array, dtype name)."""
+    size = path.stat().st_size
+    header, n = read_safetensors_header(path)
     data = np.memmap(path, np.uint8, mode="r")
     out = {}
     for name, info in header.items():

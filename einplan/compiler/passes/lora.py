@@ -48,7 +48,13 @@ def _branch(n: Node, w: Node, cfg: LoraConfig, next_id: int) -> list[Node]:
     lead, i, o = a_term[:-1], a_term[-1], out_term[-1]
     r = next(c for c in "rkzyxwu" if c not in n.attrs["spec"])
     module = module_key(n, w)
-    meta = {"r": cfg.r, "alpha": cfg.alpha, "fan_in": n_in, "module": module}
+    meta = {
+        "r": cfg.r,
+        "alpha": cfg.alpha,
+        "fan_in": n_in,
+        "module": module,
+        "role": role_of(n.name),
+    }
 
     def param(k: int, part: str, shape: tuple[int, int]) -> Node:
         attrs = {"key": f"{module}.lora_{part}.weight", "lora": {**meta, "part": part}}

@@ -17,7 +17,7 @@ def run(args: argparse.Namespace) -> None:
     """Tokenize the text, run the plan over windows, print loss and perplexity."""
     from tqdm import tqdm
 
-    from einplan.api import Session, load_plan
+    from einplan.api import load_plan
     from einplan.runtime.evaluate import evaluate_text
     from einplan.runtime.tokenizer import load_tokenizer
     from einplan.runtime.weights import resolve_weights_dir
@@ -35,13 +35,7 @@ def run(args: argparse.Namespace) -> None:
     text = text_path.read_text(encoding="utf-8", errors="replace")
     ids = np.asarray(tokenizer.encode(text[: args.max_tokens * 16]).ids, dtype=np.int64)
     ids = ids[: args.max_tokens + 1]
-    session = Session(
-        plan,
-        args.weights,
-        random_seed=args.random_weights,
-        workers=args.workers,
-        adapter=args.adapter,
-    )
+    session = open_session(plan, args)
     window = min(args.window, plan.entry("forward").dims["seq"])
     t0 = time.perf_counter()
     with tqdm(total=(len(ids) - 1) // window * window, unit="tok", desc="eval") as bar:
@@ -50,6 +44,19 @@ def run(args: argparse.Namespace) -> None:
     print(
         f"tokens {result.tokens}  loss {result.loss:.4f}  perplexity {result.perplexity:.3f}  "
         f"({result.tokens / seconds:,.0f} tok/s, window {window}, batch {args.batch_size})"
+    )
+
+
+def open_session(plan, args: argparse.Namespace):
+    """The plan bound to the weights (and LoRA adapter) the arguments name."""
+    from einplan.api import Session
+
+    return Session(
+        plan,
+        args.weights,
+        random_seed=args.random_weights,
+        workers=args.workers,
+        adapter=args.adapter,
     )
 
 

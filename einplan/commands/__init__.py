@@ -8,4 +8,5 @@ COMMANDS = [
     "convert",
     "quantize",
     "lora",
+    "quant_report",
 ]

@@ -85,8 +85,14 @@ class ModelConfig:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-# einplan's own keys beside the Hugging Face ones.
-EINPLAN_KEYS = {"max_batch": int, "name": str, "head_dim": int, "num_key_value_heads": int}
+# einplan's own keys beside the Hugging Face ones ("train" is read by models/train_config.py).
+EINPLAN_KEYS = {
+    "max_batch": int,
+    "name": str,
+    "head_dim": int,
+    "num_key_value_heads": int,
+    "train": dict,
+}
 
 TYPED_KEYS: dict[str, type | tuple[type, ...]] = {
     "vocab_size": int,
@@ -237,10 +243,11 @@ def builtin_config_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "configs"
 
 
-def load_config(source: str | Path | dict[str, Any]) -> ModelConfig:
-    """Load a config from a dict, a JSON file, or a built-in name such as ``"tiny"``."""
+def read_config(source: str | Path | dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """The raw JSON object of a config (dict, JSON file, model folder or built-in name such
+    as ``"tiny"``) and where it came from, for error messages."""
     if isinstance(source, dict):
-        return parse_config(source)
+        return source, "config"
     path = Path(source)
     if not path.exists() and not path.suffix and (builtin_config_dir() / f"{source}.json").exists():
         path = builtin_config_dir() / f"{source}.json"
@@ -253,7 +260,12 @@ def load_config(source: str | Path | dict[str, Any]) -> ModelConfig:
             f"{', '.join(p.stem for p in sorted(builtin_config_dir().glob('*.json')))})"
         )
     try:
-        raw = json.loads(path.read_text())
+        return json.loads(path.read_text()), str(path)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    return parse_config(raw, str(path))
+
+
+def load_config(source: str | Path | dict[str, Any]) -> ModelConfig:
+    """Load a model config from a dict, a JSON file, or a built-in name such as ``"tiny"``."""
+    raw, origin = read_config(source)
+    return parse_config(raw, origin)

@@ -159,11 +159,12 @@ class Executor:
             shape = resolve_shape(n.shape, dims)
             ins = [resolve_shape(nodes[i].shape, dims) for i in n.inputs]
 
-            def scratch(role, mat, thread=thread):
+            def scratch(role, mat, dtype, thread=thread):
                 size = int(np.prod(mat))
-                buf = scratch_bufs.get((thread, role))
+                key = (thread, role, np.dtype(dtype).str)
+                buf = scratch_bufs.get(key)
                 if buf is None or buf.size < size:
-                    buf = scratch_bufs[(thread, role)] = np.empty(size, np.float32)
+                    buf = scratch_bufs[key] = np.empty(size, dtype)
                 return buf[:size].reshape(mat)
 
             kernel = make_kernel(n, ins, shape, scratch)

@@ -269,3 +269,40 @@ def load_config(source: str | Path | dict[str, Any]) -> ModelConfig:
     """Load a model config from a dict, a JSON file, or a built-in name such as ``"tiny"``."""
     raw, origin = read_config(source)
     return parse_config(raw, origin)
+
+
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+}
+
+
+def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
+    """A Hugging Face ``config.json`` for the model, written beside checkpoints so that
+    transformers (and einplan) can load them."""
+    raw: dict[str, Any] = {
+        "architectures": [ARCHITECTURES[cfg.model_type]],
+        "model_type": cfg.model_type,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": dict(cfg.rope_scaling) or None,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_id[0] if len(cfg.eos_token_id) == 1 else cfg.eos_token_id,
+        "torch_dtype": "float32",
+        "max_batch": cfg.max_batch,
+        "name": cfg.name,
+    }
+    if cfg.model_type != "qwen2":
+        raw["attention_bias"] = cfg.qkv_bias
+    return raw

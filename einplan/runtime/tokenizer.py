@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from einplan.errors import EinplanError
 
@@ -51,3 +51,18 @@ def load_tokenizer(spec: str | None, weights_dir: Path | None = None) -> Tokeniz
         return Tokenizer.from_file(str(path))
     except Exception as e:  # the tokenizers library raises bare Exception on bad files
         raise TokenizerError(f"{path}: not a readable tokenizer.json ({e})") from None
+
+
+def train_tokenizer(corpus: Path, vocab_size: int) -> Tokenizer:
+    """A byte-level BPE tokenizer of ``vocab_size`` ids learned from a text file (every byte
+    is in its alphabet, so any text encodes)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train([str(corpus)], trainer)
+    return tok

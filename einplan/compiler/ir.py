@@ -32,6 +32,13 @@ class Node:
         """How other lines of the printed graph refer to this value."""
         return f"%{self.name}" if self.op in LEAVES else f"%{self.id}"
 
+    def phase(self) -> str:
+        """The part of a training step the node belongs to, by the tags the autodiff and
+        optimizer passes give: ``forward``, ``backward`` or ``optimizer``."""
+        if "optimizer" in self.tags:
+            return "optimizer"
+        return "backward" if "reverse" in self.tags else "forward"
+
     def with_(self, **changes: Any) -> Node:
         """Return a copy with some fields replaced."""
         return replace(self, **changes)

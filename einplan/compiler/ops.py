@@ -262,6 +262,7 @@ def _infer_same_shapes(shapes, dtypes, attrs):
 
 
 def _infer_grad_norm(shapes, dtypes, attrs):
+    _need(tuple(shapes[0]) == (), f"grad_norm: the loss must be a scalar, got {shapes[0]}")
     _need(len(set(dtypes)) == 1, f"grad_norm operands differ in dtype: {sorted(set(dtypes))}")
     return (), dtypes[0]
 
@@ -333,7 +334,7 @@ def count_flops(op: Op, in_shapes: list[Shape], out_shape: Shape, attrs: dict) -
     if op is Op.EINSUM:
         return einsum_flops(attrs["spec"], in_shapes)
     if op is Op.GRAD_NORM:
-        return add_polys(*(scale_poly(numel(s), 2) for s in in_shapes))
+        return add_polys(*(scale_poly(numel(s), 2) for s in in_shapes[1:]))
     return scale_poly(numel(out_shape), OPS[op].flops_per_element)
 
 

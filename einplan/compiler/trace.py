@@ -237,9 +237,10 @@ class Builder:
         """Add ``grad`` into the state buffer ``acc`` in place (micro-batch accumulation)."""
         return self._append(Op.ACC_GRAD, [acc, grad], {}, role)
 
-    def grad_norm(self, grads: list[Value], role: str = "grad_norm") -> Value:
-        """The global L2 norm of all ``grads``, a scalar."""
-        return self._append(Op.GRAD_NORM, grads, {}, role)
+    def grad_norm(self, loss: Value, grads: list[Value], role: str = "grad_norm") -> Value:
+        """The global L2 norm of all ``grads``, a scalar; NaN when ``loss`` is not finite (so
+        the update skips), which also orders every read of the loss before the updates."""
+        return self._append(Op.GRAD_NORM, [loss, *grads], {}, role)
 
     def update(
         self, op: Op, inputs: list[Value], attrs: dict[str, Any], role: str = "update"

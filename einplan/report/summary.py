@@ -61,18 +61,8 @@ def print_compile_summary(plan: Plan, batch: int, seq: int, console: Console | N
     )
     if "train_step" in plan.entries:
         t = plan.entry("train_step")
-        parts = Counter(
-            "optimizer"
-            if "optimizer" in n.tags
-            else "reverse"
-            if "reverse" in n.tags
-            else "forward"
-            for n in t.nodes
-        )
-        s.add_row(
-            "train_step steps",
-            f"{parts['forward']} forward, {parts['reverse']} reverse, {parts['optimizer']} optimizer",
-        )
+        parts = Counter(n.phase() for n in t.nodes)
+        s.add_row("train_step nodes", ", ".join(f"{v} {k}" for k, v in parts.items()))
         s.add_row(
             "train FLOPs per token", f"{flops_per_token(plan, seq, 'train_step') / 1e6:,.1f} MFLOP"
         )

@@ -464,12 +464,14 @@ def make_acc_grad(node, shapes, out_shape, scratch) -> Kernel:
 
 
 def make_grad_norm(node, shapes, out_shape, scratch) -> Kernel:
-    """sqrt of the sum of squares of every input, accumulated in the inputs' dtype."""
+    """sqrt of the sum of squares of every gradient, accumulated in their dtype; NaN when the
+    loss (input 0) is not finite."""
     zero = scalar_type(node)(0)
 
     def grad_norm(ins, out):
-        total = zero
-        for g in ins:
+        loss, *grads = ins
+        total = zero if np.isfinite(loss) else scalar_type(node)(np.nan)
+        for g in grads:
             flat = g.reshape(-1)
             total += np.dot(flat, flat)
         out[...] = np.sqrt(total)

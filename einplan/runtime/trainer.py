@@ -4,8 +4,9 @@ Each micro-batch is one run of the plan's ``train_step`` entry: forward, backwar
 gradients added into the accumulators; the last micro-batch of a step also passes the step
 number, so the plan's update steps clip and apply AdamW/SGD in place. The loss's cotangent is
 1/k for k micro-batches, so the accumulated gradient is the mean. A step whose accumulated
-gradient is not finite is skipped by the plan (a non-finite loss always makes its gradient
-non-finite: the loss is finite whenever the logits are) and counted here.
+gradient or last loss is not finite is skipped by the plan (a non-finite loss of an earlier
+micro-batch has made its gradient non-finite too: the loss is finite whenever the logits are)
+and counted here.
 """
 
 from __future__ import annotations
@@ -43,13 +44,6 @@ class StepStats:
     phase_ms: dict[str, float]
 
 
-def phase_of(tags: frozenset[str]) -> str:
-    """Which part of a training step a plan step belongs to, by its tags."""
-    if "optimizer" in tags:
-        return "optimizer"
-    return "backward" if "reverse" in tags else "forward"
-
-
 def step_feed(windows: np.ndarray) -> dict[str, np.ndarray]:
     """Inputs, positions and next-token targets of ``(batch, seq + 1)`` token windows."""
     tokens = windows[:, :-1]
@@ -73,7 +67,7 @@ class Trainer:
         self.state = allocate_states(graph, {})
         self.executor = Executor(graph, {**weights, **self.state}, workers)
         self.loss_executor = Executor(plan.entry("loss"), weights, workers)
-        self.phases = [phase_of(n.tags) for n in graph.nodes if n.op not in LEAVES]
+        self.phases = [n.phase() for n in graph.nodes if n.op not in LEAVES]
         self.step = 0  # steps taken (the schedule's clock)
         self.updates = 0  # updates applied (the optimizer's bias-correction clock)
         self.skipped = 0

@@ -4,7 +4,8 @@ in-place AdamW or SGD update of every trained parameter, appended after the reve
 Each run of the entry is one micro-batch: its gradients are added into ``grad.<key>`` state
 buffers. The update steps read the runtime input ``step``: 0 means "accumulate only"; t >= 1
 applies optimizer step t (its bias correction) with learning rate ``lr``, clipped by the global
-norm, then empties the accumulators. A non-finite norm skips the update (and empties them).
+norm, then empties the accumulators. A non-finite norm (or loss) skips the update (and empties
+them).
 Updates are side effects (``Graph.effects``), tagged ``optimizer``; every reader of a parameter
 must run before its update, which this pass checks.
 """
@@ -23,7 +24,8 @@ GRAD = "grad."
 
 def check_reads_before_updates(graph: Graph, norm: int, params: list[int]) -> None:
     """Every step reading an updated parameter must be an ancestor of the norm (which every
-    update waits for), or the in-place update could overwrite a value still to be read."""
+    update waits for, and which reads the loss and every gradient), or the in-place update
+    could overwrite a value still to be read."""
     dag = nx.DiGraph((i, n.id) for n in graph.nodes for i in n.inputs)
     before = nx.ancestors(dag, norm)
     updated = set(params)
@@ -54,7 +56,8 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
             p = params[key]
             acc = b.state(f"{p.name}.grad", f"{GRAD}{key}", p.shape, p.dtype)
             accs[key] = b.acc_grad(acc, b.value(nodes[gid]), role=f"{p.name}.acc_grad")
-        norm = b.grad_norm(list(accs.values()))
+        loss = b.value(nodes[graph.outputs["loss"]])
+        norm = b.grad_norm(loss, list(accs.values()))
         for key, acc in accs.items():
             p = params[key]
             decay = cfg.weight_decay if len(p.shape) > 1 or cfg.decay_norms_and_biases else 0.0

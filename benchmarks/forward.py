@@ -104,12 +104,13 @@ def run_ours(kind, batch, seq, workers, args, env=None) -> dict:
     return res
 
 
-def run_torch(batch, seq, args) -> dict:
+def run_peer(case: str, args) -> dict:
+    """One PyTorch eager case (``model:kind:batch:seq``) of the peer script, 2 threads."""
     cmd = [
         args.torch_python,
         str(PEER),
         "--case",
-        f"smollm2-135m:fwd:{batch}:{seq}",
+        case,
         "--threads",
         "2",
         "--warmup",
@@ -117,12 +118,32 @@ def run_torch(batch, seq, args) -> dict:
         "--reps",
         str(args.reps),
         "--min-time",
-        str(args.min_time),
+        str(getattr(args, "min_time", 0)),
     ]
     env = dict(os.environ, OMP_NUM_THREADS="2", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
-    res = subprocess_json(cmd, env)
+    return subprocess_json(cmd, env)
+
+
+def run_torch(batch, seq, args) -> dict:
+    res = run_peer(f"smollm2-135m:fwd:{batch}:{seq}", args)
     res.update(engine="pytorch-eager", kind="fwd", batch=batch, seq=seq, workers=None)
     return res
+
+
+def write_results(out: Path, results: list[dict]) -> None:
+    """Write the results with the machine's description as JSON."""
+    import numpy
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "python": platform.python_version(),
+        "numpy": numpy.__version__,
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+    }
+    out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    print(f"wrote {out}")
 
 
 def main() -> None:
@@ -206,19 +227,7 @@ def main() -> None:
             ratio if r["engine"] == "einplan" else "",
         )
     Console(width=120).print(t)
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    import numpy
-
-    meta = {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "python": platform.python_version(),
-        "numpy": numpy.__version__,
-        "machine": platform.machine(),
-        "cpus": os.cpu_count(),
-    }
-    out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-    print(f"wrote {out}")
+    write_results(Path(args.json), results)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import statistics
 import sys
@@ -22,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from forward import PEER, ROOT, subprocess_json, timed  # noqa: E402
+from forward import ROOT, run_peer, subprocess_json, timed, write_results  # noqa: E402
 
 # the models of torch_baselines.py: SmolLM2-135M's shape, and its tiny Llama
 MODELS = {
@@ -98,22 +96,7 @@ def run_ours(model, batch, seq, args) -> dict:
 
 
 def run_torch(model, batch, seq, args) -> dict:
-    cmd = [
-        args.torch_python,
-        str(PEER),
-        "--case",
-        f"{model}:train:{batch}:{seq}",
-        "--threads",
-        "2",
-        "--warmup",
-        str(args.warmup),
-        "--reps",
-        str(args.reps),
-        "--min-time",
-        "0",
-    ]
-    env = dict(os.environ, OMP_NUM_THREADS="2", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
-    res = subprocess_json(cmd, env)
+    res = run_peer(f"{model}:train:{batch}:{seq}", args)
     res.update(engine="pytorch-eager", model=model, batch=batch, seq=seq)
     return res
 
@@ -186,19 +169,7 @@ def main() -> None:
             ratio,
         )
     Console(width=140).print(t)
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    import numpy
-
-    meta = {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "python": platform.python_version(),
-        "numpy": numpy.__version__,
-        "machine": platform.machine(),
-        "cpus": os.cpu_count(),
-    }
-    out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-    print(f"wrote {out}")
+    write_results(Path(args.json), results)
 
 
 if __name__ == "__main__":

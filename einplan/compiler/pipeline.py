@@ -29,6 +29,7 @@ class PassContext:
     verify: bool = True
     dump_after: tuple[str, ...] = ()
     on_dump: Callable[[str, Graph], None] | None = None
+    skip: tuple[str, ...] = ()  # passes not to run (optimisations only, e.g. "pack")
     stats: list[dict] = field(default_factory=list)
 
 
@@ -59,5 +60,6 @@ def run_pipeline(graph: Graph, ctx: PassContext, passes: tuple[str, ...] = PASSE
     if ctx.verify:
         graph.verify()
     for name in passes:
-        graph = run_pass(name, graph, ctx)
+        if name not in ctx.skip:
+            graph = run_pass(name, graph, ctx)
     return graph

@@ -131,7 +131,7 @@ def _infer_gather(shapes, dtypes, attrs):
 def _infer_rms_norm(shapes, dtypes, attrs):
     x, w = shapes
     _need(len(w) == 1 and w[0] == x[-1], f"rms_norm weight {list(w)} must be [{x[-1]}]")
-    _need(dtypes[0] == dtypes[1] == "f32" or dtypes[0] == dtypes[1], "rms_norm dtypes differ")
+    _need(dtypes[0] == dtypes[1], f"rms_norm dtypes differ: {dtypes}")
     return x, dtypes[0]
 
 

@@ -6,4 +6,5 @@ COMMANDS = [
     "eval",
     "run",
     "convert",
+    "train",
 ]

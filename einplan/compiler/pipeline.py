@@ -7,13 +7,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from einplan.compiler.ir import Graph
 
-# The order of DESIGN.md; passes of later issues (lora, quantize, autodiff, optimizer) slot in
-# before simplify. schedule runs before memory: buffers may only be reused across dependency
-# levels, so liveness needs the level order.
+if TYPE_CHECKING:
+    from einplan.models.train_config import TrainConfig
+
+# The order of DESIGN.md; passes of later issues (lora, quantize) slot in before simplify.
+# pack (inference graphs only) lays out projection weights for the runtime. schedule runs before
+# memory: buffers may only be reused across dependency levels, so liveness needs the level order.
 PASSES = ("simplify", "pack", "contract", "schedule", "memory")
+# A training entry first gets its reverse graph, then the optimizer's in-place updates.
+TRAIN_PASSES = ("autodiff", "optimizer", *PASSES)
 
 
 @dataclass
@@ -31,6 +37,7 @@ class PassContext:
     on_dump: Callable[[str, Graph], None] | None = None
     skip: tuple[str, ...] = ()  # passes not to run (optimisations only, e.g. "pack")
     stats: list[dict] = field(default_factory=list)
+    train: TrainConfig | None = None  # the optimizer pass's settings
 
 
 def run_pass(name: str, graph: Graph, ctx: PassContext) -> Graph:

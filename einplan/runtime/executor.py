@@ -116,7 +116,7 @@ class Executor:
                     f"missing input {n.name!r} (plan inputs: "
                     f"{', '.join(x.name for x in self.graph.inputs())})"
                 )
-            arr = inputs[n.name]
+            arr = np.asarray(inputs[n.name])
             if arr.ndim != len(n.shape):
                 raise InputError(
                     f"input {n.name!r} must have rank {len(n.shape)} "
@@ -149,7 +149,6 @@ class Executor:
         slot_sizes = [evaluate(poly_from_json(s), dims) for s in g.meta["memory"]["slots"]]
         arena = [np.empty(max(s, 1), np.uint8) for s in slot_sizes]
         scratch_bufs: dict[tuple, np.ndarray] = {}
-        outputs = set(g.outputs.values())
         steps, table, levels = [], [], {}
         for n in g.nodes:
             if n.op in LEAVES:
@@ -159,17 +158,20 @@ class Executor:
             shape = resolve_shape(n.shape, dims)
             ins = [resolve_shape(nodes[i].shape, dims) for i in n.inputs]
 
-            def scratch(role, mat, thread=thread):
+            def scratch(role, mat, dtype, thread=thread):
                 size = int(np.prod(mat))
-                buf = scratch_bufs.get((thread, role))
+                key = (thread, role, np.dtype(dtype).str)
+                buf = scratch_bufs.get(key)
                 if buf is None or buf.size < size:
-                    buf = scratch_bufs[(thread, role)] = np.empty(size, np.float32)
+                    buf = scratch_bufs[key] = np.empty(size, dtype)
                 return buf[:size].reshape(mat)
 
             kernel = make_kernel(n, ins, shape, scratch)
             dtype = to_numpy_dtype(n.dtype)
-            if n.id in outputs or OPS[n.op].alias:
-                out = OutputRing(shape, dtype) if n.id in outputs else None
+            if OPS[n.op].alias:
+                out = None
+            elif ann.get("slot") is None:  # an output, or the buffer an output is a view of
+                out = OutputRing(shape, dtype)
             else:
                 nbytes = int(np.prod(shape)) * dtype.itemsize
                 out = arena[ann["slot"]][:nbytes].view(dtype).reshape(shape)
@@ -213,7 +215,8 @@ class Executor:
         prepared = self.prepare(self.bind_dims(inputs))
         env: dict[int, np.ndarray] = dict(self.params)
         for n in self.graph.inputs():
-            env[n.id] = np.ascontiguousarray(inputs[n.name], dtype=to_numpy_dtype(n.dtype))
+            arr = np.asarray(inputs[n.name], dtype=to_numpy_dtype(n.dtype))
+            env[n.id] = arr if arr.flags.c_contiguous else np.ascontiguousarray(arr)
         run = (
             recorder.begin_run(self.graph.name, prepared.dims, prepared.table) if recorder else None
         )

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from forward import ROOT, run_peer, subprocess_json, timed, write_results  # noqa: E402
+from common import ROOT, run_torch_case, subprocess_json, timed, write_results  # noqa: E402
 
 # the models of torch_baselines.py: SmolLM2-135M's shape, and its tiny Llama
 MODELS = {
@@ -96,7 +96,9 @@ def run_ours(model, batch, seq, args) -> dict:
 
 
 def run_torch(model, batch, seq, args) -> dict:
-    res = run_peer(f"{model}:train:{batch}:{seq}", args)
+    res = run_torch_case(
+        args.torch_python, f"{model}:train:{batch}:{seq}", args.warmup, args.reps, 0
+    )
     res.update(engine="pytorch-eager", model=model, batch=batch, seq=seq)
     return res
 
@@ -169,7 +171,7 @@ def main() -> None:
             ratio,
         )
     Console(width=140).print(t)
-    write_results(Path(args.json), results)
+    write_results(args.json, results)
 
 
 if __name__ == "__main__":

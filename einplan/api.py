@@ -12,12 +12,12 @@ import numpy as np
 from einplan.compiler.pipeline import PASSES, TRAIN_PASSES, PassContext, run_pipeline
 from einplan.compiler.plan import Plan
 from einplan.errors import EinplanError
-from einplan.models.config import ModelConfig, load_config, parse_config
+from einplan.models.config import ModelConfig, config_differences, load_config, parse_config
 from einplan.models.llama import ENTRIES, build_graph
 from einplan.models.train_config import COMPUTE_DTYPES, TrainConfig, load_train_config
 from einplan.runtime.executor import Executor, InputError
 from einplan.runtime.recorder import Recorder
-from einplan.runtime.weights import load_weights, random_weights
+from einplan.runtime.weights import WeightsError, load_weights, random_weights, weights_config
 
 WEIGHT_DTYPES = ("f32", "bf16", "f16", "f64")
 # entries made from the traced loss graph, and the passes that make them
@@ -62,6 +62,10 @@ def compile_model(
         )
     ctx = ctx or PassContext()
     ctx.train = train
+    if {"grad", "train_step"} & set(entries):
+        # every entry of a training plan reads the one set of weights the optimizer updates
+        # in place: none may pack them into copies
+        ctx.skip = (*ctx.skip, "pack")
     graphs = {}
     for entry in entries:
         traced = "loss" if entry in DERIVED else entry
@@ -92,6 +96,19 @@ def plan_config(plan: Plan) -> ModelConfig:
     return ModelConfig(**raw) if raw else parse_config(raw)
 
 
+def check_weights_config(config: ModelConfig, weights: str | os.PathLike) -> None:
+    """Refuse weights whose own config (config.json, GGUF metadata) describes another model."""
+    raw = weights_config(weights)
+    if raw is None:
+        return
+    diff = config_differences(config, parse_config(raw, f"config of {weights}"))
+    if diff:
+        raise WeightsError(
+            f"weights {weights} are for a different model than this plan ({'; '.join(diff)}); "
+            "compile the plan from the weights' config.json"
+        )
+
+
 class Session:
     """A plan bound to weights, ready to run ``forward`` on token ids."""
 
@@ -103,7 +120,8 @@ class Session:
         random_seed: int | None = None,
         workers: int = 0,
     ) -> None:
-        """Bind ``weights`` (HF folder, safetensors file, hub id, or a dict of arrays), or
+        """Bind ``weights`` (HF folder, safetensors file, hub id, GGUF file, or a dict of
+        arrays under Hugging Face names), or
         seeded random weights when ``random_seed`` is given instead. One of the two is needed:
         there is no silent random fallback."""
         self.plan = plan if isinstance(plan, Plan) else load_plan(plan)
@@ -115,9 +133,9 @@ class Session:
             )
         if random_seed is not None:
             arrays = random_weights(graph, random_seed)
-        elif isinstance(weights, dict):
-            arrays = weights
         else:
+            if not isinstance(weights, dict):
+                check_weights_config(self.config, weights)
             arrays = load_weights(graph, weights, tied=self.config.tie_word_embeddings)
         self.weights = arrays
         self.executor = Executor(graph, arrays, workers)

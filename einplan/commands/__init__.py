@@ -4,5 +4,7 @@
 COMMANDS = [
     "compile",
     "eval",
+    "run",
+    "convert",
     "train",
 ]

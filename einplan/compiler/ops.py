@@ -23,6 +23,7 @@ class Op(StrEnum):
     STATE = "state"
     KV_APPEND = "kv_append"
     SLICE_LAST = "slice_last"
+    SPLIT = "split"
     EINSUM = "einsum"
     ADD = "add"
     MUL = "mul"
@@ -143,7 +144,7 @@ def _infer_gather(shapes, dtypes, attrs):
 def _infer_rms_norm(shapes, dtypes, attrs):
     x, w = shapes
     _need(len(w) == 1 and w[0] == x[-1], f"rms_norm weight {list(w)} must be [{x[-1]}]")
-    _need(dtypes[0] == dtypes[1] == "f32" or dtypes[0] == dtypes[1], "rms_norm dtypes differ")
+    _need(dtypes[0] == dtypes[1], f"rms_norm dtypes differ: {dtypes}")
     return x, dtypes[0]
 
 
@@ -216,6 +217,16 @@ def _infer_slice_last(shapes, dtypes, attrs):
     return (x[0], *x[2:]), dtypes[0]
 
 
+def _infer_split(shapes, dtypes, attrs):
+    (x,) = shapes
+    start, stop = attrs["start"], attrs["stop"]
+    _need(
+        isinstance(x[-1], int) and 0 <= start < stop <= x[-1],
+        f"split [{start}:{stop}] does not fit last axis {x[-1]}",
+    )
+    return (*x[:-1], stop - start), dtypes[0]
+
+
 def _infer_expand(shapes, dtypes, attrs):
     (x,) = shapes
     target, axes = tuple(attrs["shape"]), attrs["axes"]
@@ -286,6 +297,7 @@ OPS: dict[Op, OpDef] = {
     Op.STATE: OpDef(_infer_leaf),
     Op.KV_APPEND: OpDef(_infer_kv_append, alias=True),
     Op.SLICE_LAST: OpDef(_infer_slice_last),
+    Op.SPLIT: OpDef(_infer_split, alias=True),
     Op.EINSUM: OpDef(_infer_einsum, hidden_attrs=("recipe",)),
     Op.ADD: OpDef(_infer_binary, 1),
     Op.MUL: OpDef(_infer_binary, 1),

@@ -15,9 +15,9 @@ if TYPE_CHECKING:
     from einplan.models.train_config import TrainConfig
 
 # The order of DESIGN.md; passes of later issues (lora, quantize) slot in before simplify.
-# schedule runs before memory: buffers may only be reused across dependency levels, so
-# liveness needs the level order.
-PASSES = ("simplify", "contract", "schedule", "memory")
+# pack (inference graphs only) lays out projection weights for the runtime. schedule runs before
+# memory: buffers may only be reused across dependency levels, so liveness needs the level order.
+PASSES = ("simplify", "pack", "contract", "schedule", "memory")
 # A training entry first gets its reverse graph, then the optimizer's in-place updates.
 TRAIN_PASSES = ("autodiff", "optimizer", *PASSES)
 
@@ -35,6 +35,7 @@ class PassContext:
     verify: bool = True
     dump_after: tuple[str, ...] = ()
     on_dump: Callable[[str, Graph], None] | None = None
+    skip: tuple[str, ...] = ()  # passes not to run (optimisations only, e.g. "pack")
     stats: list[dict] = field(default_factory=list)
     train: TrainConfig | None = None  # the optimizer pass's settings
 
@@ -66,5 +67,6 @@ def run_pipeline(graph: Graph, ctx: PassContext, passes: tuple[str, ...] = PASSE
     if ctx.verify:
         graph.verify()
     for name in passes:
-        graph = run_pass(name, graph, ctx)
+        if name not in ctx.skip:
+            graph = run_pass(name, graph, ctx)
     return graph

@@ -254,15 +254,44 @@ def read_config(source: str | Path | dict[str, Any]) -> tuple[dict[str, Any], st
     if path.is_dir():
         path = path / "config.json"
     if not path.exists():
+        names = ", ".join(p.stem for p in sorted(builtin_config_dir().glob("*.json")))
         raise ConfigError(
             f"config file {str(source)!r} not found (give a path to a JSON config, "
-            f"a model folder with config.json, or a built-in name: "
-            f"{', '.join(p.stem for p in sorted(builtin_config_dir().glob('*.json')))})"
+            f"a model folder with config.json, or a built-in name: {names})"
         )
     try:
         return json.loads(path.read_text()), str(path)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
+
+
+# Fields that change what the weights compute; two configs that differ in one are different
+# models even when every tensor has the same shape.
+ARCHITECTURE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "rms_norm_eps",
+    "tie_word_embeddings",
+    "qkv_bias",
+    "rope_theta",
+    "rope_scaling",
+)
+
+
+def config_differences(a: ModelConfig, b: ModelConfig) -> list[str]:
+    """The architecture fields on which two configs disagree, as ``field: a vs b``."""
+    out = []
+    for name in ARCHITECTURE_FIELDS:
+        x, y = getattr(a, name), getattr(b, name)
+        same = abs(x - y) <= 1e-6 * abs(x) if isinstance(x, float) else x == y
+        if not same:
+            out.append(f"{name}: {x!r} vs {y!r}")
+    return out
 
 
 def load_config(source: str | Path | dict[str, Any]) -> ModelConfig:

@@ -30,6 +30,9 @@ class InputError(EinplanError):
     """Inputs or weights do not fit the plan (shape, dtype, size limits)."""
 
 
+# views that only look at their input: over a buffer known before the run they are made once
+PURE_VIEWS = (Op.RESHAPE, Op.SPLIT)
+
 # a dim bounded by another at run time: the keys attended to cannot exceed the cache
 CAPACITY = {"kv": "ctx"}
 
@@ -68,6 +71,7 @@ class Prepared:
     levels: list[list[int]]  # step indices per dependency level
     table: list[tuple]  # per step: (name, op, flops, bytes)
     arena_bytes: int
+    static: dict[int, np.ndarray]  # views fixed at prepare time (reshape, split of buffers)
 
 
 class Executor:
@@ -150,6 +154,9 @@ class Executor:
         arena = [np.empty(max(s, 1), np.uint8) for s in slot_sizes]
         scratch_bufs: dict[tuple, np.ndarray] = {}
         steps, table, levels = [], [], {}
+        fixed: dict[int, np.ndarray] = dict(self.params)  # arrays known before the run
+        static: dict[int, np.ndarray] = {}  # views of fixed arrays, made once here
+        carried_free: list[int] = []  # frees of a view step that no longer runs
         for n in g.nodes:
             if n.op in LEAVES:
                 continue
@@ -168,6 +175,12 @@ class Executor:
 
             kernel = make_kernel(n, ins, shape, scratch)
             dtype = to_numpy_dtype(n.dtype)
+            if n.op in PURE_VIEWS and all(i in fixed for i in n.inputs):
+                view = kernel([fixed[i] for i in n.inputs], None)
+                if view.base is not None:  # a true view (a reshape may have to copy)
+                    fixed[n.id] = static[n.id] = view
+                    carried_free += ann.get("free_after", [])
+                    continue
             if OPS[n.op].alias:
                 out = None
             elif ann.get("slot") is None:  # an output, or the buffer an output is a view of
@@ -175,8 +188,12 @@ class Executor:
             else:
                 nbytes = int(np.prod(shape)) * dtype.itemsize
                 out = arena[ann["slot"]][:nbytes].view(dtype).reshape(shape)
+            if isinstance(out, np.ndarray):
+                fixed[n.id] = out
             index = len(steps)
-            steps.append((index, n.id, kernel, n.inputs, out, ann.get("free_after", []), thread))
+            free = carried_free + ann.get("free_after", [])
+            carried_free = []
+            steps.append((index, n.id, kernel, n.inputs, out, free, thread))
             levels.setdefault(ann.get("level", index), []).append(index)
             in_nodes = [nodes[i] for i in n.inputs]
             table.append(
@@ -201,7 +218,7 @@ class Executor:
         # scratch for one binding is sized by the kernels built above
         arena_bytes = sum(slot_sizes) + sum(b.nbytes for b in scratch_bufs.values())
         prepared = Prepared(
-            dict(dims), steps, [levels[k] for k in sorted(levels)], table, arena_bytes
+            dict(dims), steps, [levels[k] for k in sorted(levels)], table, arena_bytes, static
         )
         self._prepared[key] = prepared
         while len(self._prepared) > 2:
@@ -213,7 +230,7 @@ class Executor:
     ) -> dict[str, np.ndarray]:
         """Execute the entry on ``inputs`` and return its named outputs."""
         prepared = self.prepare(self.bind_dims(inputs))
-        env: dict[int, np.ndarray] = dict(self.params)
+        env: dict[int, np.ndarray] = {**self.params, **prepared.static}
         for n in self.graph.inputs():
             arr = np.asarray(inputs[n.name], dtype=to_numpy_dtype(n.dtype))
             env[n.id] = arr if arr.flags.c_contiguous else np.ascontiguousarray(arr)
@@ -246,9 +263,16 @@ class Executor:
                 del env[f]
 
     def _run_sequential(self, prepared, env, recorder, run):
-        run_step = self._run_step
-        for step in prepared.steps:
-            run_step(step, env, recorder, run)
+        if recorder is not None:
+            for step in prepared.steps:
+                self._run_step(step, env, recorder, run)
+            return
+        for _, nid, kernel, in_ids, out, free, _ in prepared.steps:  # the hot loop
+            if type(out) is OutputRing:
+                out = out.take()
+            env[nid] = kernel([env[i] for i in in_ids], out)
+            for f in free:
+                del env[f]
 
     def _run_pooled(self, prepared, env, recorder, run):
         steps = prepared.steps

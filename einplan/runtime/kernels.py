@@ -118,11 +118,12 @@ def make_gather(node, shapes, out_shape, scratch) -> Kernel:
 
 def make_rms_norm(node, shapes, out_shape, scratch) -> Kernel:
     eps = scalar_type(node)(node.attrs["eps"])
+    inv_d = scalar_type(node)(1.0 / out_shape[-1])
 
     def rms_norm(ins, out):
         x, w = ins
-        np.multiply(x, x, out=out)
-        denom = out.mean(axis=-1, keepdims=True)
+        denom = np.vecdot(x, x)[..., None]  # sum of squares over the last axis
+        denom *= inv_d
         denom += eps
         np.sqrt(denom, out=denom)
         np.divide(x, denom, out=out)
@@ -272,6 +273,11 @@ def make_slice_last(node, shapes, out_shape, scratch) -> Kernel:
         return out
 
     return slice_last
+
+
+def make_split(node, shapes, out_shape, scratch) -> Kernel:
+    start, stop = node.attrs["start"], node.attrs["stop"]
+    return lambda ins, out: ins[0][..., start:stop]
 
 
 def make_reshape(node, shapes, out_shape, scratch) -> Kernel:
@@ -560,6 +566,7 @@ KERNELS: dict[Op, Callable[..., Kernel]] = {
     Op.RESHAPE: make_reshape,
     Op.KV_APPEND: make_kv_append,
     Op.SLICE_LAST: make_slice_last,
+    Op.SPLIT: make_split,
     Op.TRANSPOSE: make_transpose,
     Op.CAST: make_cast,
     Op.EXPAND: make_expand,

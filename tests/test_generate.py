@@ -164,3 +164,19 @@ def test_bad_generation_requests():
         gen.generate([[1] * 600], 4, GREEDY)
     with pytest.raises(EinplanError, match="top-p"):
         SamplingConfig(top_p=0.0)
+
+
+def test_chunked_prefill_equals_one_chunk(monkeypatch):
+    plan, session, ref = _load("llama3_rope_scaling")
+    prompt = ref["input_ids"][0, :50].tolist()
+    gen = Generator(plan, session.weights)
+    whole = gen.generate([prompt], 8, GREEDY)
+    monkeypatch.setattr("einplan.runtime.generate.PREFILL_CHUNK", 16)
+    chunked = gen.generate([prompt], 8, GREEDY)
+    assert chunked.tokens == whole.tokens
+
+
+def test_full_context_is_a_stop_reason():
+    plan, session, ref = _load("llama_mha_untied")
+    out = Generator(plan, session.weights).generate([[1, 2, 3]], 10, GREEDY, ctx=6)
+    assert len(out.tokens[0]) == 3 and out.stop_reasons == ["context"]

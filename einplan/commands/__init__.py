@@ -9,4 +9,5 @@ COMMANDS = [
     "quantize",
     "lora",
     "quant_report",
+    "train",
 ]

@@ -10,7 +10,7 @@ from einplan.commands.quantize import add_quant_arguments
 
 def run(args: argparse.Namespace) -> None:
     """Compile, save, and print the summary."""
-    from einplan.api import compile_model
+    from einplan.api import ENTRIES, TRAIN_ENTRIES, compile_model
     from einplan.commands.quantize import quant_options
     from einplan.compiler.pipeline import PassContext
     from einplan.report.summary import print_compile_summary
@@ -20,6 +20,8 @@ def run(args: argparse.Namespace) -> None:
     plan = compile_model(
         args.config,
         weight_dtype=args.weight_dtype,
+        compute_dtype=args.compute_dtype,
+        entries=TRAIN_ENTRIES if args.train else ENTRIES,
         ctx=ctx,
         lora=adapter_options(args.lora) if args.lora and Path(args.lora).is_dir() else args.lora,
         quant=quant_options(args),
@@ -41,9 +43,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("-o", "--output", help="plan file to write (default: CONFIG-NAME.plan)")
     c.add_argument(
         "--weight-dtype",
-        default="f32",
-        choices=["f32", "bf16", "f16"],
-        help="storage dtype of the weights (compute is float32)",
+        choices=["f32", "bf16", "f16", "f64"],
+        help="storage dtype of the weights (default: the compute dtype)",
+    )
+    c.add_argument(
+        "--compute-dtype",
+        choices=["f32", "f64"],
+        help="dtype of every computed value (default: the train section's, else f32)",
+    )
+    c.add_argument(
+        "--train",
+        action="store_true",
+        help="also compile train_step (forward, backward, optimizer) and loss entries, with "
+        "the config's train settings",
     )
     c.add_argument("--batch", type=int, default=1, help="batch for the memory estimate")
     c.add_argument("--seq", type=int, default=256, help="sequence length for the estimates")

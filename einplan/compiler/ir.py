@@ -32,6 +32,13 @@ class Node:
         """How other lines of the printed graph refer to this value."""
         return f"%{self.name}" if self.op in LEAVES else f"%{self.id}"
 
+    def phase(self) -> str:
+        """The part of a training step the node belongs to, by the tags the autodiff and
+        optimizer passes give: ``forward``, ``backward`` or ``optimizer``."""
+        if "optimizer" in self.tags:
+            return "optimizer"
+        return "backward" if "reverse" in self.tags else "forward"
+
     def with_(self, **changes: Any) -> Node:
         """Return a copy with some fields replaced."""
         return replace(self, **changes)
@@ -72,8 +79,15 @@ class Graph:
     name: str = "forward"
     annotations: dict[int, dict[str, Any]] = field(default_factory=dict)  # per node: schedule
     meta: dict[str, Any] = field(default_factory=dict)  # per graph: slots, peak, pass stats
+    # steps run for their side effect (in-place optimizer updates) that no output reads
+    effects: list[int] = field(default_factory=list)
 
-    def replace_nodes(self, nodes: list[Node], outputs: dict[str, int] | None = None) -> Graph:
+    def replace_nodes(
+        self,
+        nodes: list[Node],
+        outputs: dict[str, int] | None = None,
+        effects: list[int] | None = None,
+    ) -> Graph:
         """Return a graph with new nodes and the same dims, annotations and meta."""
         return Graph(
             nodes,
@@ -82,6 +96,7 @@ class Graph:
             self.name,
             dict(self.annotations),
             dict(self.meta),
+            list(self.effects if effects is None else effects),
         )
 
     def by_id(self) -> dict[int, Node]:
@@ -132,6 +147,8 @@ class Graph:
         lines = [f"graph {self.name}({dims}) {{"]
         lines += ["  " + self.format_line(n, nodes) for n in self.nodes]
         outs = ", ".join(f"{k}={nodes[v].ref()}" for k, v in self.outputs.items())
+        if self.effects:
+            outs += f"; effects {len(self.effects)} steps"
         lines.append(f"  return {outs}")
         lines.append("}")
         return "\n".join(lines)
@@ -173,6 +190,9 @@ class Graph:
         for k, v in self.outputs.items():
             if v not in seen:
                 raise ShapeError(f"output {k!r} names undefined value %{v}")
+        for v in self.effects:
+            if v not in seen:
+                raise ShapeError(f"effect step %{v} is not defined")
 
 
 def check_dim(d: Dim, dims: dict[str, int], where: str) -> None:

@@ -39,6 +39,19 @@ class Op(StrEnum):
     DEQUANTIZE = "dequantize"
     FAKE_QUANT = "fake_quant"
     SCALE = "scale"
+    EXPAND = "expand"
+    SCATTER_ADD = "scatter_add"
+    CROSS_ENTROPY = "cross_entropy"
+    # reverse-mode ops the autodiff pass emits (compiler/vjp.py)
+    CROSS_ENTROPY_GRAD = "cross_entropy_grad"
+    RMS_NORM_GRAD = "rms_norm_grad"
+    SOFTMAX_GRAD = "softmax_grad"
+    SILU_MUL_GRAD = "silu_mul_grad"
+    # optimizer ops the optimizer pass emits: in place on their first input
+    ACC_GRAD = "acc_grad"
+    GRAD_NORM = "grad_norm"
+    ADAMW = "adamw"
+    SGD = "sgd"
 
 
 class ShapeError(EinplanError):
@@ -134,14 +147,14 @@ def _infer_gather(shapes, dtypes, attrs):
 def _infer_rms_norm(shapes, dtypes, attrs):
     x, w = shapes
     _need(len(w) == 1 and w[0] == x[-1], f"rms_norm weight {list(w)} must be [{x[-1]}]")
-    _need(dtypes[0] == dtypes[1] == "f32" or dtypes[0] == dtypes[1], "rms_norm dtypes differ")
+    _need(dtypes[0] == dtypes[1], f"rms_norm dtypes differ: {dtypes}")
     return x, dtypes[0]
 
 
 def _infer_rope_table(shapes, dtypes, attrs):
     (pos,) = shapes
     _need(dtypes[0] in INT_DTYPES, f"rope_table positions must be integers, got {dtypes[0]}")
-    return (2, *pos, len(attrs["inv_freq"])), "f32"
+    return (2, *pos, len(attrs["inv_freq"])), attrs.get("dtype", "f32")
 
 
 def _infer_rope(shapes, dtypes, attrs):
@@ -250,6 +263,66 @@ def _infer_split(shapes, dtypes, attrs):
     return (*x[:-1], stop - start), dtypes[0]
 
 
+def _infer_expand(shapes, dtypes, attrs):
+    (x,) = shapes
+    target, axes = tuple(attrs["shape"]), attrs["axes"]
+    kept = tuple(d for i, d in enumerate(target) if i not in axes)
+    _need(kept == tuple(x), f"expand: {list(x)} is not {list(target)} without axes {axes}")
+    return target, dtypes[0]
+
+
+def _infer_scatter_add(shapes, dtypes, attrs):
+    values, ids = shapes
+    _need(dtypes[1] in INT_DTYPES, f"scatter_add ids must be integers, got {dtypes[1]}")
+    _need(tuple(values[:-1]) == tuple(ids), f"scatter_add: values {values} do not fit ids {ids}")
+    return (attrs["rows"], values[-1]), dtypes[0]
+
+
+def _infer_cross_entropy(shapes, dtypes, attrs):
+    logits, targets = shapes[:2]
+    _need(tuple(logits[:-1]) == tuple(targets), f"cross_entropy: {logits} vs targets {targets}")
+    _need(dtypes[1] in INT_DTYPES, f"cross_entropy targets must be integers, got {dtypes[1]}")
+    _need(dtypes[0] in FLOAT_DTYPES, f"cross_entropy logits must be float, got {dtypes[0]}")
+    return (), dtypes[0]
+
+
+def _infer_cross_entropy_grad(shapes, dtypes, attrs):
+    _infer_cross_entropy(shapes, dtypes, attrs)
+    _need(tuple(shapes[2]) == (), f"cross_entropy_grad: cotangent must be a scalar, {shapes[2]}")
+    return shapes[0], dtypes[0]
+
+
+def _infer_like_first(shapes, dtypes, attrs):
+    _need(all(d == dtypes[0] for d in dtypes), f"operands differ in dtype: {dtypes}")
+    return shapes[0], dtypes[0]
+
+
+def _infer_rms_norm_grad(shapes, dtypes, attrs):
+    x, w, ct = shapes
+    _need(tuple(ct) == tuple(x), f"rms_norm_grad: cotangent {ct} is not x's {x}")
+    return (x if attrs["wrt"] == "x" else w), dtypes[0]
+
+
+def _infer_same_shapes(shapes, dtypes, attrs):
+    _need(all(tuple(s) == tuple(shapes[0]) for s in shapes), f"shapes differ: {shapes}")
+    return _infer_like_first(shapes, dtypes, attrs)
+
+
+def _infer_grad_norm(shapes, dtypes, attrs):
+    _need(tuple(shapes[0]) == (), f"grad_norm: the loss must be a scalar, got {shapes[0]}")
+    _need(len(set(dtypes)) == 1, f"grad_norm operands differ in dtype: {sorted(set(dtypes))}")
+    return (), dtypes[0]
+
+
+def _infer_update(shapes, dtypes, attrs):
+    """An optimizer update: (param, *state, grad, norm, lr, step) -> param, in place."""
+    *tensors, norm, lr, step = shapes
+    _need(all(tuple(s) == tuple(tensors[0]) for s in tensors), f"shapes differ: {tensors}")
+    _need(norm == lr == step == (), "norm, lr and step must be scalars")
+    _need(dtypes[-1] in INT_DTYPES, f"step must be an integer, got {dtypes[-1]}")
+    return tensors[0], dtypes[0]
+
+
 def _infer_leaf(shapes, dtypes, attrs):
     raise AssertionError("leaves carry their own shape")
 
@@ -278,10 +351,24 @@ OPS: dict[Op, OpDef] = {
     Op.DEQUANTIZE: OpDef(_infer_dequantize, alias=True),
     Op.FAKE_QUANT: OpDef(_infer_fake_quant, 5),
     Op.SCALE: OpDef(_infer_scale, 1),
+    Op.EXPAND: OpDef(_infer_expand),
+    Op.SCATTER_ADD: OpDef(_infer_scatter_add, 1),
+    Op.CROSS_ENTROPY: OpDef(_infer_cross_entropy, 4),
+    Op.CROSS_ENTROPY_GRAD: OpDef(_infer_cross_entropy_grad, 5),
+    Op.RMS_NORM_GRAD: OpDef(_infer_rms_norm_grad, 8),
+    Op.SOFTMAX_GRAD: OpDef(_infer_like_first, 4),
+    Op.SILU_MUL_GRAD: OpDef(_infer_like_first, 8),
+    Op.ACC_GRAD: OpDef(_infer_same_shapes, 1, alias=True),
+    Op.GRAD_NORM: OpDef(_infer_grad_norm),
+    Op.ADAMW: OpDef(_infer_update, 12, alias=True),
+    Op.SGD: OpDef(_infer_update, 5, alias=True),
 }
 
 
 LEAVES = frozenset({Op.PARAM, Op.INPUT, Op.STATE})  # values bound from outside, never computed
+
+# ops that write into their first input: bytes moved per element of it (read + write)
+IN_PLACE_TRAFFIC = {Op.ACC_GRAD: 3, Op.ADAMW: 8, Op.SGD: 6}
 
 
 def einsum_flops(spec: str, shapes: list[Shape]) -> Poly:
@@ -299,6 +386,8 @@ def count_flops(op: Op, in_shapes: list[Shape], out_shape: Shape, attrs: dict) -
     """FLOPs one execution of the op performs, as a polynomial in the symbolic dims."""
     if op is Op.EINSUM:
         return einsum_flops(attrs["spec"], in_shapes)
+    if op is Op.GRAD_NORM:
+        return add_polys(*(scale_poly(numel(s), 2) for s in in_shapes[1:]))
     return scale_poly(numel(out_shape), OPS[op].flops_per_element)
 
 
@@ -306,6 +395,8 @@ def count_bytes(op: Op, in_shapes, in_dtypes, out_shape, out_dtype) -> Poly:
     """Bytes read plus written by one execution (views move nothing)."""
     if op is Op.KV_APPEND:  # writes the new entries into the cache, in place
         return scale_poly(numel(in_shapes[1]), 2 * ITEMSIZE[in_dtypes[1]])
+    if op in IN_PLACE_TRAFFIC:
+        return scale_poly(numel(in_shapes[0]), IN_PLACE_TRAFFIC[op] * ITEMSIZE[in_dtypes[0]])
     if OPS[op].alias or op in LEAVES:
         return {}
     parts = [scale_poly(numel(s), ITEMSIZE[d]) for s, d in zip(in_shapes, in_dtypes, strict=True)]

@@ -7,15 +7,22 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from einplan.compiler.ir import Graph
 from einplan.compiler.lora_spec import LoraConfig
 from einplan.compiler.quant_scheme import QuantConfig
 
-# The order of DESIGN.md; passes of later issues (autodiff, optimizer) slot in before simplify.
-# schedule runs before memory: buffers may only be reused across dependency levels, so
+if TYPE_CHECKING:
+    from einplan.models.train_config import TrainConfig
+
+# The order of DESIGN.md. pack (inference graphs only) lays out projection weights for the
+# runtime. schedule runs before memory: buffers may only be reused across dependency levels, so
 # liveness needs the level order.
 PASSES = ("lora", "quantize", "simplify", "pack", "contract", "schedule", "memory")
+# A training entry gets its reverse graph after LoRA and quantisation, then the optimizer's
+# in-place updates.
+TRAIN_PASSES = (*PASSES[:2], "autodiff", "optimizer", *PASSES[2:])
 
 
 @dataclass
@@ -31,9 +38,11 @@ class PassContext:
     verify: bool = True
     dump_after: tuple[str, ...] = ()
     on_dump: Callable[[str, Graph], None] | None = None
+    skip: tuple[str, ...] = ()  # passes not to run (optimisations only, e.g. "pack")
     stats: list[dict] = field(default_factory=list)
     lora: LoraConfig | None = None  # the lora pass adds adapters when set
     quant: QuantConfig | None = None  # the quantize pass quantises when set
+    train: TrainConfig | None = None  # the optimizer pass's settings
 
 
 def run_pass(name: str, graph: Graph, ctx: PassContext) -> Graph:
@@ -63,5 +72,6 @@ def run_pipeline(graph: Graph, ctx: PassContext, passes: tuple[str, ...] = PASSE
     if ctx.verify:
         graph.verify()
     for name in passes:
-        graph = run_pass(name, graph, ctx)
+        if name not in ctx.skip:
+            graph = run_pass(name, graph, ctx)
     return graph

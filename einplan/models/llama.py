@@ -23,11 +23,12 @@ from einplan.models.config import ModelConfig
 LINEAR = frozenset({"linear"})
 
 
-def rope_inv_freq(cfg: ModelConfig) -> list[float]:
-    """Rotary inverse frequencies in float32, with Llama-3 or linear scaling applied."""
+def rope_inv_freq(cfg: ModelConfig, dtype: str = "f32") -> list[float]:
+    """Rotary inverse frequencies in the compute dtype (float32 as transformers computes them,
+    or float64), with Llama-3 or linear scaling applied."""
     hd = cfg.head_dim
-    inv = 1.0 / (np.float32(cfg.rope_theta) ** (np.arange(0, hd, 2, dtype=np.float32) / hd))
-    inv = inv.astype(np.float32)
+    ft = np.float64 if dtype == "f64" else np.float32
+    inv = (1.0 / (ft(cfg.rope_theta) ** (np.arange(0, hd, 2, dtype=ft) / hd))).astype(ft)
     sc = cfg.rope_scaling
     if sc.get("rope_type") == "linear":
         inv = inv / np.float32(sc["factor"])
@@ -39,17 +40,19 @@ def rope_inv_freq(cfg: ModelConfig) -> list[float]:
         smooth = (old_ctx / wavelen - lo) / (hi - lo)
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= old_ctx / hi) & (wavelen <= old_ctx / lo)
-        inv = np.where(medium, smoothed, scaled).astype(np.float32)
+        inv = np.where(medium, smoothed, scaled).astype(ft)
     return [float(x) for x in inv]
 
 
 ENTRIES = ("forward", "prefill", "decode")
+TRACED = (*ENTRIES, "loss")  # loss: forward + mean next-token cross entropy against targets
 
 
 @dataclass(frozen=True)
 class Step:
-    """What one traced entry point needs besides the builder: the config, the weight dtype,
-    and for cached entries the attention mask (batch, seq, kv) and the cache write slot."""
+    """What one traced entry point needs besides the builder: the config, the weight and
+    compute dtypes, and for cached entries the attention mask (batch, seq, kv) and the cache
+    write slot."""
 
     cfg: ModelConfig
     weight_dtype: str = "f32"
@@ -60,16 +63,18 @@ class Step:
 def linear(
     b: Builder, x: Value, role: str, key: str, n_out: int, bias: bool = False, dtype: str = "f32"
 ) -> Value:
-    """Project the last axis of ``x`` by the (out, in) weight ``key``; the one choke point
-    where LoRA and quantisation rewrite the graph."""
+    """Project the last axis of ``x`` by the (out, in) weight ``key`` stored as ``dtype``
+    (cast to x's compute dtype); the one choke point where LoRA and quantisation rewrite the
+    graph."""
     w = b.param(f"{role}.w", f"{key}.weight", (n_out, x.shape[-1]), dtype, tags=LINEAR)
-    if dtype != "f32":
-        w = b.cast(w, "f32", role=f"{role}.cast")
+    if dtype != x.dtype:
+        w = b.cast(w, x.dtype, role=f"{role}.cast")
     lead = "bs"[: len(x.shape) - 1]
     # (batch, seq, in) x (out, in) -> (batch, seq, out)
     y = b.einsum(f"{lead}i,oi->{lead}o", x, w, role=role, tags=LINEAR)
     if bias:
-        y = b.add(y, b.param(f"{role}.b", f"{key}.bias", (n_out,)), role=f"{role}.bias")
+        bias_w = b.param(f"{role}.b", f"{key}.bias", (n_out,), x.dtype)
+        y = b.add(y, bias_w, role=f"{role}.bias")
     return y
 
 
@@ -114,54 +119,65 @@ def mlp(b: Builder, x: Value, st: Step, i: int) -> Value:
     return linear(b, act, "ffn_down", f"{pre}.down_proj", cfg.hidden_size, False, wdt)
 
 
-def build_graph(cfg: ModelConfig, entry: str = "forward", weight_dtype: str = "f32") -> Graph:
-    """Trace one entry point: token ids and positions in, float32 logits out.
+def build_graph(
+    cfg: ModelConfig, entry: str = "forward", weight_dtype: str = "f32", compute_dtype: str = "f32"
+) -> Graph:
+    """Trace one entry point: token ids and positions in, logits (or the loss) out, computed
+    in ``compute_dtype`` (float32, or float64 for gradient checks).
 
     ``forward``: logits for every position, no cache. ``prefill``: ``seq`` prompt tokens
     written into the KV cache at slot ``write_pos``, attending over its first ``kv`` slots as
     the additive ``mask`` (batch, seq, kv) allows; logits of the last position. ``decode``: the
-    same for one token per sequence, so its shapes stay fixed from token to token.
+    same for one token per sequence, so its shapes stay fixed from token to token. ``loss``:
+    the forward pass scored against ``targets`` (batch, seq) by mean cross entropy (targets
+    of -100 are ignored), the graph the autodiff pass differentiates.
     """
-    if entry not in ENTRIES:
-        raise ValueError(f"unknown entry point {entry!r} (known: {', '.join(ENTRIES)})")
+    if entry not in TRACED:
+        raise ValueError(f"unknown entry point {entry!r} (known: {', '.join(TRACED)})")
     limit = cfg.max_position_embeddings
     dims = {"batch": cfg.max_batch, "seq": limit}
-    if entry != "forward":
+    cached = entry in ("prefill", "decode")
+    if cached:
         dims.update(kv=limit, ctx=limit)
     b = Builder(dims, entry)
     seq = 1 if entry == "decode" else "seq"
-    d = cfg.hidden_size
+    d, cdt = cfg.hidden_size, compute_dtype
     tokens = b.input("tokens", ("batch", seq), "i64")
     positions = b.input("positions", ("batch", seq), "i64")
     st = Step(cfg, weight_dtype)
-    if entry != "forward":
-        mask = b.input("mask", ("batch", seq, "kv"), "f32")
+    if cached:
+        mask = b.input("mask", ("batch", seq, "kv"), cdt)
         st = Step(cfg, weight_dtype, mask, b.input("write_pos", (1,), "i64"))
     if entry == "decode":
         del b.graph.dims["seq"]
     embed = b.param("embed.w", "model.embed_tokens.weight", (cfg.vocab_size, d), weight_dtype)
-    x = b.gather(embed, tokens, role="embed")  # (b, s) -> (b, s, d)
-    rope = b.rope_table(positions, rope_inv_freq(cfg))
+    x = b.gather(embed, tokens, cdt, role="embed")  # (b, s) -> (b, s, d)
+    rope = b.rope_table(positions, rope_inv_freq(cfg, cdt), cdt)
     for i in range(cfg.num_hidden_layers):
         with b.layer(i):
-            ln1 = b.param("attn_norm.w", f"model.layers.{i}.input_layernorm.weight", (d,))
+            ln1 = b.param("attn_norm.w", f"model.layers.{i}.input_layernorm.weight", (d,), cdt)
             h = attention(b, b.rms_norm(x, ln1, cfg.rms_norm_eps, role="attn_norm"), rope, st, i)
             x = b.add(x, h, role="attn_residual")
-            ln2 = b.param("ffn_norm.w", f"model.layers.{i}.post_attention_layernorm.weight", (d,))
+            key = f"model.layers.{i}.post_attention_layernorm.weight"
+            ln2 = b.param("ffn_norm.w", key, (d,), cdt)
             h = mlp(b, b.rms_norm(x, ln2, cfg.rms_norm_eps, role="ffn_norm"), st, i)
             x = b.add(x, h, role="ffn_residual")
-    if entry != "forward":  # generation needs only the last position's logits
+    if cached:  # generation needs only the last position's logits
         x = b.slice_last(x)  # (b, s, d) -> (b, d)
-    norm = b.param("output_norm.w", "model.norm.weight", (d,))
+    norm = b.param("output_norm.w", "model.norm.weight", (d,), cdt)
     x = b.rms_norm(x, norm, cfg.rms_norm_eps, role="output_norm")
     if cfg.tie_word_embeddings:
-        head = embed if weight_dtype == "f32" else b.cast(embed, "f32", role="output.cast")
+        head = embed if weight_dtype == cdt else b.cast(embed, cdt, role="output.cast")
         lead = "bs"[: len(x.shape) - 1]
         # (b, s, d) x (v, d) -> (b, s, v)
         logits = b.einsum(f"{lead}d,vd->{lead}v", x, head, role="output", tags=LINEAR)
     else:
         logits = linear(b, x, "output", "lm_head", cfg.vocab_size, False, weight_dtype)
-    b.output("logits", logits)
+    if entry == "loss":
+        targets = b.input("targets", ("batch", "seq"), "i64")
+        b.output("loss", b.cross_entropy(logits, targets))
+    else:
+        b.output("logits", logits)
     return b.graph
 
 

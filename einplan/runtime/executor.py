@@ -31,6 +31,9 @@ class InputError(EinplanError):
     """Inputs or weights do not fit the plan (shape, dtype, size limits)."""
 
 
+# views that only look at their input: over a buffer known before the run they are made once
+PURE_VIEWS = (Op.RESHAPE, Op.SPLIT)
+
 # a dim bounded by another at run time: the keys attended to cannot exceed the cache
 CAPACITY = {"kv": "ctx"}
 
@@ -75,6 +78,7 @@ class Prepared:
     levels: list[list[int]]  # step indices per dependency level
     table: list[tuple]  # per step: (name, op, flops, bytes)
     arena_bytes: int
+    static: dict[int, np.ndarray]  # views fixed at prepare time (reshape, split of buffers)
 
 
 class Executor:
@@ -124,7 +128,7 @@ class Executor:
                     f"missing input {n.name!r} (plan inputs: "
                     f"{', '.join(x.name for x in self.graph.inputs())})"
                 )
-            arr = inputs[n.name]
+            arr = np.asarray(inputs[n.name])
             if arr.ndim != len(n.shape):
                 raise InputError(
                     f"input {n.name!r} must have rank {len(n.shape)} "
@@ -158,6 +162,9 @@ class Executor:
         arena = [np.empty(max(s, 1), np.uint8) for s in slot_sizes]
         scratch_bufs: dict[tuple, np.ndarray] = {}
         steps, table, levels = [], [], {}
+        fixed: dict[int, np.ndarray] = dict(self.params)  # arrays known before the run
+        static: dict[int, np.ndarray] = {}  # views of fixed arrays, made once here
+        carried_free: list[int] = []  # frees of a view step that no longer runs
         for n in g.nodes:
             if n.op in LEAVES:
                 continue
@@ -166,24 +173,35 @@ class Executor:
             shape = resolve_shape(n.shape, dims)
             ins = [resolve_shape(nodes[i].shape, dims) for i in n.inputs]
 
-            def scratch(role, mat, thread=thread):
+            def scratch(role, mat, dtype, thread=thread):
                 size = int(np.prod(mat))
-                buf = scratch_bufs.get((thread, role))
+                key = (thread, role, np.dtype(dtype).str)
+                buf = scratch_bufs.get(key)
                 if buf is None or buf.size < size:
-                    buf = scratch_bufs[(thread, role)] = np.empty(size, np.float32)
+                    buf = scratch_bufs[key] = np.empty(size, dtype)
                 return buf[:size].reshape(mat)
 
             kernel = make_kernel(n, ins, shape, scratch)
             dtype = to_numpy_dtype(n.dtype)
+            if n.op in PURE_VIEWS and all(i in fixed for i in n.inputs):
+                view = kernel([fixed[i] for i in n.inputs], None)
+                if view.base is not None:  # a true view (a reshape may have to copy)
+                    fixed[n.id] = static[n.id] = view
+                    carried_free += ann.get("free_after", [])
+                    continue
             if OPS[n.op].alias:
                 out = None
-            elif ann.get("slot") is None:  # an output, or a value an output is a view of
+            elif ann.get("slot") is None:  # an output, or the buffer an output is a view of
                 out = OutputRing(shape, dtype)
             else:
                 nbytes = int(np.prod(shape)) * dtype.itemsize
                 out = arena[ann["slot"]][:nbytes].view(dtype).reshape(shape)
+            if isinstance(out, np.ndarray):
+                fixed[n.id] = out
             index = len(steps)
-            steps.append((index, n.id, kernel, n.inputs, out, ann.get("free_after", []), thread))
+            free = carried_free + ann.get("free_after", [])
+            carried_free = []
+            steps.append((index, n.id, kernel, n.inputs, out, free, thread))
             levels.setdefault(ann.get("level", index), []).append(index)
             in_nodes = [nodes[i] for i in n.inputs]
             table.append(
@@ -199,7 +217,7 @@ class Executor:
         # scratch for one binding is sized by the kernels built above
         arena_bytes = sum(slot_sizes) + sum(b.nbytes for b in scratch_bufs.values())
         prepared = Prepared(
-            dict(dims), steps, [levels[k] for k in sorted(levels)], table, arena_bytes
+            dict(dims), steps, [levels[k] for k in sorted(levels)], table, arena_bytes, static
         )
         self._prepared[key] = prepared
         while len(self._prepared) > 2:
@@ -211,9 +229,10 @@ class Executor:
     ) -> dict[str, np.ndarray]:
         """Execute the entry on ``inputs`` and return its named outputs."""
         prepared = self.prepare(self.bind_dims(inputs))
-        env: dict[int, np.ndarray] = dict(self.params)
+        env: dict[int, np.ndarray] = {**self.params, **prepared.static}
         for n in self.graph.inputs():
-            env[n.id] = np.ascontiguousarray(inputs[n.name], dtype=to_numpy_dtype(n.dtype))
+            arr = np.asarray(inputs[n.name], dtype=to_numpy_dtype(n.dtype))
+            env[n.id] = arr if arr.flags.c_contiguous else np.ascontiguousarray(arr)
         run = (
             recorder.begin_run(self.graph.name, prepared.dims, prepared.table) if recorder else None
         )

@@ -25,6 +25,7 @@ from einplan.runtime.recorder import Recorder
 from einplan.runtime.sampling import Sampler, SamplingConfig
 
 KV_BUCKET = 64
+PREFILL_CHUNK = 512
 MASKED = np.finfo(np.float32).min  # finite, so a row with nothing visible gives no NaN
 
 
@@ -143,8 +144,9 @@ class Generator:
     ) -> Generation:
         """Generate up to ``max_new_tokens`` for each prompt (token id lists).
 
-        Each row stops on an EOS id, on a stop string (needs ``decode_text``), or at the token
-        limit. ``on_text(row, piece)`` receives text as it is generated.
+        Each row stops on an EOS id, on a stop string (needs ``decode_text``), at the token
+        limit, or when the context is full (reason "context"). ``on_text(row, piece)``
+        receives text as it is generated.
         """
         if not prompts or any(len(p) == 0 for p in prompts):
             raise EinplanError("empty prompt: give at least one token of prompt text")
@@ -158,7 +160,9 @@ class Generator:
                 f"prompt of {longest} tokens leaves no room to generate in a context of {ctx} "
                 f"(the model's limit is {self.limit}); shorten the prompt or raise --ctx"
             )
-        max_new_tokens = min(max_new_tokens, ctx - longest)
+        room = ctx - longest
+        last_reason = "length" if max_new_tokens <= room else "context"
+        max_new_tokens = min(max_new_tokens, room)
         pre, dec, cache = self.bind(batch, ctx)
         stats = PhaseStats(batch, longest, kv_cache_bytes=cache_bytes(cache))
         stats.weights_bytes = sum(a.nbytes for a in self.weights.values())
@@ -171,22 +175,24 @@ class Generator:
         next_ids = np.zeros(batch, np.int64)
         seen = [list(p) for p in prompts]
         new: list[list[int]] = [[] for _ in prompts]
-        reasons = ["length"] * batch
+        reasons = [last_reason] * batch
         done = np.zeros(batch, bool)
         streams = [TextStream(decode_text) for _ in prompts] if decode_text else []
         eos = set(eos_ids)
 
         t0 = time.perf_counter()
-        kv = bucket(longest, ctx)
-        logits = pre.run(
-            {
-                "tokens": tokens,
-                "positions": positions,
-                "mask": attention_mask(pads, 0, longest, kv),
-                "write_pos": np.array([0]),
-            },
-            recorder,
-        )["logits"]
+        for start in range(0, longest, PREFILL_CHUNK):  # long prompts in chunks: scores stay
+            end = min(longest, start + PREFILL_CHUNK)  # (chunk x kv), not (prompt x prompt)
+            kv = bucket(end, ctx)
+            logits = pre.run(
+                {
+                    "tokens": tokens[:, start:end],
+                    "positions": positions[:, start:end],
+                    "mask": attention_mask(pads, start, end - start, kv),
+                    "write_pos": np.array([start]),
+                },
+                recorder,
+            )["logits"]
         stats.prefill_s = time.perf_counter() - t0
         for step in range(max_new_tokens):
             ts = time.perf_counter()

@@ -14,11 +14,17 @@ import numpy as np
 
 from einplan.compiler.ir import Node
 from einplan.compiler.ops import Op
+from einplan.runtime.dtypes import to_numpy_dtype
 from einplan.runtime.qmatmul import THREADS, QuantizedMatrix, scratch_shapes
 from einplan.runtime.quantize import fake_quantize
 
 Kernel = Callable[[list[np.ndarray], np.ndarray | None], np.ndarray]
-Scratch = Callable[[str, tuple[int, ...]], np.ndarray]
+Scratch = Callable[[str, tuple[int, ...], np.dtype], np.ndarray]
+
+
+def scalar_type(node: Node) -> type:
+    """The NumPy scalar type of a node's dtype, for constants that must not change precision."""
+    return to_numpy_dtype(node.dtype).type
 
 
 def _prod(dims) -> int:
@@ -26,7 +32,13 @@ def _prod(dims) -> int:
 
 
 def _operand_view(
-    shape: tuple[int, ...], perm: list[int], nb: int, n1: int, role: str, scratch: Scratch
+    shape: tuple[int, ...],
+    perm: list[int],
+    nb: int,
+    n1: int,
+    role: str,
+    scratch: Scratch,
+    dtype: np.dtype,
 ) -> Callable[[np.ndarray], np.ndarray]:
     """How to present one operand to matmul as ``[batch,] rows x cols`` without a copy when
     the stored layout allows (identity, or a plain 2-D transpose BLAS reads directly)."""
@@ -39,7 +51,7 @@ def _operand_view(
     if nb == 0 and perm == list(range(k, len(perm))) + list(range(k)):
         # stored as (cols, rows): a transposed view, which BLAS reads with its trans flag
         return lambda x: x.reshape(cols, rows).T
-    buf = scratch(role, mat)
+    buf = scratch(role, mat, dtype)
     tshape = tuple(t)
 
     def copy(x: np.ndarray) -> np.ndarray:
@@ -68,8 +80,9 @@ def make_einsum(
     a_shape = tuple(d for i, d in enumerate(shapes[0]) if i not in r["a_sum"])
     b_shape = tuple(d for i, d in enumerate(shapes[1]) if i not in r["b_sum"])
     nb, na, nk, nn = r["groups"]
-    a_view = _operand_view(a_shape, r["a_perm"], nb, na, "a", scratch)
-    b_view = _operand_view(b_shape, r["b_perm"], nb, nk, "b", scratch)
+    dtype = to_numpy_dtype(node.dtype)
+    a_view = _operand_view(a_shape, r["a_perm"], nb, na, "a", scratch, dtype)
+    b_view = _operand_view(b_shape, r["b_perm"], nb, nk, "b", scratch, dtype)
     at = [a_shape[p] for p in r["a_perm"]]
     bt = [b_shape[p] for p in r["b_perm"]]
     logical = tuple(at[: nb + na]) + tuple(bt[nb + nk :])
@@ -77,7 +90,7 @@ def make_einsum(
     a_sum, b_sum = tuple(r["a_sum"]), tuple(r["b_sum"])
     out_perm = r["out_perm"]
     direct = out_perm == sorted(out_perm)
-    c_buf = None if direct else scratch("c", mm)
+    c_buf = None if direct else scratch("c", mm, dtype)
 
     def matmul(ins, out):
         a, b = ins
@@ -101,7 +114,9 @@ def make_qmatmul(node, shapes, out_shape, scratch) -> Kernel:
     rows, cols = shapes[1]
     m = _prod(shapes[0][:-1])
     shapes = scratch_shapes(rows, cols, r["group"], m)
-    bufs = [{k: scratch(f"{k}{t}", s) for k, s in shapes.items()} for t in range(THREADS)]
+    bufs = [
+        {k: scratch(f"{k}{t}", s, np.float32) for k, s in shapes.items()} for t in range(THREADS)
+    ]
     transposed = r["transposed"]
 
     def qmatmul(ins, out):
@@ -140,7 +155,7 @@ def make_fake_quant(node, shapes, out_shape, scratch) -> Kernel:
 
 
 def make_scale(node, shapes, out_shape, scratch) -> Kernel:
-    factor = np.float32(node.attrs["factor"])
+    factor = scalar_type(node)(node.attrs["factor"])
     return lambda ins, out: np.multiply(ins[0], factor, out=out)
 
 
@@ -159,8 +174,8 @@ def make_gather(node, shapes, out_shape, scratch) -> Kernel:
 
 
 def make_rms_norm(node, shapes, out_shape, scratch) -> Kernel:
-    eps = np.float32(node.attrs["eps"])
-    inv_d = np.float32(1.0 / out_shape[-1])
+    eps = scalar_type(node)(node.attrs["eps"])
+    inv_d = scalar_type(node)(1.0 / out_shape[-1])
 
     def rms_norm(ins, out):
         x, w = ins
@@ -176,10 +191,11 @@ def make_rms_norm(node, shapes, out_shape, scratch) -> Kernel:
 
 
 def make_rope_table(node, shapes, out_shape, scratch) -> Kernel:
-    inv_freq = np.asarray(node.attrs["inv_freq"], dtype=np.float32)
+    dtype = to_numpy_dtype(node.dtype)
+    inv_freq = np.asarray(node.attrs["inv_freq"], dtype=dtype)
 
     def rope_table(ins, out):
-        angles = ins[0][..., None].astype(np.float32) * inv_freq
+        angles = ins[0][..., None].astype(dtype) * inv_freq
         np.cos(angles, out=out[0])
         np.sin(angles, out=out[1])
         return out
@@ -191,11 +207,14 @@ def make_rope(node, shapes, out_shape, scratch) -> Kernel:
     x_shape, t_shape = shapes
     half = x_shape[-1] // 2
     bcast = tuple(x_shape[:2]) + (1,) * (len(x_shape) - 3) + (half,)
-    scale = np.float32(node.attrs.get("scale", 1.0))
+    scale = scalar_type(node)(node.attrs.get("scale", 1.0))
+    sign = -1 if node.attrs.get("inverse") else 1  # the inverse rotation negates the angle
 
     def rope(ins, out):
         x, table = ins
         cos, sin = table[0].reshape(bcast), table[1].reshape(bcast)
+        if sign < 0:
+            sin = -sin
         if scale != 1:
             cos, sin = cos * scale, sin * scale
         x1, x2 = x[..., :half], x[..., half:]
@@ -220,7 +239,7 @@ def make_softmax(node, shapes, out_shape, scratch) -> Kernel:
     where its rows differ, and writes zeros beyond, so the masked half is never exponentiated.
     An optional second input is an additive (batch, queries, keys) mask.
     """
-    scale = np.float32(node.attrs.get("scale", 1.0))
+    scale = scalar_type(node)(node.attrs.get("scale", 1.0))
     causal = bool(node.attrs.get("causal"))
     has_mask = len(shapes) == 2
     if len(out_shape) >= 2:
@@ -340,6 +359,257 @@ def make_cast(node, shapes, out_shape, scratch) -> Kernel:
     return cast
 
 
+def make_expand(node, shapes, out_shape, scratch) -> Kernel:
+    axes = node.attrs["axes"]
+    with_ones = tuple(1 if i in axes else d for i, d in enumerate(out_shape))
+
+    def expand(ins, out):
+        np.copyto(out, ins[0].reshape(with_ones))
+        return out
+
+    return expand
+
+
+def make_scatter_add(node, shapes, out_shape, scratch) -> Kernel:
+    width = out_shape[-1]
+
+    def scatter_add(ins, out):
+        values, ids = ins
+        out.fill(0)
+        np.add.at(out, ids.reshape(-1), values.reshape(-1, width))
+        return out
+
+    return scatter_add
+
+
+CE_BLOCK_BYTES = 1 << 22  # rows of logits per block of the cross-entropy kernels
+
+
+def _ce_blocks(shapes, dtype, scratch):
+    """Rows (all but the vocab axis) in blocks, with a scratch block and the targets' mask."""
+    vocab = shapes[0][-1]
+    rows = _prod(shapes[0][:-1])
+    block = max(1, min(rows, CE_BLOCK_BYTES // (vocab * dtype.itemsize)))
+    return vocab, rows, block, scratch("ce", (block, vocab), dtype)
+
+
+def make_cross_entropy(node, shapes, out_shape, scratch) -> Kernel:
+    """Mean over non-ignored rows of logsumexp(logits) - logits[target], in blocks of rows."""
+    dtype = to_numpy_dtype(node.dtype)
+    vocab, rows, block, buf = _ce_blocks(shapes, dtype, scratch)
+    ignore = node.attrs["ignore_index"]
+
+    def cross_entropy(ins, out):
+        logits, targets = ins[0].reshape(rows, vocab), ins[1].reshape(rows)
+        valid = targets != ignore
+        total = dtype.type(0)
+        for r0 in range(0, rows, block):
+            x, t, ok = logits[r0 : r0 + block], targets[r0 : r0 + block], valid[r0 : r0 + block]
+            e = buf[: len(x)]
+            top = x.max(axis=-1, keepdims=True)
+            np.subtract(x, top, out=e)
+            np.exp(e, out=e)
+            lse = np.log(e.sum(axis=-1)) + top[:, 0]
+            picked = np.take_along_axis(x, np.where(ok, t, 0)[:, None], axis=-1)[:, 0]
+            total += (lse - picked)[ok].sum()
+        out[...] = total / max(1, int(valid.sum()))
+        return out
+
+    return cross_entropy
+
+
+def make_cross_entropy_grad(node, shapes, out_shape, scratch) -> Kernel:
+    """(softmax(logits) - onehot(target)) * ct / count on non-ignored rows, zero elsewhere."""
+    dtype = to_numpy_dtype(node.dtype)
+    vocab, rows, block, _ = _ce_blocks(shapes, dtype, scratch)
+    ignore = node.attrs["ignore_index"]
+
+    def cross_entropy_grad(ins, out):
+        logits, targets, ct = ins[0].reshape(rows, vocab), ins[1].reshape(rows), ins[2]
+        o = out.reshape(rows, vocab)
+        valid = targets != ignore
+        scale = ct / max(1, int(valid.sum()))
+        for r0 in range(0, rows, block):
+            x, e = logits[r0 : r0 + block], o[r0 : r0 + block]
+            np.subtract(x, x.max(axis=-1, keepdims=True), out=e)
+            np.exp(e, out=e)
+            e *= scale / e.sum(axis=-1, keepdims=True)
+        hit = np.flatnonzero(valid)
+        o[hit, targets[hit]] -= scale
+        o[~valid] = 0
+        return out
+
+    return cross_entropy_grad
+
+
+def make_rms_norm_grad(node, shapes, out_shape, scratch) -> Kernel:
+    """With r = 1/sqrt(mean(x^2) + eps): d w = sum over rows of ct * x * r; d x = r * ct * w
+    - x * r^3 * mean(ct * w * x)."""
+    eps = scalar_type(node)(node.attrs["eps"])
+    dtype = to_numpy_dtype(node.dtype)
+    tmp = scratch("rms", tuple(shapes[0]), dtype)
+    wrt_w = node.attrs["wrt"] == "w"
+
+    def rms_norm_grad(ins, out):
+        x, w, ct = ins
+        np.multiply(x, x, out=tmp)
+        r = tmp.mean(axis=-1, keepdims=True)
+        r += eps
+        np.sqrt(r, out=r)
+        np.divide(1, r, out=r)
+        if wrt_w:
+            np.multiply(x, r, out=tmp)
+            np.multiply(tmp, ct, out=tmp)
+            np.sum(tmp.reshape(-1, tmp.shape[-1]), axis=0, out=out)
+            return out
+        np.multiply(ct, w, out=out)  # ct * w
+        np.multiply(out, x, out=tmp)
+        dot = tmp.mean(axis=-1, keepdims=True)
+        dot *= r * r
+        np.multiply(x, dot, out=tmp)
+        out -= tmp
+        out *= r
+        return out
+
+    return rms_norm_grad
+
+
+def make_softmax_grad(node, shapes, out_shape, scratch) -> Kernel:
+    """d x = scale * y * (ct - sum(ct * y)) over the last axis."""
+    scale = scalar_type(node)(node.attrs.get("scale", 1.0))
+
+    def softmax_grad(ins, out):
+        y, ct = ins
+        np.multiply(y, ct, out=out)
+        s = out.sum(axis=-1, keepdims=True)
+        np.subtract(ct, s, out=out)
+        out *= y
+        if scale != 1:
+            out *= scale
+        return out
+
+    return softmax_grad
+
+
+def make_silu_mul_grad(node, shapes, out_shape, scratch) -> Kernel:
+    """With s = sigmoid(gate): d up = ct * gate * s; d gate = ct * up * s * (1 + gate * (1 - s))."""
+    sig = scratch("sigmoid", tuple(out_shape), to_numpy_dtype(node.dtype))
+    wrt_up = node.attrs["wrt"] == "up"
+
+    def silu_mul_grad(ins, out):
+        g, u, ct = ins
+        np.negative(g, out=sig)
+        np.exp(sig, out=sig)
+        np.add(sig, 1, out=sig)
+        np.divide(1, sig, out=sig)
+        if wrt_up:
+            np.multiply(g, sig, out=out)
+            out *= ct
+            return out
+        np.subtract(1, sig, out=out)
+        out *= g
+        out += 1
+        out *= sig
+        out *= u
+        out *= ct
+        return out
+
+    return silu_mul_grad
+
+
+def make_acc_grad(node, shapes, out_shape, scratch) -> Kernel:
+    def acc_grad(ins, out):
+        acc, g = ins
+        acc += g
+        return acc
+
+    return acc_grad
+
+
+def make_grad_norm(node, shapes, out_shape, scratch) -> Kernel:
+    """sqrt of the sum of squares of every gradient, accumulated in their dtype; NaN when the
+    loss (input 0) is not finite."""
+    zero = scalar_type(node)(0)
+
+    def grad_norm(ins, out):
+        loss, *grads = ins
+        total = zero if np.isfinite(loss) else scalar_type(node)(np.nan)
+        for g in grads:
+            flat = g.reshape(-1)
+            total += np.dot(flat, flat)
+        out[...] = np.sqrt(total)
+        return out
+
+    return grad_norm
+
+
+def _clip_scale(norm: float, max_norm: float) -> float:
+    """The factor clipping the global gradient norm to ``max_norm`` (torch's rule)."""
+    return min(1.0, max_norm / (norm + 1e-6)) if max_norm > 0 else 1.0
+
+
+def make_adamw(node, shapes, out_shape, scratch) -> Kernel:
+    """AdamW step ``t`` in place (decoupled weight decay, bias correction, as torch.optim.AdamW),
+    then empty the accumulated gradient. ``t`` = 0: accumulate only; non-finite norm: skip."""
+    a = node.attrs
+    b1, b2, eps, wd, max_norm = a["beta1"], a["beta2"], a["eps"], a["weight_decay"], a["max_norm"]
+    tmp = scratch("update", tuple(out_shape), to_numpy_dtype(node.dtype))
+
+    def adamw(ins, out):
+        p, m, v, g, norm, lr, step = ins
+        t = int(step)
+        if t == 0:
+            return p
+        if np.isfinite(norm):
+            lr, clip = float(lr), _clip_scale(float(norm), max_norm)
+            if clip < 1:
+                g *= clip
+            m *= b1
+            np.multiply(g, 1 - b1, out=tmp)
+            m += tmp
+            v *= b2
+            np.multiply(g, g, out=tmp)
+            np.multiply(tmp, 1 - b2, out=tmp)
+            v += tmp
+            if wd:
+                p *= 1 - lr * wd
+            np.sqrt(v, out=tmp)
+            np.multiply(tmp, 1 / math.sqrt(1 - b2**t), out=tmp)
+            np.add(tmp, eps, out=tmp)
+            np.divide(m, tmp, out=tmp)
+            np.multiply(tmp, -lr / (1 - b1**t), out=tmp)
+            p += tmp
+        g.fill(0)
+        return p
+
+    return adamw
+
+
+def make_sgd(node, shapes, out_shape, scratch) -> Kernel:
+    """SGD with momentum in place (torch.optim.SGD: coupled weight decay, no dampening), then
+    empty the accumulated gradient. ``t`` = 0: accumulate only; non-finite norm: skip."""
+    a = node.attrs
+    mom, wd, max_norm = a["momentum"], a["weight_decay"], a["max_norm"]
+
+    def sgd(ins, out):
+        p, buf, g, norm, lr, step = ins
+        if int(step) == 0:
+            return p
+        if np.isfinite(norm):
+            clip = _clip_scale(float(norm), max_norm)
+            if clip < 1:
+                g *= clip
+            if wd:
+                g += wd * p
+            buf *= mom
+            buf += g
+            p -= float(lr) * buf
+        g.fill(0)
+        return p
+
+    return sgd
+
+
 KERNELS: dict[Op, Callable[..., Kernel]] = {
     Op.EINSUM: make_einsum,
     Op.ADD: make_elementwise(np.add),
@@ -359,6 +629,17 @@ KERNELS: dict[Op, Callable[..., Kernel]] = {
     Op.DEQUANTIZE: make_dequantize,
     Op.FAKE_QUANT: make_fake_quant,
     Op.SCALE: make_scale,
+    Op.EXPAND: make_expand,
+    Op.SCATTER_ADD: make_scatter_add,
+    Op.CROSS_ENTROPY: make_cross_entropy,
+    Op.CROSS_ENTROPY_GRAD: make_cross_entropy_grad,
+    Op.RMS_NORM_GRAD: make_rms_norm_grad,
+    Op.SOFTMAX_GRAD: make_softmax_grad,
+    Op.SILU_MUL_GRAD: make_silu_mul_grad,
+    Op.ACC_GRAD: make_acc_grad,
+    Op.GRAD_NORM: make_grad_norm,
+    Op.ADAMW: make_adamw,
+    Op.SGD: make_sgd,
 }
 
 

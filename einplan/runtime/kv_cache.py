@@ -10,13 +10,18 @@ from einplan.compiler.symbolic import resolve_shape
 from einplan.runtime.dtypes import to_numpy_dtype
 
 
-def allocate_cache(graph: Graph, batch: int, ctx: int) -> dict[str, np.ndarray]:
-    """Zeroed state buffers for every state leaf of ``graph`` at this batch and context."""
-    dims = {"batch": batch, "ctx": ctx}
+def allocate_states(graph: Graph, dims: dict[str, int]) -> dict[str, np.ndarray]:
+    """Zeroed buffers for every state leaf of ``graph`` (KV cache, optimizer state), their
+    symbolic dims bound by ``dims``."""
     return {
         n.attrs["key"]: np.zeros(resolve_shape(n.shape, dims), to_numpy_dtype(n.dtype))
         for n in graph.states()
     }
+
+
+def allocate_cache(graph: Graph, batch: int, ctx: int) -> dict[str, np.ndarray]:
+    """Zeroed state buffers for every state leaf of ``graph`` at this batch and context."""
+    return allocate_states(graph, {"batch": batch, "ctx": ctx})
 
 
 def cache_bytes(cache: dict[str, np.ndarray]) -> int:

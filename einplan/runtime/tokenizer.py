@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from einplan.errors import EinplanError
 
@@ -76,3 +76,18 @@ def load_tokenizer_config(weights: Path | None) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise TokenizerError(f"{path}: not valid JSON ({e})") from None
+
+
+def train_tokenizer(corpus: Path, vocab_size: int) -> Tokenizer:
+    """A byte-level BPE tokenizer of ``vocab_size`` ids learned from a text file (every byte
+    is in its alphabet, so any text encodes)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train([str(corpus)], trainer)
+    return tok

@@ -74,19 +74,22 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
 
 
 def estimate_memory(graph: Graph, dims: dict[str, int]) -> dict[str, int]:
-    """Bytes of weights, arena (all intermediate buffers) and outputs for bound dims."""
+    """Bytes of weights, state buffers (KV cache, optimizer state: their dims must be bound
+    too), arena (all intermediate buffers) and outputs for bound dims."""
     nodes = graph.by_id()
 
     def size(n):
         return evaluate(scale_poly(numel(n.shape), ITEMSIZE[n.dtype]), dims)
 
     weights = sum(size(n) for n in graph.params())
+    states = sum(size(n) for n in graph.states())
     arena = sum(evaluate(poly_from_json(s), dims) for s in graph.meta["memory"]["slots"])
     outs = sum(size(nodes[v]) for v in set(graph.outputs.values()))
     return {
         "weights_bytes": weights,
+        "state_bytes": states,
         "arena_bytes": arena,
         "outputs_bytes": outs,
-        "peak_bytes": weights + arena + outs,
+        "peak_bytes": weights + states + arena + outs,
         "dims": dict(dims),
     }

@@ -43,6 +43,8 @@ def _weight_params(graph: Graph, nodes: dict[int, Node]) -> dict[int, Node]:
                     "--weight-dtype (the quantised weights replace it)"
                 )
             if w.op is Op.PARAM:
+                if w.dtype != "f32":
+                    raise QuantError(f"{n.name}: quantised plans compute in float32, not {w.dtype}")
                 found[w.id] = w
     return found
 

@@ -211,6 +211,10 @@ class Builder:
         """Convert to another dtype (bf16/f16 weights to f32 compute)."""
         return self._append(Op.CAST, [x], {"dtype": dtype}, role)
 
+    def scale(self, x: Value, factor: float, role: str = "scale") -> Value:
+        """``factor * x`` for a constant factor (LoRA's alpha / r)."""
+        return self._append(Op.SCALE, [x], {"factor": float(factor)}, role)
+
     def expand(self, x: Value, shape: Shape, axes: list[int], role: str = "expand") -> Value:
         """Broadcast ``x`` to ``shape`` by inserting the ``axes`` (materialised)."""
         return self._append(Op.EXPAND, [x], {"shape": list(shape), "axes": list(axes)}, role)

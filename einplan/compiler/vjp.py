@@ -132,6 +132,17 @@ def vjp_expand(b, n, ins, out, ct, need):
     return [b.einsum(f"{letters}->{kept}", ct, role=f"{n.name}.grad0")]
 
 
+def vjp_scale(b, n, ins, out, ct, need):
+    """d x = factor * the cotangent."""
+    return [b.scale(ct, n.attrs["factor"], role=f"{n.name}.grad0")]
+
+
+def vjp_fake_quant(b, n, ins, out, ct, need):
+    """The straight-through estimator of quantisation-aware training: rounding passes the
+    cotangent through unchanged (the static range, a frozen param, gets none)."""
+    return [ct] + [None] * (len(ins) - 1)
+
+
 RULES: dict[Op, Rule] = {
     Op.EINSUM: vjp_einsum,
     Op.ADD: vjp_add,
@@ -151,6 +162,8 @@ RULES: dict[Op, Rule] = {
     Op.TRANSPOSE: vjp_transpose,
     Op.CAST: vjp_cast,
     Op.EXPAND: vjp_expand,
+    Op.SCALE: vjp_scale,
+    Op.FAKE_QUANT: vjp_fake_quant,
 }
 
 

@@ -76,7 +76,16 @@ def save_adapter(
     """Write ``arrays`` (plan LoRA keys) as a PEFT adapter folder for base weights ``base``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    config = {
+    config = peft_config(cfg, base_name)
+    write_atomic(out / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
+    tensors = {PEFT_PREFIX + k: v for k, v in arrays.items()}
+    save_safetensors(tensors, out / TENSORS_FILE, {"einplan_base": base_fingerprint(base)})
+    return out
+
+
+def peft_config(cfg: LoraConfig, base_name: str = "") -> dict[str, Any]:
+    """The adapter_config.json of an adapter with these options, as PEFT writes it."""
+    return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_name,
@@ -94,10 +103,6 @@ def save_adapter(
         "layers_to_transform": None,
         "revision": None,
     }
-    write_atomic(out / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
-    tensors = {PEFT_PREFIX + k: v for k, v in arrays.items()}
-    save_safetensors(tensors, out / TENSORS_FILE, {"einplan_base": base_fingerprint(base)})
-    return out
 
 
 def read_adapter_config(folder: str | os.PathLike) -> dict[str, Any]:

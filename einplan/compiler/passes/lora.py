@@ -6,7 +6,8 @@ order: ``(x . A) . B`` costs ``2 tokens r (in + out)`` FLOPs where ``x . (A . B)
 ``2 r in out + 2 tokens in out``. A and B are tagged ``lora`` and carry ``attrs["lora"]``:
 their values come from an adapter (PEFT layout, runtime/lora.py) or from the LoRA paper's
 initialisation (A uniform in +-1/sqrt(in) as PEFT's kaiming-uniform, B zero), never from the
-base checkpoint.
+base checkpoint. Every other param is tagged ``frozen``: training updates only A and B, so
+the optimizer keeps state only for them.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 from einplan.compiler.ir import Graph, Node
 from einplan.compiler.lora_spec import LoraConfig, LoraError
 from einplan.compiler.ops import Op, parse_spec
+from einplan.compiler.passes.autodiff import FROZEN
 from einplan.compiler.pipeline import PassContext
 
 LORA = frozenset({"lora"})
@@ -58,7 +60,7 @@ def _branch(n: Node, w: Node, cfg: LoraConfig, next_id: int) -> list[Node]:
 
     def param(k: int, part: str, shape: tuple[int, int]) -> Node:
         attrs = {"key": f"{module}.lora_{part}.weight", "lora": {**meta, "part": part}}
-        return Node(k, Op.PARAM, (), attrs, shape, "f32", f"{n.name}.lora_{part.lower()}", LORA)
+        return Node(k, Op.PARAM, (), attrs, shape, n.dtype, f"{n.name}.lora_{part.lower()}", LORA)
 
     a = param(next_id, "A", (cfg.r, n_in))
     b = param(next_id + 1, "B", (n_out, cfg.r))
@@ -70,7 +72,7 @@ def _branch(n: Node, w: Node, cfg: LoraConfig, next_id: int) -> list[Node]:
         (x, a.id, b.id),
         {"spec": f"{lead}{i},{r}{i},{o}{r}->{lead}{o}"},
         n.shape,
-        "f32",
+        n.dtype,
         f"{n.name}.lora",
         LORA,
     )
@@ -80,12 +82,12 @@ def _branch(n: Node, w: Node, cfg: LoraConfig, next_id: int) -> list[Node]:
         (low.id,),
         {"factor": cfg.scale},
         n.shape,
-        "f32",
+        n.dtype,
         f"{n.name}.lora_scale",
         LORA,
     )
     total = Node(
-        next_id + 4, Op.ADD, (n.id, scaled.id), {}, n.shape, "f32", f"{n.name}.lora_add", LORA
+        next_id + 4, Op.ADD, (n.id, scaled.id), {}, n.shape, n.dtype, f"{n.name}.lora_add", LORA
     )
     return [a, b, low, scaled, total]
 
@@ -101,6 +103,8 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
     out: list[Node] = []
     for n in graph.nodes:
         n = n.with_(inputs=tuple(rename.get(i, i) for i in n.inputs))
+        if n.op is Op.PARAM:  # only A and B train: everything else is the frozen base
+            n = n.with_(tags=n.tags | {FROZEN})
         out.append(n)
         if n.op is Op.EINSUM and "linear" in n.tags and role_of(n.name) in cfg.targets:
             w = _weight_param(nodes[n.inputs[1]], nodes)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from einplan.compiler.ir import Graph, Node
 from einplan.compiler.ops import Op
+from einplan.compiler.passes.autodiff import FROZEN
 from einplan.compiler.pipeline import PassContext
 from einplan.compiler.quant_scheme import (
     QuantConfig,
@@ -28,6 +29,7 @@ from einplan.compiler.quant_scheme import (
 )
 
 QUANT = frozenset({"quant"})
+NOT_TRAINED = frozenset({FROZEN})  # quantised weights (and their scales) are never trained
 SUFFIX = {"q": "q", "scale": "s", "zero_point": "z"}  # attn_q-3.w -> attn_q-3.wq, .ws, .wz
 
 
@@ -68,7 +70,7 @@ def _quantized_leaves(w: Node, cfg: QuantConfig, next_id: int) -> list[Node]:
                 shape,
                 dtype,
                 f"{w.name}{SUFFIX[part]}",
-                w.tags | QUANT,
+                w.tags | QUANT | NOT_TRAINED,
             )
         )
     deq = Node(
@@ -92,7 +94,8 @@ def _fake_quant(n: Node, x: Node, w_key: str, cfg: QuantConfig, next_id: int) ->
         key = input_absmax_key(w_key)
         meta = {"part": "input_absmax", "bits": cfg.act_bits, "of": key}
         name = f"{n.name}.in_absmax"
-        made.append(Node(next_id, Op.PARAM, (), {"key": key, "quant": meta}, (1,), "f32", name))
+        attrs = {"key": key, "quant": meta}
+        made.append(Node(next_id, Op.PARAM, (), attrs, (1,), "f32", name, QUANT | NOT_TRAINED))
         inputs = (x.id, next_id)
     made.append(
         Node(

@@ -97,6 +97,11 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
     cfg = ctx.lora
     if cfg is None:
         return graph
+    if cfg.dropout > 0 and "loss" in graph.outputs:
+        raise LoraError(
+            f"LoRA dropout={cfg.dropout} is not implemented for training yet; train with "
+            "dropout=0 (inference plans record it and apply none, as PEFT does)"
+        )
     nodes = graph.by_id()
     next_id = max(nodes) + 1
     rename: dict[int, int] = {}

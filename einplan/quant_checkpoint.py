@@ -17,6 +17,7 @@ import numpy as np
 
 from einplan.api import compile_model
 from einplan.calibration import Probe, calibrate_input_ranges, token_batches
+from einplan.compiler.pipeline import PassContext
 from einplan.compiler.quant_scheme import QuantConfig
 from einplan.errors import EinplanError
 from einplan.models.config import load_config
@@ -44,7 +45,9 @@ def quantize_checkpoint(
     if not folder.is_dir():
         folder = folder.parent
     cfg = load_config(folder)
-    graph = compile_model(folder, quant=quant.to_dict(), entries=("forward",)).entry()
+    # unpacked: the folder holds each projection's own tensors, as the checkpoint names them
+    ctx = PassContext(skip=("pack",))
+    graph = compile_model(folder, quant=quant.to_dict(), entries=("forward",), ctx=ctx).entry()
     arrays = load_weights(graph, folder, tied=cfg.tie_word_embeddings)
     float_bytes = 0  # what the same params take in float32
     for n in graph.params():

@@ -11,6 +11,7 @@ import einplan
 from einplan.cli import main
 from einplan.commands.eval import BUNDLED_TEXT
 from einplan.compiler.ops import Op
+from einplan.compiler.pipeline import PassContext
 from einplan.compiler.quant_scheme import QuantError
 from einplan.runtime import qmatmul
 from einplan.runtime.generate import Generator
@@ -38,15 +39,20 @@ def reference():
 
 
 def test_graph_has_packed_params_and_a_dequantize_per_weight():
-    g = einplan.compile_model(CASE, quant={"scheme": "w4a16", "group_size": 32}).entry()
-    params = {n.name: n for n in g.params()}
+    quant = {"scheme": "w4a16", "group_size": 32}
+    unpacked = einplan.compile_model(CASE, quant=quant, ctx=PassContext(skip=("pack",))).entry()
+    params = {n.name: n for n in unpacked.params()}
     q, s = params["attn_q-0.wq"], params["attn_q-0.ws"]
     assert (q.dtype, q.shape, s.shape) == ("u8", (64, 32), (64, 2))
     assert "attn_q-0.w" not in params and "embed.w" not in params  # the tied head too
-    deq = [n for n in g.nodes if n.op is Op.DEQUANTIZE]
-    assert len(deq) == 2 * 7 + 1
-    text = str(g)
-    assert "dequantize[bits=4,group=32] %attn_q-0.wq %attn_q-0.ws" in text
+    assert sum(n.op is Op.DEQUANTIZE for n in unpacked.nodes) == 2 * 7 + 1
+    assert "dequantize[bits=4,group=32] %attn_q-0.wq %attn_q-0.ws" in str(unpacked)
+    # packed: q/k/v and gate/up of a layer are one quantised product each
+    g = einplan.compile_model(CASE, quant=quant).entry()
+    params = {n.name: n for n in g.params()}
+    qkv = params["attn_q+attn_k+attn_v-0.wq"]
+    assert qkv.shape == (64 + 32 + 32, 32) and [m[1] for m in qkv.attrs["pack"]] == [64, 32, 32]
+    assert sum(n.op is Op.DEQUANTIZE for n in g.nodes) == 2 * 4 + 1
     mem = g.meta["memory"]
     float_plan = einplan.compile_model(CASE).entry().meta["memory"]
     assert mem["weights_bytes"] < 0.2 * float_plan["weights_bytes"]
@@ -86,7 +92,7 @@ def test_no_float_copy_of_a_weight_is_made(monkeypatch):
     out = gen.generate([_ids(12).tolist()], 4, SamplingConfig())
     assert np.isfinite(logits).all() and len(out.tokens[0]) == 4
     matrices = [a for k, a in session.weights.items() if k.endswith(".weight") and a.ndim == 2]
-    assert len(matrices) == 15 and all(a.dtype == np.uint8 for a in matrices)
+    assert len(matrices) == 9 and all(a.dtype == np.uint8 for a in matrices)  # 4 packed per layer
 
 
 def test_decode_matches_forward_with_quantised_weights():
@@ -113,7 +119,7 @@ def test_quantised_checkpoint_gives_the_same_logits(tmp_path, capsys):
     plan = einplan.compile_model(CASE, quant={"scheme": "w4a16", "group_size": 32})
     on_load = einplan.Session(plan, CASE).forward(_ids((1, 16)))
     stored = einplan.Session(plan, out)
-    assert stored.weights["model.layers.0.mlp.up_proj.weight"].dtype == np.uint8
+    assert stored.weights["model.layers.0.mlp.down_proj.weight"].dtype == np.uint8
     np.testing.assert_array_equal(stored.forward(_ids((1, 16))), on_load)
     static = einplan.compile_model(
         CASE, quant={"scheme": "w4a4", "group_size": 32, "activations": "static"}

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from einplan.compiler.ir import Graph
+from einplan.compiler.ir import Graph, Node
 from einplan.errors import EinplanError
 from einplan.runtime.dtypes import to_numpy_dtype
 from einplan.runtime.quantize import quantize_weight
@@ -170,6 +170,14 @@ def weights_config(source: str | os.PathLike) -> dict | None:
 IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq", ".input_absmax")
 
 
+def quant_members(n: Node) -> list[tuple[str, int, str]]:
+    """(key, rows, float weight key) of each weight a quantised param is made of: one, or
+    several concatenated along the rows (compiler/passes/pack.py)."""
+    if "pack" in n.attrs:
+        return [tuple(m) for m in n.attrs["pack"]]
+    return [(n.attrs["key"], n.shape[0], n.attrs["quant"]["of"])]
+
+
 def checkpoint_shapes(graph: Graph, stored: Collection[str] = ()) -> dict[str, tuple[int, ...]]:
     """The checkpoint tensors a graph's params are made of, with their shapes; a packed param
     (``attrs["pack"]``, see compiler/passes/pack.py) is made of several (out, in) tensors. A
@@ -181,12 +189,15 @@ def checkpoint_shapes(graph: Graph, stored: Collection[str] = ()) -> dict[str, t
         quant = n.attrs.get("quant")
         if "lora" in n.attrs:
             continue
-        if "pack" in n.attrs:
+        if quant and quant["part"] != "input_absmax":
+            for key, rows, of in quant_members(n):
+                if of in stored:
+                    out[key] = (rows, n.shape[1])
+                elif quant["part"] == "q":
+                    out[of] = (rows, quant["shape"][1])
+        elif "pack" in n.attrs:
             for key, rows in n.attrs["pack"]:
                 out[key] = (rows, n.shape[0])
-        elif quant and quant["part"] != "input_absmax" and quant["of"] not in stored:
-            if quant["part"] == "q":
-                out[quant["of"]] = tuple(quant["shape"])
         else:
             out[n.attrs["key"]] = tuple(n.shape)
     return out
@@ -195,18 +206,18 @@ def checkpoint_shapes(graph: Graph, stored: Collection[str] = ()) -> dict[str, t
 def stored_quantized(graph: Graph, tensors: Mapping[str, np.ndarray]) -> set[str]:
     """The quantised weights a checkpoint already holds as integers (``einplan quantize``)."""
     return {
-        n.attrs["quant"]["of"]
+        of
         for n in graph.params()
         if n.attrs.get("quant", {}).get("part") == "q"
-        and n.attrs["key"] in tensors
-        and tensors[n.attrs["key"]].dtype.kind in "iu"
+        for key, _, of in quant_members(n)
+        if key in tensors and tensors[key].dtype.kind in "iu"
     }
 
 
 def bind_params(graph: Graph, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Arrays for a graph's params from checkpoint tensors: packed params concatenated and
-    transposed, float weights of quantised params quantised (integers taken as they are),
-    dtypes converted where they differ, the rest passed through (zero copy)."""
+    """Arrays for a graph's params from checkpoint tensors: packed params concatenated (and
+    float ones transposed), float weights of quantised params quantised (integers taken as
+    they are), dtypes converted where they differ, the rest passed through (zero copy)."""
     out = {}
     quantized: dict[str, dict[str, np.ndarray]] = {}  # float key -> its packed parts
     for n in graph.params():
@@ -214,15 +225,20 @@ def bind_params(graph: Graph, tensors: Mapping[str, np.ndarray]) -> dict[str, np
         quant = n.attrs.get("quant")
         if "lora" in n.attrs:
             continue
-        if "pack" in n.attrs:
+        if quant and quant["part"] != "input_absmax":
+            parts = []
+            for key, _, of in quant_members(n):
+                if tensors[of].dtype.kind != "f":
+                    parts.append(tensors[key])
+                    continue
+                if of not in quantized:
+                    bits, group, sym = quant["bits"], quant["group"], quant["symmetric"]
+                    quantized[of] = quantize_weight(tensors[of], bits, group, sym)
+                parts.append(quantized[of][quant["part"]])
+            out[n.attrs["key"]] = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        elif "pack" in n.attrs:
             parts = [tensors[key].T for key, _ in n.attrs["pack"]]
             out[n.attrs["key"]] = np.concatenate(parts, axis=1).astype(dtype, copy=False)
-        elif quant and quant["part"] != "input_absmax" and tensors[quant["of"]].dtype.kind == "f":
-            of = quant["of"]
-            if of not in quantized:
-                bits, group, sym = quant["bits"], quant["group"], quant["symmetric"]
-                quantized[of] = quantize_weight(tensors[of], bits, group, sym)
-            out[n.attrs["key"]] = quantized[of][quant["part"]]
         else:
             arr = tensors[n.attrs["key"]]
             out[n.attrs["key"]] = arr if arr.dtype == dtype else arr.astype(dtype)

@@ -19,19 +19,23 @@ from einplan.compiler.pipeline import PassContext
 TRAINING_TAGS = {"reverse", "optimizer"}
 
 
-def _plain_linear(n: Node, nodes: dict[int, Node], uses: dict[int, list[int]]) -> bool:
-    """An f32 ``x · W`` einsum whose weight is a param read by nothing else."""
+def _packable(n: Node, nodes: dict[int, Node], uses: dict[int, list[int]]) -> tuple | None:
+    """How a linear ``x · W^T`` einsum packs: ``("f32",)`` for a float32 param read by nothing
+    else, ``("quant", bits, group, parts)`` for a dequantized weight whose params nothing else
+    reads, None when it does not."""
     if n.op is not Op.EINSUM or "linear" not in n.tags or len(n.inputs) != 2:
-        return False
+        return None
     w = nodes[n.inputs[1]]
     lead = n.attrs["spec"].split("i,")[0]
-    return (
-        w.op is Op.PARAM
-        and w.dtype == "f32"
-        and "pack" not in w.attrs
-        and n.attrs["spec"] == f"{lead}i,oi->{lead}o"
-        and uses[w.id] == [n.id]
-    )
+    if n.attrs["spec"] != f"{lead}i,oi->{lead}o" or uses[w.id] != [n.id]:
+        return None
+    if w.op is Op.PARAM and w.dtype == "f32" and "pack" not in w.attrs:
+        return ("f32",)
+    if w.op is Op.DEQUANTIZE and all(
+        nodes[i].op is Op.PARAM and uses[i] == [w.id] for i in w.inputs
+    ):
+        return ("quant", w.attrs["bits"], w.attrs["group"], len(w.inputs))
+    return None
 
 
 def _group_name(names: list[str]) -> str:
@@ -40,20 +44,6 @@ def _group_name(names: list[str]) -> str:
     if all(len(r) == 2 and r[1] == roles[0][1] for r in roles):
         return "+".join(r[0] for r in roles) + "-" + roles[0][1]
     return "+".join(names)
-
-
-def _quantized_linear(n: Node, nodes: dict[int, Node], uses: dict[int, list[int]]) -> bool:
-    """An ``x · W^T`` einsum whose W is dequantized from params read by nothing else."""
-    if n.op is not Op.EINSUM or "linear" not in n.tags or len(n.inputs) != 2:
-        return False
-    w = nodes[n.inputs[1]]
-    lead = n.attrs["spec"].split("i,")[0]
-    return (
-        w.op is Op.DEQUANTIZE
-        and n.attrs["spec"] == f"{lead}i,oi->{lead}o"
-        and uses[w.id] == [n.id]
-        and all(nodes[i].op is Op.PARAM and uses[i] == [w.id] for i in w.inputs)
-    )
 
 
 def _packed_product(members: list[Node], x: Node, w: Node, spec: str, k: int) -> list[Node]:
@@ -127,11 +117,8 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
     nodes, uses = graph.by_id(), graph.consumers()
     groups: dict[tuple, list[Node]] = {}  # (input value, kind) -> its linears, in order
     for n in graph.nodes:
-        if _plain_linear(n, nodes, uses):
-            groups.setdefault((n.inputs[0], "f32"), []).append(n)
-        elif _quantized_linear(n, nodes, uses):
-            d = nodes[n.inputs[1]]
-            kind = ("quant", d.attrs["bits"], d.attrs["group"], len(d.inputs))
+        kind = _packable(n, nodes, uses)
+        if kind is not None:
             groups.setdefault((n.inputs[0], kind), []).append(n)
     next_id = max(nodes) + 1
     placed: dict[int, list[Node]] = {}  # first member's weight id -> the nodes replacing it
@@ -141,7 +128,7 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
         first, x = members[0], nodes[x_id]
         lead = first.attrs["spec"].split("i,")[0]
         weights = [nodes[m.inputs[1]] for m in members]
-        if kind == "f32":
+        if kind == ("f32",):
             rows = [w.shape[0] for w in weights]
             keys = [w.attrs["key"] for w in weights]
             w = Node(

@@ -161,14 +161,6 @@ def test_bad_lora_options_are_refused(spec, message):
         einplan.compile_model(CASE, lora=spec)
 
 
-def test_lora_dropout_is_refused_for_training_not_silently_dropped():
-    from einplan.api import TRAIN_ENTRIES
-
-    einplan.compile_model(CASE, lora="r=4,dropout=0.05")  # inference: no dropout, as PEFT
-    with pytest.raises(LoraError, match="dropout=0.05 is not implemented for training"):
-        einplan.compile_model(CASE, lora="r=4,dropout=0.05", entries=TRAIN_ENTRIES)
-
-
 def test_adapters_that_do_not_fit_are_refused(tmp_path):
     plan = einplan.compile_model(CASE, lora="r=4,alpha=8,targets=q,v")
     folder = save_adapter(

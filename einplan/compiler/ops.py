@@ -39,6 +39,7 @@ class Op(StrEnum):
     DEQUANTIZE = "dequantize"
     FAKE_QUANT = "fake_quant"
     SCALE = "scale"
+    DROPOUT = "dropout"
     EXPAND = "expand"
     SCATTER_ADD = "scatter_add"
     CROSS_ENTROPY = "cross_entropy"
@@ -235,6 +236,12 @@ def _infer_scale(shapes, dtypes, attrs):
     return shapes[0], dtypes[0]
 
 
+def _infer_dropout(shapes, dtypes, attrs):
+    _need(0 < attrs["p"] < 1, f"dropout probability {attrs['p']} must lie in (0, 1)")
+    _need(shapes[1] == () and dtypes[1] in INT_DTYPES, "dropout seed must be an integer scalar")
+    return shapes[0], dtypes[0]
+
+
 def _infer_kv_append(shapes, dtypes, attrs):
     cache, new, pos = shapes
     _need(pos == (1,) and dtypes[2] in INT_DTYPES, f"kv_append position must be i64[1], got {pos}")
@@ -351,6 +358,7 @@ OPS: dict[Op, OpDef] = {
     Op.DEQUANTIZE: OpDef(_infer_dequantize, alias=True),
     Op.FAKE_QUANT: OpDef(_infer_fake_quant, 5),
     Op.SCALE: OpDef(_infer_scale, 1),
+    Op.DROPOUT: OpDef(_infer_dropout, 2),
     Op.EXPAND: OpDef(_infer_expand),
     Op.SCATTER_ADD: OpDef(_infer_scatter_add, 1),
     Op.CROSS_ENTROPY: OpDef(_infer_cross_entropy, 4),

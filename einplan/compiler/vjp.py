@@ -137,6 +137,12 @@ def vjp_scale(b, n, ins, out, ct, need):
     return [b.scale(ct, n.attrs["factor"], role=f"{n.name}.grad0")]
 
 
+def vjp_dropout(b, n, ins, out, ct, need):
+    """d x = the cotangent through the same mask (same seed and stream), scaled alike."""
+    p, stream = n.attrs["p"], n.attrs["stream"]
+    return [b.dropout(ct, ins[1], p, stream, role=f"{n.name}.grad0"), None]
+
+
 def vjp_fake_quant(b, n, ins, out, ct, need):
     """The straight-through estimator of quantisation-aware training: rounding passes the
     cotangent through unchanged (the static range, a frozen param, gets none)."""
@@ -163,6 +169,7 @@ RULES: dict[Op, Rule] = {
     Op.CAST: vjp_cast,
     Op.EXPAND: vjp_expand,
     Op.SCALE: vjp_scale,
+    Op.DROPOUT: vjp_dropout,
     Op.FAKE_QUANT: vjp_fake_quant,
 }
 

@@ -159,6 +159,21 @@ def make_scale(node, shapes, out_shape, scratch) -> Kernel:
     return lambda ins, out: np.multiply(ins[0], factor, out=out)
 
 
+def make_dropout(node, shapes, out_shape, scratch) -> Kernel:
+    """Inverted dropout with a mask drawn from (seed input, the node's stream)."""
+    p, stream = node.attrs["p"], node.attrs["stream"]
+    keep = scalar_type(node)(1.0 / (1.0 - p))
+
+    def dropout(ins, out):
+        x, seed = ins
+        rng = np.random.default_rng([int(seed), stream])
+        np.multiply(x, rng.random(x.shape, np.float32) >= p, out=out)
+        out *= keep
+        return out
+
+    return dropout
+
+
 def make_gather(node, shapes, out_shape, scratch) -> Kernel:
     def gather(ins, out):
         table, ids = ins
@@ -629,6 +644,7 @@ KERNELS: dict[Op, Callable[..., Kernel]] = {
     Op.DEQUANTIZE: make_dequantize,
     Op.FAKE_QUANT: make_fake_quant,
     Op.SCALE: make_scale,
+    Op.DROPOUT: make_dropout,
     Op.EXPAND: make_expand,
     Op.SCATTER_ADD: make_scatter_add,
     Op.CROSS_ENTROPY: make_cross_entropy,

@@ -160,9 +160,8 @@ class QuantizedMatrix:
         if m <= SMALL_ROWS:  # x per group, (groups, group, m), read by both threads
             xg = scratch[0]["dq_x"].reshape(self.groups, self.group, m)
             np.copyto(xg, x.reshape(m, self.groups, self.group).transpose(1, 2, 0))
-        blocks = -(-self.rows // self.block_rows)
-        mid = min(self.rows, -(-blocks // 2) * self.block_rows)
-        if len(scratch) > 1 and mid < self.rows:
+        mid = (self.rows + 1) // 2  # a half for each thread, when there is enough to share
+        if len(scratch) > 1 and self.rows * self.cols >= BLOCK_ELEMENTS:
             HELPER.start(lambda: self._rows_product(x, xg, out, mid, self.rows, scratch[1]))
             self._rows_product(x, xg, out, 0, mid, scratch[0])
             HELPER.wait()

@@ -96,6 +96,9 @@ class Trainer:
         for i, windows in enumerate(batches):
             update = self.updates + 1 if i == len(batches) - 1 else 0
             feed = self.micro_batch_feed(windows, len(batches), lr, update)
+            # LoRA dropout masks: a seed per (run seed, step, micro-batch), so a resumed run
+            # draws the masks the uninterrupted one would have
+            feed["dropout_seed"] = (c.seed * 1_000_003 + step) * 1024 + i
             out = self.executor.run(feed, rec)
             losses.append(float(out["loss"]))
         seconds = time.perf_counter() - t0

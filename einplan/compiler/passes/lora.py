@@ -19,6 +19,8 @@ from einplan.compiler.passes.autodiff import FROZEN
 from einplan.compiler.pipeline import PassContext
 
 LORA = frozenset({"lora"})
+TRAINED_ENTRIES = ("grad", "train_step")  # the entries whose LoRA branches drop out
+DROPOUT_SEED = "dropout_seed"  # the runtime input that seeds every dropout mask of a step
 
 
 def role_of(name: str) -> str:
@@ -38,8 +40,9 @@ def _weight_param(w: Node, nodes: dict[int, Node]) -> Node:
     return nodes[w.inputs[0]] if w.op is Op.CAST else w
 
 
-def _branch(n: Node, w: Node, cfg: LoraConfig, next_id: int) -> list[Node]:
-    """A and B params, the low-rank einsum, its scaling, and the sum with the base output."""
+def _branch(n: Node, w: Node, cfg: LoraConfig, next_id: int, seed: Node | None) -> list[Node]:
+    """A and B params, (dropout of x,) the low-rank einsum, its scaling, and the sum with the
+    base output."""
     (a_term, _), out_term = parse_spec(n.attrs["spec"])
     n_out, n_in = w.shape
     if cfg.r > min(n_in, n_out):
@@ -65,6 +68,19 @@ def _branch(n: Node, w: Node, cfg: LoraConfig, next_id: int) -> list[Node]:
     a = param(next_id, "A", (cfg.r, n_in))
     b = param(next_id + 1, "B", (n_out, cfg.r))
     x = n.inputs[0]
+    dropped = []
+    if seed is not None:
+        x_node = Node(
+            next_id + 5,
+            Op.DROPOUT,
+            (x, seed.id),
+            {"p": cfg.dropout, "stream": next_id + 5},
+            n.shape[:-1] + (n_in,),
+            n.dtype,
+            f"{n.name}.lora_dropout",
+            LORA,
+        )
+        dropped, x = [x_node], x_node.id
     # (batch, seq, in) x (r, in) x (out, r) -> (batch, seq, out)
     low = Node(
         next_id + 2,
@@ -89,7 +105,7 @@ def _branch(n: Node, w: Node, cfg: LoraConfig, next_id: int) -> list[Node]:
     total = Node(
         next_id + 4, Op.ADD, (n.id, scaled.id), {}, n.shape, n.dtype, f"{n.name}.lora_add", LORA
     )
-    return [a, b, low, scaled, total]
+    return [a, b, *dropped, low, scaled, total]
 
 
 def run(graph: Graph, ctx: PassContext) -> Graph:
@@ -97,15 +113,13 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
     cfg = ctx.lora
     if cfg is None:
         return graph
-    if cfg.dropout > 0 and "loss" in graph.outputs:
-        raise LoraError(
-            f"LoRA dropout={cfg.dropout} is not implemented for training yet; train with "
-            "dropout=0 (inference plans record it and apply none, as PEFT does)"
-        )
+    seed = None
+    if cfg.dropout > 0 and graph.name in TRAINED_ENTRIES:  # PEFT drops out only in training
+        seed = Node(max(graph.by_id()) + 1, Op.INPUT, (), {}, (), "i64", DROPOUT_SEED)
     nodes = graph.by_id()
-    next_id = max(nodes) + 1
+    next_id = max(nodes) + 2
     rename: dict[int, int] = {}
-    out: list[Node] = []
+    out: list[Node] = [] if seed is None else [seed]
     for n in graph.nodes:
         n = n.with_(inputs=tuple(rename.get(i, i) for i in n.inputs))
         if n.op is Op.PARAM:  # only A and B train: everything else is the frozen base
@@ -113,8 +127,8 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
         out.append(n)
         if n.op is Op.EINSUM and "linear" in n.tags and role_of(n.name) in cfg.targets:
             w = _weight_param(nodes[n.inputs[1]], nodes)
-            made = _branch(n, w, cfg, next_id)
-            next_id += len(made)
+            made = _branch(n, w, cfg, next_id, seed)
+            next_id += 6
             out.extend(made)
             rename[n.id] = made[-1].id
     outputs = {k: rename.get(v, v) for k, v in graph.outputs.items()}

@@ -4,4 +4,5 @@
 COMMANDS = [
     "compile",
     "eval",
+    "graph",
 ]

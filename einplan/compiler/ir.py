@@ -8,6 +8,7 @@ invariants every pass must keep.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -122,15 +123,23 @@ class Graph:
             line = f"{line:<72} # {n.name}{tags}{format_annotation(self.annotations.get(n.id))}"
         return line
 
-    def __str__(self) -> str:
+    def format(self, keep: Collection[int] | None = None) -> str:
+        """Render the graph, or only the nodes (and outputs) whose ids are in ``keep``, one
+        jaxpr-like line per node."""
         nodes = self.by_id()
         dims = ", ".join(f"{k}<={v}" for k, v in self.dims.items())
         lines = [f"graph {self.name}({dims}) {{"]
-        lines += ["  " + self.format_line(n, nodes) for n in self.nodes]
-        outs = ", ".join(f"{k}={nodes[v].ref()}" for k, v in self.outputs.items())
-        lines.append(f"  return {outs}")
+        lines += [
+            "  " + self.format_line(n, nodes) for n in self.nodes if keep is None or n.id in keep
+        ]
+        outs = [(k, v) for k, v in self.outputs.items() if keep is None or v in keep]
+        if keep is None or outs:
+            lines.append("  return " + ", ".join(f"{k}={nodes[v].ref()}" for k, v in outs))
         lines.append("}")
         return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.format()
 
     def verify(self) -> None:
         """Check SSA order, unique names of leaves, and re-infer every shape and dtype.

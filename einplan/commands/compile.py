@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from einplan.compiler.ir import Graph
+from einplan.compiler.pipeline import PASSES
+
 
 def run(args: argparse.Namespace) -> None:
     """Compile, save, and print the summary."""
@@ -12,12 +15,28 @@ def run(args: argparse.Namespace) -> None:
     from einplan.compiler.pipeline import PassContext
     from einplan.report.summary import print_compile_summary
 
-    ctx = PassContext(use_path_cache=not args.no_path_cache)
+    ctx = PassContext(
+        use_path_cache=not args.no_path_cache,
+        dump_after=tuple(args.dump_after),
+        on_dump=lambda name, graph: dump_graph(name, graph, args.dump_dir),
+    )
     plan = compile_model(args.config, weight_dtype=args.weight_dtype, ctx=ctx)
     out = Path(args.output or Path(args.config).with_suffix(".plan").name)
     plan.save(out)
     print_compile_summary(plan, args.batch, args.seq)
     print(f"wrote {out} ({out.stat().st_size / 1024:,.0f} KiB)")
+
+
+def dump_graph(pass_name: str, graph: Graph, out_dir: str | None) -> None:
+    """Print the graph as it leaves a pass, or write it to ``out_dir/ENTRY.after-PASS.txt``."""
+    text = f"# after pass {pass_name}\n{graph}\n"
+    if out_dir is None:
+        print(text)
+        return
+    path = Path(out_dir) / f"{graph.name}.after-{pass_name}.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    print(f"wrote {path}")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -42,4 +61,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="plan every contraction afresh (ignore the on-disk path cache)",
     )
+    c.add_argument(
+        "--dump-after",
+        action="append",
+        default=[],
+        metavar="PASS",
+        choices=PASSES,
+        help=f"print the graph after this pass (repeatable; passes: {', '.join(PASSES)})",
+    )
+    c.add_argument("--dump-dir", metavar="DIR", help="write --dump-after graphs here instead")
     c.set_defaults(func=run)

@@ -5,4 +5,6 @@ COMMANDS = [
     "compile",
     "eval",
     "graph",
+    "report",
+    "bench",
 ]

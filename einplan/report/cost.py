@@ -45,24 +45,19 @@ def measured_runs(rec: Recorder, warmup: int) -> tuple[list[int], dict[str, int]
     return sorted(kept), excluded
 
 
-def group_of(r: StepRecord, by: str) -> tuple[str, str]:
-    """The group a step belongs to and a sort key placing groups in model order."""
+def group_of(r: StepRecord, by: str) -> str:
+    """The group a step belongs to: its node, op, layer (or role outside layers), phase or
+    stage."""
     if by == "node":
-        return r.name, f"{r.step:08d}"
+        return r.name
     if by == "op":
-        return r.op, r.op
+        return r.op
     if by == "layer":
         layer = layer_of(r.name)
-        if layer is None:
-            role = role_of(r.name).split(".")[0]
-            return role, ("0" if role in ("embed", "rope_table") else "2") + role
-        return f"layer {layer}", f"1{layer:06d}"
+        return f"layer {layer}" if layer is not None else role_of(r.name).split(".")[0]
     if by == "phase":
-        phase = phase_of(r.name, r.tags)
-        stage, order = phase_rank(phase)
-        return phase, f"{stage:03d}{order:03d}"
-    stage = stage_of(r.tags)
-    return stage, stage
+        return phase_of(r.name, r.tags)
+    return stage_of(r.tags)
 
 
 def roofline(flops: float, nbytes: float, seconds: float, machine: dict | None) -> dict:
@@ -102,15 +97,16 @@ def cost_report(
     for i in runs:
         entry = rec.runs[i]["entry"]
         for r in rec.records(i):
-            group, order = group_of(r, by)
+            group = group_of(r, by)
             key = (entry, group)
             acc = sums[key].setdefault(i, [0, 0, 0])
             acc[0] += r.dur_ns
             acc[1] += r.flops
             acc[2] += r.bytes
-            if key not in meta:
+            if key not in meta:  # the first step of a group places it in model order
+                order = phase_rank(group) if by == "phase" else (r.step,)
                 meta[key] = {"op": r.op, "shapes": r.shapes, "order": order}
-    rows = []
+    placed = []  # (model order, row)
     for (entry, group), per_run in sums.items():
         ns = np.array([v[0] for v in per_run.values()], dtype=np.float64)
         flops = sum(v[1] for v in per_run.values())
@@ -131,14 +127,11 @@ def cost_report(
             "mb": nbytes / len(ns) / 1e6,
         }
         row |= roofline(flops, nbytes, float(ns.sum()) / 1e9, machine)
-        row["_order"] = (entry, meta[(entry, group)]["order"])
-        rows.append(row)
-    if by in ("node", "op"):
-        rows.sort(key=lambda r: -r["mean_ms"])
+        placed.append(((entry, meta[(entry, group)]["order"]), row))
+    if by in ("node", "op"):  # the costliest first
+        rows = [row for _, row in sorted(placed, key=lambda p: -p[1]["mean_ms"])]
     else:
-        rows.sort(key=lambda r: r["_order"])
-    for row in rows:
-        del row["_order"]
+        rows = [row for _, row in sorted(placed, key=lambda p: p[0])]
     notes = []
     if machine is None:
         notes.append("no roofs for this machine yet: run `einplan bench machine` for the bound")

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from einplan.errors import EinplanError
 from einplan.report.cost import CostReport
+from einplan.report.phases import role_of
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -67,14 +68,18 @@ def plot_roofline(report: CostReport) -> Figure:
         c=[BOUND_COLORS[r["bound"]] for r in rows],
         alpha=0.7,
     )
-    for r in sorted(rows, key=lambda r: -r["share_pct"])[:8]:
-        ax.annotate(
-            str(r[report.by]),
-            (r["intensity"], r["gflops"]),
-            fontsize=7,
-            xytext=(3, 3),
-            textcoords="offset points",
-        )
+    labelled: set[str] = set()  # one label per role: ffn_down-3 and ffn_down-7 sit together
+    for r in sorted(rows, key=lambda r: -r["share_pct"]):
+        label = role_of(str(r[report.by])) if report.by == "node" else str(r[report.by])
+        if label not in labelled and len(labelled) < 8:
+            labelled.add(label)
+            ax.annotate(
+                label,
+                (r["intensity"], r["gflops"]),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("arithmetic intensity (FLOP/byte)")

@@ -91,40 +91,38 @@ def graph_to_dot(graph: Graph, nodes: list[Node], title: str = "") -> graphviz.D
         node_attr={"shape": "plain", "fontname": "Helvetica", "fontsize": "10"},
         edge_attr={"fontname": "Helvetica", "fontsize": "8", "color": "#555555"},
     )
+    layer = {n.id: layer_of(n.name) for n in graph.nodes}
     # a value read by several layers (the rope table) is drawn again, grey, inside each layer
     # that reads it: edges fanning out across clusters would wreck dot's ranking of layers
     readers: dict[int, set[int | None]] = {}
     for n in nodes:
         for i in n.inputs:
-            readers.setdefault(i, set()).add(layer_of(n.name))
-    members = [(everything[i], "outside", None) for i in outside if len(readers[i]) == 1]
-    members += [(n, node_kind(n), layer_of(n.name)) for n in nodes]
-    shared = {i for i, layers in readers.items() if len(layers) > 1}
-    members += [(everything[i], "outside", layer) for i in sorted(shared) for layer in readers[i]]
-    layers: dict[int, graphviz.Digraph] = {}
-    for n, kind, layer in members:
-        target, key = dot, f"v{n.id}"
-        if kind == "outside" and n.id in shared:
-            if layer == layer_of(n.name) and n.id in kept:
-                continue  # drawn as itself
-            key = f"v{n.id}_in{layer}"
-        if layer is not None:
-            if layer not in layers:
-                layers[layer] = graphviz.Digraph(f"cluster_layer{layer}")
-                layers[layer].attr(label=f"layer {layer}", style="rounded", color="#888888")
-            target = layers[layer]
-        tooltip = graph.format_line(n, everything) if kind != "outside" else f"outside: {n.name}"
-        target.node(key, node_label(n, kind), id=key, tooltip=tooltip)
-    for sub in layers.values():
-        dot.subgraph(sub)
+            readers.setdefault(i, set()).add(layer[n.id])
+    shared = {i for i, where in readers.items() if len(where) > 1}
+    # (key, node, kind, cluster) of every box; then the edges, adding the copies they need
+    boxes = [(f"v{n.id}", n, node_kind(n), layer[n.id]) for n in nodes]
+    boxes += [(f"v{i}", everything[i], "outside", None) for i in outside if i not in shared]
     for n in nodes:
-        layer = layer_of(n.name)
         for slot, i in enumerate(n.inputs):
             src = f"v{i}"
-            if i in shared and not (i in kept and layer_of(everything[i].name) == layer):
-                src = f"v{i}_in{layer}"
+            if i in shared and not (i in kept and layer[i] == layer[n.id]):
+                src = f"v{i}_in{layer[n.id]}"
+                if src not in {b[0] for b in boxes}:
+                    boxes.append((src, everything[i], "outside", layer[n.id]))
             dot.edge(src, f"v{n.id}", label=str(slot) if len(n.inputs) > 1 else None)
-    dot.node("legend", legend_label({kind for _, kind, _ in members}), id="legend")
+    clusters: dict[int, graphviz.Digraph] = {}
+    for key, n, kind, cluster in boxes:
+        target = dot
+        if cluster is not None:
+            if cluster not in clusters:
+                clusters[cluster] = graphviz.Digraph(f"cluster_layer{cluster}")
+                clusters[cluster].attr(label=f"layer {cluster}", style="rounded", color="#888888")
+            target = clusters[cluster]
+        tip = graph.format_line(n, everything) if kind != "outside" else f"from elsewhere: {n.name}"
+        target.node(key, node_label(n, kind), id=key, tooltip=tip)
+    for sub in clusters.values():
+        dot.subgraph(sub)
+    dot.node("legend", legend_label({b[2] for b in boxes}), id="legend")
     return dot
 
 

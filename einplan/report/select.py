@@ -22,16 +22,11 @@ def select_nodes(graph: Graph, layer: int | None = None, pattern: str | None = N
         if (layer is None or layer_of(n.name) == layer) and (regex is None or regex.search(n.name))
     ]
     if not kept:
-        layers = {layer_of(n.name) for n in graph.nodes} - {None}
-        what = " and ".join(
-            x
-            for x in (
-                f"layer {layer}" if layer is not None else "",
-                f"names matching {pattern!r}" if pattern is not None else "",
-            )
-            if x
-        )
+        asked = [f"layer {layer}"] if layer is not None else []
+        asked += [f"names matching {pattern!r}"] if pattern is not None else []
+        layers = sorted({layer_of(n.name) for n in graph.nodes} - {None})
+        has = f"layers {layers[0]}..{layers[-1]}" if layers else "no layers"
         raise EinplanError(
-            f"no node of entry {graph.name!r} is in {what} (layers 0..{max(layers, default=0)})"
+            f"no node of entry {graph.name!r} is in {' and '.join(asked)} (it has {has})"
         )
     return kept

@@ -5,28 +5,26 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from einplan.report.cost import GROUPINGS
-from einplan.report.tables import FORMATS
+from einplan.errors import EinplanError
+from einplan.report import plots
+from einplan.report.cost import GROUPINGS, CostReport, cost_report
+from einplan.report.machine import load_machine
+from einplan.report.tables import (
+    FORMATS,
+    make_console,
+    render_csv,
+    render_html,
+    render_json,
+    render_rich,
+)
+from einplan.report.trace import read_trace
 
 
 def run(args: argparse.Namespace) -> None:
     """Read the trace, aggregate, and write the report and any plots asked for."""
-    from einplan.report.cost import cost_report
-    from einplan.report.machine import load_machine
-    from einplan.report.tables import (
-        make_console,
-        render_csv,
-        render_html,
-        render_json,
-        render_rich,
-    )
-    from einplan.report.trace import read_trace
-
     report = cost_report(read_trace(args.profile), args.by, args.warmup, load_machine())
     for path, draw in ((args.bars, "bars"), (args.roofline, "roofline")):
         if path:
-            from einplan.report import plots
-
             fig = plots.plot_bars(report) if draw == "bars" else plots.plot_roofline(report)
             print(f"wrote {plots.save_figure(fig, path)}")
     if args.format == "table":
@@ -52,12 +50,9 @@ def run(args: argparse.Namespace) -> None:
         print(text, end="")
 
 
-def html_figures(report) -> list[str]:
+def html_figures(report: CostReport) -> list[str]:
     """The bars and (given the machine's roofs) the roofline as inline SVG; none, with a
     note, without matplotlib."""
-    from einplan.errors import EinplanError
-    from einplan.report import plots
-
     try:
         figs = [plots.plot_bars(report)]
         if report.machine is not None:

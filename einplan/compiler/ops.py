@@ -69,6 +69,7 @@ class OpDef:
     infer: Infer
     flops_per_element: int = 0  # of the output, for elementwise-like ops
     alias: bool = False  # output is a view of input 0: no buffer, no copy
+    inplace: bool = False  # the kernel may write its output over input 0 (same size)
     hidden_attrs: tuple[str, ...] = ()  # attrs left out of the printed graph
 
 
@@ -299,13 +300,13 @@ OPS: dict[Op, OpDef] = {
     Op.SLICE_LAST: OpDef(_infer_slice_last),
     Op.SPLIT: OpDef(_infer_split, alias=True),
     Op.EINSUM: OpDef(_infer_einsum, hidden_attrs=("recipe",)),
-    Op.ADD: OpDef(_infer_binary, 1),
-    Op.MUL: OpDef(_infer_binary, 1),
+    Op.ADD: OpDef(_infer_binary, 1, inplace=True),
+    Op.MUL: OpDef(_infer_binary, 1, inplace=True),
     Op.GATHER: OpDef(_infer_gather),
     Op.RMS_NORM: OpDef(_infer_rms_norm, 4),
     Op.ROPE_TABLE: OpDef(_infer_rope_table, 2, hidden_attrs=("inv_freq",)),
     Op.ROPE: OpDef(_infer_rope, 3),
-    Op.SOFTMAX: OpDef(_infer_softmax, 5),
+    Op.SOFTMAX: OpDef(_infer_softmax, 5, inplace=True),
     Op.SILU_MUL: OpDef(_infer_silu_mul, 5),
     Op.RESHAPE: OpDef(_infer_reshape, alias=True),
     Op.TRANSPOSE: OpDef(_infer_transpose),
@@ -313,7 +314,7 @@ OPS: dict[Op, OpDef] = {
     Op.EXPAND: OpDef(_infer_expand),
     Op.SCATTER_ADD: OpDef(_infer_scatter_add, 1),
     Op.CROSS_ENTROPY: OpDef(_infer_cross_entropy, 4),
-    Op.CROSS_ENTROPY_GRAD: OpDef(_infer_cross_entropy_grad, 5),
+    Op.CROSS_ENTROPY_GRAD: OpDef(_infer_cross_entropy_grad, 5, inplace=True),
     Op.RMS_NORM_GRAD: OpDef(_infer_rms_norm_grad, 8),
     Op.SOFTMAX_GRAD: OpDef(_infer_like_first, 4),
     Op.SILU_MUL_GRAD: OpDef(_infer_like_first, 8),

@@ -13,31 +13,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-PEER = ROOT.parent / "shared" / "perf" / "peer" / "torch_baselines.py"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, run_torch_case, subprocess_json, timed, write_results  # noqa: E402
+
 CONFIG = ROOT / "configs" / "smollm2-135m.json"
-
-
-def timed(fn, warmup: int, reps: int, min_time: float) -> list[float]:
-    """Run ``fn`` warmup times, then at least ``reps`` times and ``min_time`` seconds."""
-    for _ in range(warmup):
-        fn()
-    samples: list[float] = []
-    t_end = time.perf_counter() + min_time
-    while len(samples) < reps or time.perf_counter() < t_end:
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    return samples
 
 
 def run_case_here(kind: str, batch: int, seq: int, workers: int, args) -> dict:
@@ -71,13 +57,6 @@ def run_case_here(kind: str, batch: int, seq: int, workers: int, args) -> dict:
     }
 
 
-def subprocess_json(cmd: list[str], env: dict | None = None) -> dict:
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if p.returncode != 0:
-        return {"error": p.stderr.strip()[-1500:]}
-    return json.loads(p.stdout.strip().splitlines()[-1])
-
-
 def run_ours(kind, batch, seq, workers, args, env=None) -> dict:
     cmd = [
         sys.executable,
@@ -105,23 +84,10 @@ def run_ours(kind, batch, seq, workers, args, env=None) -> dict:
 
 
 def run_torch(batch, seq, args) -> dict:
-    cmd = [
-        args.torch_python,
-        str(PEER),
-        "--case",
-        f"smollm2-135m:fwd:{batch}:{seq}",
-        "--threads",
-        "2",
-        "--warmup",
-        str(args.warmup),
-        "--reps",
-        str(args.reps),
-        "--min-time",
-        str(args.min_time),
-    ]
-    env = dict(os.environ, OMP_NUM_THREADS="2", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
-    res = subprocess_json(cmd, env)
-    res.update(engine="pytorch-eager", kind="fwd", batch=batch, seq=seq, workers=None)
+    res = run_torch_case(
+        args.torch_python, f"smollm2-135m:fwd:{batch}:{seq}", args.warmup, args.reps, args.min_time
+    )
+    res.update(kind="fwd", batch=batch, seq=seq, workers=None)
     return res
 
 
@@ -206,19 +172,7 @@ def main() -> None:
             ratio if r["engine"] == "einplan" else "",
         )
     Console(width=120).print(t)
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    import numpy
-
-    meta = {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "python": platform.python_version(),
-        "numpy": numpy.__version__,
-        "machine": platform.machine(),
-        "cpus": os.cpu_count(),
-    }
-    out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-    print(f"wrote {out}")
+    write_results(args.json, results)
 
 
 if __name__ == "__main__":

@@ -9,42 +9,80 @@ from typing import Any
 
 import numpy as np
 
-from einplan.compiler.pipeline import PassContext, run_pipeline
+from einplan.compiler.pipeline import PASSES, TRAIN_PASSES, PassContext, run_pipeline
 from einplan.compiler.plan import Plan
-from einplan.models.config import ModelConfig, load_config, parse_config
-from einplan.models.llama import build_forward
+from einplan.errors import EinplanError
+from einplan.models.config import ModelConfig, config_differences, load_config, parse_config
+from einplan.models.llama import ENTRIES, build_graph
+from einplan.models.train_config import COMPUTE_DTYPES, TrainConfig, load_train_config
 from einplan.runtime.executor import Executor, InputError
 from einplan.runtime.recorder import Recorder
-from einplan.runtime.weights import load_weights, random_weights
+from einplan.runtime.weights import WeightsError, load_weights, random_weights, weights_config
 
-WEIGHT_DTYPES = ("f32", "bf16", "f16")
+WEIGHT_DTYPES = ("f32", "bf16", "f16", "f64")
+# entries made from the traced loss graph, and the passes that make them
+DERIVED = {
+    "loss": PASSES,
+    "grad": ("autodiff", *PASSES),  # loss and the gradient of every parameter, as outputs
+    "train_step": TRAIN_PASSES,  # loss, backward, gradient accumulation and optimizer update
+}
+# A training plan: the step, validation loss, and generation for samples (and Session).
+TRAIN_ENTRIES = ("train_step", "loss", "forward", "prefill", "decode")
 
 
 def compile_model(
     config: str | Path | dict[str, Any],
     *,
-    weight_dtype: str = "f32",
+    weight_dtype: str | None = None,
+    compute_dtype: str | None = None,
+    entries: tuple[str, ...] = ENTRIES,
+    train: TrainConfig | None = None,
     ctx: PassContext | None = None,
 ) -> Plan:
-    """Trace a model config (path, built-in name, dict or HF config.json) and compile it into
-    a plan with a ``forward`` entry point."""
-    if weight_dtype not in WEIGHT_DTYPES:
-        raise ValueError(f"weight dtype {weight_dtype!r} is not one of {', '.join(WEIGHT_DTYPES)}")
+    """Trace a model config (path, built-in name, dict or HF config.json) and compile each
+    entry point (``forward``, ``prefill``, ``decode``; ``loss``, ``grad``, ``train_step`` for
+    training, whose optimizer settings come from ``train`` or the config's train section)
+    into one plan. Weights are stored in ``weight_dtype`` and computed in ``compute_dtype``
+    (default: the train section's, else float32); both default to each other."""
     t0 = time.perf_counter()
     cfg = load_config(config)
+    train = train or load_train_config(config)
+    compute_dtype = compute_dtype or train.compute_dtype
+    weight_dtype = weight_dtype or compute_dtype
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise EinplanError(
+            f"weight dtype {weight_dtype!r} is not one of {', '.join(WEIGHT_DTYPES)}"
+        )
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise EinplanError(f"compute dtype {compute_dtype!r} is not one of {COMPUTE_DTYPES}")
+    if weight_dtype != compute_dtype and {"grad", "train_step"} & set(entries):
+        raise EinplanError(
+            f"training needs the weights stored in the compute dtype ({compute_dtype}), "
+            f"not {weight_dtype}"
+        )
     ctx = ctx or PassContext()
-    traced = build_forward(cfg, weight_dtype)
-    trace_seconds = time.perf_counter() - t0
-    graph = run_pipeline(traced, ctx)
-    params = sum(int(np.prod(n.shape)) for n in graph.params())
+    ctx.train = train
+    if {"grad", "train_step"} & set(entries):
+        # every entry of a training plan reads the one set of weights the optimizer updates
+        # in place: none may pack them into copies
+        ctx.skip = (*ctx.skip, "pack")
+    graphs = {}
+    for entry in entries:
+        traced = "loss" if entry in DERIVED else entry
+        graph = build_graph(cfg, traced, weight_dtype, compute_dtype)
+        graph.name = entry
+        graphs[entry] = run_pipeline(graph, ctx, DERIVED.get(entry, PASSES))
+    params = sum(int(np.prod(n.shape)) for n in graphs[entries[0]].params())
     meta = {
         "weight_dtype": weight_dtype,
+        "compute_dtype": compute_dtype,
         "parameters": params,
-        "trace_seconds": trace_seconds,
         "passes": ctx.stats,
         "compile_seconds": time.perf_counter() - t0,
     }
-    return Plan(cfg.to_dict(), {"forward": graph}, meta)
+    if "train_step" in entries:
+        meta["train"] = train.to_dict()
+    return Plan(cfg.to_dict(), graphs, meta)
 
 
 def load_plan(path: str | Path) -> Plan:
@@ -58,6 +96,19 @@ def plan_config(plan: Plan) -> ModelConfig:
     return ModelConfig(**raw) if raw else parse_config(raw)
 
 
+def check_weights_config(config: ModelConfig, weights: str | os.PathLike) -> None:
+    """Refuse weights whose own config (config.json, GGUF metadata) describes another model."""
+    raw = weights_config(weights)
+    if raw is None:
+        return
+    diff = config_differences(config, parse_config(raw, f"config of {weights}"))
+    if diff:
+        raise WeightsError(
+            f"weights {weights} are for a different model than this plan ({'; '.join(diff)}); "
+            "compile the plan from the weights' config.json"
+        )
+
+
 class Session:
     """A plan bound to weights, ready to run ``forward`` on token ids."""
 
@@ -69,7 +120,8 @@ class Session:
         random_seed: int | None = None,
         workers: int = 0,
     ) -> None:
-        """Bind ``weights`` (HF folder, safetensors file, hub id, or a dict of arrays), or
+        """Bind ``weights`` (HF folder, safetensors file, hub id, GGUF file, or a dict of
+        arrays under Hugging Face names), or
         seeded random weights when ``random_seed`` is given instead. One of the two is needed:
         there is no silent random fallback."""
         self.plan = plan if isinstance(plan, Plan) else load_plan(plan)
@@ -81,9 +133,9 @@ class Session:
             )
         if random_seed is not None:
             arrays = random_weights(graph, random_seed)
-        elif isinstance(weights, dict):
-            arrays = weights
         else:
+            if not isinstance(weights, dict):
+                check_weights_config(self.config, weights)
             arrays = load_weights(graph, weights, tied=self.config.tie_word_embeddings)
         self.weights = arrays
         self.executor = Executor(graph, arrays, workers)

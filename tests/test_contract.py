@@ -33,8 +33,8 @@ def equations(draw, n_operands):
     return ",".join(terms) + "->" + out, sizes
 
 
-def _scratch(role, mat):
-    return np.empty(mat, np.float32)
+def _scratch(role, mat, dtype):
+    return np.empty(mat, dtype)
 
 
 def _run_lowered(spec, arrays):

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from conftest import ONE_LAYER
 
-from einplan.api import Session, compile_model
+from einplan.api import TRAIN_ENTRIES, Session, compile_model
 from einplan.cli import main
-from einplan.compiler.ops import Op
+from einplan.compiler.ops import LEAVES
 from einplan.report.cost import cost_report, roofline
 from einplan.report.machine import load_machine
 from einplan.report.phases import PHASE_ORDER, layer_of, phase_of, role_of, stage_of
@@ -73,10 +73,14 @@ def test_layers_and_phases_come_in_model_order(rec):
 
 
 def test_every_node_of_the_model_has_a_phase():
-    graph = compile_model("smollm2-135m").entry("forward")
-    for n in graph.nodes:
-        if n.op is not Op.INPUT:
-            assert phase_of(n.name) != "Other", n.name
+    plan = compile_model("tiny", entries=TRAIN_ENTRIES)
+    assert {"train_step", "prefill", "decode"} <= set(plan.entries)
+    for graph in plan.entries.values():
+        for n in graph.nodes:
+            if n.op not in LEAVES:
+                assert not phase_of(n.name, n.tags).endswith("Other"), n.name
+    step = {phase_of(n.name, n.tags) for n in plan.entry("train_step").nodes if n.op not in LEAVES}
+    assert {"FFN", "Loss", "Backward / FFN", "Backward / Attention: RoPE", "Optimizer"} <= step
     assert phase_of("attn_k-3.rope") == "Attention: RoPE"
     assert phase_of("attn_k-3") == "Attention: QKV projection"
     assert phase_of("ffn_down-3", {"reverse"}) == "Backward / FFN"
@@ -144,7 +148,7 @@ def test_debug_level_two_prints_a_line_per_step(monkeypatch, capsys):
     lines = capsys.readouterr().err.splitlines()
     steps = len(session.executor.prepare({"batch": 1, "seq": 8}).steps)
     assert sum("GFLOP/s" in line for line in lines) == steps
-    assert any(" attn_q-0 " in line and " ms " in line for line in lines)
+    assert any(" attn_o-0 " in line and " ms " in line for line in lines)
     assert lines[-1].startswith("einplan: run 0 forward batch=1 seq=8:")
     monkeypatch.setenv("EINPLAN_DEBUG", "1")
     session.forward(np.arange(8)[None])

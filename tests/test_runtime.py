@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 import einplan
-from einplan.runtime.executor import InputError
+from einplan.runtime.executor import Executor, InputError
 from einplan.runtime.recorder import Recorder
+from einplan.runtime.weights import WeightsError, checkpoint_shapes
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +48,14 @@ def test_recorder_records_every_step_once_per_run(plan):
     rec = Recorder()
     session.forward(_ids((1, 20)), recorder=rec)
     session.forward(_ids((1, 20)), recorder=rec)
-    steps = [n for n in plan.entry().nodes if n.op.value not in ("param", "input")]
-    assert len(rec.records(0)) == len(steps) == len(rec.records(1))
+    nodes = [n for n in plan.entry().nodes if n.op.value not in ("param", "input")]
+    views = [n for n in nodes if n.op.value in ("reshape", "split")]  # made before the run
+    assert len(rec.records(0)) == len(nodes) - len(views) == len(rec.records(1))
+    assert {x.name for x in rec.records(0)} == {n.name for n in nodes if n not in views}
     r = {x.name: x for x in rec.records(0)}
-    assert r["ffn_up-0"].flops == 2 * 20 * 128 * 344
-    assert r["ffn_up-0"].bytes == 4 * (20 * 128 + 344 * 128 + 20 * 344)
+    gate_up = r["ffn_gate+ffn_up-0"]  # one packed projection (compiler/passes/pack.py)
+    assert gate_up.flops == 2 * 20 * 128 * 688
+    assert gate_up.bytes == 4 * (20 * 128 + 688 * 128 + 20 * 688)
     assert sum(x.dur_ns for x in rec.records(0)) <= rec.wall_ns(0)
 
 
@@ -83,7 +87,7 @@ def test_outputs_are_not_overwritten_by_the_next_run(plan):
 @pytest.mark.parametrize(
     "tokens, message",
     [
-        (np.zeros((1, 513), np.int64), "seq=513 is outside the plan's limit 1..512"),
+        (np.zeros((1, 513), np.int64), "seq=513 is outside the limit 1..512"),
         (np.zeros((65, 4), np.int64), "batch=65"),
         (np.full((1, 4), 256), "token ids must lie in 0..255"),
         (np.zeros((1, 4), np.float32), "must be integers"),
@@ -97,8 +101,15 @@ def test_bad_inputs_are_refused(plan, tokens, message):
 
 
 def test_weights_of_the_wrong_shape_are_refused(plan):
-    other = einplan.Session(einplan.compile_model("configs/tiny.json"), random_seed=0).weights
-    bad = dict(other)
-    bad["model.norm.weight"] = np.ones(64, np.float32)
-    with pytest.raises(InputError, match="model.norm.weight is float32\\[64\\]"):
-        einplan.Session(plan, bad)
+    tensors = {k: np.ones(s, np.float32) for k, s in checkpoint_shapes(plan.entry()).items()}
+    tensors["model.norm.weight"] = np.ones(64, np.float32)
+    with pytest.raises(WeightsError, match="model.norm.weight: checkpoint \\[64\\], plan"):
+        einplan.Session(plan, tensors)
+    with pytest.raises(InputError, match="weight model.norm.weight is float32\\[64\\]"):
+        Executor(
+            plan.entry(),
+            {
+                **einplan.Session(plan, random_seed=0).weights,
+                "model.norm.weight": np.ones(64, np.float32),
+            },
+        )

@@ -42,7 +42,7 @@ def test_events_have_the_required_fields(plan):
     steps = [e for e in events if e["ph"] == "X" and e["cat"] != "run"]
     assert len(steps) == len(rec.raw)  # one slice per executed step
     assert {e["name"] for e in steps} == {r.name for r in rec.records(0)}
-    q = next(e for e in steps if e["name"] == "attn_q-0")
+    q = next(e for e in steps if e["name"] == "attn_o-0")
     assert q["args"]["shapes"] == "f32[1,24,16], f32[16,16] -> f32[1,24,16]"
     assert q["args"]["flops"] == 2 * 24 * 16 * 16 and q["cat"] == "einsum"
 

@@ -30,9 +30,18 @@ def _copy_case(tmp_path, tensors):
 
 
 def test_weights_are_memory_mapped_not_copied(plan):
+    """Norms and embeddings are views of the file; projections are packed copies."""
     arrays = load_weights(plan.entry(), CASE)
-    w = arrays["model.layers.0.mlp.up_proj.weight"]
-    assert isinstance(w.base, np.memmap) or isinstance(w, np.memmap) or not w.flags.owndata
+    for key in ("model.embed_tokens.weight", "model.layers.0.input_layernorm.weight"):
+        assert not arrays[key].flags.owndata and not arrays[key].flags.writeable
+
+
+def test_projections_are_packed_transposed(plan):
+    arrays = load_weights(plan.entry(), CASE)
+    t = load_file(CASE / "model.safetensors")
+    qkv = "+".join(f"model.layers.1.self_attn.{p}_proj.weight" for p in "qkv")
+    want = np.concatenate([t[k].T for k in qkv.split("+")], axis=1)
+    np.testing.assert_array_equal(arrays[qkv], want)
 
 
 def test_missing_unexpected_and_misshaped_tensors_are_listed(tmp_path, plan):
@@ -62,9 +71,9 @@ def test_bf16_checkpoint_converts_to_f32_plan(tmp_path, plan):
     bf = {k: v.astype(ml_dtypes.bfloat16) for k, v in t.items()}
     folder = _copy_case(tmp_path, bf)
     arrays = load_weights(plan.entry(), folder)
-    w = arrays["model.layers.0.mlp.up_proj.weight"]
+    w = arrays["model.embed_tokens.weight"]
     assert w.dtype == np.float32
-    np.testing.assert_array_equal(w, bf["model.layers.0.mlp.up_proj.weight"].astype(np.float32))
+    np.testing.assert_array_equal(w, bf["model.embed_tokens.weight"].astype(np.float32))
 
 
 def test_bf16_weight_plan_runs_close_to_f32(plan):

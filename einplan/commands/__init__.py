@@ -4,6 +4,9 @@
 COMMANDS = [
     "compile",
     "eval",
+    "run",
+    "convert",
+    "train",
     "graph",
     "report",
     "bench",

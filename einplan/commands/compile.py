@@ -6,12 +6,12 @@ import argparse
 from pathlib import Path
 
 from einplan.compiler.ir import Graph
-from einplan.compiler.pipeline import PASSES
+from einplan.compiler.pipeline import TRAIN_PASSES
 
 
 def run(args: argparse.Namespace) -> None:
     """Compile, save, and print the summary."""
-    from einplan.api import compile_model
+    from einplan.api import ENTRIES, TRAIN_ENTRIES, compile_model
     from einplan.compiler.pipeline import PassContext
     from einplan.report.summary import print_compile_summary
 
@@ -20,7 +20,13 @@ def run(args: argparse.Namespace) -> None:
         dump_after=tuple(args.dump_after),
         on_dump=lambda name, graph: dump_graph(name, graph, args.dump_dir),
     )
-    plan = compile_model(args.config, weight_dtype=args.weight_dtype, ctx=ctx)
+    plan = compile_model(
+        args.config,
+        weight_dtype=args.weight_dtype,
+        compute_dtype=args.compute_dtype,
+        entries=TRAIN_ENTRIES if args.train else ENTRIES,
+        ctx=ctx,
+    )
     out = Path(args.output or Path(args.config).with_suffix(".plan").name)
     plan.save(out)
     print_compile_summary(plan, args.batch, args.seq)
@@ -50,9 +56,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("-o", "--output", help="plan file to write (default: CONFIG-NAME.plan)")
     c.add_argument(
         "--weight-dtype",
-        default="f32",
-        choices=["f32", "bf16", "f16"],
-        help="storage dtype of the weights (compute is float32)",
+        choices=["f32", "bf16", "f16", "f64"],
+        help="storage dtype of the weights (default: the compute dtype)",
+    )
+    c.add_argument(
+        "--compute-dtype",
+        choices=["f32", "f64"],
+        help="dtype of every computed value (default: the train section's, else f32)",
+    )
+    c.add_argument(
+        "--train",
+        action="store_true",
+        help="also compile train_step (forward, backward, optimizer) and loss entries, with "
+        "the config's train settings",
     )
     c.add_argument("--batch", type=int, default=1, help="batch for the memory estimate")
     c.add_argument("--seq", type=int, default=256, help="sequence length for the estimates")
@@ -66,8 +82,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="PASS",
-        choices=PASSES,
-        help=f"print the graph after this pass (repeatable; passes: {', '.join(PASSES)})",
+        choices=TRAIN_PASSES,
+        help=f"print the graph after this pass (repeatable; passes: {', '.join(TRAIN_PASSES)})",
     )
     c.add_argument("--dump-dir", metavar="DIR", help="write --dump-after graphs here instead")
     c.set_defaults(func=run)

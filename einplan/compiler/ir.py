@@ -12,7 +12,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from einplan.compiler.ops import OPS, Op, ShapeError
+from einplan.compiler.ops import LEAVES, OPS, Op, ShapeError
 from einplan.compiler.symbolic import Dim, Shape
 
 
@@ -31,7 +31,14 @@ class Node:
 
     def ref(self) -> str:
         """How other lines of the printed graph refer to this value."""
-        return f"%{self.name}" if self.op in (Op.PARAM, Op.INPUT) else f"%{self.id}"
+        return f"%{self.name}" if self.op in LEAVES else f"%{self.id}"
+
+    def phase(self) -> str:
+        """The part of a training step the node belongs to, by the tags the autodiff and
+        optimizer passes give: ``forward``, ``backward`` or ``optimizer``."""
+        if "optimizer" in self.tags:
+            return "optimizer"
+        return "backward" if "reverse" in self.tags else "forward"
 
     def with_(self, **changes: Any) -> Node:
         """Return a copy with some fields replaced."""
@@ -73,8 +80,15 @@ class Graph:
     name: str = "forward"
     annotations: dict[int, dict[str, Any]] = field(default_factory=dict)  # per node: schedule
     meta: dict[str, Any] = field(default_factory=dict)  # per graph: slots, peak, pass stats
+    # steps run for their side effect (in-place optimizer updates) that no output reads
+    effects: list[int] = field(default_factory=list)
 
-    def replace_nodes(self, nodes: list[Node], outputs: dict[str, int] | None = None) -> Graph:
+    def replace_nodes(
+        self,
+        nodes: list[Node],
+        outputs: dict[str, int] | None = None,
+        effects: list[int] | None = None,
+    ) -> Graph:
         """Return a graph with new nodes and the same dims, annotations and meta."""
         return Graph(
             nodes,
@@ -83,6 +97,7 @@ class Graph:
             self.name,
             dict(self.annotations),
             dict(self.meta),
+            list(self.effects if effects is None else effects),
         )
 
     def by_id(self) -> dict[int, Node]:
@@ -92,6 +107,10 @@ class Graph:
     def params(self) -> list[Node]:
         """Return the parameter leaves in order."""
         return [n for n in self.nodes if n.op is Op.PARAM]
+
+    def states(self) -> list[Node]:
+        """Return the state leaves (persistent buffers such as the KV cache) in order."""
+        return [n for n in self.nodes if n.op is Op.STATE]
 
     def inputs(self) -> list[Node]:
         """Return the input leaves in order."""
@@ -118,7 +137,7 @@ class Graph:
             head += f"[{attrs}]"
         args = " ".join(nodes[i].ref() for i in n.inputs)
         line = f"{head} {args}".rstrip()
-        if n.op not in (Op.PARAM, Op.INPUT) and n.name:
+        if n.op not in LEAVES and n.name:
             tags = f" {{{','.join(sorted(n.tags))}}}" if n.tags else ""
             line = f"{line:<72} # {n.name}{tags}{format_annotation(self.annotations.get(n.id))}"
         return line
@@ -134,7 +153,10 @@ class Graph:
         ]
         outs = [(k, v) for k, v in self.outputs.items() if keep is None or v in keep]
         if keep is None or outs:
-            lines.append("  return " + ", ".join(f"{k}={nodes[v].ref()}" for k, v in outs))
+            ret = ", ".join(f"{k}={nodes[v].ref()}" for k, v in outs)
+            if self.effects and keep is None:
+                ret += f"; effects {len(self.effects)} steps"
+            lines.append(f"  return {ret}")
         lines.append("}")
         return "\n".join(lines)
 
@@ -155,7 +177,7 @@ class Graph:
             for i in n.inputs:
                 if i not in seen:
                     raise ShapeError(f"{where}: input %{i} used before it is defined")
-            if n.op in (Op.PARAM, Op.INPUT):
+            if n.op in LEAVES:
                 if n.name in leaf_names:
                     raise ShapeError(f"{where}: two leaves named {n.name!r}")
                 leaf_names.add(n.name)
@@ -178,6 +200,9 @@ class Graph:
         for k, v in self.outputs.items():
             if v not in seen:
                 raise ShapeError(f"output {k!r} names undefined value %{v}")
+        for v in self.effects:
+            if v not in seen:
+                raise ShapeError(f"effect step %{v} is not defined")
 
 
 def check_dim(d: Dim, dims: dict[str, int], where: str) -> None:

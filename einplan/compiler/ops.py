@@ -20,6 +20,10 @@ class Op(StrEnum):
 
     PARAM = "param"
     INPUT = "input"
+    STATE = "state"
+    KV_APPEND = "kv_append"
+    SLICE_LAST = "slice_last"
+    SPLIT = "split"
     EINSUM = "einsum"
     ADD = "add"
     MUL = "mul"
@@ -32,6 +36,19 @@ class Op(StrEnum):
     RESHAPE = "reshape"
     TRANSPOSE = "transpose"
     CAST = "cast"
+    EXPAND = "expand"
+    SCATTER_ADD = "scatter_add"
+    CROSS_ENTROPY = "cross_entropy"
+    # reverse-mode ops the autodiff pass emits (compiler/vjp.py)
+    CROSS_ENTROPY_GRAD = "cross_entropy_grad"
+    RMS_NORM_GRAD = "rms_norm_grad"
+    SOFTMAX_GRAD = "softmax_grad"
+    SILU_MUL_GRAD = "silu_mul_grad"
+    # optimizer ops the optimizer pass emits: in place on their first input
+    ACC_GRAD = "acc_grad"
+    GRAD_NORM = "grad_norm"
+    ADAMW = "adamw"
+    SGD = "sgd"
 
 
 class ShapeError(EinplanError):
@@ -52,6 +69,7 @@ class OpDef:
     infer: Infer
     flops_per_element: int = 0  # of the output, for elementwise-like ops
     alias: bool = False  # output is a view of input 0: no buffer, no copy
+    inplace: bool = False  # the kernel may write its output over input 0 (same size)
     hidden_attrs: tuple[str, ...] = ()  # attrs left out of the printed graph
 
 
@@ -127,14 +145,14 @@ def _infer_gather(shapes, dtypes, attrs):
 def _infer_rms_norm(shapes, dtypes, attrs):
     x, w = shapes
     _need(len(w) == 1 and w[0] == x[-1], f"rms_norm weight {list(w)} must be [{x[-1]}]")
-    _need(dtypes[0] == dtypes[1] == "f32" or dtypes[0] == dtypes[1], "rms_norm dtypes differ")
+    _need(dtypes[0] == dtypes[1], f"rms_norm dtypes differ: {dtypes}")
     return x, dtypes[0]
 
 
 def _infer_rope_table(shapes, dtypes, attrs):
     (pos,) = shapes
     _need(dtypes[0] in INT_DTYPES, f"rope_table positions must be integers, got {dtypes[0]}")
-    return (2, *pos, len(attrs["inv_freq"])), "f32"
+    return (2, *pos, len(attrs["inv_freq"])), attrs.get("dtype", "f32")
 
 
 def _infer_rope(shapes, dtypes, attrs):
@@ -146,9 +164,15 @@ def _infer_rope(shapes, dtypes, attrs):
 
 
 def _infer_softmax(shapes, dtypes, attrs):
-    (x,) = shapes
+    x = shapes[0]
     if attrs.get("causal"):
         _need(len(x) >= 2, "causal softmax needs [..., q, k]")
+    if len(shapes) == 2:  # an additive mask over (batch, queries, keys)
+        m = shapes[1]
+        _need(
+            len(x) >= 3 and tuple(m) == (x[0], x[-2], x[-1]),
+            f"softmax mask {list(m)} must be [batch, queries, keys] = [{x[0]}, {x[-2]}, {x[-1]}]",
+        )
     return x, dtypes[0]
 
 
@@ -176,6 +200,94 @@ def _infer_cast(shapes, dtypes, attrs):
     return shapes[0], attrs["dtype"]
 
 
+def _infer_kv_append(shapes, dtypes, attrs):
+    cache, new, pos = shapes
+    _need(pos == (1,) and dtypes[2] in INT_DTYPES, f"kv_append position must be i64[1], got {pos}")
+    _need(len(cache) == len(new) == 4, f"kv_append needs [b,ctx,n,h] and [b,s,n,h], got {shapes}")
+    _need(
+        cache[0] == new[0] and cache[2:] == new[2:],
+        f"kv_append: new entries {list(new)} do not fit the cache {list(cache)}",
+    )
+    _need(dtypes[0] == dtypes[1], f"kv_append dtypes differ: {dtypes[:2]}")
+    return (cache[0], attrs["length"], *cache[2:]), dtypes[0]
+
+
+def _infer_slice_last(shapes, dtypes, attrs):
+    (x,) = shapes
+    _need(len(x) >= 2, f"slice_last needs [batch, seq, ...], got {list(x)}")
+    return (x[0], *x[2:]), dtypes[0]
+
+
+def _infer_split(shapes, dtypes, attrs):
+    (x,) = shapes
+    start, stop = attrs["start"], attrs["stop"]
+    _need(
+        isinstance(x[-1], int) and 0 <= start < stop <= x[-1],
+        f"split [{start}:{stop}] does not fit last axis {x[-1]}",
+    )
+    return (*x[:-1], stop - start), dtypes[0]
+
+
+def _infer_expand(shapes, dtypes, attrs):
+    (x,) = shapes
+    target, axes = tuple(attrs["shape"]), attrs["axes"]
+    kept = tuple(d for i, d in enumerate(target) if i not in axes)
+    _need(kept == tuple(x), f"expand: {list(x)} is not {list(target)} without axes {axes}")
+    return target, dtypes[0]
+
+
+def _infer_scatter_add(shapes, dtypes, attrs):
+    values, ids = shapes
+    _need(dtypes[1] in INT_DTYPES, f"scatter_add ids must be integers, got {dtypes[1]}")
+    _need(tuple(values[:-1]) == tuple(ids), f"scatter_add: values {values} do not fit ids {ids}")
+    return (attrs["rows"], values[-1]), dtypes[0]
+
+
+def _infer_cross_entropy(shapes, dtypes, attrs):
+    logits, targets = shapes[:2]
+    _need(tuple(logits[:-1]) == tuple(targets), f"cross_entropy: {logits} vs targets {targets}")
+    _need(dtypes[1] in INT_DTYPES, f"cross_entropy targets must be integers, got {dtypes[1]}")
+    _need(dtypes[0] in FLOAT_DTYPES, f"cross_entropy logits must be float, got {dtypes[0]}")
+    return (), dtypes[0]
+
+
+def _infer_cross_entropy_grad(shapes, dtypes, attrs):
+    _infer_cross_entropy(shapes, dtypes, attrs)
+    _need(tuple(shapes[2]) == (), f"cross_entropy_grad: cotangent must be a scalar, {shapes[2]}")
+    return shapes[0], dtypes[0]
+
+
+def _infer_like_first(shapes, dtypes, attrs):
+    _need(all(d == dtypes[0] for d in dtypes), f"operands differ in dtype: {dtypes}")
+    return shapes[0], dtypes[0]
+
+
+def _infer_rms_norm_grad(shapes, dtypes, attrs):
+    x, w, ct = shapes
+    _need(tuple(ct) == tuple(x), f"rms_norm_grad: cotangent {ct} is not x's {x}")
+    return (x if attrs["wrt"] == "x" else w), dtypes[0]
+
+
+def _infer_same_shapes(shapes, dtypes, attrs):
+    _need(all(tuple(s) == tuple(shapes[0]) for s in shapes), f"shapes differ: {shapes}")
+    return _infer_like_first(shapes, dtypes, attrs)
+
+
+def _infer_grad_norm(shapes, dtypes, attrs):
+    _need(tuple(shapes[0]) == (), f"grad_norm: the loss must be a scalar, got {shapes[0]}")
+    _need(len(set(dtypes)) == 1, f"grad_norm operands differ in dtype: {sorted(set(dtypes))}")
+    return (), dtypes[0]
+
+
+def _infer_update(shapes, dtypes, attrs):
+    """An optimizer update: (param, *state, grad, norm, lr, step) -> param, in place."""
+    *tensors, norm, lr, step = shapes
+    _need(all(tuple(s) == tuple(tensors[0]) for s in tensors), f"shapes differ: {tensors}")
+    _need(norm == lr == step == (), "norm, lr and step must be scalars")
+    _need(dtypes[-1] in INT_DTYPES, f"step must be an integer, got {dtypes[-1]}")
+    return tensors[0], dtypes[0]
+
+
 def _infer_leaf(shapes, dtypes, attrs):
     raise AssertionError("leaves carry their own shape")
 
@@ -183,19 +295,40 @@ def _infer_leaf(shapes, dtypes, attrs):
 OPS: dict[Op, OpDef] = {
     Op.PARAM: OpDef(_infer_leaf),
     Op.INPUT: OpDef(_infer_leaf),
+    Op.STATE: OpDef(_infer_leaf),
+    Op.KV_APPEND: OpDef(_infer_kv_append, alias=True),
+    Op.SLICE_LAST: OpDef(_infer_slice_last),
+    Op.SPLIT: OpDef(_infer_split, alias=True),
     Op.EINSUM: OpDef(_infer_einsum, hidden_attrs=("recipe",)),
-    Op.ADD: OpDef(_infer_binary, 1),
-    Op.MUL: OpDef(_infer_binary, 1),
+    Op.ADD: OpDef(_infer_binary, 1, inplace=True),
+    Op.MUL: OpDef(_infer_binary, 1, inplace=True),
     Op.GATHER: OpDef(_infer_gather),
     Op.RMS_NORM: OpDef(_infer_rms_norm, 4),
     Op.ROPE_TABLE: OpDef(_infer_rope_table, 2, hidden_attrs=("inv_freq",)),
     Op.ROPE: OpDef(_infer_rope, 3),
-    Op.SOFTMAX: OpDef(_infer_softmax, 5),
+    Op.SOFTMAX: OpDef(_infer_softmax, 5, inplace=True),
     Op.SILU_MUL: OpDef(_infer_silu_mul, 5),
     Op.RESHAPE: OpDef(_infer_reshape, alias=True),
     Op.TRANSPOSE: OpDef(_infer_transpose),
     Op.CAST: OpDef(_infer_cast, 1),
+    Op.EXPAND: OpDef(_infer_expand),
+    Op.SCATTER_ADD: OpDef(_infer_scatter_add, 1),
+    Op.CROSS_ENTROPY: OpDef(_infer_cross_entropy, 4),
+    Op.CROSS_ENTROPY_GRAD: OpDef(_infer_cross_entropy_grad, 5, inplace=True),
+    Op.RMS_NORM_GRAD: OpDef(_infer_rms_norm_grad, 8),
+    Op.SOFTMAX_GRAD: OpDef(_infer_like_first, 4),
+    Op.SILU_MUL_GRAD: OpDef(_infer_like_first, 8),
+    Op.ACC_GRAD: OpDef(_infer_same_shapes, 1, alias=True),
+    Op.GRAD_NORM: OpDef(_infer_grad_norm),
+    Op.ADAMW: OpDef(_infer_update, 12, alias=True),
+    Op.SGD: OpDef(_infer_update, 5, alias=True),
 }
+
+
+LEAVES = frozenset({Op.PARAM, Op.INPUT, Op.STATE})  # values bound from outside, never computed
+
+# ops that write into their first input: bytes moved per element of it (read + write)
+IN_PLACE_TRAFFIC = {Op.ACC_GRAD: 3, Op.ADAMW: 8, Op.SGD: 6}
 
 
 def einsum_flops(spec: str, shapes: list[Shape]) -> Poly:
@@ -213,12 +346,18 @@ def count_flops(op: Op, in_shapes: list[Shape], out_shape: Shape, attrs: dict) -
     """FLOPs one execution of the op performs, as a polynomial in the symbolic dims."""
     if op is Op.EINSUM:
         return einsum_flops(attrs["spec"], in_shapes)
+    if op is Op.GRAD_NORM:
+        return add_polys(*(scale_poly(numel(s), 2) for s in in_shapes[1:]))
     return scale_poly(numel(out_shape), OPS[op].flops_per_element)
 
 
 def count_bytes(op: Op, in_shapes, in_dtypes, out_shape, out_dtype) -> Poly:
     """Bytes read plus written by one execution (views move nothing)."""
-    if OPS[op].alias or op in (Op.PARAM, Op.INPUT):
+    if op is Op.KV_APPEND:  # writes the new entries into the cache, in place
+        return scale_poly(numel(in_shapes[1]), 2 * ITEMSIZE[in_dtypes[1]])
+    if op in IN_PLACE_TRAFFIC:
+        return scale_poly(numel(in_shapes[0]), IN_PLACE_TRAFFIC[op] * ITEMSIZE[in_dtypes[0]])
+    if OPS[op].alias or op in LEAVES:
         return {}
     parts = [scale_poly(numel(s), ITEMSIZE[d]) for s, d in zip(in_shapes, in_dtypes, strict=True)]
     if op is Op.GATHER:  # reads only the gathered rows, not the table

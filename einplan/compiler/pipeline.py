@@ -7,13 +7,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from einplan.compiler.ir import Graph
 
-# The order of DESIGN.md; passes of later issues (lora, quantize, autodiff, optimizer) slot in
-# before simplify. schedule runs before memory: buffers may only be reused across dependency
-# levels, so liveness needs the level order.
-PASSES = ("simplify", "contract", "schedule", "memory")
+if TYPE_CHECKING:
+    from einplan.models.train_config import TrainConfig
+
+# The order of DESIGN.md; passes of later issues (lora, quantize) slot in before simplify.
+# pack (inference graphs only) lays out projection weights for the runtime. schedule runs before
+# memory: buffers may only be reused across dependency levels, so liveness needs the level order.
+PASSES = ("simplify", "pack", "contract", "schedule", "memory")
+# A training entry first gets its reverse graph, then the optimizer's in-place updates.
+TRAIN_PASSES = ("autodiff", "optimizer", *PASSES)
 
 
 @dataclass
@@ -21,13 +27,17 @@ class PassContext:
     """Options shared by the passes of one compilation."""
 
     # sizes the symbolic dims take when a pass needs numbers (contraction order, peak estimate)
-    typical_dims: dict[str, int] = field(default_factory=lambda: {"batch": 1, "seq": 256})
+    typical_dims: dict[str, int] = field(
+        default_factory=lambda: {"batch": 1, "seq": 256, "kv": 256, "ctx": 256}
+    )
     path_cache: Path | None = None  # on-disk cache of contraction paths; None: default location
     use_path_cache: bool = True
     verify: bool = True
     dump_after: tuple[str, ...] = ()
     on_dump: Callable[[str, Graph], None] | None = None
+    skip: tuple[str, ...] = ()  # passes not to run (optimisations only, e.g. "pack")
     stats: list[dict] = field(default_factory=list)
+    train: TrainConfig | None = None  # the optimizer pass's settings
 
 
 def run_pass(name: str, graph: Graph, ctx: PassContext) -> Graph:
@@ -57,5 +67,6 @@ def run_pipeline(graph: Graph, ctx: PassContext, passes: tuple[str, ...] = PASSE
     if ctx.verify:
         graph.verify()
     for name in passes:
-        graph = run_pass(name, graph, ctx)
+        if name not in ctx.skip:
+            graph = run_pass(name, graph, ctx)
     return graph

@@ -154,6 +154,7 @@ def graph_to_json(g: Graph) -> dict[str, Any]:
         "nodes": [node_to_json(n) for n in g.nodes],
         "annotations": {str(k): v for k, v in g.annotations.items()},
         "meta": g.meta,
+        "effects": g.effects,
     }
 
 
@@ -166,4 +167,5 @@ def graph_from_json(d: dict[str, Any]) -> Graph:
         d["name"],
         {int(k): v for k, v in d["annotations"].items()},
         d["meta"],
+        list(d.get("effects", [])),
     )

@@ -32,6 +32,29 @@ class Builder:
     def __init__(self, dims: dict[str, int], name: str = "forward") -> None:
         self.graph = Graph(dims=dict(dims), name=name)
         self._layer: int | None = None
+        self._tags: frozenset[str] = frozenset()
+        self._next_id = 0
+
+    @classmethod
+    def extend(cls, graph: Graph) -> Builder:
+        """A builder appending to a copy of ``graph`` (the autodiff and optimizer passes)."""
+        b = cls(graph.dims, graph.name)
+        b.graph = graph.replace_nodes(list(graph.nodes))
+        b._next_id = max((n.id for n in graph.nodes), default=-1) + 1
+        return b
+
+    def value(self, node: Node) -> Value:
+        """The handle of an existing node."""
+        return Value(node.id, node.shape, node.dtype)
+
+    @contextmanager
+    def tagged(self, tag: str) -> Iterator[None]:
+        """Tag every node made inside the block (``reverse``, ``optimizer``)."""
+        prev, self._tags = self._tags, self._tags | {tag}
+        try:
+            yield
+        finally:
+            self._tags = prev
 
     @contextmanager
     def layer(self, index: int) -> Iterator[None]:
@@ -67,15 +90,16 @@ class Builder:
             except ShapeError as e:
                 raise ShapeError(f"{name} ({op.value}): {e}") from None
         node = Node(
-            len(self.graph.nodes),
+            self._next_id,
             op,
             tuple(v.id for v in inputs),
             attrs,
             tuple(shape),
             dtype,
             name,
-            tags,
+            tags | self._tags,
         )
+        self._next_id += 1
         self.graph.nodes.append(node)
         return Value(node.id, node.shape, node.dtype)
 
@@ -108,31 +132,68 @@ class Builder:
         """Elementwise product; ``b`` may broadcast over leading dims of ``a``."""
         return self._append(Op.MUL, [a, b], {}, role)
 
-    def gather(self, table: Value, ids: Value, role: str = "embed") -> Value:
-        """Rows of ``table`` selected by integer ``ids`` (an embedding lookup)."""
-        return self._append(Op.GATHER, [table, ids], {}, role)
+    def gather(self, table: Value, ids: Value, dtype: str = "f32", role: str = "embed") -> Value:
+        """Rows of ``table`` selected by integer ``ids`` (an embedding lookup), as ``dtype``."""
+        attrs = {} if dtype == "f32" else {"dtype": dtype}
+        return self._append(Op.GATHER, [table, ids], attrs, role)
 
     def rms_norm(self, x: Value, w: Value, eps: float, role: str = "norm") -> Value:
         """RMS normalisation over the last axis, scaled by ``w``."""
         return self._append(Op.RMS_NORM, [x, w], {"eps": float(eps)}, role)
 
     def rope_table(
-        self, positions: Value, inv_freq: list[float], role: str = "rope_table"
+        self, positions: Value, inv_freq: list[float], dtype: str = "f32", role: str = "rope_table"
     ) -> Value:
         """cos and sin of ``positions * inv_freq``, stacked as ``[2, batch, seq, half]``."""
-        return self._append(Op.ROPE_TABLE, [positions], {"inv_freq": list(inv_freq)}, role)
+        attrs: dict[str, Any] = {"inv_freq": list(inv_freq)}
+        if dtype != "f32":
+            attrs["dtype"] = dtype
+        return self._append(Op.ROPE_TABLE, [positions], attrs, role)
 
-    def rope(self, x: Value, table: Value, scale: float = 1.0, role: str = "rope") -> Value:
+    def rope(
+        self,
+        x: Value,
+        table: Value,
+        scale: float = 1.0,
+        inverse: bool = False,
+        role: str = "rope",
+    ) -> Value:
         """Rotate the last axis of ``x`` (half-split convention) by a rope table, times
-        ``scale`` (attention folds its 1/sqrt(head_dim) into q here)."""
-        attrs = {} if scale == 1.0 else {"scale": float(scale)}
+        ``scale`` (attention folds its 1/sqrt(head_dim) into q here); ``inverse`` rotates
+        back (the transpose of the rotation, for the reverse graph)."""
+        attrs: dict[str, Any] = {} if scale == 1.0 else {"scale": float(scale)}
+        if inverse:
+            attrs["inverse"] = True
         return self._append(Op.ROPE, [x, table], attrs, role)
 
     def softmax(
-        self, x: Value, scale: float = 1.0, causal: bool = False, role: str = "softmax"
+        self,
+        x: Value,
+        scale: float = 1.0,
+        causal: bool = False,
+        mask: Value | None = None,
+        role: str = "softmax",
     ) -> Value:
-        """softmax(scale * x) over the last axis; ``causal`` masks keys after the query."""
-        return self._append(Op.SOFTMAX, [x], {"scale": float(scale), "causal": causal}, role)
+        """softmax(scale * x + mask) over the last axis; ``causal`` masks keys after the
+        query; ``mask`` is an additive (batch, queries, keys) mask (cache, padding)."""
+        attrs: dict[str, Any] = {} if scale == 1.0 else {"scale": float(scale)}
+        attrs["causal"] = causal
+        return self._append(Op.SOFTMAX, [x] if mask is None else [x, mask], attrs, role)
+
+    def kv_append(
+        self, cache: Value, new: Value, pos: Value, length: str, role: str = "kv_append"
+    ) -> Value:
+        """Write ``new`` (b, s, n, h) into the state ``cache`` (b, ctx, n, h) at slots
+        ``pos .. pos + s`` and return a view of the first ``length`` slots."""
+        return self._append(Op.KV_APPEND, [cache, new, pos], {"length": length}, role)
+
+    def slice_last(self, x: Value, role: str = "last") -> Value:
+        """The last position of the sequence axis: (b, s, ...) -> (b, ...)."""
+        return self._append(Op.SLICE_LAST, [x], {}, role)
+
+    def state(self, role: str, key: str, shape: Shape, dtype: str = "f32") -> Value:
+        """Declare a persistent buffer the runtime owns across runs (a KV cache)."""
+        return self._append(Op.STATE, [], {"key": key}, role, shape, dtype)
 
     def silu_mul(self, gate: Value, up: Value, role: str = "silu_mul") -> Value:
         """silu(gate) * up, the SwiGLU activation."""
@@ -149,6 +210,47 @@ class Builder:
     def cast(self, x: Value, dtype: str, role: str = "cast") -> Value:
         """Convert to another dtype (bf16/f16 weights to f32 compute)."""
         return self._append(Op.CAST, [x], {"dtype": dtype}, role)
+
+    def expand(self, x: Value, shape: Shape, axes: list[int], role: str = "expand") -> Value:
+        """Broadcast ``x`` to ``shape`` by inserting the ``axes`` (materialised)."""
+        return self._append(Op.EXPAND, [x], {"shape": list(shape), "axes": list(axes)}, role)
+
+    def scatter_add(self, values: Value, ids: Value, rows: int, role: str = "scatter") -> Value:
+        """A (rows, d) table of zeros with each ``values`` row added at its id (the reverse
+        of gather)."""
+        return self._append(Op.SCATTER_ADD, [values, ids], {"rows": rows}, role)
+
+    def cross_entropy(
+        self, logits: Value, targets: Value, ignore_index: int = -100, role: str = "loss"
+    ) -> Value:
+        """Mean next-token cross entropy of ``logits`` (..., vocab) against integer
+        ``targets`` (...); targets equal to ``ignore_index`` (padding) count for nothing."""
+        return self._append(
+            Op.CROSS_ENTROPY, [logits, targets], {"ignore_index": ignore_index}, role
+        )
+
+    def backward_op(self, op: Op, inputs: list[Value], attrs: dict[str, Any], role: str) -> Value:
+        """A fused reverse-mode op (``*_grad``) of the autodiff pass."""
+        return self._append(op, inputs, attrs, role)
+
+    def acc_grad(self, acc: Value, grad: Value, role: str = "acc_grad") -> Value:
+        """Add ``grad`` into the state buffer ``acc`` in place (micro-batch accumulation)."""
+        return self._append(Op.ACC_GRAD, [acc, grad], {}, role)
+
+    def grad_norm(self, loss: Value, grads: list[Value], role: str = "grad_norm") -> Value:
+        """The global L2 norm of all ``grads``, a scalar; NaN when ``loss`` is not finite (so
+        the update skips), which also orders every read of the loss before the updates."""
+        return self._append(Op.GRAD_NORM, [loss, *grads], {}, role)
+
+    def update(
+        self, op: Op, inputs: list[Value], attrs: dict[str, Any], role: str = "update"
+    ) -> Value:
+        """An in-place optimizer update (adamw, sgd) of the param ``inputs[0]``."""
+        return self._append(op, inputs, attrs, role)
+
+    def effect(self, x: Value) -> None:
+        """Keep ``x`` (a step run for its side effect) although no output reads it."""
+        self.graph.effects.append(x.id)
 
     def output(self, name: str, x: Value) -> None:
         """Mark ``x`` as a named result of the graph."""

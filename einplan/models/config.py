@@ -85,8 +85,14 @@ class ModelConfig:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-# einplan's own keys beside the Hugging Face ones.
-EINPLAN_KEYS = {"max_batch": int, "name": str, "head_dim": int, "num_key_value_heads": int}
+# einplan's own keys beside the Hugging Face ones ("train" is read by models/train_config.py).
+EINPLAN_KEYS = {
+    "max_batch": int,
+    "name": str,
+    "head_dim": int,
+    "num_key_value_heads": int,
+    "train": dict,
+}
 
 TYPED_KEYS: dict[str, type | tuple[type, ...]] = {
     "vocab_size": int,
@@ -237,23 +243,95 @@ def builtin_config_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "configs"
 
 
-def load_config(source: str | Path | dict[str, Any]) -> ModelConfig:
-    """Load a config from a dict, a JSON file, or a built-in name such as ``"tiny"``."""
+def read_config(source: str | Path | dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """The raw JSON object of a config (dict, JSON file, model folder or built-in name such
+    as ``"tiny"``) and where it came from, for error messages."""
     if isinstance(source, dict):
-        return parse_config(source)
+        return source, "config"
     path = Path(source)
     if not path.exists() and not path.suffix and (builtin_config_dir() / f"{source}.json").exists():
         path = builtin_config_dir() / f"{source}.json"
     if path.is_dir():
         path = path / "config.json"
     if not path.exists():
+        names = ", ".join(p.stem for p in sorted(builtin_config_dir().glob("*.json")))
         raise ConfigError(
             f"config file {str(source)!r} not found (give a path to a JSON config, "
-            f"a model folder with config.json, or a built-in name: "
-            f"{', '.join(p.stem for p in sorted(builtin_config_dir().glob('*.json')))})"
+            f"a model folder with config.json, or a built-in name: {names})"
         )
     try:
-        raw = json.loads(path.read_text())
+        return json.loads(path.read_text()), str(path)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    return parse_config(raw, str(path))
+
+
+# Fields that change what the weights compute; two configs that differ in one are different
+# models even when every tensor has the same shape.
+ARCHITECTURE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "rms_norm_eps",
+    "tie_word_embeddings",
+    "qkv_bias",
+    "rope_theta",
+    "rope_scaling",
+)
+
+
+def config_differences(a: ModelConfig, b: ModelConfig) -> list[str]:
+    """The architecture fields on which two configs disagree, as ``field: a vs b``."""
+    out = []
+    for name in ARCHITECTURE_FIELDS:
+        x, y = getattr(a, name), getattr(b, name)
+        same = abs(x - y) <= 1e-6 * abs(x) if isinstance(x, float) else x == y
+        if not same:
+            out.append(f"{name}: {x!r} vs {y!r}")
+    return out
+
+
+def load_config(source: str | Path | dict[str, Any]) -> ModelConfig:
+    """Load a model config from a dict, a JSON file, or a built-in name such as ``"tiny"``."""
+    raw, origin = read_config(source)
+    return parse_config(raw, origin)
+
+
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+}
+
+
+def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
+    """A Hugging Face ``config.json`` for the model, written beside checkpoints so that
+    transformers (and einplan) can load them."""
+    raw: dict[str, Any] = {
+        "architectures": [ARCHITECTURES[cfg.model_type]],
+        "model_type": cfg.model_type,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": dict(cfg.rope_scaling) or None,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_id[0] if len(cfg.eos_token_id) == 1 else cfg.eos_token_id,
+        "torch_dtype": "float32",
+        "max_batch": cfg.max_batch,
+        "name": cfg.name,
+    }
+    if cfg.model_type != "qwen2":
+        raw["attention_bias"] = cfg.qkv_bias
+    return raw

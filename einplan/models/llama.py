@@ -12,6 +12,7 @@ g query heads per KV head, h head dim, f MLP width, v vocabulary.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -22,11 +23,12 @@ from einplan.models.config import ModelConfig
 LINEAR = frozenset({"linear"})
 
 
-def rope_inv_freq(cfg: ModelConfig) -> list[float]:
-    """Rotary inverse frequencies in float32, with Llama-3 or linear scaling applied."""
+def rope_inv_freq(cfg: ModelConfig, dtype: str = "f32") -> list[float]:
+    """Rotary inverse frequencies in the compute dtype (float32 as transformers computes them,
+    or float64), with Llama-3 or linear scaling applied."""
     hd = cfg.head_dim
-    inv = 1.0 / (np.float32(cfg.rope_theta) ** (np.arange(0, hd, 2, dtype=np.float32) / hd))
-    inv = inv.astype(np.float32)
+    ft = np.float64 if dtype == "f64" else np.float32
+    inv = (1.0 / (ft(cfg.rope_theta) ** (np.arange(0, hd, 2, dtype=ft) / hd))).astype(ft)
     sc = cfg.rope_scaling
     if sc.get("rope_type") == "linear":
         inv = inv / np.float32(sc["factor"])
@@ -38,27 +40,48 @@ def rope_inv_freq(cfg: ModelConfig) -> list[float]:
         smooth = (old_ctx / wavelen - lo) / (hi - lo)
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= old_ctx / hi) & (wavelen <= old_ctx / lo)
-        inv = np.where(medium, smoothed, scaled).astype(np.float32)
+        inv = np.where(medium, smoothed, scaled).astype(ft)
     return [float(x) for x in inv]
+
+
+ENTRIES = ("forward", "prefill", "decode")
+TRACED = (*ENTRIES, "loss")  # loss: forward + mean next-token cross entropy against targets
+
+
+@dataclass(frozen=True)
+class Step:
+    """What one traced entry point needs besides the builder: the config, the weight and
+    compute dtypes, and for cached entries the attention mask (batch, seq, kv) and the cache
+    write slot."""
+
+    cfg: ModelConfig
+    weight_dtype: str = "f32"
+    mask: Value | None = None
+    write_pos: Value | None = None
 
 
 def linear(
     b: Builder, x: Value, role: str, key: str, n_out: int, bias: bool = False, dtype: str = "f32"
 ) -> Value:
-    """Project the last axis of ``x`` by the (out, in) weight ``key``; the one choke point
-    where LoRA and quantisation rewrite the graph."""
+    """Project the last axis of ``x`` by the (out, in) weight ``key`` stored as ``dtype``
+    (cast to x's compute dtype); the one choke point where LoRA and quantisation rewrite the
+    graph."""
     w = b.param(f"{role}.w", f"{key}.weight", (n_out, x.shape[-1]), dtype, tags=LINEAR)
-    if dtype != "f32":
-        w = b.cast(w, "f32", role=f"{role}.cast")
+    if dtype != x.dtype:
+        w = b.cast(w, x.dtype, role=f"{role}.cast")
+    lead = "bs"[: len(x.shape) - 1]
     # (batch, seq, in) x (out, in) -> (batch, seq, out)
-    y = b.einsum("bsi,oi->bso", x, w, role=role, tags=LINEAR)
+    y = b.einsum(f"{lead}i,oi->{lead}o", x, w, role=role, tags=LINEAR)
     if bias:
-        y = b.add(y, b.param(f"{role}.b", f"{key}.bias", (n_out,)), role=f"{role}.bias")
+        bias_w = b.param(f"{role}.b", f"{key}.bias", (n_out,), x.dtype)
+        y = b.add(y, bias_w, role=f"{role}.bias")
     return y
 
 
-def attention(b: Builder, x: Value, rope: Value, cfg: ModelConfig, i: int, wdt: str) -> Value:
-    """Causal self-attention with grouped KV heads (MHA when g = 1, MQA when n = 1)."""
+def attention(b: Builder, x: Value, rope: Value, st: Step, i: int) -> Value:
+    """Causal self-attention with grouped KV heads (MHA when g = 1, MQA when n = 1); with a
+    KV cache when the step has a mask (prefill, decode)."""
+    cfg, wdt = st.cfg, st.weight_dtype
     n, hd = cfg.num_key_value_heads, cfg.head_dim
     g = cfg.num_attention_heads // n
     pre = f"model.layers.{i}.self_attn"
@@ -72,65 +95,95 @@ def attention(b: Builder, x: Value, rope: Value, cfg: ModelConfig, i: int, wdt: 
     q = b.rope(q, rope, scale=1.0 / math.sqrt(hd), role="attn_q.rope")
     k = b.rope(b.reshape(k, (bs, s, n, hd), role="attn_k.heads"), rope, role="attn_k.rope")
     v = b.reshape(v, (bs, s, n, hd), role="attn_v.heads")
+    if st.mask is not None:  # write into the cache, attend over its first kv slots
+        shape, pos = (bs, "ctx", n, hd), st.write_pos
+        k = b.kv_append(b.state("k_cache", f"cache.{i}.k", shape), k, pos, "kv", "attn_k.cache")
+        v = b.kv_append(b.state("v_cache", f"cache.{i}.v", shape), v, pos, "kv", "attn_v.cache")
     # (b, s, n, g, h) x (b, t, n, h) -> (b, n, g, s, t)
     scores = b.einsum("bsngh,btnh->bngst", q, k, role="attn_scores")
-    probs = b.softmax(scores, causal=True, role="attn_softmax")
+    # the cached entries' mask holds causality, padding and unwritten slots
+    probs = b.softmax(scores, causal=st.mask is None, mask=st.mask, role="attn_softmax")
     # (b, n, g, s, t) x (b, t, n, h) -> (b, s, n, g, h)
     ctx = b.einsum("bngst,btnh->bsngh", probs, v, role="attn_ctx")
     ctx = b.reshape(ctx, (bs, s, n * g * hd), role="attn_ctx.merge")
     return linear(b, ctx, "attn_o", f"{pre}.o_proj", cfg.hidden_size, False, wdt)
 
 
-def mlp(b: Builder, x: Value, cfg: ModelConfig, i: int, wdt: str) -> Value:
+def mlp(b: Builder, x: Value, st: Step, i: int) -> Value:
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+    cfg, wdt = st.cfg, st.weight_dtype
     pre = f"model.layers.{i}.mlp"
     gate = linear(b, x, "ffn_gate", f"{pre}.gate_proj", cfg.intermediate_size, False, wdt)
     up = linear(b, x, "ffn_up", f"{pre}.up_proj", cfg.intermediate_size, False, wdt)
-    return linear(
-        b,
-        b.silu_mul(gate, up, role="ffn_act"),
-        "ffn_down",
-        f"{pre}.down_proj",
-        cfg.hidden_size,
-        False,
-        wdt,
-    )
+    act = b.silu_mul(gate, up, role="ffn_act")
+    return linear(b, act, "ffn_down", f"{pre}.down_proj", cfg.hidden_size, False, wdt)
+
+
+def build_graph(
+    cfg: ModelConfig, entry: str = "forward", weight_dtype: str = "f32", compute_dtype: str = "f32"
+) -> Graph:
+    """Trace one entry point: token ids and positions in, logits (or the loss) out, computed
+    in ``compute_dtype`` (float32, or float64 for gradient checks).
+
+    ``forward``: logits for every position, no cache. ``prefill``: ``seq`` prompt tokens
+    written into the KV cache at slot ``write_pos``, attending over its first ``kv`` slots as
+    the additive ``mask`` (batch, seq, kv) allows; logits of the last position. ``decode``: the
+    same for one token per sequence, so its shapes stay fixed from token to token. ``loss``:
+    the forward pass scored against ``targets`` (batch, seq) by mean cross entropy (targets
+    of -100 are ignored), the graph the autodiff pass differentiates.
+    """
+    if entry not in TRACED:
+        raise ValueError(f"unknown entry point {entry!r} (known: {', '.join(TRACED)})")
+    limit = cfg.max_position_embeddings
+    dims = {"batch": cfg.max_batch, "seq": limit}
+    cached = entry in ("prefill", "decode")
+    if cached:
+        dims.update(kv=limit, ctx=limit)
+    b = Builder(dims, entry)
+    seq = 1 if entry == "decode" else "seq"
+    d, cdt = cfg.hidden_size, compute_dtype
+    tokens = b.input("tokens", ("batch", seq), "i64")
+    positions = b.input("positions", ("batch", seq), "i64")
+    st = Step(cfg, weight_dtype)
+    if cached:
+        mask = b.input("mask", ("batch", seq, "kv"), cdt)
+        st = Step(cfg, weight_dtype, mask, b.input("write_pos", (1,), "i64"))
+    if entry == "decode":
+        del b.graph.dims["seq"]
+    embed = b.param("embed.w", "model.embed_tokens.weight", (cfg.vocab_size, d), weight_dtype)
+    x = b.gather(embed, tokens, cdt, role="embed")  # (b, s) -> (b, s, d)
+    rope = b.rope_table(positions, rope_inv_freq(cfg, cdt), cdt)
+    for i in range(cfg.num_hidden_layers):
+        with b.layer(i):
+            ln1 = b.param("attn_norm.w", f"model.layers.{i}.input_layernorm.weight", (d,), cdt)
+            h = attention(b, b.rms_norm(x, ln1, cfg.rms_norm_eps, role="attn_norm"), rope, st, i)
+            x = b.add(x, h, role="attn_residual")
+            key = f"model.layers.{i}.post_attention_layernorm.weight"
+            ln2 = b.param("ffn_norm.w", key, (d,), cdt)
+            h = mlp(b, b.rms_norm(x, ln2, cfg.rms_norm_eps, role="ffn_norm"), st, i)
+            x = b.add(x, h, role="ffn_residual")
+    if cached:  # generation needs only the last position's logits
+        x = b.slice_last(x)  # (b, s, d) -> (b, d)
+    norm = b.param("output_norm.w", "model.norm.weight", (d,), cdt)
+    x = b.rms_norm(x, norm, cfg.rms_norm_eps, role="output_norm")
+    if cfg.tie_word_embeddings:
+        head = embed if weight_dtype == cdt else b.cast(embed, cdt, role="output.cast")
+        lead = "bs"[: len(x.shape) - 1]
+        # (b, s, d) x (v, d) -> (b, s, v)
+        logits = b.einsum(f"{lead}d,vd->{lead}v", x, head, role="output", tags=LINEAR)
+    else:
+        logits = linear(b, x, "output", "lm_head", cfg.vocab_size, False, weight_dtype)
+    if entry == "loss":
+        targets = b.input("targets", ("batch", "seq"), "i64")
+        b.output("loss", b.cross_entropy(logits, targets))
+    else:
+        b.output("logits", logits)
+    return b.graph
 
 
 def build_forward(cfg: ModelConfig, weight_dtype: str = "f32") -> Graph:
-    """Trace the full forward pass: token ids and positions in, float32 logits out."""
-    b = Builder({"batch": cfg.max_batch, "seq": cfg.max_position_embeddings}, "forward")
-    d = cfg.hidden_size
-    tokens = b.input("tokens", ("batch", "seq"), "i64")
-    positions = b.input("positions", ("batch", "seq"), "i64")
-    embed = b.param("embed.w", "model.embed_tokens.weight", (cfg.vocab_size, d), weight_dtype)
-    x = b.gather(embed, tokens, role="embed")  # (b, s) -> (b, s, d)
-    rope = b.rope_table(positions, rope_inv_freq(cfg))
-    for i in range(cfg.num_hidden_layers):
-        with b.layer(i):
-            ln1 = b.param("attn_norm.w", f"model.layers.{i}.input_layernorm.weight", (d,))
-            h = attention(
-                b,
-                b.rms_norm(x, ln1, cfg.rms_norm_eps, role="attn_norm"),
-                rope,
-                cfg,
-                i,
-                weight_dtype,
-            )
-            x = b.add(x, h, role="attn_residual")
-            ln2 = b.param("ffn_norm.w", f"model.layers.{i}.post_attention_layernorm.weight", (d,))
-            h = mlp(b, b.rms_norm(x, ln2, cfg.rms_norm_eps, role="ffn_norm"), cfg, i, weight_dtype)
-            x = b.add(x, h, role="ffn_residual")
-    norm = b.param("output_norm.w", "model.norm.weight", (d,))
-    x = b.rms_norm(x, norm, cfg.rms_norm_eps, role="output_norm")
-    if cfg.tie_word_embeddings:
-        head = embed if weight_dtype == "f32" else b.cast(embed, "f32", role="output.cast")
-        # (b, s, d) x (v, d) -> (b, s, v)
-        logits = b.einsum("bsd,vd->bsv", x, head, role="output", tags=LINEAR)
-    else:
-        logits = linear(b, x, "output", "lm_head", cfg.vocab_size, False, weight_dtype)
-    b.output("logits", logits)
-    return b.graph
+    """Trace the cache-free forward pass (logits for every position)."""
+    return build_graph(cfg, "forward", weight_dtype)
 
 
 def count_parameters(cfg: ModelConfig) -> int:

@@ -9,15 +9,17 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-LAYER = re.compile(r"^([A-Za-z_]+)-(\d+)(?=\.|$)")
+LAYER = re.compile(r"^([A-Za-z_+]+)-(\d+)(?=\.|$)")  # packed: attn_q+attn_k+attn_v-3
 
 QKV = "Attention: QKV projection"
 ROPE = "Attention: RoPE"
 SCORES = "Attention: scores/softmax"
 AGGREGATE = "Attention: output aggregation and projection"
 
-# role (the name without its layer number) -> phase; a role with a suffix (attn_q.rope) is
-# looked up whole first, then by its base (attn_q). Residual adds belong to their block.
+# role (the name without its layer number) -> phase; a role with suffixes (attn_q.rope.grad0)
+# is looked up by its longest known prefix (attn_q.rope); a packed projection
+# (attn_q+attn_k+attn_v) by its first part. Residual adds belong to their block, KV-cache
+# writes to the projection.
 PHASES = {
     "embed": "Embedding",
     "attn_norm": "Norm",
@@ -26,6 +28,8 @@ PHASES = {
     "attn_q": QKV,
     "attn_k": QKV,
     "attn_v": QKV,
+    "attn_k.cache": QKV,
+    "attn_v.cache": QKV,
     "rope_table": ROPE,
     "attn_q.rope": ROPE,
     "attn_k.rope": ROPE,
@@ -40,8 +44,21 @@ PHASES = {
     "ffn_down": "FFN",
     "ffn_residual": "FFN",
     "output": "Output head",
+    "last": "Output head",
+    "loss": "Loss",
 }
-PHASE_ORDER = ["Embedding", "Norm", QKV, ROPE, SCORES, AGGREGATE, "FFN", "Output head", "Other"]
+PHASE_ORDER = [
+    "Embedding",
+    "Norm",
+    QKV,
+    ROPE,
+    SCORES,
+    AGGREGATE,
+    "FFN",
+    "Output head",
+    "Loss",
+    "Other",
+]
 STAGES = ["Forward", "Backward", "Optimizer"]
 
 
@@ -68,7 +85,10 @@ def phase_of(name: str, tags: Iterable[str] = ()) -> str:
     """The phase of a node (``attn_q-3`` -> ``Attention: QKV projection``), prefixed with its
     stage when it is not a forward node (``Backward / FFN``)."""
     role = role_of(name)
-    phase = PHASES.get(role) or PHASES.get(role.split(".")[0], "Other")
+    parts = role.split(".")
+    parts[0] = parts[0].split("+")[0]
+    prefixes = (".".join(parts[:k]) for k in range(len(parts), 0, -1))
+    phase = next((PHASES[p] for p in prefixes if p in PHASES), "Other")
     stage = stage_of(tags)
     if stage == "Optimizer":
         return stage

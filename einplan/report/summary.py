@@ -59,13 +59,28 @@ def print_compile_summary(plan: Plan, batch: int, seq: int, console: Console | N
     s.add_row(
         "contraction paths", f"{cache.get('hits', 0)} from cache, {cache.get('misses', 0)} planned"
     )
+    if "train_step" in plan.entries:
+        t = plan.entry("train_step")
+        parts = Counter(n.phase() for n in t.nodes)
+        s.add_row("train_step nodes", ", ".join(f"{v} {k}" for k, v in parts.items()))
+        s.add_row(
+            "train FLOPs per token", f"{flops_per_token(plan, seq, 'train_step') / 1e6:,.1f} MFLOP"
+        )
+        s.add_row(
+            f"train estimated peak (batch {batch})",
+            mib(estimate_memory(t, {"batch": batch, "seq": seq})["peak_bytes"]),
+        )
     s.add_row("compile time", f"{plan.meta['compile_seconds']:.3f} s")
     console.print(s)
     p = Table(title="passes")
-    for col in ("pass", "nodes in", "nodes out", "ms"):
-        p.add_column(col, justify="right" if col != "pass" else "left")
+    for col in ("entry", "pass", "nodes in", "nodes out", "ms"):
+        p.add_column(col, justify="right" if col not in ("entry", "pass") else "left")
     for st in plan.meta["passes"]:
         p.add_row(
-            st["pass"], str(st["nodes_in"]), str(st["nodes_out"]), f"{st['seconds'] * 1e3:.1f}"
+            st["entry"],
+            st["pass"],
+            str(st["nodes_in"]),
+            str(st["nodes_out"]),
+            f"{st['seconds'] * 1e3:.1f}",
         )
     console.print(p)

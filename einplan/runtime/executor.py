@@ -18,7 +18,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from einplan.compiler.ir import Graph, format_type
-from einplan.compiler.ops import OPS, Op, count_bytes, count_flops
+from einplan.compiler.ops import LEAVES, OPS, Op, count_bytes, count_flops
 from einplan.compiler.symbolic import evaluate, poly_from_json, resolve_shape
 from einplan.errors import EinplanError
 from einplan.runtime.dtypes import to_numpy_dtype
@@ -28,6 +28,13 @@ from einplan.runtime.recorder import Recorder, StepInfo, debug_level
 
 class InputError(EinplanError):
     """Inputs or weights do not fit the plan (shape, dtype, size limits)."""
+
+
+# views that only look at their input: over a buffer known before the run they are made once
+PURE_VIEWS = (Op.RESHAPE, Op.SPLIT)
+
+# a dim bounded by another at run time: the keys attended to cannot exceed the cache
+CAPACITY = {"kv": "ctx"}
 
 
 class OutputRing:
@@ -64,6 +71,7 @@ class Prepared:
     levels: list[list[int]]  # step indices per dependency level
     table: list[StepInfo]  # per step: name, op, FLOPs, bytes, shapes, tags
     arena_bytes: int
+    static: dict[int, np.ndarray]  # views fixed at prepare time (reshape, split of buffers)
 
 
 class Executor:
@@ -76,28 +84,43 @@ class Executor:
         self.nodes = graph.by_id()
         self.workers = workers
         self.params: dict[int, np.ndarray] = {}
-        for n in graph.params():
-            arr = params[n.attrs["key"]]
-            if tuple(arr.shape) != tuple(n.shape) or arr.dtype != to_numpy_dtype(n.dtype):
-                raise InputError(
-                    f"weight {n.attrs['key']} is {arr.dtype}{list(arr.shape)}, "
-                    f"the plan needs {n.dtype}{list(n.shape)}"
-                )
-            self.params[n.id] = arr
+        self.fixed_dims: dict[str, int] = {}  # symbolic dims of state buffers (ctx, batch)
+        for n in graph.nodes:
+            if n.op in (Op.PARAM, Op.STATE):
+                key = n.attrs["key"]
+                if key not in params:
+                    raise InputError(f"no array bound for {n.op.value} {key}")
+                self.params[n.id] = self._check_leaf(n, params[key])
         self._prepared: OrderedDict[tuple, Prepared] = OrderedDict()
         self._pool = ThreadPoolExecutor(workers) if workers > 1 else None
         self._blas_threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None
 
+    def _check_leaf(self, n, arr: np.ndarray) -> np.ndarray:
+        """Check a weight or state array against its leaf; bind the state's symbolic dims."""
+        what = f"{'weight' if n.op is Op.PARAM else 'state'} {n.attrs['key']}"
+        ok = arr.ndim == len(n.shape) and arr.dtype == to_numpy_dtype(n.dtype)
+        for sym, size in zip(n.shape, arr.shape, strict=False):
+            ok = ok and (
+                sym == size
+                if isinstance(sym, int)
+                else self.fixed_dims.setdefault(sym, size) == size
+            )
+        if not ok:
+            raise InputError(
+                f"{what} is {arr.dtype}{list(arr.shape)}, the plan needs {n.dtype}{list(n.shape)}"
+            )
+        return arr
+
     def bind_dims(self, inputs: dict[str, np.ndarray]) -> dict[str, int]:
         """Read the symbolic dims off the input arrays, checking ranks, agreement and limits."""
-        dims: dict[str, int] = {}
+        dims: dict[str, int] = dict(self.fixed_dims)
         for n in self.graph.inputs():
             if n.name not in inputs:
                 raise InputError(
                     f"missing input {n.name!r} (plan inputs: "
                     f"{', '.join(x.name for x in self.graph.inputs())})"
                 )
-            arr = inputs[n.name]
+            arr = np.asarray(inputs[n.name])
             if arr.ndim != len(n.shape):
                 raise InputError(
                     f"input {n.name!r} must have rank {len(n.shape)} "
@@ -112,9 +135,12 @@ class Executor:
                         f"input {n.name!r}: {sym} is {size} here, {dims[sym]} in another input"
                     )
         for sym, size in dims.items():
-            limit = self.graph.dims[sym]
+            limit = min(self.graph.dims[sym], dims.get(CAPACITY.get(sym, sym), size))
             if not 1 <= size <= limit:
-                raise InputError(f"{sym}={size} is outside the plan's limit 1..{limit}")
+                raise InputError(
+                    f"{sym}={size} is outside the limit 1..{limit}"
+                    + (" (the KV cache's ctx)" if sym in CAPACITY else "")
+                )
         return dims
 
     def prepare(self, dims: dict[str, int]) -> Prepared:
@@ -127,32 +153,47 @@ class Executor:
         slot_sizes = [evaluate(poly_from_json(s), dims) for s in g.meta["memory"]["slots"]]
         arena = [np.empty(max(s, 1), np.uint8) for s in slot_sizes]
         scratch_bufs: dict[tuple, np.ndarray] = {}
-        outputs = set(g.outputs.values())
         steps, table, levels = [], [], {}
+        fixed: dict[int, np.ndarray] = dict(self.params)  # arrays known before the run
+        static: dict[int, np.ndarray] = {}  # views of fixed arrays, made once here
+        carried_free: list[int] = []  # frees of a view step that no longer runs
         for n in g.nodes:
-            if n.op in (Op.PARAM, Op.INPUT):
+            if n.op in LEAVES:
                 continue
             ann = g.annotations.get(n.id, {})
             thread = ann.get("thread", 0)
             shape = resolve_shape(n.shape, dims)
             ins = [resolve_shape(nodes[i].shape, dims) for i in n.inputs]
 
-            def scratch(role, mat, thread=thread):
+            def scratch(role, mat, dtype, thread=thread):
                 size = int(np.prod(mat))
-                buf = scratch_bufs.get((thread, role))
+                key = (thread, role, np.dtype(dtype).str)
+                buf = scratch_bufs.get(key)
                 if buf is None or buf.size < size:
-                    buf = scratch_bufs[(thread, role)] = np.empty(size, np.float32)
+                    buf = scratch_bufs[key] = np.empty(size, dtype)
                 return buf[:size].reshape(mat)
 
             kernel = make_kernel(n, ins, shape, scratch)
             dtype = to_numpy_dtype(n.dtype)
-            if n.id in outputs or OPS[n.op].alias:
-                out = OutputRing(shape, dtype) if n.id in outputs else None
+            if n.op in PURE_VIEWS and all(i in fixed for i in n.inputs):
+                view = kernel([fixed[i] for i in n.inputs], None)
+                if view.base is not None:  # a true view (a reshape may have to copy)
+                    fixed[n.id] = static[n.id] = view
+                    carried_free += ann.get("free_after", [])
+                    continue
+            if OPS[n.op].alias:
+                out = None
+            elif ann.get("slot") is None:  # an output, or the buffer an output is a view of
+                out = OutputRing(shape, dtype)
             else:
                 nbytes = int(np.prod(shape)) * dtype.itemsize
                 out = arena[ann["slot"]][:nbytes].view(dtype).reshape(shape)
+            if isinstance(out, np.ndarray):
+                fixed[n.id] = out
             index = len(steps)
-            steps.append((index, n.id, kernel, n.inputs, out, ann.get("free_after", []), thread))
+            free = carried_free + ann.get("free_after", [])
+            carried_free = []
+            steps.append((index, n.id, kernel, n.inputs, out, free, thread))
             levels.setdefault(ann.get("level", index), []).append(index)
             in_nodes = [nodes[i] for i in n.inputs]
             in_shapes, in_dtypes = [x.shape for x in in_nodes], [x.dtype for x in in_nodes]
@@ -170,7 +211,7 @@ class Executor:
         # scratch for one binding is sized by the kernels built above
         arena_bytes = sum(slot_sizes) + sum(b.nbytes for b in scratch_bufs.values())
         prepared = Prepared(
-            dict(dims), steps, [levels[k] for k in sorted(levels)], table, arena_bytes
+            dict(dims), steps, [levels[k] for k in sorted(levels)], table, arena_bytes, static
         )
         self._prepared[key] = prepared
         while len(self._prepared) > 2:
@@ -184,9 +225,10 @@ class Executor:
         prepared = self.prepare(self.bind_dims(inputs))
         if recorder is None and debug_level():
             recorder = Recorder()  # EINPLAN_DEBUG: a throwaway recorder prints as it goes
-        env: dict[int, np.ndarray] = dict(self.params)
+        env: dict[int, np.ndarray] = {**self.params, **prepared.static}
         for n in self.graph.inputs():
-            env[n.id] = np.ascontiguousarray(inputs[n.name], dtype=to_numpy_dtype(n.dtype))
+            arr = np.asarray(inputs[n.name], dtype=to_numpy_dtype(n.dtype))
+            env[n.id] = arr if arr.flags.c_contiguous else np.ascontiguousarray(arr)
         run = (
             recorder.begin_run(self.graph.name, prepared.dims, prepared.table) if recorder else None
         )
@@ -216,9 +258,16 @@ class Executor:
                 del env[f]
 
     def _run_sequential(self, prepared, env, recorder, run):
-        run_step = self._run_step
-        for step in prepared.steps:
-            run_step(step, env, recorder, run)
+        if recorder is not None:
+            for step in prepared.steps:
+                self._run_step(step, env, recorder, run)
+            return
+        for _, nid, kernel, in_ids, out, free, _ in prepared.steps:  # the hot loop
+            if type(out) is OutputRing:
+                out = out.take()
+            env[nid] = kernel([env[i] for i in in_ids], out)
+            for f in free:
+                del env[f]
 
     def _run_pooled(self, prepared, env, recorder, run):
         steps = prepared.steps

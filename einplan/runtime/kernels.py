@@ -14,9 +14,15 @@ import numpy as np
 
 from einplan.compiler.ir import Node
 from einplan.compiler.ops import Op
+from einplan.runtime.dtypes import to_numpy_dtype
 
 Kernel = Callable[[list[np.ndarray], np.ndarray | None], np.ndarray]
-Scratch = Callable[[str, tuple[int, ...]], np.ndarray]
+Scratch = Callable[[str, tuple[int, ...], np.dtype], np.ndarray]
+
+
+def scalar_type(node: Node) -> type:
+    """The NumPy scalar type of a node's dtype, for constants that must not change precision."""
+    return to_numpy_dtype(node.dtype).type
 
 
 def _prod(dims) -> int:
@@ -24,7 +30,13 @@ def _prod(dims) -> int:
 
 
 def _operand_view(
-    shape: tuple[int, ...], perm: list[int], nb: int, n1: int, role: str, scratch: Scratch
+    shape: tuple[int, ...],
+    perm: list[int],
+    nb: int,
+    n1: int,
+    role: str,
+    scratch: Scratch,
+    dtype: np.dtype,
 ) -> Callable[[np.ndarray], np.ndarray]:
     """How to present one operand to matmul as ``[batch,] rows x cols`` without a copy when
     the stored layout allows (identity, or a plain 2-D transpose BLAS reads directly)."""
@@ -37,7 +49,7 @@ def _operand_view(
     if nb == 0 and perm == list(range(k, len(perm))) + list(range(k)):
         # stored as (cols, rows): a transposed view, which BLAS reads with its trans flag
         return lambda x: x.reshape(cols, rows).T
-    buf = scratch(role, mat)
+    buf = scratch(role, mat, dtype)
     tshape = tuple(t)
 
     def copy(x: np.ndarray) -> np.ndarray:
@@ -64,8 +76,9 @@ def make_einsum(
     a_shape = tuple(d for i, d in enumerate(shapes[0]) if i not in r["a_sum"])
     b_shape = tuple(d for i, d in enumerate(shapes[1]) if i not in r["b_sum"])
     nb, na, nk, nn = r["groups"]
-    a_view = _operand_view(a_shape, r["a_perm"], nb, na, "a", scratch)
-    b_view = _operand_view(b_shape, r["b_perm"], nb, nk, "b", scratch)
+    dtype = to_numpy_dtype(node.dtype)
+    a_view = _operand_view(a_shape, r["a_perm"], nb, na, "a", scratch, dtype)
+    b_view = _operand_view(b_shape, r["b_perm"], nb, nk, "b", scratch, dtype)
     at = [a_shape[p] for p in r["a_perm"]]
     bt = [b_shape[p] for p in r["b_perm"]]
     logical = tuple(at[: nb + na]) + tuple(bt[nb + nk :])
@@ -73,7 +86,7 @@ def make_einsum(
     a_sum, b_sum = tuple(r["a_sum"]), tuple(r["b_sum"])
     out_perm = r["out_perm"]
     direct = out_perm == sorted(out_perm)
-    c_buf = None if direct else scratch("c", mm)
+    c_buf = None if direct else scratch("c", mm, dtype)
 
     def matmul(ins, out):
         a, b = ins
@@ -104,12 +117,13 @@ def make_gather(node, shapes, out_shape, scratch) -> Kernel:
 
 
 def make_rms_norm(node, shapes, out_shape, scratch) -> Kernel:
-    eps = np.float32(node.attrs["eps"])
+    eps = scalar_type(node)(node.attrs["eps"])
+    inv_d = scalar_type(node)(1.0 / out_shape[-1])
 
     def rms_norm(ins, out):
         x, w = ins
-        np.multiply(x, x, out=out)
-        denom = out.mean(axis=-1, keepdims=True)
+        denom = np.vecdot(x, x)[..., None]  # sum of squares over the last axis
+        denom *= inv_d
         denom += eps
         np.sqrt(denom, out=denom)
         np.divide(x, denom, out=out)
@@ -120,10 +134,11 @@ def make_rms_norm(node, shapes, out_shape, scratch) -> Kernel:
 
 
 def make_rope_table(node, shapes, out_shape, scratch) -> Kernel:
-    inv_freq = np.asarray(node.attrs["inv_freq"], dtype=np.float32)
+    dtype = to_numpy_dtype(node.dtype)
+    inv_freq = np.asarray(node.attrs["inv_freq"], dtype=dtype)
 
     def rope_table(ins, out):
-        angles = ins[0][..., None].astype(np.float32) * inv_freq
+        angles = ins[0][..., None].astype(dtype) * inv_freq
         np.cos(angles, out=out[0])
         np.sin(angles, out=out[1])
         return out
@@ -135,11 +150,14 @@ def make_rope(node, shapes, out_shape, scratch) -> Kernel:
     x_shape, t_shape = shapes
     half = x_shape[-1] // 2
     bcast = tuple(x_shape[:2]) + (1,) * (len(x_shape) - 3) + (half,)
-    scale = np.float32(node.attrs.get("scale", 1.0))
+    scale = scalar_type(node)(node.attrs.get("scale", 1.0))
+    sign = -1 if node.attrs.get("inverse") else 1  # the inverse rotation negates the angle
 
     def rope(ins, out):
         x, table = ins
         cos, sin = table[0].reshape(bcast), table[1].reshape(bcast)
+        if sign < 0:
+            sin = -sin
         if scale != 1:
             cos, sin = cos * scale, sin * scale
         x1, x2 = x[..., :half], x[..., half:]
@@ -157,17 +175,22 @@ SOFTMAX_BLOCK_BYTES = 1 << 20  # rows per block sized to stay in L2 across the s
 
 
 def make_softmax(node, shapes, out_shape, scratch) -> Kernel:
-    """softmax(scale * x) over the last axis, in blocks of query rows that stay in cache.
+    """softmax(scale * x + mask) over the last axis, in blocks of query rows kept in cache.
 
     With ``causal``, query i (at position k - q + i) sees keys up to its own position: a block
     of rows reads only the keys some row of it can see, masks (-inf) only the diagonal part
     where its rows differ, and writes zeros beyond, so the masked half is never exponentiated.
+    An optional second input is an additive (batch, queries, keys) mask.
     """
-    scale = np.float32(node.attrs.get("scale", 1.0))
+    scale = scalar_type(node)(node.attrs.get("scale", 1.0))
     causal = bool(node.attrs.get("causal"))
-    q, k = (out_shape[-2], out_shape[-1]) if len(out_shape) >= 2 else (1, out_shape[-1])
-    rows = _prod(out_shape[:-2]) if len(out_shape) >= 2 else 1
-    block = max(16, SOFTMAX_BLOCK_BYTES // max(1, 4 * rows * k))
+    has_mask = len(shapes) == 2
+    if len(out_shape) >= 2:
+        q, k = out_shape[-2], out_shape[-1]
+        batch, rows = out_shape[0], _prod(out_shape[1:-2])
+    else:
+        q, k, batch, rows = 1, out_shape[-1], 1, 1
+    block = max(16, SOFTMAX_BLOCK_BYTES // max(1, 4 * batch * rows * k))
     blocks = []  # (first row, end row, end of visible keys, start of masked keys, mask)
     for i0 in range(0, q, block):
         i1 = min(q, i0 + block)
@@ -176,29 +199,30 @@ def make_softmax(node, shapes, out_shape, scratch) -> Kernel:
         above = np.arange(dstart, kend)[None, :] > (np.arange(i0, i1)[:, None] + (k - q))
         mask = np.where(above, np.float32(-np.inf), np.float32(0)).astype(np.float32)
         blocks.append((i0, i1, kend, dstart, mask))
-    shape3 = (rows, q, k)
+    shape4 = (batch, rows, q, k)
 
     def softmax(ins, out):
-        x3, o3 = ins[0].reshape(shape3), out.reshape(shape3)
+        x4, o4 = ins[0].reshape(shape4), out.reshape(shape4)
+        pad = ins[1][:, None] if has_mask else None  # (batch, 1, queries, keys)
         for i0, i1, kend, dstart, mask in blocks:
-            o = o3[:, i0:i1, :kend]
+            o = o4[:, :, i0:i1, :kend]
+            x = x4[:, :, i0:i1, :kend]
             if scale != 1:
-                x = np.multiply(x3[:, i0:i1, :kend], scale, out=o)
-            else:
-                x = x3[:, i0:i1, :kend]
+                x = np.multiply(x, scale, out=o)
+            if pad is not None:
+                x = np.add(x, pad[:, :, i0:i1, :kend], out=o)
             if dstart < kend:  # rows of this block see different numbers of keys
-                diag = x[:, :, dstart:] + mask
-                top = diag.max(axis=-1, keepdims=True)
+                top = (x[..., dstart:] + mask).max(axis=-1, keepdims=True)
                 if dstart > 0:
-                    np.maximum(top, x[:, :, :dstart].max(axis=-1, keepdims=True), out=top)
+                    np.maximum(top, x[..., :dstart].max(axis=-1, keepdims=True), out=top)
                 np.subtract(x, top, out=o)
-                o[:, :, dstart:] += mask
+                o[..., dstart:] += mask
             else:
                 np.subtract(x, x.max(axis=-1, keepdims=True), out=o)
             np.exp(o, out=o)
             o *= np.float32(1) / o.sum(axis=-1, keepdims=True)
             if kend < k:
-                o3[:, i0:i1, kend:] = 0
+                o4[:, :, i0:i1, kend:] = 0
         return out
 
     return softmax
@@ -227,6 +251,35 @@ def make_elementwise(ufunc) -> Callable:
     return factory
 
 
+def make_kv_append(node, shapes, out_shape, scratch) -> Kernel:
+    """Write the new keys/values into the cache at slot ``pos`` (an input), in place, and
+    return a view of the first ``kv`` slots."""
+    kv, s = out_shape[1], shapes[1][1]
+
+    def kv_append(ins, out):
+        cache, new, pos = ins
+        p = int(pos[0])
+        if not 0 <= p <= kv - s:
+            raise IndexError(f"KV cache write at slot {p} of {s} entries exceeds kv={kv}")
+        cache[:, p : p + s] = new
+        return cache[:, :kv]
+
+    return kv_append
+
+
+def make_slice_last(node, shapes, out_shape, scratch) -> Kernel:
+    def slice_last(ins, out):
+        np.copyto(out, ins[0][:, -1])
+        return out
+
+    return slice_last
+
+
+def make_split(node, shapes, out_shape, scratch) -> Kernel:
+    start, stop = node.attrs["start"], node.attrs["stop"]
+    return lambda ins, out: ins[0][..., start:stop]
+
+
 def make_reshape(node, shapes, out_shape, scratch) -> Kernel:
     return lambda ins, out: ins[0].reshape(out_shape)
 
@@ -249,6 +302,257 @@ def make_cast(node, shapes, out_shape, scratch) -> Kernel:
     return cast
 
 
+def make_expand(node, shapes, out_shape, scratch) -> Kernel:
+    axes = node.attrs["axes"]
+    with_ones = tuple(1 if i in axes else d for i, d in enumerate(out_shape))
+
+    def expand(ins, out):
+        np.copyto(out, ins[0].reshape(with_ones))
+        return out
+
+    return expand
+
+
+def make_scatter_add(node, shapes, out_shape, scratch) -> Kernel:
+    width = out_shape[-1]
+
+    def scatter_add(ins, out):
+        values, ids = ins
+        out.fill(0)
+        np.add.at(out, ids.reshape(-1), values.reshape(-1, width))
+        return out
+
+    return scatter_add
+
+
+CE_BLOCK_BYTES = 1 << 22  # rows of logits per block of the cross-entropy kernels
+
+
+def _ce_blocks(shapes, dtype, scratch):
+    """Rows (all but the vocab axis) in blocks, with a scratch block and the targets' mask."""
+    vocab = shapes[0][-1]
+    rows = _prod(shapes[0][:-1])
+    block = max(1, min(rows, CE_BLOCK_BYTES // (vocab * dtype.itemsize)))
+    return vocab, rows, block, scratch("ce", (block, vocab), dtype)
+
+
+def make_cross_entropy(node, shapes, out_shape, scratch) -> Kernel:
+    """Mean over non-ignored rows of logsumexp(logits) - logits[target], in blocks of rows."""
+    dtype = to_numpy_dtype(node.dtype)
+    vocab, rows, block, buf = _ce_blocks(shapes, dtype, scratch)
+    ignore = node.attrs["ignore_index"]
+
+    def cross_entropy(ins, out):
+        logits, targets = ins[0].reshape(rows, vocab), ins[1].reshape(rows)
+        valid = targets != ignore
+        total = dtype.type(0)
+        for r0 in range(0, rows, block):
+            x, t, ok = logits[r0 : r0 + block], targets[r0 : r0 + block], valid[r0 : r0 + block]
+            e = buf[: len(x)]
+            top = x.max(axis=-1, keepdims=True)
+            np.subtract(x, top, out=e)
+            np.exp(e, out=e)
+            lse = np.log(e.sum(axis=-1)) + top[:, 0]
+            picked = np.take_along_axis(x, np.where(ok, t, 0)[:, None], axis=-1)[:, 0]
+            total += (lse - picked)[ok].sum()
+        out[...] = total / max(1, int(valid.sum()))
+        return out
+
+    return cross_entropy
+
+
+def make_cross_entropy_grad(node, shapes, out_shape, scratch) -> Kernel:
+    """(softmax(logits) - onehot(target)) * ct / count on non-ignored rows, zero elsewhere."""
+    dtype = to_numpy_dtype(node.dtype)
+    vocab, rows, block, _ = _ce_blocks(shapes, dtype, scratch)
+    ignore = node.attrs["ignore_index"]
+
+    def cross_entropy_grad(ins, out):
+        logits, targets, ct = ins[0].reshape(rows, vocab), ins[1].reshape(rows), ins[2]
+        o = out.reshape(rows, vocab)
+        valid = targets != ignore
+        scale = ct / max(1, int(valid.sum()))
+        for r0 in range(0, rows, block):
+            x, e = logits[r0 : r0 + block], o[r0 : r0 + block]
+            np.subtract(x, x.max(axis=-1, keepdims=True), out=e)
+            np.exp(e, out=e)
+            e *= scale / e.sum(axis=-1, keepdims=True)
+        hit = np.flatnonzero(valid)
+        o[hit, targets[hit]] -= scale
+        o[~valid] = 0
+        return out
+
+    return cross_entropy_grad
+
+
+def make_rms_norm_grad(node, shapes, out_shape, scratch) -> Kernel:
+    """With r = 1/sqrt(mean(x^2) + eps): d w = sum over rows of ct * x * r; d x = r * ct * w
+    - x * r^3 * mean(ct * w * x)."""
+    eps = scalar_type(node)(node.attrs["eps"])
+    dtype = to_numpy_dtype(node.dtype)
+    tmp = scratch("rms", tuple(shapes[0]), dtype)
+    wrt_w = node.attrs["wrt"] == "w"
+
+    def rms_norm_grad(ins, out):
+        x, w, ct = ins
+        np.multiply(x, x, out=tmp)
+        r = tmp.mean(axis=-1, keepdims=True)
+        r += eps
+        np.sqrt(r, out=r)
+        np.divide(1, r, out=r)
+        if wrt_w:
+            np.multiply(x, r, out=tmp)
+            np.multiply(tmp, ct, out=tmp)
+            np.sum(tmp.reshape(-1, tmp.shape[-1]), axis=0, out=out)
+            return out
+        np.multiply(ct, w, out=out)  # ct * w
+        np.multiply(out, x, out=tmp)
+        dot = tmp.mean(axis=-1, keepdims=True)
+        dot *= r * r
+        np.multiply(x, dot, out=tmp)
+        out -= tmp
+        out *= r
+        return out
+
+    return rms_norm_grad
+
+
+def make_softmax_grad(node, shapes, out_shape, scratch) -> Kernel:
+    """d x = scale * y * (ct - sum(ct * y)) over the last axis."""
+    scale = scalar_type(node)(node.attrs.get("scale", 1.0))
+
+    def softmax_grad(ins, out):
+        y, ct = ins
+        np.multiply(y, ct, out=out)
+        s = out.sum(axis=-1, keepdims=True)
+        np.subtract(ct, s, out=out)
+        out *= y
+        if scale != 1:
+            out *= scale
+        return out
+
+    return softmax_grad
+
+
+def make_silu_mul_grad(node, shapes, out_shape, scratch) -> Kernel:
+    """With s = sigmoid(gate): d up = ct * gate * s; d gate = ct * up * s * (1 + gate * (1 - s))."""
+    sig = scratch("sigmoid", tuple(out_shape), to_numpy_dtype(node.dtype))
+    wrt_up = node.attrs["wrt"] == "up"
+
+    def silu_mul_grad(ins, out):
+        g, u, ct = ins
+        np.negative(g, out=sig)
+        np.exp(sig, out=sig)
+        np.add(sig, 1, out=sig)
+        np.divide(1, sig, out=sig)
+        if wrt_up:
+            np.multiply(g, sig, out=out)
+            out *= ct
+            return out
+        np.subtract(1, sig, out=out)
+        out *= g
+        out += 1
+        out *= sig
+        out *= u
+        out *= ct
+        return out
+
+    return silu_mul_grad
+
+
+def make_acc_grad(node, shapes, out_shape, scratch) -> Kernel:
+    def acc_grad(ins, out):
+        acc, g = ins
+        acc += g
+        return acc
+
+    return acc_grad
+
+
+def make_grad_norm(node, shapes, out_shape, scratch) -> Kernel:
+    """sqrt of the sum of squares of every gradient, accumulated in their dtype; NaN when the
+    loss (input 0) is not finite."""
+    zero = scalar_type(node)(0)
+
+    def grad_norm(ins, out):
+        loss, *grads = ins
+        total = zero if np.isfinite(loss) else scalar_type(node)(np.nan)
+        for g in grads:
+            flat = g.reshape(-1)
+            total += np.dot(flat, flat)
+        out[...] = np.sqrt(total)
+        return out
+
+    return grad_norm
+
+
+def _clip_scale(norm: float, max_norm: float) -> float:
+    """The factor clipping the global gradient norm to ``max_norm`` (torch's rule)."""
+    return min(1.0, max_norm / (norm + 1e-6)) if max_norm > 0 else 1.0
+
+
+def make_adamw(node, shapes, out_shape, scratch) -> Kernel:
+    """AdamW step ``t`` in place (decoupled weight decay, bias correction, as torch.optim.AdamW),
+    then empty the accumulated gradient. ``t`` = 0: accumulate only; non-finite norm: skip."""
+    a = node.attrs
+    b1, b2, eps, wd, max_norm = a["beta1"], a["beta2"], a["eps"], a["weight_decay"], a["max_norm"]
+    tmp = scratch("update", tuple(out_shape), to_numpy_dtype(node.dtype))
+
+    def adamw(ins, out):
+        p, m, v, g, norm, lr, step = ins
+        t = int(step)
+        if t == 0:
+            return p
+        if np.isfinite(norm):
+            lr, clip = float(lr), _clip_scale(float(norm), max_norm)
+            if clip < 1:
+                g *= clip
+            m *= b1
+            np.multiply(g, 1 - b1, out=tmp)
+            m += tmp
+            v *= b2
+            np.multiply(g, g, out=tmp)
+            np.multiply(tmp, 1 - b2, out=tmp)
+            v += tmp
+            if wd:
+                p *= 1 - lr * wd
+            np.sqrt(v, out=tmp)
+            np.multiply(tmp, 1 / math.sqrt(1 - b2**t), out=tmp)
+            np.add(tmp, eps, out=tmp)
+            np.divide(m, tmp, out=tmp)
+            np.multiply(tmp, -lr / (1 - b1**t), out=tmp)
+            p += tmp
+        g.fill(0)
+        return p
+
+    return adamw
+
+
+def make_sgd(node, shapes, out_shape, scratch) -> Kernel:
+    """SGD with momentum in place (torch.optim.SGD: coupled weight decay, no dampening), then
+    empty the accumulated gradient. ``t`` = 0: accumulate only; non-finite norm: skip."""
+    a = node.attrs
+    mom, wd, max_norm = a["momentum"], a["weight_decay"], a["max_norm"]
+
+    def sgd(ins, out):
+        p, buf, g, norm, lr, step = ins
+        if int(step) == 0:
+            return p
+        if np.isfinite(norm):
+            clip = _clip_scale(float(norm), max_norm)
+            if clip < 1:
+                g *= clip
+            if wd:
+                g += wd * p
+            buf *= mom
+            buf += g
+            p -= float(lr) * buf
+        g.fill(0)
+        return p
+
+    return sgd
+
+
 KERNELS: dict[Op, Callable[..., Kernel]] = {
     Op.EINSUM: make_einsum,
     Op.ADD: make_elementwise(np.add),
@@ -260,8 +564,22 @@ KERNELS: dict[Op, Callable[..., Kernel]] = {
     Op.SOFTMAX: make_softmax,
     Op.SILU_MUL: make_silu_mul,
     Op.RESHAPE: make_reshape,
+    Op.KV_APPEND: make_kv_append,
+    Op.SLICE_LAST: make_slice_last,
+    Op.SPLIT: make_split,
     Op.TRANSPOSE: make_transpose,
     Op.CAST: make_cast,
+    Op.EXPAND: make_expand,
+    Op.SCATTER_ADD: make_scatter_add,
+    Op.CROSS_ENTROPY: make_cross_entropy,
+    Op.CROSS_ENTROPY_GRAD: make_cross_entropy_grad,
+    Op.RMS_NORM_GRAD: make_rms_norm_grad,
+    Op.SOFTMAX_GRAD: make_softmax_grad,
+    Op.SILU_MUL_GRAD: make_silu_mul_grad,
+    Op.ACC_GRAD: make_acc_grad,
+    Op.GRAD_NORM: make_grad_norm,
+    Op.ADAMW: make_adamw,
+    Op.SGD: make_sgd,
 }
 
 

@@ -3,9 +3,10 @@ tokenizer (256 ids, one per byte) for configs like tiny.json that have no traine
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from einplan.errors import EinplanError
 
@@ -30,24 +31,63 @@ def byte_tokenizer() -> Tokenizer:
     return tok
 
 
-def load_tokenizer(spec: str | None, weights_dir: Path | None = None) -> Tokenizer:
-    """``"bytes"``, a tokenizer.json path or folder, or (spec None) the weights folder's."""
+def load_tokenizer(spec: str | None, weights: Path | None = None) -> Tokenizer:
+    """``"bytes"``, a tokenizer.json path or folder, or (spec None) the tokenizer that came
+    with the weights (their folder's tokenizer.json, or a GGUF file's vocabulary)."""
     if spec == "bytes":
         return byte_tokenizer()
-    path = Path(spec) if spec else weights_dir
+    path = Path(spec) if spec else weights
     if path is None:
         raise TokenizerError(
             "no tokenizer: give --tokenizer PATH (tokenizer.json or its folder), "
             "--tokenizer bytes, or weights in a folder with tokenizer.json"
         )
+    if path.suffix == ".gguf":
+        from einplan.runtime.gguf_import import read_gguf
+
+        return read_gguf(path).tokenizer
+    if path.is_file() and path.suffix == ".safetensors":
+        path = path.parent
     if path.is_dir():
         path = path / "tokenizer.json"
     if not path.is_file():
         raise TokenizerError(
-            f"tokenizer {str(path)!r} not found (a weights folder needs "
-            "tokenizer.json; or give --tokenizer)"
+            f"tokenizer {str(path)!r} not found (a weights folder needs tokenizer.json; "
+            "or give --tokenizer)"
         )
     try:
         return Tokenizer.from_file(str(path))
     except Exception as e:  # the tokenizers library raises bare Exception on bad files
         raise TokenizerError(f"{path}: not a readable tokenizer.json ({e})") from None
+
+
+def load_tokenizer_config(weights: Path | None) -> dict:
+    """tokenizer_config.json beside the weights (chat template, special tokens), or {}."""
+    if weights is None:
+        return {}
+    if weights.suffix == ".gguf":
+        from einplan.runtime.gguf_import import read_gguf
+
+        return read_gguf(weights).tokenizer_config
+    path = (weights if weights.is_dir() else weights.parent) / "tokenizer_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise TokenizerError(f"{path}: not valid JSON ({e})") from None
+
+
+def train_tokenizer(corpus: Path, vocab_size: int) -> Tokenizer:
+    """A byte-level BPE tokenizer of ``vocab_size`` ids learned from a text file (every byte
+    is in its alphabet, so any text encodes)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train([str(corpus)], trainer)
+    return tok

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import struct
+import zlib
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -103,10 +105,9 @@ def open_checkpoint(source: str | os.PathLike) -> dict[str, tuple[np.ndarray, st
     """All tensors of a checkpoint (file, folder, sharded folder or hub id), memory-mapped."""
     path = resolve_weights_dir(source)
     if path.suffix == ".gguf":
-        raise WeightsError(
-            f"{path}: GGUF weights are not supported yet; convert the model to "
-            "an HF safetensors folder"
-        )
+        from einplan.runtime.gguf_import import read_gguf
+
+        return {k: (v, "f32") for k, v in read_gguf(path).tensors.items()}
     if path.is_file():
         return read_safetensors_index(path)
     index = path / "model.safetensors.index.json"
@@ -134,29 +135,76 @@ def open_checkpoint(source: str | os.PathLike) -> dict[str, tuple[np.ndarray, st
     return tensors
 
 
+def weights_config(source: str | os.PathLike) -> dict | None:
+    """The model config that came with the weights (config.json or GGUF metadata), if any."""
+    path = resolve_weights_dir(source)
+    if path.suffix == ".gguf":
+        from einplan.runtime.gguf_import import read_gguf
+
+        return read_gguf(path).config
+    cfg = (path if path.is_dir() else path.parent) / "config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        return json.loads(cfg.read_text())
+    except json.JSONDecodeError as e:
+        raise WeightsError(f"{cfg}: not valid JSON ({e})") from None
+
+
 # Tensors a checkpoint may carry that no plan reads.
 IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def load_weights(
-    graph: Graph, source: str | os.PathLike, tied: bool = False
-) -> dict[str, np.ndarray]:
-    """Bind a checkpoint to a graph's params, converting dtypes only where they differ.
+def checkpoint_shapes(graph: Graph) -> dict[str, tuple[int, ...]]:
+    """The checkpoint tensors a graph's params are made of, with their shapes; a packed param
+    (``attrs["pack"]``, see compiler/passes/pack.py) is made of several (out, in) tensors."""
+    out = {}
+    for n in graph.params():
+        if "pack" in n.attrs:
+            for key, rows in n.attrs["pack"]:
+                out[key] = (rows, n.shape[0])
+        else:
+            out[n.attrs["key"]] = tuple(n.shape)
+    return out
 
-    Missing, unexpected or mis-shaped tensors raise :class:`WeightsError` listing them all.
+
+def bind_params(graph: Graph, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Arrays for a graph's params from checkpoint tensors: packed params concatenated and
+    transposed, dtypes converted where they differ, the rest passed through (zero copy)."""
+    out = {}
+    for n in graph.params():
+        dtype = to_numpy_dtype(n.dtype)
+        if "pack" in n.attrs:
+            parts = [tensors[key].T for key, _ in n.attrs["pack"]]
+            out[n.attrs["key"]] = np.concatenate(parts, axis=1).astype(dtype, copy=False)
+        else:
+            arr = tensors[n.attrs["key"]]
+            out[n.attrs["key"]] = arr if arr.dtype == dtype else arr.astype(dtype)
+    return out
+
+
+def load_weights(
+    graph: Graph, source: str | os.PathLike | dict[str, np.ndarray], tied: bool = False
+) -> dict[str, np.ndarray]:
+    """Bind a checkpoint (a path, a hub id, or a dict of tensors under HF names) to a graph's
+    params. Missing, unexpected or mis-shaped tensors raise :class:`WeightsError` listing all.
     """
-    tensors = open_checkpoint(source)
-    params = {n.attrs["key"]: n for n in graph.params()}
-    missing = sorted(set(params) - set(tensors))
+    if isinstance(source, dict):
+        tensors, origin = source, "given as arrays"
+    else:
+        tensors = {k: a for k, (a, _) in open_checkpoint(source).items()}
+        origin = str(source)
+    want = checkpoint_shapes(graph)
+    missing = sorted(set(want) - set(tensors))
     extra = sorted(
         k
-        for k in set(tensors) - set(params)
+        for k in set(tensors) - set(want)
         if not k.endswith(IGNORABLE_SUFFIXES) and not (tied and k == "lm_head.weight")
     )
     bad = [
-        f"{k}: checkpoint {list(tensors[k][0].shape)}, plan {list(params[k].shape)}"
-        for k in sorted(set(params) & set(tensors))
-        if tuple(tensors[k][0].shape) != tuple(params[k].shape)
+        f"{k}: checkpoint {list(tensors[k].shape)}, plan {list(want[k])}"
+        for k in sorted(set(want) & set(tensors))
+        if tuple(tensors[k].shape) != tuple(want[k])
     ]
     problems = []
     if missing:
@@ -166,26 +214,34 @@ def load_weights(
     if bad:
         problems.append(f"shape mismatches: {'; '.join(bad)}")
     if problems:
-        raise WeightsError(f"weights {source} do not fit this plan: " + " | ".join(problems))
-    out = {}
-    for key, node in params.items():
-        arr, dtype = tensors[key]
-        out[key] = arr if dtype == node.dtype else arr.astype(to_numpy_dtype(node.dtype))
-    return out
+        raise WeightsError(f"weights {origin} do not fit this plan: " + " | ".join(problems))
+    return bind_params(graph, {k: tensors[k] for k in want})
+
+
+class RandomTensors(Mapping):
+    """Seeded random checkpoint tensors made on demand, each from its own key's stream, so the
+    values depend only on (seed, key) and packing never holds two copies of the weights."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], seed: int, std: float) -> None:
+        self.shapes, self.seed, self.std = shapes, seed, np.float32(std)
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        shape = self.shapes[key]
+        if key.endswith("norm.weight"):
+            return np.ones(shape, np.float32)
+        if key.endswith(".bias"):
+            return np.zeros(shape, np.float32)
+        rng = np.random.default_rng([self.seed, zlib.crc32(key.encode())])
+        return rng.standard_normal(shape, np.float32) * self.std
+
+    def __iter__(self):
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
 
 
 def random_weights(graph: Graph, seed: int = 0, std: float = 0.02) -> dict[str, np.ndarray]:
     """Seeded random weights for every param (norm weights 1, biases 0): for demos and
     benchmarks, only when asked for; never a fallback for a failed load."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for n in graph.params():
-        key, dtype = n.attrs["key"], to_numpy_dtype(n.dtype)
-        if key.endswith("norm.weight"):
-            arr = np.ones(n.shape, np.float32)
-        elif key.endswith(".bias"):
-            arr = np.zeros(n.shape, np.float32)
-        else:
-            arr = rng.standard_normal(n.shape, np.float32) * np.float32(std)
-        out[key] = arr.astype(dtype, copy=False)
-    return out
+    return bind_params(graph, RandomTensors(checkpoint_shapes(graph), seed, std))

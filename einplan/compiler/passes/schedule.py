@@ -10,11 +10,9 @@ from __future__ import annotations
 import networkx as nx
 
 from einplan.compiler.ir import Graph
-from einplan.compiler.ops import Op, count_flops
+from einplan.compiler.ops import LEAVES, count_flops
 from einplan.compiler.pipeline import PassContext
 from einplan.compiler.symbolic import evaluate
-
-LEAVES = (Op.PARAM, Op.INPUT)
 
 
 def run(graph: Graph, ctx: PassContext) -> Graph:

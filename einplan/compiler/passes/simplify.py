@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 
 from einplan.compiler.ir import Graph
-from einplan.compiler.ops import Op
+from einplan.compiler.ops import LEAVES
 from einplan.compiler.pipeline import PassContext
 
 
 def _live_ids(graph: Graph) -> set[int]:
     nodes = graph.by_id()
     live: set[int] = set()
-    stack = list(graph.outputs.values())
+    stack = [*graph.outputs.values(), *graph.effects]
     while stack:
         i = stack.pop()
         if i not in live:
@@ -22,7 +22,7 @@ def _live_ids(graph: Graph) -> set[int]:
 
 
 def run(graph: Graph, ctx: PassContext) -> Graph:
-    """Drop nodes no output depends on and merge nodes computing the same thing."""
+    """Drop nodes no output or effect depends on and merge nodes computing the same thing."""
     live = _live_ids(graph)
     seen: dict[str, int] = {}
     rename: dict[int, int] = {}
@@ -31,7 +31,7 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
         if n.id not in live:
             continue
         n = n.with_(inputs=tuple(rename.get(i, i) for i in n.inputs))
-        if n.op not in (Op.PARAM, Op.INPUT):
+        if n.op not in LEAVES:
             key = json.dumps([n.op.value, n.inputs, n.attrs, n.dtype], sort_keys=True)
             if key in seen:
                 rename[n.id] = seen[key]
@@ -39,4 +39,4 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
             seen[key] = n.id
         nodes.append(n)
     outputs = {k: rename.get(v, v) for k, v in graph.outputs.items()}
-    return graph.replace_nodes(nodes, outputs)
+    return graph.replace_nodes(nodes, outputs, [rename.get(v, v) for v in graph.effects])

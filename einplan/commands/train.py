@@ -1,0 +1,84 @@
+"""``einplan train``: train a plan (or a config, compiled first) on a text corpus, with logs,
+samples and checkpoints in a run folder; ``--resume`` continues from the latest checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from einplan.errors import EinplanError
+
+PLAN_PREFIX = b'{"magic":"einplan-plan"'
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """``key=value`` pairs of train settings; values are JSON (numbers, true) or text."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise EinplanError(f"--set takes key=value, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def open_or_compile(source: str, out: Path):
+    """The training plan: read a plan file, or compile a config (saved in the run folder)."""
+    from einplan.api import TRAIN_ENTRIES, compile_model, load_plan
+
+    path = Path(source)
+    if path.is_file() and path.read_bytes()[: len(PLAN_PREFIX)] == PLAN_PREFIX:
+        return load_plan(path)
+    plan = compile_model(source, entries=TRAIN_ENTRIES)
+    out.mkdir(parents=True, exist_ok=True)
+    plan.save(out / "model.plan")
+    return plan
+
+
+def run(args: argparse.Namespace) -> None:
+    """Prepare the run, train, and print the summary."""
+    from einplan.runtime.train import RunOptions, TrainingRun
+
+    out = Path(args.out)
+    options = RunOptions(
+        corpus=Path(args.data),
+        out=out,
+        steps=args.steps,
+        resume=args.resume,
+        init_weights=args.init_weights,
+        tokenizer=args.tokenizer,
+        overrides=parse_overrides(args.set),
+        workers=args.workers,
+    )
+    training = TrainingRun(open_or_compile(args.plan, out), options)
+    training.run()
+    training.finish()
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``train`` parser."""
+    t = sub.add_parser("train", help="train a plan on a text corpus, with checkpoints")
+    t.add_argument("plan", help="a plan from einplan compile --train, or a config to compile")
+    t.add_argument("--data", required=True, help="UTF-8 text corpus")
+    t.add_argument("--out", required=True, help="run folder: logs, checkpoints, tokenizer")
+    t.add_argument("--steps", type=int, help="train until this step (default: the settings')")
+    t.add_argument(
+        "--resume", action="store_true", help="continue from the run folder's latest checkpoint"
+    )
+    t.add_argument("--init-weights", help="start from pretrained weights (HF folder or file)")
+    t.add_argument(
+        "--tokenizer", help="tokenizer.json, 'bytes', or 'train' (a BPE learned on the corpus)"
+    )
+    t.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change a train setting for this run (micro_batch=8, lr=1e-3, ...)",
+    )
+    t.add_argument("--workers", type=int, default=0, help="thread-pool workers (0: sequential)")
+    t.set_defaults(func=run)

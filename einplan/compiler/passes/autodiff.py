@@ -1,0 +1,72 @@
+"""The reverse graph: gradients of the scalar output ``loss`` with respect to every trainable
+parameter, appended to the forward graph.
+
+Nodes are visited in reverse order; each applies its op's rule (compiler/vjp.py) to the sum of
+the cotangents its users sent it (fan-in). Only values that depend on a trainable parameter get
+a cotangent. The loss's own cotangent is a runtime input, ``loss_grad`` (1, or 1/k when k
+micro-batches are accumulated), so the plan stays static. Every reverse node is tagged
+``reverse``; the gradients become outputs ``grad.<checkpoint key>``.
+"""
+
+from __future__ import annotations
+
+from einplan.compiler.ir import Graph, Node
+from einplan.compiler.ops import FLOAT_DTYPES, LEAVES, Op, ShapeError
+from einplan.compiler.pipeline import PassContext
+from einplan.compiler.trace import Builder, Value
+from einplan.compiler.vjp import apply_rule
+
+LOSS = "loss"
+FROZEN = "frozen"  # tag of a parameter that gets no gradient (a LoRA base weight)
+
+
+def trainable(n: Node) -> bool:
+    """Whether a node is a parameter the reverse graph differentiates."""
+    return n.op is Op.PARAM and n.dtype in FLOAT_DTYPES and FROZEN not in n.tags
+
+
+def needs_grad(graph: Graph) -> set[int]:
+    """Ids of the values that depend on a trainable parameter."""
+    need: set[int] = set()
+    for n in graph.nodes:
+        if trainable(n) or (n.op not in LEAVES and any(i in need for i in n.inputs)):
+            need.add(n.id)
+    return need
+
+
+def run(graph: Graph, ctx: PassContext) -> Graph:
+    """Append the reverse graph of ``loss`` and output the gradient of each trainable param."""
+    if LOSS not in graph.outputs:
+        raise ShapeError(f"autodiff: graph {graph.name!r} has no output {LOSS!r} to differentiate")
+    nodes = graph.by_id()
+    loss = nodes[graph.outputs[LOSS]]
+    if loss.shape != () or loss.dtype not in FLOAT_DTYPES:
+        raise ShapeError(f"autodiff: the loss must be a float scalar, got {loss.dtype}{loss.shape}")
+    need = needs_grad(graph)
+    b = Builder.extend(graph)
+    cts: dict[int, list[Value]] = {loss.id: [b.input("loss_grad", (), loss.dtype)]}
+    grads: dict[str, Value] = {}
+    with b.tagged("reverse"):
+        for n in reversed(graph.nodes):
+            parts = cts.pop(n.id, None)
+            if parts is None:
+                continue
+            ct = parts[0]
+            for extra in parts[1:]:
+                ct = b.add(ct, extra, role=f"{n.name}.grad_sum")
+            if n.op is Op.PARAM:
+                grads[n.attrs["key"]] = ct
+                continue
+            ins = [b.value(nodes[i]) for i in n.inputs]
+            want = {k for k, i in enumerate(n.inputs) if i in need}
+            for k, g in enumerate(apply_rule(b, n, ins, ct, want)):
+                if k in want:
+                    cts.setdefault(n.inputs[k], []).append(g)
+    missing = [
+        n.attrs["key"] for n in graph.params() if trainable(n) and n.attrs["key"] not in grads
+    ]
+    if missing:
+        raise ShapeError(f"autodiff: parameters that do not affect the loss: {', '.join(missing)}")
+    for key, g in grads.items():
+        b.output(f"grad.{key}", g)
+    return b.graph

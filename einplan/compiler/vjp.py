@@ -1,0 +1,167 @@
+"""One reverse-mode rule (vector-Jacobian product) per op.
+
+A rule takes the forward node, handles on its inputs and output, the cotangent of the output,
+and the positions of the inputs that need a gradient; it appends the reverse nodes through the
+builder and returns one cotangent per input (None where none is needed). The einsum rule is
+written once for every operand: the gradient of an operand is an einsum of the output's
+cotangent with the other operands, so the contract pass plans reverse contractions exactly as
+it plans forward ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from einplan.compiler.ir import Node
+from einplan.compiler.ops import Op, ShapeError, parse_spec
+from einplan.compiler.trace import Builder, Value
+
+Rule = Callable[[Builder, Node, list[Value], Value, Value, set[int]], list[Value | None]]
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def vjp_einsum(b: Builder, n: Node, ins: list[Value], out: Value, ct: Value, need: set[int]):
+    """d operand k = einsum(cotangent, the other operands -> operand k's term); indices only
+    operand k has (summed away in the forward) come back by broadcasting."""
+    terms, result = parse_spec(n.attrs["spec"])
+    grads: list[Value | None] = []
+    for k, (term, x) in enumerate(zip(terms, ins, strict=True)):
+        if k not in need:
+            grads.append(None)
+            continue
+        others = [(t, v) for j, (t, v) in enumerate(zip(terms, ins, strict=True)) if j != k]
+        seen = set(result).union(*(set(t) for t, _ in others))
+        kept = "".join(c for c in term if c in seen)
+        spec = ",".join([result, *(t for t, _ in others)]) + "->" + kept
+        g = b.einsum(spec, ct, *(v for _, v in others), role=f"{n.name}.grad{k}")
+        if kept != term:
+            axes = [i for i, c in enumerate(term) if c not in seen]
+            g = b.expand(g, x.shape, axes, role=f"{n.name}.grad{k}.expand")
+        grads.append(g)
+    return grads
+
+
+def sum_to(b: Builder, g: Value, shape: tuple, role: str) -> Value:
+    """Sum a cotangent over the axes along which a value of ``shape`` was broadcast."""
+    if tuple(g.shape) == tuple(shape):
+        return g
+    letters = LETTERS[: len(g.shape)]
+    lead = len(g.shape) - len(shape)
+    kept = "".join(
+        c for i, c in enumerate(letters[lead:]) if shape[i] != 1 or g.shape[lead + i] == 1
+    )
+    summed = b.einsum(f"{letters}->{kept}", g, role=role)
+    return summed if len(kept) == len(shape) else b.reshape(summed, shape, role=f"{role}.shape")
+
+
+def vjp_add(b, n, ins, out, ct, need):
+    """d a = ct; d b = ct summed over b's broadcast axes."""
+    return [ct, sum_to(b, ct, ins[1].shape, f"{n.name}.grad1")]
+
+
+def vjp_mul(b, n, ins, out, ct, need):
+    """d a = ct * b; d b = (ct * a) summed over b's broadcast axes."""
+    a, y = ins
+    ga = b.mul(ct, y, role=f"{n.name}.grad0") if 0 in need else None
+    gb = None
+    if 1 in need:
+        gb = sum_to(b, b.mul(ct, a, role=f"{n.name}.grad1"), y.shape, f"{n.name}.grad1.sum")
+    return [ga, gb]
+
+
+def vjp_gather(b, n, ins, out, ct, need):
+    """d table = the cotangent rows scattered back (added) to their ids."""
+    table, ids = ins
+    if table.dtype != out.dtype:
+        raise ShapeError(f"{n.name}: cannot train a {table.dtype} table computed in {out.dtype}")
+    return [b.scatter_add(ct, ids, table.shape[0], role=f"{n.name}.grad0"), None]
+
+
+def vjp_scatter_add(b, n, ins, out, ct, need):
+    """d values = the cotangent rows gathered at the ids."""
+    return [b.gather(ct, ins[1], ct.dtype, role=f"{n.name}.grad0"), None]
+
+
+FUSED_ATTRS = ("eps", "scale", "ignore_index")  # forward attrs the fused reverse ops reuse
+
+
+def _fused(op: Op, operands: Callable, wrt: tuple[str | None, ...] = (None,)) -> Rule:
+    """A rule whose gradients are one fused reverse op each, on ``operands(ins, out, ct)``;
+    ``wrt`` names, per differentiable input position, the op's ``wrt`` attr (None: none)."""
+
+    def rule(b, n, ins, out, ct, need):
+        attrs = {k: v for k, v in n.attrs.items() if k in FUSED_ATTRS}
+        grads: list[Value | None] = [None] * len(ins)
+        for k, name in enumerate(wrt):
+            if k in need:
+                a = attrs if name is None else {**attrs, "wrt": name}
+                grads[k] = b.backward_op(op, operands(ins, out, ct), a, f"{n.name}.grad{k}")
+        return grads
+
+    return rule
+
+
+def vjp_rope(b, n, ins, out, ct, need):
+    """Rotation is orthogonal: d x = the cotangent rotated back (times the same scale)."""
+    x, table = ins
+    scale = n.attrs.get("scale", 1.0)
+    inverse = not n.attrs.get("inverse", False)
+    return [b.rope(ct, table, scale, inverse, role=f"{n.name}.grad0"), None]
+
+
+def vjp_reshape(b, n, ins, out, ct, need):
+    """d x = the cotangent in x's shape."""
+    return [b.reshape(ct, ins[0].shape, role=f"{n.name}.grad0")]
+
+
+def vjp_transpose(b, n, ins, out, ct, need):
+    """d x = the cotangent permuted back."""
+    perm = n.attrs["perm"]
+    return [b.transpose(ct, sorted(range(len(perm)), key=perm.__getitem__), f"{n.name}.grad0")]
+
+
+def vjp_cast(b, n, ins, out, ct, need):
+    """d x = the cotangent in x's dtype."""
+    return [b.cast(ct, ins[0].dtype, role=f"{n.name}.grad0")]
+
+
+def vjp_expand(b, n, ins, out, ct, need):
+    """d x = the cotangent summed over the inserted axes."""
+    letters = LETTERS[: len(out.shape)]
+    kept = "".join(c for i, c in enumerate(letters) if i not in n.attrs["axes"])
+    return [b.einsum(f"{letters}->{kept}", ct, role=f"{n.name}.grad0")]
+
+
+RULES: dict[Op, Rule] = {
+    Op.EINSUM: vjp_einsum,
+    Op.ADD: vjp_add,
+    Op.MUL: vjp_mul,
+    Op.GATHER: vjp_gather,
+    Op.SCATTER_ADD: vjp_scatter_add,
+    Op.RMS_NORM: _fused(
+        Op.RMS_NORM_GRAD, lambda ins, out, ct: [ins[0], ins[1], ct], wrt=("x", "w")
+    ),
+    Op.ROPE: vjp_rope,
+    Op.SOFTMAX: _fused(Op.SOFTMAX_GRAD, lambda ins, out, ct: [out, ct]),
+    Op.SILU_MUL: _fused(
+        Op.SILU_MUL_GRAD, lambda ins, out, ct: [ins[0], ins[1], ct], wrt=("gate", "up")
+    ),
+    Op.CROSS_ENTROPY: _fused(Op.CROSS_ENTROPY_GRAD, lambda ins, out, ct: [ins[0], ins[1], ct]),
+    Op.RESHAPE: vjp_reshape,
+    Op.TRANSPOSE: vjp_transpose,
+    Op.CAST: vjp_cast,
+    Op.EXPAND: vjp_expand,
+}
+
+
+def apply_rule(b: Builder, n: Node, ins: list[Value], ct: Value, need: set[int]) -> list:
+    """Cotangents of ``n``'s inputs; a clear error for an op without a rule or an input the
+    rule cannot differentiate (the softmax mask, rope table)."""
+    rule = RULES.get(n.op)
+    if rule is None:
+        raise ShapeError(f"{n.name or n.op.value}: op {n.op.value} has no reverse rule")
+    grads = rule(b, n, ins, b.value(n), ct, need)
+    for k in need:
+        if grads[k] is None:
+            raise ShapeError(f"{n.name}: {n.op.value} has no gradient for its input {k}")
+    return grads

@@ -1,0 +1,54 @@
+"""Views of a training run's records: the summary table and the loss-curve picture."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from einplan.errors import EinplanError
+
+
+def print_training_summary(records: list[dict[str, Any]], console: Console) -> None:
+    """A table of the logged steps: loss, validation loss, phase times, peak memory."""
+    t = Table(title="training summary")
+    for col in ("step", "loss", "val loss", "FWD ms", "BWD ms", "OPT ms", "tok/s", "peak MiB"):
+        t.add_column(col, justify="right")
+    for r in records:
+        t.add_row(
+            str(r["step"]),
+            f"{r['loss']:.4f}",
+            f"{r['val_loss']:.4f}",
+            f"{r['forward_ms']:.0f}",
+            f"{r['backward_ms']:.0f}",
+            f"{r['optimizer_ms']:.0f}",
+            f"{r['tokens_per_s']:,.0f}",
+            f"{r['peak_rss_mib']:,.0f}",
+        )
+    console.print(t)
+
+
+def plot_loss_curve(records: list[dict[str, Any]], path: Path) -> None:
+    """Training and validation loss against step, as a PNG (needs the ``plots`` extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise EinplanError(
+            "the loss curve needs matplotlib: pip install 'einplan[plots]'"
+        ) from None
+    steps = [r["step"] for r in records]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, [r["loss"] for r in records], label="train loss")
+    ax.plot(steps, [r["val_loss"] for r in records], label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats per token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

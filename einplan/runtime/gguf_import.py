@@ -1,0 +1,234 @@
+"""Reading llama.cpp GGUF files: metadata to a Hugging Face config, tensors dequantised to
+float32 under Hugging Face names (with llama.cpp's Q/K row permutation undone), and the
+tokenizer rebuilt from the file's vocabulary and merges; also writes an HF-layout folder."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+from einplan.errors import EinplanError
+
+# tensor types whose dequantisation is tested here
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
+ARCHITECTURES = ("llama", "qwen2")
+CONTROL_TOKEN = 3
+
+LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+TOP_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+
+
+class GGUFError(EinplanError):
+    """A GGUF file is unreadable, of an unsupported architecture or tensor type."""
+
+
+@dataclass
+class GGUFModel:
+    """What einplan takes from a GGUF file."""
+
+    config: dict[str, Any]
+    tensors: dict[str, np.ndarray]  # HF name -> float32 array, (out, in) layout
+    tokenizer: Tokenizer
+    tokenizer_config: dict[str, Any]
+
+
+def hf_tensor_name(name: str) -> str:
+    """Map a GGUF tensor name (``blk.3.attn_q.weight``) to its Hugging Face name."""
+    if name in TOP_NAMES:
+        return TOP_NAMES[name]
+    parts = name.split(".")
+    if len(parts) == 4 and parts[0] == "blk" and parts[2] in LAYER_NAMES:
+        return f"model.layers.{parts[1]}.{LAYER_NAMES[parts[2]]}.{parts[3]}"
+    raise GGUFError(f"GGUF tensor {name!r} has no Hugging Face counterpart einplan knows")
+
+
+def unpermute_qk(w: np.ndarray, heads: int) -> np.ndarray:
+    """Undo llama.cpp's row permutation of a Q or K projection (interleaved rope pairs back
+    to Hugging Face's half-split layout); works for weights and biases."""
+    rows = w.shape[0]
+    return w.reshape(heads, 2, rows // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _field(reader, key: str, default: Any = None) -> Any:
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+def gguf_config(reader) -> dict[str, Any]:
+    """A Hugging Face style config.json dict from a GGUF file's metadata."""
+    arch = _field(reader, "general.architecture")
+    if arch not in ARCHITECTURES:
+        raise GGUFError(f"GGUF architecture {arch!r} is not supported ({', '.join(ARCHITECTURES)})")
+    names = {t.name for t in reader.tensors}
+    heads = int(_field(reader, f"{arch}.attention.head_count"))
+    hidden = int(_field(reader, f"{arch}.embedding_length"))
+    eps_key = f"{arch}.attention.layer_norm_rms_epsilon"
+    cfg = {
+        "architectures": ["Qwen2ForCausalLM" if arch == "qwen2" else "LlamaForCausalLM"],
+        "model_type": arch,
+        "vocab_size": len(_field(reader, "tokenizer.ggml.tokens")),
+        "hidden_size": hidden,
+        "intermediate_size": int(_field(reader, f"{arch}.feed_forward_length")),
+        "num_hidden_layers": int(_field(reader, f"{arch}.block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(_field(reader, f"{arch}.attention.head_count_kv", heads)),
+        "head_dim": int(_field(reader, f"{arch}.rope.dimension_count", hidden // heads)),
+        "max_position_embeddings": int(_field(reader, f"{arch}.context_length", 2048)),
+        # stored as float32 (9.99999975e-06): back to the decimal the model was made with
+        "rms_norm_eps": float(f"{_field(reader, eps_key):.6g}"),
+        "rope_theta": float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+        "tie_word_embeddings": "output.weight" not in names,
+        "hidden_act": "silu",
+        "torch_dtype": "float32",
+    }
+    for key, hf in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id")):
+        value = _field(reader, f"tokenizer.ggml.{key}")
+        if value is not None:
+            cfg[hf] = int(value)
+    if "eos_token_id" not in cfg:
+        cfg["eos_token_id"] = None
+    return cfg
+
+
+def gguf_tokenizer(reader) -> tuple[Tokenizer, dict[str, Any]]:
+    """The byte-level BPE tokenizer stored in a GGUF file, and a tokenizer_config dict."""
+    kind = _field(reader, "tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise GGUFError(f"GGUF tokenizer model {kind!r} is not supported (gpt2 byte-level BPE)")
+    tokens = list(_field(reader, "tokenizer.ggml.tokens"))
+    merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges", [])]
+    types = list(_field(reader, "tokenizer.ggml.token_type", [1] * len(tokens)))
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if _field(reader, "tokenizer.ggml.pre") in ("smollm", "qwen2"):
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), byte_level]
+        )
+    else:
+        tok.pre_tokenizer = byte_level
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(
+        [
+            AddedToken(t, special=True)
+            for t, k in zip(tokens, types, strict=True)
+            if k == CONTROL_TOKEN
+        ]
+    )
+
+    def token(key: str) -> str | None:
+        i = _field(reader, f"tokenizer.ggml.{key}")
+        return None if i is None else tokens[int(i)]
+
+    tk_cfg = {
+        "bos_token": token("bos_token_id"),
+        "eos_token": token("eos_token_id"),
+        "pad_token": token("padding_token_id"),
+        "unk_token": token("unknown_token_id"),
+        "chat_template": _field(reader, "tokenizer.chat_template"),
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "add_bos_token": bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
+    }
+    return tok, {k: v for k, v in tk_cfg.items() if v is not None}
+
+
+def dequantize_tensor(t) -> np.ndarray:
+    """A GGUF tensor as float32 in numpy (row-major, HF shape), or a clear error."""
+    from gguf.quants import dequantize
+
+    kind = t.tensor_type.name
+    if kind not in SUPPORTED_TYPES:
+        raise GGUFError(
+            f"GGUF tensor {t.name} has type {kind}, which einplan does not import "
+            f"(supported: {', '.join(SUPPORTED_TYPES)})"
+        )
+    return np.ascontiguousarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+
+
+@functools.lru_cache(maxsize=1)
+def read_gguf(path: str | os.PathLike) -> GGUFModel:
+    """Read a GGUF file: config, float32 tensors under HF names, tokenizer."""
+    from gguf import GGUFReader
+
+    path = Path(path)
+    if not path.is_file():
+        raise GGUFError(f"GGUF file {str(path)!r} not found")
+    try:
+        reader = GGUFReader(path)
+    except (ValueError, OSError, KeyError, IndexError) as e:
+        raise GGUFError(f"{path}: not a readable GGUF file ({e})") from None
+    config = gguf_config(reader)
+    tokenizer, tk_cfg = gguf_tokenizer(reader)
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    permuted = config["model_type"] == "llama"  # llama.cpp permutes Q/K rows for llama only
+    tensors = {}
+    for t in reader.tensors:
+        name = hf_tensor_name(t.name)
+        w = dequantize_tensor(t)
+        if permuted and ".q_proj." in name:
+            w = unpermute_qk(w, heads)
+        elif permuted and ".k_proj." in name:
+            w = unpermute_qk(w, kv_heads)
+        tensors[name] = w
+    return GGUFModel(config, tensors, tokenizer, tk_cfg)
+
+
+def _write_atomic(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def convert_gguf(path: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "f32") -> Path:
+    """Write an HF-layout folder (config.json, model.safetensors, tokenizer.json,
+    tokenizer_config.json, generation_config.json) from a GGUF file."""
+    from safetensors.numpy import save_file
+
+    from einplan.runtime.dtypes import to_numpy_dtype
+
+    model = read_gguf(path)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    np_dtype = to_numpy_dtype(dtype)
+    tensors = {k: v.astype(np_dtype) for k, v in model.tensors.items()}
+    config = {
+        **model.config,
+        "torch_dtype": {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}[dtype],
+    }
+    _write_atomic(
+        out / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"})
+    )
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    _write_atomic(out / "tokenizer.json", lambda tmp: model.tokenizer.save(tmp))
+    (out / "tokenizer_config.json").write_text(json.dumps(model.tokenizer_config, indent=2))
+    generation = {
+        "bos_token_id": config.get("bos_token_id"),
+        "eos_token_id": config.get("eos_token_id"),
+    }
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    return out

@@ -1,0 +1,29 @@
+"""The KV cache: one preallocated (batch, ctx, kv_heads, head_dim) buffer per layer for keys
+and one for values, shared by a plan's prefill and decode entry points."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from einplan.compiler.ir import Graph
+from einplan.compiler.symbolic import resolve_shape
+from einplan.runtime.dtypes import to_numpy_dtype
+
+
+def allocate_states(graph: Graph, dims: dict[str, int]) -> dict[str, np.ndarray]:
+    """Zeroed buffers for every state leaf of ``graph`` (KV cache, optimizer state), their
+    symbolic dims bound by ``dims``."""
+    return {
+        n.attrs["key"]: np.zeros(resolve_shape(n.shape, dims), to_numpy_dtype(n.dtype))
+        for n in graph.states()
+    }
+
+
+def allocate_cache(graph: Graph, batch: int, ctx: int) -> dict[str, np.ndarray]:
+    """Zeroed state buffers for every state leaf of ``graph`` at this batch and context."""
+    return allocate_states(graph, {"batch": batch, "ctx": ctx})
+
+
+def cache_bytes(cache: dict[str, np.ndarray]) -> int:
+    """Total bytes of a cache."""
+    return sum(a.nbytes for a in cache.values())

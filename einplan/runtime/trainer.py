@@ -1,0 +1,133 @@
+"""A training plan bound to weights and optimizer state: one call, one optimizer step.
+
+Each micro-batch is one run of the plan's ``train_step`` entry: forward, backward, and the
+gradients added into the accumulators; the last micro-batch of a step also passes the step
+number, so the plan's update steps clip and apply AdamW/SGD in place. The loss's cotangent is
+1/k for k micro-batches, so the accumulated gradient is the mean. A step whose accumulated
+gradient or last loss is not finite is skipped by the plan (a non-finite loss of an earlier
+micro-batch has made its gradient non-finite too: the loss is finite whenever the logits are)
+and counted here.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from einplan.compiler.ops import LEAVES
+from einplan.compiler.plan import Plan
+from einplan.models.train_config import TrainConfig
+from einplan.runtime.executor import Executor
+from einplan.runtime.kv_cache import allocate_states
+from einplan.runtime.lr_schedule import learning_rate
+from einplan.runtime.recorder import Recorder
+
+GRAD_PREFIX = "grad."  # accumulators: empty at every step boundary, so never checkpointed
+PHASES = ("forward", "backward", "optimizer")
+
+
+@dataclass
+class StepStats:
+    """What one optimizer step did and cost."""
+
+    step: int
+    loss: float
+    grad_norm: float
+    lr: float
+    skipped: bool
+    tokens: int
+    seconds: float
+    phase_ms: dict[str, float]
+
+
+def step_feed(windows: np.ndarray) -> dict[str, np.ndarray]:
+    """Inputs, positions and next-token targets of ``(batch, seq + 1)`` token windows."""
+    tokens = windows[:, :-1]
+    return {
+        "tokens": tokens,
+        "positions": np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape),
+        "targets": windows[:, 1:],
+    }
+
+
+class Trainer:
+    """Runs optimizer steps of a training plan over weights it updates in place."""
+
+    def __init__(
+        self, plan: Plan, weights: dict[str, np.ndarray], cfg: TrainConfig, workers: int = 0
+    ) -> None:
+        """``weights`` (checkpoint key -> writable array) are trained in place; the optimizer
+        state starts at zero."""
+        graph = plan.entry("train_step")
+        self.plan, self.cfg, self.weights = plan, cfg, weights
+        self.state = allocate_states(graph, {})
+        self.executor = Executor(graph, {**weights, **self.state}, workers)
+        self.loss_executor = Executor(plan.entry("loss"), weights, workers)
+        self.phases = [n.phase() for n in graph.nodes if n.op not in LEAVES]
+        self.step = 0  # steps taken (the schedule's clock)
+        self.updates = 0  # updates applied (the optimizer's bias-correction clock)
+        self.skipped = 0
+
+    def micro_batch_feed(
+        self, windows: np.ndarray, count: int, lr: float, update: int
+    ) -> dict[str, Any]:
+        """The plan inputs of one micro-batch of ``count``; ``update`` is 0 but on the last."""
+        return {
+            **step_feed(windows),
+            "loss_grad": 1.0 / count,
+            "lr": lr,
+            "step": update,
+        }
+
+    def run_step(self, batches: list[np.ndarray]) -> StepStats:
+        """One optimizer step over micro-batches of ``(batch, seq + 1)`` token windows."""
+        c = self.cfg
+        step = self.step + 1
+        lr = learning_rate(step, c.lr, c.min_lr, c.warmup_steps, c.steps)
+        rec = Recorder()
+        t0 = time.perf_counter()
+        losses = []
+        for i, windows in enumerate(batches):
+            update = self.updates + 1 if i == len(batches) - 1 else 0
+            feed = self.micro_batch_feed(windows, len(batches), lr, update)
+            out = self.executor.run(feed, rec)
+            losses.append(float(out["loss"]))
+        seconds = time.perf_counter() - t0
+        norm = float(out["grad_norm"])
+        skipped = not math.isfinite(norm)
+        self.step = step
+        self.skipped += skipped
+        self.updates += not skipped
+        ms = dict.fromkeys(PHASES, 0.0)
+        for r in rec.raw:
+            ms[self.phases[r[1]]] += r[4] / 1e6
+        tokens = sum(b.shape[0] * (b.shape[1] - 1) for b in batches)
+        return StepStats(step, float(np.mean(losses)), norm, lr, skipped, tokens, seconds, ms)
+
+    def validation_loss(self, windows: list[np.ndarray]) -> float:
+        """Mean loss of the ``loss`` entry over batches of held-out windows."""
+        losses = [float(self.loss_executor.run(step_feed(w))["loss"]) for w in windows]
+        return float(np.mean(losses))
+
+    def optimizer_state(self) -> dict[str, np.ndarray]:
+        """The optimizer's buffers worth saving (moments; accumulators are empty)."""
+        return {k: v for k, v in self.state.items() if not k.startswith(GRAD_PREFIX)}
+
+    def counters(self) -> dict[str, int]:
+        """Step, update and skip counts, for checkpoints."""
+        return {"step": self.step, "updates": self.updates, "skipped": self.skipped}
+
+    def restore(
+        self, weights: dict[str, np.ndarray], optimizer: dict[str, np.ndarray], counters: dict
+    ) -> None:
+        """Continue from a checkpoint: copy weights and optimizer state in place."""
+        for key, arr in self.weights.items():
+            np.copyto(arr, weights[key])
+        for key, arr in self.optimizer_state().items():
+            np.copyto(arr, optimizer[key])
+        self.step, self.updates = counters["step"], counters["updates"]
+        self.skipped = counters["skipped"]

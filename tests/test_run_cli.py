@@ -1,0 +1,135 @@
+"""``einplan run``: prompts, prompt files in batches, chat with the model's template, errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+
+import pytest
+from conftest import FIXTURES
+
+from einplan.cli import main
+from einplan.runtime.chat import render_chat
+from einplan.runtime.tokenizer import byte_tokenizer
+
+CASE = FIXTURES / "llama_mha_untied"
+TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
+@pytest.fixture
+def model(tmp_path):
+    """The fixture checkpoint with a byte tokenizer and a chat template beside it."""
+    folder = tmp_path / "model"
+    shutil.copytree(CASE, folder)
+    byte_tokenizer().save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": TEMPLATE}))
+    plan = tmp_path / "m.plan"
+    assert main(["compile", str(folder / "config.json"), "-o", str(plan)]) == 0
+    return folder, plan
+
+
+def test_prompt_streams_text_and_prints_phases(model, capsys):
+    folder, plan = model
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "run",
+                str(plan),
+                "--weights",
+                str(folder),
+                "--prompt",
+                "ROMEO:",
+                "--max-new-tokens",
+                "6",
+                "--temperature",
+                "0.8",
+                "--seed",
+                "1",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr()
+    assert out.out.startswith("ROMEO:") and "decode per token p50 / p99" in out.err
+
+
+def test_prompts_file_in_batches(model, tmp_path, capsys):
+    folder, plan = model
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a\nlonger prompt\n\nthird\n")
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "run",
+                str(plan),
+                "--weights",
+                str(folder),
+                "--prompts-file",
+                str(prompts),
+                "--batch-size",
+                "2",
+                "--max-new-tokens",
+                "4",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert out.count("[stopped: ") == 3 and "longer prompt" in out
+
+
+def test_chat_applies_the_template(model, capsys, monkeypatch):
+    folder, plan = model
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\nagain\n"))
+    capsys.readouterr()
+    assert (
+        main(["run", str(plan), "--weights", str(folder), "--chat", "--max-new-tokens", "3"]) == 0
+    )
+    assert render_chat({"chat_template": TEMPLATE}, [{"role": "user", "content": "hi"}]) == (
+        "<user>hi\n<assistant>"
+    )
+
+
+def test_errors(model, tmp_path, capsys):
+    folder, plan = model
+    assert main(["run", str(plan), "--weights", str(folder), "--prompt", ""]) == 2
+    assert "empty prompt" in capsys.readouterr().err
+    long = "x" * 200
+    assert (
+        main(
+            [
+                "run",
+                str(plan),
+                "--weights",
+                str(folder),
+                "--prompt",
+                long,
+                "--max-new-tokens",
+                "4",
+                "--ctx",
+                "100",
+            ]
+        )
+        == 2
+    )
+    assert "prompt of 200 tokens" in capsys.readouterr().err
+    bare = tmp_path / "bare"
+    shutil.copytree(CASE, bare)
+    assert main(["run", str(plan), "--weights", str(bare), "--prompt", "hi"]) == 2
+    assert "tokenizer.json" in capsys.readouterr().err
+    (folder / "tokenizer_config.json").write_text("{}")
+    monkey_in = io.StringIO("hi\n")
+    import sys
+
+    old, sys.stdin = sys.stdin, monkey_in
+    try:
+        assert main(["run", str(plan), "--weights", str(folder), "--chat"]) == 2
+    finally:
+        sys.stdin = old
+    assert "no chat template" in capsys.readouterr().err

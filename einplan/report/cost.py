@@ -146,7 +146,8 @@ def run_summary(rec: Recorder, runs: list[int], excluded: dict[str, int]) -> lis
         ids = [i for i in runs if rec.runs[i]["entry"] == entry]
         wall = np.array([rec.wall_ns(i) for i in ids], dtype=np.float64)
         steps = sum(r.dur_ns for i in ids for r in rec.records(i))
-        tokens = sum(int(np.prod(list(rec.runs[i]["dims"].values()))) for i in ids)
+        dims = [rec.runs[i]["dims"] for i in ids]  # decode has no seq: one token per row
+        tokens = sum(d.get("batch", 1) * d.get("seq", 1) for d in dims)
         row = {
             "entry": entry,
             "runs": len(ids),

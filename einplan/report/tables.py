@@ -113,7 +113,7 @@ def render_html(report: CostReport, figures: list[str]) -> str:
 body {{ font: 14px Helvetica, Arial, sans-serif; margin: 1.5em; }}
 table {{ border-collapse: collapse; margin-bottom: 1.5em; }}
 th, td {{ border: 1px solid #ccc; padding: 2px 8px; text-align: right; }}
-th {{ background: #f3f3f3; }} td:first-child {{ text-align: left; }}
+th {{ background: #f3f3f3; }} td:first-child, th:first-child {{ text-align: left; }}
 .note {{ color: #a60; }} svg {{ max-width: 100%; height: auto; }}
 </style></head><body>
 <h2>Runs (warm-up excluded)</h2>{html_table(report.runs)}

@@ -9,13 +9,23 @@ from typing import Any
 
 import numpy as np
 
+from einplan.compiler.ir import Graph
+from einplan.compiler.lora_spec import parse_lora
 from einplan.compiler.pipeline import PASSES, TRAIN_PASSES, PassContext, run_pipeline
 from einplan.compiler.plan import Plan
+from einplan.compiler.quant_scheme import parse_quant
 from einplan.errors import EinplanError
-from einplan.models.config import ModelConfig, config_differences, load_config, parse_config
+from einplan.models.config import (
+    ModelConfig,
+    config_differences,
+    config_sections,
+    load_config,
+    parse_config,
+)
 from einplan.models.llama import ENTRIES, build_graph
 from einplan.models.train_config import COMPUTE_DTYPES, TrainConfig, load_train_config
 from einplan.runtime.executor import Executor, InputError
+from einplan.runtime.lora import init_lora, load_adapter
 from einplan.runtime.recorder import Recorder
 from einplan.runtime.weights import WeightsError, load_weights, random_weights, weights_config
 
@@ -23,7 +33,11 @@ WEIGHT_DTYPES = ("f32", "bf16", "f16", "f64")
 # entries made from the traced loss graph, and the passes that make them
 DERIVED = {
     "loss": PASSES,
-    "grad": ("autodiff", *PASSES),  # loss and the gradient of every parameter, as outputs
+    "grad": (
+        *PASSES[:2],
+        "autodiff",
+        *PASSES[2:],
+    ),  # loss and the gradient of every parameter, as outputs
     "train_step": TRAIN_PASSES,  # loss, backward, gradient accumulation and optimizer update
 }
 # A training plan: the step, validation loss, and generation for samples (and Session).
@@ -38,12 +52,16 @@ def compile_model(
     entries: tuple[str, ...] = ENTRIES,
     train: TrainConfig | None = None,
     ctx: PassContext | None = None,
+    lora: str | dict[str, Any] | None = None,
+    quant: str | dict[str, Any] | None = None,
 ) -> Plan:
     """Trace a model config (path, built-in name, dict or HF config.json) and compile each
     entry point (``forward``, ``prefill``, ``decode``; ``loss``, ``grad``, ``train_step`` for
     training, whose optimizer settings come from ``train`` or the config's train section)
     into one plan. Weights are stored in ``weight_dtype`` and computed in ``compute_dtype``
-    (default: the train section's, else float32); both default to each other."""
+    (default: the train section's, else float32); both default to each other. ``lora``
+    (``"r=8,alpha=16,targets=q,v"`` or a dict) and ``quant`` (``"w4a16"`` or a dict with
+    group_size, symmetric, activations) override the config's sections of those names."""
     t0 = time.perf_counter()
     cfg = load_config(config)
     train = train or load_train_config(config)
@@ -60,8 +78,11 @@ def compile_model(
             f"training needs the weights stored in the compute dtype ({compute_dtype}), "
             f"not {weight_dtype}"
         )
+    sections = config_sections(config)
     ctx = ctx or PassContext()
     ctx.train = train
+    ctx.lora = parse_lora(lora if lora is not None else sections.get("lora"))
+    ctx.quant = parse_quant(quant if quant is not None else sections.get("quant"))
     if {"grad", "train_step"} & set(entries):
         # every entry of a training plan reads the one set of weights the optimizer updates
         # in place: none may pack them into copies
@@ -72,10 +93,12 @@ def compile_model(
         graph = build_graph(cfg, traced, weight_dtype, compute_dtype)
         graph.name = entry
         graphs[entry] = run_pipeline(graph, ctx, DERIVED.get(entry, PASSES))
-    params = sum(int(np.prod(n.shape)) for n in graphs[entries[0]].params())
+    params = parameter_count(graphs[entries[0]])
     meta = {
         "weight_dtype": weight_dtype,
         "compute_dtype": compute_dtype,
+        "lora": ctx.lora.to_dict() if ctx.lora else None,
+        "quant": ctx.quant.to_dict() if ctx.quant else None,
         "parameters": params,
         "passes": ctx.stats,
         "compile_seconds": time.perf_counter() - t0,
@@ -83,6 +106,19 @@ def compile_model(
     if "train_step" in entries:
         meta["train"] = train.to_dict()
     return Plan(cfg.to_dict(), graphs, meta)
+
+
+def parameter_count(graph: Graph) -> int:
+    """Parameters of the model a graph computes (LoRA's included): a quantised weight counts
+    as the float matrix it stands for, its scales and zero points not at all."""
+    total = 0
+    for n in graph.params():
+        quant = n.attrs.get("quant")
+        if quant is None:
+            total += int(np.prod(n.shape))
+        elif quant["part"] == "q":
+            total += int(np.prod(quant["shape"]))
+    return total
 
 
 def load_plan(path: str | Path) -> Plan:
@@ -119,11 +155,15 @@ class Session:
         *,
         random_seed: int | None = None,
         workers: int = 0,
+        adapter: str | os.PathLike | None = None,
+        lora_seed: int = 0,
     ) -> None:
         """Bind ``weights`` (HF folder, safetensors file, hub id, GGUF file, or a dict of
         arrays under Hugging Face names), or
         seeded random weights when ``random_seed`` is given instead. One of the two is needed:
-        there is no silent random fallback."""
+        there is no silent random fallback. A plan with LoRA takes its A and B from
+        ``adapter`` (a PEFT folder made for these weights) or, without one, fresh ones
+        (``lora_seed``; B is zero, so the logits are the base model's)."""
         self.plan = plan if isinstance(plan, Plan) else load_plan(plan)
         self.config = plan_config(self.plan)
         graph = self.plan.entry("forward")
@@ -137,6 +177,10 @@ class Session:
             if not isinstance(weights, dict):
                 check_weights_config(self.config, weights)
             arrays = load_weights(graph, weights, tied=self.config.tie_word_embeddings)
+        if adapter is not None:
+            arrays.update(load_adapter(adapter, graph, arrays))
+        else:
+            arrays.update(init_lora(graph, lora_seed))
         self.weights = arrays
         self.executor = Executor(graph, arrays, workers)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from einplan.commands.quantize import add_quant_arguments
 from einplan.compiler.ir import Graph
 from einplan.compiler.pipeline import TRAIN_PASSES
 
@@ -12,8 +13,10 @@ from einplan.compiler.pipeline import TRAIN_PASSES
 def run(args: argparse.Namespace) -> None:
     """Compile, save, and print the summary."""
     from einplan.api import ENTRIES, TRAIN_ENTRIES, compile_model
+    from einplan.commands.quantize import quant_options
     from einplan.compiler.pipeline import PassContext
     from einplan.report.summary import print_compile_summary
+    from einplan.runtime.lora import adapter_options
 
     ctx = PassContext(
         use_path_cache=not args.no_path_cache,
@@ -26,6 +29,8 @@ def run(args: argparse.Namespace) -> None:
         compute_dtype=args.compute_dtype,
         entries=TRAIN_ENTRIES if args.train else ENTRIES,
         ctx=ctx,
+        lora=adapter_options(args.lora) if args.lora and Path(args.lora).is_dir() else args.lora,
+        quant=quant_options(args),
     )
     out = Path(args.output or Path(args.config).with_suffix(".plan").name)
     plan.save(out)
@@ -86,4 +91,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help=f"print the graph after this pass (repeatable; passes: {', '.join(TRAIN_PASSES)})",
     )
     c.add_argument("--dump-dir", metavar="DIR", help="write --dump-after graphs here instead")
+    c.add_argument(
+        "--lora",
+        metavar="SPEC",
+        help="LoRA adapters, e.g. r=8,alpha=16,targets=q,k,v,o,dropout=0.05 "
+        "(targets: q k v o gate up down lm_head), or a PEFT adapter folder to match",
+    )
+    add_quant_arguments(c)
     c.set_defaults(func=run)

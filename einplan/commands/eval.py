@@ -17,7 +17,7 @@ def run(args: argparse.Namespace) -> None:
     """Tokenize the text, run the plan over windows, print loss and perplexity."""
     from tqdm import tqdm
 
-    from einplan.api import Session, load_plan
+    from einplan.api import load_plan
     from einplan.report.profile import write_profile
     from einplan.runtime.evaluate import evaluate_text
     from einplan.runtime.recorder import Recorder
@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> None:
     text = text_path.read_text(encoding="utf-8", errors="replace")
     ids = np.asarray(tokenizer.encode(text[: args.max_tokens * 16]).ids, dtype=np.int64)
     ids = ids[: args.max_tokens + 1]
-    session = Session(plan, args.weights, random_seed=args.random_weights, workers=args.workers)
+    session = open_session(plan, args)
     window = min(args.window, plan.entry("forward").dims["seq"])
     recorder = Recorder() if args.profile else None
     t0 = time.perf_counter()
@@ -58,6 +58,19 @@ def run(args: argparse.Namespace) -> None:
         write_profile(recorder, args.profile)
 
 
+def open_session(plan, args: argparse.Namespace):
+    """The plan bound to the weights (and LoRA adapter) the arguments name."""
+    from einplan.api import Session
+
+    return Session(
+        plan,
+        args.weights,
+        random_seed=args.random_weights,
+        workers=args.workers,
+        adapter=args.adapter,
+    )
+
+
 def add_weights_arguments(p: argparse.ArgumentParser) -> None:
     """``--weights`` or ``--random-weights SEED`` (one required) and ``--tokenizer``."""
     w = p.add_mutually_exclusive_group(required=True)
@@ -68,6 +81,7 @@ def add_weights_arguments(p: argparse.ArgumentParser) -> None:
         metavar="SEED",
         help="seeded random weights instead (demos and benchmarks)",
     )
+    p.add_argument("--adapter", help="LoRA adapter folder (PEFT layout) for a plan with --lora")
     p.add_argument(
         "--tokenizer",
         help="tokenizer.json (or folder), or 'bytes' for byte ids "

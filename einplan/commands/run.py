@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from einplan.commands.eval import add_profile_argument, add_weights_arguments
+from einplan.commands.eval import add_profile_argument, add_weights_arguments, open_session
 from einplan.errors import EinplanError
 
 
@@ -45,7 +45,7 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 def run(args: argparse.Namespace) -> None:
     """Load plan, weights and tokenizer; generate for the prompts or chat."""
-    from einplan.api import Session, load_plan
+    from einplan.api import load_plan
     from einplan.report.profile import write_profile
     from einplan.runtime.generate import Generator
     from einplan.runtime.recorder import Recorder
@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> None:
     weights = resolve_weights_dir(args.weights) if args.weights else None
     tokenizer = load_tokenizer(args.tokenizer, weights)
     tk_cfg = load_tokenizer_config(weights)
-    session = Session(plan, args.weights, random_seed=args.random_weights, workers=args.workers)
+    session = open_session(plan, args)
     generator = Generator(plan, session.weights, args.workers)
     sampling = SamplingConfig(
         args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed

@@ -12,8 +12,8 @@ from collections.abc import Collection
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from einplan.compiler.ops import LEAVES, OPS, Op, ShapeError
-from einplan.compiler.symbolic import Dim, Shape
+from einplan.compiler.ops import ITEMSIZE, LEAVES, OPS, Op, ShapeError, count_bytes
+from einplan.compiler.symbolic import Dim, Poly, Shape, add_polys, numel, scale_poly
 
 
 @dataclass(frozen=True)
@@ -212,3 +212,20 @@ def check_dim(d: Dim, dims: dict[str, int], where: str) -> None:
             raise ShapeError(f"{where}: symbolic dim {d!r} is not declared (have {sorted(dims)})")
     elif not isinstance(d, int) or d < 0:
         raise ShapeError(f"{where}: bad dimension {d!r}")
+
+
+def step_bytes(n: Node, nodes: dict[int, Node]) -> Poly:
+    """Bytes one step reads and writes. An einsum operand dequantized on the fly is read as the
+    packed integers and scales it is made of, not as the float32 matrix it stands for."""
+    ins = [nodes[i] for i in n.inputs]
+    total = count_bytes(n.op, [x.shape for x in ins], [x.dtype for x in ins], n.shape, n.dtype)
+    if n.op is Op.EINSUM:
+        for x in ins:
+            if x.op is Op.DEQUANTIZE:
+                packed = [nodes[i] for i in x.inputs]
+                total = add_polys(
+                    total,
+                    scale_poly(numel(x.shape), -ITEMSIZE[x.dtype]),
+                    *(scale_poly(numel(p.shape), ITEMSIZE[p.dtype]) for p in packed),
+                )
+    return total

@@ -36,6 +36,10 @@ class Op(StrEnum):
     RESHAPE = "reshape"
     TRANSPOSE = "transpose"
     CAST = "cast"
+    DEQUANTIZE = "dequantize"
+    FAKE_QUANT = "fake_quant"
+    SCALE = "scale"
+    DROPOUT = "dropout"
     EXPAND = "expand"
     SCATTER_ADD = "scatter_add"
     CROSS_ENTROPY = "cross_entropy"
@@ -200,6 +204,45 @@ def _infer_cast(shapes, dtypes, attrs):
     return shapes[0], attrs["dtype"]
 
 
+def _infer_dequantize(shapes, dtypes, attrs):
+    bits, group = attrs["bits"], attrs["group"]
+    q, scale = shapes[0], shapes[1]
+    _need(
+        len(q) == 2 and all(isinstance(d, int) for d in q),
+        f"dequantize needs a 2-D weight, got {q}",
+    )
+    n_in = q[1] * (8 // bits)
+    _need(bits in (4, 8) and n_in % group == 0, f"dequantize: {bits}-bit, group {group}, in {n_in}")
+    _need(dtypes[0] in ("i8", "u8"), f"dequantize needs i8/u8 integers, got {dtypes[0]}")
+    _need(
+        tuple(scale) == (q[0], n_in // group) and dtypes[1] == "f32",
+        f"dequantize scale must be f32[{q[0]},{n_in // group}], got {dtypes[1]}{list(scale)}",
+    )
+    if len(shapes) == 3:
+        _need(
+            tuple(shapes[2]) == tuple(scale) and dtypes[2] == "u8",
+            f"dequantize zero point must be u8{list(scale)}, got {dtypes[2]}{list(shapes[2])}",
+        )
+    return (q[0], n_in), "f32"
+
+
+def _infer_fake_quant(shapes, dtypes, attrs):
+    _need(attrs["bits"] in (4, 8), f"fake_quant to {attrs['bits']} bits (4 or 8)")
+    if len(shapes) == 2:
+        _need(tuple(shapes[1]) == (1,), f"fake_quant static range must be [1], got {shapes[1]}")
+    return shapes[0], dtypes[0]
+
+
+def _infer_scale(shapes, dtypes, attrs):
+    return shapes[0], dtypes[0]
+
+
+def _infer_dropout(shapes, dtypes, attrs):
+    _need(0 < attrs["p"] < 1, f"dropout probability {attrs['p']} must lie in (0, 1)")
+    _need(shapes[1] == () and dtypes[1] in INT_DTYPES, "dropout seed must be an integer scalar")
+    return shapes[0], dtypes[0]
+
+
 def _infer_kv_append(shapes, dtypes, attrs):
     cache, new, pos = shapes
     _need(pos == (1,) and dtypes[2] in INT_DTYPES, f"kv_append position must be i64[1], got {pos}")
@@ -293,7 +336,7 @@ def _infer_leaf(shapes, dtypes, attrs):
 
 
 OPS: dict[Op, OpDef] = {
-    Op.PARAM: OpDef(_infer_leaf),
+    Op.PARAM: OpDef(_infer_leaf, hidden_attrs=("quant", "lora")),
     Op.INPUT: OpDef(_infer_leaf),
     Op.STATE: OpDef(_infer_leaf),
     Op.KV_APPEND: OpDef(_infer_kv_append, alias=True),
@@ -311,6 +354,12 @@ OPS: dict[Op, OpDef] = {
     Op.RESHAPE: OpDef(_infer_reshape, alias=True),
     Op.TRANSPOSE: OpDef(_infer_transpose),
     Op.CAST: OpDef(_infer_cast, 1),
+    # the runtime never materialises a dequantized weight: the einsum or gather reading it
+    # dequantizes blocks of rows into a small scratch (runtime/qmatmul.py), hence a view
+    Op.DEQUANTIZE: OpDef(_infer_dequantize, alias=True),
+    Op.FAKE_QUANT: OpDef(_infer_fake_quant, 5),
+    Op.SCALE: OpDef(_infer_scale, 1),
+    Op.DROPOUT: OpDef(_infer_dropout, 2),
     Op.EXPAND: OpDef(_infer_expand),
     Op.SCATTER_ADD: OpDef(_infer_scatter_add, 1),
     Op.CROSS_ENTROPY: OpDef(_infer_cross_entropy, 4),

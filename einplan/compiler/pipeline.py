@@ -10,16 +10,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from einplan.compiler.ir import Graph
+from einplan.compiler.lora_spec import LoraConfig
+from einplan.compiler.quant_scheme import QuantConfig
 
 if TYPE_CHECKING:
     from einplan.models.train_config import TrainConfig
 
-# The order of DESIGN.md; passes of later issues (lora, quantize) slot in before simplify.
-# pack (inference graphs only) lays out projection weights for the runtime. schedule runs before
-# memory: buffers may only be reused across dependency levels, so liveness needs the level order.
-PASSES = ("simplify", "pack", "contract", "schedule", "memory")
-# A training entry first gets its reverse graph, then the optimizer's in-place updates.
-TRAIN_PASSES = ("autodiff", "optimizer", *PASSES)
+# The order of DESIGN.md. pack (inference graphs only) lays out projection weights for the
+# runtime. schedule runs before memory: buffers may only be reused across dependency levels, so
+# liveness needs the level order.
+PASSES = ("lora", "quantize", "simplify", "pack", "contract", "schedule", "memory")
+# A training entry gets its reverse graph after LoRA and quantisation, then the optimizer's
+# in-place updates.
+TRAIN_PASSES = (*PASSES[:2], "autodiff", "optimizer", *PASSES[2:])
 
 
 @dataclass
@@ -37,6 +40,8 @@ class PassContext:
     on_dump: Callable[[str, Graph], None] | None = None
     skip: tuple[str, ...] = ()  # passes not to run (optimisations only, e.g. "pack")
     stats: list[dict] = field(default_factory=list)
+    lora: LoraConfig | None = None  # the lora pass adds adapters when set
+    quant: QuantConfig | None = None  # the quantize pass quantises when set
     train: TrainConfig | None = None  # the optimizer pass's settings
 
 

@@ -211,6 +211,15 @@ class Builder:
         """Convert to another dtype (bf16/f16 weights to f32 compute)."""
         return self._append(Op.CAST, [x], {"dtype": dtype}, role)
 
+    def scale(self, x: Value, factor: float, role: str = "scale") -> Value:
+        """``factor * x`` for a constant factor (LoRA's alpha / r)."""
+        return self._append(Op.SCALE, [x], {"factor": float(factor)}, role)
+
+    def dropout(self, x: Value, seed: Value, p: float, stream: int, role: str = "dropout") -> Value:
+        """Zero each element with probability ``p``, scale the rest by 1 / (1 - p); the mask
+        depends only on (``seed``, ``stream``), so the reverse step can draw it again."""
+        return self._append(Op.DROPOUT, [x, seed], {"p": float(p), "stream": stream}, role)
+
     def expand(self, x: Value, shape: Shape, axes: list[int], role: str = "expand") -> Value:
         """Broadcast ``x`` to ``shape`` by inserting the ``axes`` (materialised)."""
         return self._append(Op.EXPAND, [x], {"shape": list(shape), "axes": list(axes)}, role)

@@ -132,6 +132,23 @@ def vjp_expand(b, n, ins, out, ct, need):
     return [b.einsum(f"{letters}->{kept}", ct, role=f"{n.name}.grad0")]
 
 
+def vjp_scale(b, n, ins, out, ct, need):
+    """d x = factor * the cotangent."""
+    return [b.scale(ct, n.attrs["factor"], role=f"{n.name}.grad0")]
+
+
+def vjp_dropout(b, n, ins, out, ct, need):
+    """d x = the cotangent through the same mask (same seed and stream), scaled alike."""
+    p, stream = n.attrs["p"], n.attrs["stream"]
+    return [b.dropout(ct, ins[1], p, stream, role=f"{n.name}.grad0"), None]
+
+
+def vjp_fake_quant(b, n, ins, out, ct, need):
+    """The straight-through estimator of quantisation-aware training: rounding passes the
+    cotangent through unchanged (the static range, a frozen param, gets none)."""
+    return [ct] + [None] * (len(ins) - 1)
+
+
 RULES: dict[Op, Rule] = {
     Op.EINSUM: vjp_einsum,
     Op.ADD: vjp_add,
@@ -151,6 +168,9 @@ RULES: dict[Op, Rule] = {
     Op.TRANSPOSE: vjp_transpose,
     Op.CAST: vjp_cast,
     Op.EXPAND: vjp_expand,
+    Op.SCALE: vjp_scale,
+    Op.DROPOUT: vjp_dropout,
+    Op.FAKE_QUANT: vjp_fake_quant,
 }
 
 

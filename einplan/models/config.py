@@ -85,14 +85,18 @@ class ModelConfig:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-# einplan's own keys beside the Hugging Face ones ("train" is read by models/train_config.py).
+# einplan's own keys beside the Hugging Face ones ("train" is read by models/train_config.py,
+# the pass SECTIONS by compiler/lora_spec.py and compiler/quant_scheme.py).
 EINPLAN_KEYS = {
     "max_batch": int,
     "name": str,
     "head_dim": int,
     "num_key_value_heads": int,
     "train": dict,
+    "lora": (dict, str),
+    "quant": (dict, str),
 }
+SECTIONS = ("lora", "quant")
 
 TYPED_KEYS: dict[str, type | tuple[type, ...]] = {
     "vocab_size": int,
@@ -263,6 +267,12 @@ def read_config(source: str | Path | dict[str, Any]) -> tuple[dict[str, Any], st
         return json.loads(path.read_text()), str(path)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
+
+
+def config_sections(source: str | Path | dict[str, Any]) -> dict[str, Any]:
+    """The pass sections (``lora``, ``quant``) a config carries besides the model."""
+    raw, _ = read_config(source)
+    return {k: raw[k] for k in SECTIONS if isinstance(raw, dict) and k in raw}
 
 
 # Fields that change what the weights compute; two configs that differ in one are different

@@ -7,6 +7,7 @@ later run with the same sizes, so a steady-state run allocates only its outputs.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -15,10 +16,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController, threadpool_limits
 
-from einplan.compiler.ir import Graph, format_type
-from einplan.compiler.ops import LEAVES, OPS, Op, count_bytes, count_flops
+from einplan.compiler.ir import Graph, format_type, step_bytes
+from einplan.compiler.ops import LEAVES, OPS, Op, count_flops
 from einplan.compiler.symbolic import evaluate, poly_from_json, resolve_shape
 from einplan.errors import EinplanError
 from einplan.runtime.dtypes import to_numpy_dtype
@@ -35,6 +36,12 @@ PURE_VIEWS = (Op.RESHAPE, Op.SPLIT)
 
 # a dim bounded by another at run time: the keys attended to cannot exceed the cache
 CAPACITY = {"kv": "ctx"}
+
+
+@functools.cache
+def blas_controller() -> ThreadpoolController:
+    """The BLAS libraries of this process (found once: looking them up takes milliseconds)."""
+    return ThreadpoolController()
 
 
 class OutputRing:
@@ -93,6 +100,7 @@ class Executor:
                 self.params[n.id] = self._check_leaf(n, params[key])
         self._prepared: OrderedDict[tuple, Prepared] = OrderedDict()
         self._pool = ThreadPoolExecutor(workers) if workers > 1 else None
+        self._quantized = any(n.op is Op.DEQUANTIZE for n in graph.nodes)
         self._blas_threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None
 
     def _check_leaf(self, n, arr: np.ndarray) -> np.ndarray:
@@ -196,13 +204,13 @@ class Executor:
             steps.append((index, n.id, kernel, n.inputs, out, free, thread))
             levels.setdefault(ann.get("level", index), []).append(index)
             in_nodes = [nodes[i] for i in n.inputs]
-            in_shapes, in_dtypes = [x.shape for x in in_nodes], [x.dtype for x in in_nodes]
+            in_shapes = [x.shape for x in in_nodes]
             table.append(
                 StepInfo(
                     n.name,
                     n.op.value,
                     evaluate(count_flops(n.op, in_shapes, n.shape, n.attrs), dims),
-                    evaluate(count_bytes(n.op, in_shapes, in_dtypes, n.shape, n.dtype), dims),
+                    evaluate(step_bytes(n, nodes), dims),
                     ", ".join(format_type(s, x.dtype) for s, x in zip(ins, in_nodes, strict=True))
                     + f" -> {format_type(shape, n.dtype)}",
                     tuple(sorted(n.tags)),
@@ -233,7 +241,11 @@ class Executor:
             recorder.begin_run(self.graph.name, prepared.dims, prepared.table) if recorder else None
         )
         with np.errstate(over="ignore", under="ignore"):
-            if self._pool is None:
+            if self._pool is None and self._quantized:
+                # quantised products split their rows over two threads themselves
+                with blas_controller().limit(limits=1, user_api="blas"):
+                    self._run_sequential(prepared, env, recorder, run)
+            elif self._pool is None:
                 self._run_sequential(prepared, env, recorder, run)
             else:
                 with threadpool_limits(self._blas_threads, user_api="blas"):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -194,22 +193,11 @@ def read_gguf(path: str | os.PathLike) -> GGUFModel:
     return GGUFModel(config, tensors, tokenizer, tk_cfg)
 
 
-def _write_atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
 def convert_gguf(path: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "f32") -> Path:
     """Write an HF-layout folder (config.json, model.safetensors, tokenizer.json,
     tokenizer_config.json, generation_config.json) from a GGUF file."""
-    from safetensors.numpy import save_file
-
     from einplan.runtime.dtypes import to_numpy_dtype
+    from einplan.runtime.weights import save_safetensors, write_atomic
 
     model = read_gguf(path)
     out = Path(out_dir)
@@ -220,11 +208,9 @@ def convert_gguf(path: str | os.PathLike, out_dir: str | os.PathLike, dtype: str
         **model.config,
         "torch_dtype": {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}[dtype],
     }
-    _write_atomic(
-        out / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"})
-    )
+    save_safetensors(tensors, out / "model.safetensors")
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    _write_atomic(out / "tokenizer.json", lambda tmp: model.tokenizer.save(tmp))
+    write_atomic(out / "tokenizer.json", lambda tmp: model.tokenizer.save(tmp))
     (out / "tokenizer_config.json").write_text(json.dumps(model.tokenizer_config, indent=2))
     generation = {
         "bos_token_id": config.get("bos_token_id"),

@@ -15,6 +15,8 @@ import numpy as np
 from einplan.compiler.ir import Node
 from einplan.compiler.ops import Op
 from einplan.runtime.dtypes import to_numpy_dtype
+from einplan.runtime.qmatmul import THREADS, QuantizedMatrix, scratch_shapes
+from einplan.runtime.quantize import fake_quantize
 
 Kernel = Callable[[list[np.ndarray], np.ndarray | None], np.ndarray]
 Scratch = Callable[[str, tuple[int, ...], np.dtype], np.ndarray]
@@ -64,6 +66,8 @@ def make_einsum(
 ) -> Kernel:
     """A pairwise contraction as permute/reshape + one ``np.matmul`` into the output buffer."""
     r = node.attrs["recipe"]
+    if r["kind"] == "qmatmul":
+        return make_qmatmul(node, shapes, out_shape, scratch)
     if r["kind"] == "unary":
         axes, perm = tuple(r["sum_axes"]), r["perm"]
 
@@ -104,10 +108,78 @@ def make_einsum(
     return matmul
 
 
+def make_qmatmul(node, shapes, out_shape, scratch) -> Kernel:
+    """``x . W^T`` (or ``dy . W`` when ``transposed``) with a quantised W, block by block."""
+    r = node.attrs["recipe"]
+    rows, cols = shapes[1]
+    m = _prod(shapes[0][:-1])
+    shapes = scratch_shapes(rows, cols, r["group"], m)
+    bufs = [
+        {k: scratch(f"{k}{t}", s, np.float32) for k, s in shapes.items()} for t in range(THREADS)
+    ]
+    transposed = r["transposed"]
+
+    def qmatmul(ins, out):
+        x, w = ins
+        x2, o2 = x.reshape(m, x.shape[-1]), out.reshape(m, out_shape[-1])
+        if transposed:
+            w.matmul_transposed(x2, o2, bufs)
+        else:
+            w.matmul(x2, o2, bufs)
+        return out
+
+    return qmatmul
+
+
+def make_dequantize(node, shapes, out_shape, scratch) -> Kernel:
+    """A handle on the packed weight (no float copy); cached while its arrays stay the same."""
+    bits, group = node.attrs["bits"], node.attrs["group"]
+    cache: list = [None, None]
+
+    def dequantize(ins, out):
+        if cache[0] is None or any(a is not b for a, b in zip(cache[0], ins, strict=True)):
+            zero = ins[2] if len(ins) == 3 else None
+            cache[:] = [list(ins), QuantizedMatrix(ins[0], ins[1], zero, bits, group)]
+        return cache[1]
+
+    return dequantize
+
+
+def make_fake_quant(node, shapes, out_shape, scratch) -> Kernel:
+    bits = node.attrs["bits"]
+
+    def fake_quant(ins, out):
+        return fake_quantize(ins[0], bits, ins[1] if len(ins) == 2 else None, out)
+
+    return fake_quant
+
+
+def make_scale(node, shapes, out_shape, scratch) -> Kernel:
+    factor = scalar_type(node)(node.attrs["factor"])
+    return lambda ins, out: np.multiply(ins[0], factor, out=out)
+
+
+def make_dropout(node, shapes, out_shape, scratch) -> Kernel:
+    """Inverted dropout with a mask drawn from (seed input, the node's stream)."""
+    p, stream = node.attrs["p"], node.attrs["stream"]
+    keep = scalar_type(node)(1.0 / (1.0 - p))
+
+    def dropout(ins, out):
+        x, seed = ins
+        rng = np.random.default_rng([int(seed), stream])
+        np.multiply(x, rng.random(x.shape, np.float32) >= p, out=out)
+        out *= keep
+        return out
+
+    return dropout
+
+
 def make_gather(node, shapes, out_shape, scratch) -> Kernel:
     def gather(ins, out):
         table, ids = ins
-        if table.dtype == out.dtype:
+        if isinstance(table, QuantizedMatrix):
+            table.take_rows(ids, out)
+        elif table.dtype == out.dtype:
             np.take(table, ids, axis=0, out=out)
         else:
             out[...] = table[ids]
@@ -569,6 +641,10 @@ KERNELS: dict[Op, Callable[..., Kernel]] = {
     Op.SPLIT: make_split,
     Op.TRANSPOSE: make_transpose,
     Op.CAST: make_cast,
+    Op.DEQUANTIZE: make_dequantize,
+    Op.FAKE_QUANT: make_fake_quant,
+    Op.SCALE: make_scale,
+    Op.DROPOUT: make_dropout,
     Op.EXPAND: make_expand,
     Op.SCATTER_ADD: make_scatter_add,
     Op.CROSS_ENTROPY: make_cross_entropy,

@@ -19,6 +19,8 @@ from rich.console import Console
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
+from einplan.compiler.lora_spec import parse_lora
+from einplan.compiler.passes.autodiff import trainable
 from einplan.compiler.plan import Plan, hash_config
 from einplan.errors import EinplanError
 from einplan.models.config import ModelConfig, to_hf_config
@@ -27,6 +29,7 @@ from einplan.report.training import plot_loss_curve, print_training_summary
 from einplan.runtime.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from einplan.runtime.data import BatchSampler, TokenSplits, tokenize_corpus, validation_windows
 from einplan.runtime.generate import Generator
+from einplan.runtime.lora import PEFT_PREFIX, init_lora, peft_config
 from einplan.runtime.metrics import MetricsLog
 from einplan.runtime.sampling import SamplingConfig
 from einplan.runtime.tokenizer import byte_tokenizer, load_tokenizer, train_tokenizer
@@ -94,13 +97,22 @@ def run_tokenizer(spec: str, corpus: Path, vocab: int, out: Path) -> Tokenizer:
 
 
 def initial_weights(plan: Plan, options: RunOptions, seed: int) -> dict[str, np.ndarray]:
-    """Writable starting weights: a pretrained checkpoint, or seeded random ones."""
+    """Starting weights, writable where trained: a pretrained checkpoint, or seeded random
+    ones; LoRA's A and B fresh (B zero) on a pretrained base, which stays read-only."""
     graph = plan.entry("train_step")
     if options.init_weights:
         tied = plan.config["tie_word_embeddings"]
         loaded = load_weights(graph, options.init_weights, tied=tied)
-        return {k: np.array(v) for k, v in loaded.items()}
-    return random_weights(graph, seed)
+    elif plan.meta.get("lora"):
+        raise EinplanError(
+            "LoRA trains adapters on a pretrained base: give its weights with --init-weights "
+            "(also when resuming)"
+        )
+    else:
+        loaded = random_weights(graph, seed)
+    trained = {n.attrs["key"] for n in graph.params() if trainable(n)}
+    weights = {k: np.array(v) if k in trained else v for k, v in loaded.items()}
+    return {**weights, **init_lora(graph, seed)}
 
 
 def sample_text(plan: Plan, weights: dict, tok: Tokenizer, prompt: str, tokens: int) -> str:
@@ -175,7 +187,13 @@ class TrainingRun:
             "data": {"key": self.splits.key, "corpus": str(self.options.corpus)},
             "model_config_hash": hash_config(self.plan.config),
         }
-        tensors = {"model.safetensors": t.weights, "optimizer.safetensors": t.optimizer_state()}
+        trained = t.trained_weights()
+        tensors = {"model.safetensors": trained, "optimizer.safetensors": t.optimizer_state()}
+        if self.plan.meta.get("lora"):  # the adapter also in PEFT's layout (einplan lora merge)
+            lora = parse_lora(self.plan.meta["lora"])
+            base = str(self.options.init_weights or "")
+            files["adapter_config.json"] = json.dumps(peft_config(lora, base), indent=1)
+            tensors["adapter_model.safetensors"] = {PEFT_PREFIX + k: v for k, v in trained.items()}
         encoded = {k: v.encode() for k, v in files.items()}
         return save_checkpoint(
             self.ckpt_root, t.step, tensors, encoded, state, self.cfg.keep_checkpoints

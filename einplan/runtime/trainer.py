@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from einplan.compiler.ops import LEAVES
+from einplan.compiler.passes.autodiff import trainable
 from einplan.compiler.plan import Plan
 from einplan.models.train_config import TrainConfig
 from einplan.runtime.executor import Executor
@@ -65,6 +66,7 @@ class Trainer:
         graph = plan.entry("train_step")
         self.plan, self.cfg, self.weights = plan, cfg, weights
         self.state = allocate_states(graph, {})
+        self.trained = [n.attrs["key"] for n in graph.params() if trainable(n)]
         self.executor = Executor(graph, {**weights, **self.state}, workers)
         self.loss_executor = Executor(plan.entry("loss"), weights, workers)
         self.phases = [n.phase() for n in graph.nodes if n.op not in LEAVES]
@@ -94,6 +96,9 @@ class Trainer:
         for i, windows in enumerate(batches):
             update = self.updates + 1 if i == len(batches) - 1 else 0
             feed = self.micro_batch_feed(windows, len(batches), lr, update)
+            # LoRA dropout masks: a seed per (run seed, step, micro-batch), so a resumed run
+            # draws the masks the uninterrupted one would have
+            feed["dropout_seed"] = (c.seed * 1_000_003 + step) * 1024 + i
             out = self.executor.run(feed, rec)
             losses.append(float(out["loss"]))
         seconds = time.perf_counter() - t0
@@ -113,6 +118,10 @@ class Trainer:
         losses = [float(self.loss_executor.run(step_feed(w))["loss"]) for w in windows]
         return float(np.mean(losses))
 
+    def trained_weights(self) -> dict[str, np.ndarray]:
+        """The weights the optimizer updates (all of them, or LoRA's A and B), for checkpoints."""
+        return {k: self.weights[k] for k in self.trained}
+
     def optimizer_state(self) -> dict[str, np.ndarray]:
         """The optimizer's buffers worth saving (moments; accumulators are empty)."""
         return {k: v for k, v in self.state.items() if not k.startswith(GRAD_PREFIX)}
@@ -124,8 +133,8 @@ class Trainer:
     def restore(
         self, weights: dict[str, np.ndarray], optimizer: dict[str, np.ndarray], counters: dict
     ) -> None:
-        """Continue from a checkpoint: copy weights and optimizer state in place."""
-        for key, arr in self.weights.items():
+        """Continue from a checkpoint: copy trained weights and optimizer state in place."""
+        for key, arr in self.trained_weights().items():
             np.copyto(arr, weights[key])
         for key, arr in self.optimizer_state().items():
             np.copyto(arr, optimizer[key])

@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
+import tempfile
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 
 import numpy as np
 
-from einplan.compiler.ir import Graph
+from einplan.compiler.ir import Graph, Node
 from einplan.errors import EinplanError
 from einplan.runtime.dtypes import to_numpy_dtype
+from einplan.runtime.quantize import quantize_weight
 
 SAFETENSORS_DTYPES = {
     "F64": "f64",
@@ -37,8 +40,8 @@ class WeightsError(EinplanError):
     """Weights cannot be found, read, or do not match the plan."""
 
 
-def read_safetensors_index(path: Path) -> dict[str, tuple[np.ndarray, str]]:
-    """Map every tensor name of one .safetensors file to (memory-mapped array, dtype name)."""
+def read_safetensors_header(path: Path) -> tuple[dict, int]:
+    """The JSON header of a .safetensors file and its length, checked against the file."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -50,9 +53,20 @@ def read_safetensors_index(path: Path) -> dict[str, tuple[np.ndarray, str]]:
                 f"{path}: header length {n} exceeds the file (truncated or not a safetensors file)"
             )
         try:
-            header = json.loads(f.read(n))
+            return json.loads(f.read(n)), n
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise WeightsError(f"{path}: damaged safetensors header") from None
+
+
+def safetensors_metadata(path: Path) -> dict[str, str]:
+    """The free-form ``__metadata__`` strings of a .safetensors file."""
+    return read_safetensors_header(path)[0].get("__metadata__", {})
+
+
+def read_safetensors_index(path: Path) -> dict[str, tuple[np.ndarray, str]]:
+    """Map every tensor name of one .safetensors file to (memory-mapped array, dtype name)."""
+    size = path.stat().st_size
+    header, n = read_safetensors_header(path)
     data = np.memmap(path, np.uint8, mode="r")
     out = {}
     for name, info in header.items():
@@ -152,15 +166,36 @@ def weights_config(source: str | os.PathLike) -> dict | None:
 
 
 # Tensors a checkpoint may carry that no plan reads.
-IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq",)
+# (calibrated activation ranges serve plans with static scales and are no harm to others)
+IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq", ".input_absmax")
 
 
-def checkpoint_shapes(graph: Graph) -> dict[str, tuple[int, ...]]:
+def quant_members(n: Node) -> list[tuple[str, int, str]]:
+    """(key, rows, float weight key) of each weight a quantised param is made of: one, or
+    several concatenated along the rows (compiler/passes/pack.py)."""
+    if "pack" in n.attrs:
+        return [tuple(m) for m in n.attrs["pack"]]
+    return [(n.attrs["key"], n.shape[0], n.attrs["quant"]["of"])]
+
+
+def checkpoint_shapes(graph: Graph, stored: Collection[str] = ()) -> dict[str, tuple[int, ...]]:
     """The checkpoint tensors a graph's params are made of, with their shapes; a packed param
-    (``attrs["pack"]``, see compiler/passes/pack.py) is made of several (out, in) tensors."""
+    (``attrs["pack"]``, see compiler/passes/pack.py) is made of several (out, in) tensors. A
+    quantised weight (compiler/passes/quantize.py) is made of its float (out, in) tensor, or,
+    when its key is in ``stored`` (a checkpoint written by ``einplan quantize``), of the packed
+    tensors as the plan holds them. LoRA params come from adapters, not checkpoints."""
     out = {}
     for n in graph.params():
-        if "pack" in n.attrs:
+        quant = n.attrs.get("quant")
+        if "lora" in n.attrs:
+            continue
+        if quant and quant["part"] != "input_absmax":
+            for key, rows, of in quant_members(n):
+                if of in stored:
+                    out[key] = (rows, n.shape[1])
+                elif quant["part"] == "q":
+                    out[of] = (rows, quant["shape"][1])
+        elif "pack" in n.attrs:
             for key, rows in n.attrs["pack"]:
                 out[key] = (rows, n.shape[0])
         else:
@@ -168,13 +203,40 @@ def checkpoint_shapes(graph: Graph) -> dict[str, tuple[int, ...]]:
     return out
 
 
+def stored_quantized(graph: Graph, tensors: Mapping[str, np.ndarray]) -> set[str]:
+    """The quantised weights a checkpoint already holds as integers (``einplan quantize``)."""
+    return {
+        of
+        for n in graph.params()
+        if n.attrs.get("quant", {}).get("part") == "q"
+        for key, _, of in quant_members(n)
+        if key in tensors and tensors[key].dtype.kind in "iu"
+    }
+
+
 def bind_params(graph: Graph, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Arrays for a graph's params from checkpoint tensors: packed params concatenated and
-    transposed, dtypes converted where they differ, the rest passed through (zero copy)."""
+    """Arrays for a graph's params from checkpoint tensors: packed params concatenated (and
+    float ones transposed), float weights of quantised params quantised (integers taken as
+    they are), dtypes converted where they differ, the rest passed through (zero copy)."""
     out = {}
+    quantized: dict[str, dict[str, np.ndarray]] = {}  # float key -> its packed parts
     for n in graph.params():
         dtype = to_numpy_dtype(n.dtype)
-        if "pack" in n.attrs:
+        quant = n.attrs.get("quant")
+        if "lora" in n.attrs:
+            continue
+        if quant and quant["part"] != "input_absmax":
+            parts = []
+            for key, _, of in quant_members(n):
+                if tensors[of].dtype.kind != "f":
+                    parts.append(tensors[key])
+                    continue
+                if of not in quantized:
+                    bits, group, sym = quant["bits"], quant["group"], quant["symmetric"]
+                    quantized[of] = quantize_weight(tensors[of], bits, group, sym)
+                parts.append(quantized[of][quant["part"]])
+            out[n.attrs["key"]] = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        elif "pack" in n.attrs:
             parts = [tensors[key].T for key, _ in n.attrs["pack"]]
             out[n.attrs["key"]] = np.concatenate(parts, axis=1).astype(dtype, copy=False)
         else:
@@ -194,28 +256,101 @@ def load_weights(
     else:
         tensors = {k: a for k, (a, _) in open_checkpoint(source).items()}
         origin = str(source)
-    want = checkpoint_shapes(graph)
+    want = checkpoint_shapes(graph, stored_quantized(graph, tensors))
     missing = sorted(set(want) - set(tensors))
     extra = sorted(
         k
         for k in set(tensors) - set(want)
         if not k.endswith(IGNORABLE_SUFFIXES) and not (tied and k == "lm_head.weight")
     )
-    bad = [
-        f"{k}: checkpoint {list(tensors[k].shape)}, plan {list(want[k])}"
-        for k in sorted(set(want) & set(tensors))
-        if tuple(tensors[k].shape) != tuple(want[k])
-    ]
-    problems = []
+    bad_keys = [k for k in sorted(set(want) & set(tensors)) if tuple(tensors[k].shape) != want[k]]
+    bad = [f"{k}: checkpoint {list(tensors[k].shape)}, plan {list(want[k])}" for k in bad_keys]
+    problems = quantization_hints(graph, [*missing, *extra, *bad_keys])
     if missing:
-        problems.append(f"missing tensors: {', '.join(missing)}")
+        problems.append(f"missing tensors: {shorten(missing, ', ')}")
     if extra:
-        problems.append(f"unexpected tensors: {', '.join(extra)}")
+        problems.append(f"unexpected tensors: {shorten(extra, ', ')}")
     if bad:
-        problems.append(f"shape mismatches: {'; '.join(bad)}")
+        problems.append(f"shape mismatches: {shorten(bad, '; ')}")
     if problems:
         raise WeightsError(f"weights {origin} do not fit this plan: " + " | ".join(problems))
     return bind_params(graph, {k: tensors[k] for k in want})
+
+
+def shorten(items: list[str], sep: str, most: int = 8) -> str:
+    """Join at most ``most`` items, saying how many more there are."""
+    more = f"{sep}... ({len(items) - most} more)" if len(items) > most else ""
+    return sep.join(items[:most]) + more
+
+
+def quantization_hints(graph: Graph, wrong: list[str]) -> list[str]:
+    """What to do when the missing, unexpected or mis-shaped tensors ``wrong`` say the weights
+    were quantised with another scheme than the plan's (or not at all, or not calibrated)."""
+    hints = []
+    weights = [q for n in graph.params() if (q := n.attrs.get("quant")) and q["part"] == "q"]
+    if any(k.endswith(".input_absmax") for k in wrong):
+        hints.append(
+            "the plan quantises activations with static scales: make the weights with "
+            "einplan quantize --calibrate TEXT"
+        )
+    packed = {q["of"] for q in weights}
+    if any(k.endswith(("weight_scale", "weight_zero_point")) or k in packed for k in wrong):
+        schemes = sorted({describe_quant(q) for q in weights}) or ["float"]
+        hints.append(
+            "the weights were quantised with another scheme than the plan's "
+            f"(plan: {', '.join(schemes)} weights); quantise them again or compile the plan "
+            "with their --quant"
+        )
+    return hints
+
+
+def describe_quant(quant: dict) -> str:
+    """A quantised param's scheme: ``int4 g64 symmetric``, ``int8 per channel asymmetric``."""
+    layout = "per channel" if quant["bits"] == 8 else f"g{quant['group']}"
+    return f"int{quant['bits']} {layout} {'symmetric' if quant['symmetric'] else 'asymmetric'}"
+
+
+def write_atomic(path: Path, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place, so
+    that an interrupted write never leaves a truncated file under the real name."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def save_safetensors(
+    tensors: Mapping[str, np.ndarray], path: Path, metadata: dict[str, str] | None = None
+) -> None:
+    """Write tensors as one .safetensors file, atomically (``format: pt`` so that PyTorch
+    loaders accept it)."""
+    from safetensors.numpy import save_file
+
+    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    write_atomic(
+        path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", **(metadata or {})})
+    )
+
+
+MODEL_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
+
+
+def copy_model_files(src: Path, out: Path) -> None:
+    """Copy a model folder's config and tokenizer files (everything but the weights) to ``out``,
+    so that a folder of quantised or merged weights is a complete model folder."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name in MODEL_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, out / name)
 
 
 class RandomTensors(Mapping):

@@ -9,7 +9,7 @@ opt-einsum itself.
 from __future__ import annotations
 
 from einplan.compiler.ir import Graph, Node
-from einplan.compiler.ops import Op, einsum_sizes, parse_spec
+from einplan.compiler.ops import Op, ShapeError, einsum_sizes, parse_spec
 from einplan.compiler.path_cache import PathCache
 from einplan.compiler.pipeline import PassContext
 from einplan.compiler.symbolic import resolve_shape
@@ -50,6 +50,31 @@ def lower_einsum(spec: str) -> dict:
         "b_perm": [b2.index(c) for c in batch + contr + b_free],
         "groups": [len(batch), len(a_free), len(contr), len(b_free)],
         "out_perm": [order.index(c) for c in out],
+    }
+
+
+def lower_dequantized(n: Node, w: Node) -> dict:
+    """The recipe of ``x . W^T`` or ``dy . W`` whose W is dequantized on the fly: the runtime
+    multiplies block by block from the packed integers (runtime/qmatmul.py)."""
+    terms, out = parse_spec(n.attrs["spec"])
+    if len(terms) != 2 or n.inputs[1] != w.id or n.inputs[0] == w.id:
+        raise ShapeError(f"{n.name}: a dequantized weight must be the second of two operands")
+    (a, b) = terms
+    lead_ok = a[:-1] == out[:-1] and len(b) == 2
+    if lead_ok and a[-1] == b[1] and out[-1] == b[0]:
+        transposed = False
+    elif lead_ok and a[-1] == b[0] and out[-1] == b[1]:
+        transposed = True
+    else:
+        raise ShapeError(
+            f"{n.name}: einsum {n.attrs['spec']!r} reads a dequantized weight in a way the "
+            "block kernel does not do (only x.W^T and dy.W)"
+        )
+    return {
+        "kind": "qmatmul",
+        "transposed": transposed,
+        "bits": w.attrs["bits"],
+        "group": w.attrs["group"],
     }
 
 
@@ -111,7 +136,9 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
             parts = [n]
         for p in parts:
             nodes[p.id] = p
-            out.append(p.with_(attrs={**p.attrs, "recipe": lower_einsum(p.attrs["spec"])}))
+            deq = [nodes[i] for i in p.inputs if nodes[i].op is Op.DEQUANTIZE]
+            recipe = lower_dequantized(p, deq[0]) if deq else lower_einsum(p.attrs["spec"])
+            out.append(p.with_(attrs={**p.attrs, "recipe": recipe}))
     cache.save()
     graph = graph.replace_nodes(out)
     graph.meta["path_cache"] = {"hits": cache.hits, "misses": cache.misses}

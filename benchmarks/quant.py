@@ -1,0 +1,150 @@
+"""Quantised decode benchmark: SmolLM2-135M decode tokens/s with fp32, W8A16 and W4A16 (g64)
+weights, beside each one's memory-bandwidth limit (weight bytes read per token / copy
+bandwidth measured in this run), with the weights file size and the peak RSS of the process.
+
+    einplan convert SmolLM2-135M-Instruct.Q4_1.gguf -o smol/      # or any SmolLM2 HF folder
+    python benchmarks/quant.py --weights smol/
+
+The quantised weights are written once by ``einplan quantize`` (into --work) and loaded as
+they are, as a deployment would. Every case runs in its own subprocess (so peak RSS is its
+own): RSS is read after imports and compilation, after binding the weights, and at the end.
+Prints a table, writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, peak_rss_kib, subprocess_json, write_results  # noqa: E402
+from generate import measure_bandwidth  # noqa: E402
+
+SCHEMES = {
+    "fp32": None,
+    "w8a16": {"scheme": "w8a16"},
+    "w4a16": {"scheme": "w4a16", "group_size": 64},
+}
+
+
+def rss_kib() -> int:
+    """Resident memory of this process now."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def run_case_here(scheme: str, weights: str, prompt: int, new: int, reps: int) -> dict:
+    """Decode with one scheme in this process."""
+    import numpy as np
+
+    from einplan.api import compile_model, plan_config
+    from einplan.runtime.generate import Generator
+    from einplan.runtime.sampling import SamplingConfig
+    from einplan.runtime.weights import load_weights
+
+    plan = compile_model(weights, quant=SCHEMES[scheme], entries=("prefill", "decode"))
+    before = rss_kib()
+    tied = plan_config(plan).tie_word_embeddings
+    gen = Generator(plan, load_weights(plan.entry("decode"), weights, tied=tied))
+    prompts = [np.random.default_rng(1).integers(1, 49152, prompt).tolist()]
+    gen.generate(prompts, 8, SamplingConfig())  # warm-up: kernels and buffers
+    bound = rss_kib()
+    runs = [gen.generate(prompts, new, SamplingConfig()).stats for _ in range(reps)]
+    steps = [s for r in runs for s in r.decode_step_s]
+    p50 = statistics.median(steps)
+    return {
+        "decode_step_ms_p50": p50 * 1e3,
+        "decode_step_ms_p99": statistics.quantiles(steps, n=100)[98] * 1e3,
+        "tokens_per_s": 1 / p50,
+        "weights_bytes": runs[0].weights_bytes,
+        "rss_before_weights_kib": before,
+        "rss_after_warmup_kib": bound,
+        "weights_rss_kib": bound - before,
+        "peak_rss_kib": peak_rss_kib(),
+    }
+
+
+def quantize_once(weights: str, scheme: str, work: Path) -> Path:
+    """The quantised weights folder for a scheme (made by einplan quantize if missing)."""
+    out = work / f"{Path(weights).name}-{scheme}"
+    if not (out / "model.safetensors").exists():
+        quant = SCHEMES[scheme]
+        cmd = [sys.executable, "-m", "einplan", "quantize", weights, "--scheme", quant["scheme"]]
+        cmd += ["--group-size", str(quant.get("group_size", 64)), "-o", str(out)]
+        subprocess.run(cmd, check=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--weights", required=True, help="SmolLM2-135M HF folder (float weights)")
+    ap.add_argument("--work", default=str(ROOT / "benchmarks" / "results" / "quant-weights"))
+    ap.add_argument("--schemes", default="fp32,w8a16,w4a16")
+    ap.add_argument("--prompt", type=int, default=32)
+    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "quant.json"))
+    ap.add_argument("--case", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.case == "bandwidth":
+        print(json.dumps(measure_bandwidth()))
+        return
+    if args.case:
+        print(json.dumps(run_case_here(args.case, args.weights, args.prompt, args.new, args.reps)))
+        return
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    me = [sys.executable, __file__, "--prompt", str(args.prompt), "--new", str(args.new)]
+    me += ["--reps", str(args.reps)]
+    bw = subprocess_json([*me, "--weights", args.weights, "--case", "bandwidth"])
+    results = [{"engine": "machine", "kind": "bandwidth", **bw}]
+    for scheme in args.schemes.split(","):
+        folder = (
+            args.weights if scheme == "fp32" else str(quantize_once(args.weights, scheme, work))
+        )
+        r = subprocess_json([*me, "--weights", folder, "--case", scheme])
+        r.update(engine="einplan", kind="decode", scheme=scheme, weights=folder)
+        r["file_bytes"] = sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
+        if "tokens_per_s" in r and "copy_gbs" in bw:
+            r["bandwidth_limit_tokens_per_s"] = bw["copy_gbs"] * 1e9 / r["weights_bytes"]
+            r["share_of_bandwidth_limit"] = r["tokens_per_s"] / r["bandwidth_limit_tokens_per_s"]
+        results.append(r)
+        print(f"{scheme}: {r.get('tokens_per_s', 0):.1f} tok/s", file=sys.stderr)
+
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"SmolLM2-135M decode, batch 1, prompt {args.prompt} (2 cores)")
+    cols = ("scheme", "decode tok/s", "p50 / p99 ms", "weights MiB", "file MiB")
+    cols += ("bandwidth limit tok/s", "share", "weights RSS MiB", "peak RSS MiB")
+    for col in cols:
+        t.add_column(col, justify="left" if col == "scheme" else "right")
+    for r in results[1:]:
+        if "error" in r:
+            t.add_row(r["scheme"], "error: " + r["error"][-60:])
+            continue
+        t.add_row(
+            r["scheme"],
+            f"{r['tokens_per_s']:.1f}",
+            f"{r['decode_step_ms_p50']:.1f} / {r['decode_step_ms_p99']:.1f}",
+            f"{r['weights_bytes'] / 2**20:.0f}",
+            f"{r['file_bytes'] / 2**20:.0f}",
+            f"{r.get('bandwidth_limit_tokens_per_s', 0):.0f}",
+            f"{r.get('share_of_bandwidth_limit', 0):.0%}",
+            f"{r['weights_rss_kib'] / 1024:.0f}",
+            f"{r['peak_rss_kib'] / 1024:.0f}",
+        )
+    Console(width=140).print(t)
+    print(f"copy bandwidth {bw.get('copy_gbs', 0):.1f} GB/s (read + write)")
+    write_results(args.json, results)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""``einplan lora merge``: fold a LoRA adapter into its base weights (a new HF folder)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from einplan.errors import EinplanError
+
+
+def run_merge(args: argparse.Namespace) -> None:
+    """Write base weights with ``W + (alpha / r) B A`` for every adapted projection."""
+    from einplan.api import compile_model
+    from einplan.runtime.lora import adapter_options, load_adapter, merge_lora
+    from einplan.runtime.weights import (
+        copy_model_files,
+        open_checkpoint,
+        resolve_weights_dir,
+        save_safetensors,
+    )
+
+    folder = resolve_weights_dir(args.weights)
+    options = adapter_options(args.adapter)
+    graph = compile_model(folder, lora=options, entries=("forward",)).entry()
+    tensors = {k: a for k, (a, _) in open_checkpoint(folder).items()}
+    if any(a.dtype.kind in "iu" for k, a in tensors.items() if k.endswith("weight")):
+        raise EinplanError(f"{folder}: quantised weights; merge into the float checkpoint")
+    adapter = load_adapter(args.adapter, graph, tensors)
+    merged = merge_lora(tensors, adapter, float(options["alpha"]) / options["r"])
+    out = Path(args.output)
+    copy_model_files(folder, out)
+    if "lm_head.weight" in merged and "lm_head.weight" not in tensors:
+        config = json.loads((out / "config.json").read_text())
+        config["tie_word_embeddings"] = False  # the merged head differs from the embedding
+        (out / "config.json").write_text(json.dumps(config, indent=2))
+    save_safetensors(merged, out / "model.safetensors")
+    print(f"wrote {out}/ ({len(adapter) // 2} projections merged)")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``lora`` parser with its ``merge`` subcommand."""
+    lora = sub.add_parser("lora", help="LoRA adapters: merge into base weights")
+    actions = lora.add_subparsers(dest="lora_command", required=True)
+    m = actions.add_parser("merge", help="fold an adapter into its base weights")
+    m.add_argument("adapter", help="PEFT adapter folder (adapter_config.json + safetensors)")
+    m.add_argument("--weights", required=True, help="the base model's HF folder or hub id")
+    m.add_argument("-o", "--output", required=True, help="folder to write the merged model")
+    m.set_defaults(func=run_merge)

@@ -8,7 +8,7 @@ invariants every pass must keep.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -34,15 +34,21 @@ class Node:
         return f"%{self.name}" if self.op in LEAVES else f"%{self.id}"
 
     def phase(self) -> str:
-        """The part of a training step the node belongs to, by the tags the autodiff and
-        optimizer passes give: ``forward``, ``backward`` or ``optimizer``."""
-        if "optimizer" in self.tags:
-            return "optimizer"
-        return "backward" if "reverse" in self.tags else "forward"
+        """The part of a training step the node belongs to (see :func:`training_phase`)."""
+        return training_phase(self.tags)
 
     def with_(self, **changes: Any) -> Node:
         """Return a copy with some fields replaced."""
         return replace(self, **changes)
+
+
+def training_phase(tags: Iterable[str]) -> str:
+    """The part of a training step a node belongs to, by the tags the autodiff and optimizer
+    passes give: ``forward``, ``backward`` or ``optimizer``."""
+    tags = set(tags)
+    if "optimizer" in tags:
+        return "optimizer"
+    return "backward" if "reverse" in tags else "forward"
 
 
 def format_type(shape: Shape, dtype: str) -> str:

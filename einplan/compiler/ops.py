@@ -246,13 +246,13 @@ def _infer_dropout(shapes, dtypes, attrs):
 def _infer_kv_append(shapes, dtypes, attrs):
     cache, new, pos = shapes
     _need(pos == (1,) and dtypes[2] in INT_DTYPES, f"kv_append position must be i64[1], got {pos}")
-    _need(len(cache) == len(new) == 4, f"kv_append needs [b,ctx,n,h] and [b,s,n,h], got {shapes}")
+    _need(len(cache) == len(new) == 4, f"kv_append needs [b,n,ctx,h] and [b,s,n,h], got {shapes}")
     _need(
-        cache[0] == new[0] and cache[2:] == new[2:],
+        cache[0] == new[0] and cache[1] == new[2] and cache[3] == new[3],
         f"kv_append: new entries {list(new)} do not fit the cache {list(cache)}",
     )
     _need(dtypes[0] == dtypes[1], f"kv_append dtypes differ: {dtypes[:2]}")
-    return (cache[0], attrs["length"], *cache[2:]), dtypes[0]
+    return (cache[0], cache[1], attrs["length"], cache[3]), dtypes[0]
 
 
 def _infer_slice_last(shapes, dtypes, attrs):

@@ -133,3 +133,17 @@ def test_errors(model, tmp_path, capsys):
     finally:
         sys.stdin = old
     assert "no chat template" in capsys.readouterr().err
+
+
+def test_profile_writes_a_trace_of_prefill_and_decode(model, tmp_path, capsys):
+    folder, plan = model
+    prof = tmp_path / "prof"
+    argv = ["run", str(plan), "--weights", str(folder), "--prompt", "ROMEO:"]
+    assert main([*argv, "--max-new-tokens", "5", "--profile", str(prof)]) == 0
+    out = capsys.readouterr().out
+    assert "cost by phase" in out and (prof / "trace.json").exists()
+    assert main(["report", str(prof), "--by", "phase", "--format", "json"]) == 0
+    runs = {r["entry"]: r for r in json.loads(capsys.readouterr().out)["runs"]}
+    assert set(runs) == {"prefill", "decode"}
+    assert runs["decode"]["runs"] == 3 and runs["decode"]["warmup_excluded"] == 1  # 4 decodes
+    assert runs["prefill"]["ttft_ms"] == runs["prefill"]["p50_ms"]

@@ -278,3 +278,31 @@ def test_cli_trains_resumes_and_names_bad_input(tmp_path, capsys):
     bad = [*args, "--set", "optimizer=sgd"]
     assert main(bad) == 2
     assert "compiled into the plan" in capsys.readouterr().err
+
+
+def test_train_profile_writes_a_trace_with_every_phase(tmp_path, capsys):
+    from einplan.report.trace import read_trace
+
+    config = tmp_path / "micro.json"
+    config.write_text(json.dumps(MICRO))
+    prof = tmp_path / "prof"
+    args = [
+        "train",
+        str(config),
+        "--data",
+        str(CORPUS),
+        "--out",
+        str(tmp_path / "run"),
+        "--steps",
+        "2",
+        "--profile",
+        str(prof),
+    ]
+    assert main(args) == 0
+    rec = read_trace(prof / "trace.json")
+    steps = [i for i, r in enumerate(rec.runs) if r["entry"] == "train_step"]
+    assert len(steps) == 2 * MICRO["train"].get("accumulation", 1)
+    tags = {
+        t for i in steps for r in rec.records(i) for t in ("reverse", "optimizer") if t in r.tags
+    }
+    assert tags == {"reverse", "optimizer"}

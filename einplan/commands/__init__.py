@@ -10,4 +10,7 @@ COMMANDS = [
     "lora",
     "quant_report",
     "train",
+    "graph",
+    "report",
+    "bench",
 ]

@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 
 from einplan.commands.quantize import add_quant_arguments
+from einplan.compiler.ir import Graph
+from einplan.compiler.pipeline import TRAIN_PASSES
 
 
 def run(args: argparse.Namespace) -> None:
@@ -16,7 +18,11 @@ def run(args: argparse.Namespace) -> None:
     from einplan.report.summary import print_compile_summary
     from einplan.runtime.lora import adapter_options
 
-    ctx = PassContext(use_path_cache=not args.no_path_cache)
+    ctx = PassContext(
+        use_path_cache=not args.no_path_cache,
+        dump_after=tuple(args.dump_after),
+        on_dump=lambda name, graph: dump_graph(name, graph, args.dump_dir),
+    )
     plan = compile_model(
         args.config,
         weight_dtype=args.weight_dtype,
@@ -30,6 +36,18 @@ def run(args: argparse.Namespace) -> None:
     plan.save(out)
     print_compile_summary(plan, args.batch, args.seq)
     print(f"wrote {out} ({out.stat().st_size / 1024:,.0f} KiB)")
+
+
+def dump_graph(pass_name: str, graph: Graph, out_dir: str | None) -> None:
+    """Print the graph as it leaves a pass, or write it to ``out_dir/ENTRY.after-PASS.txt``."""
+    text = f"# after pass {pass_name}\n{graph}\n"
+    if out_dir is None:
+        print(text)
+        return
+    path = Path(out_dir) / f"{graph.name}.after-{pass_name}.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    print(f"wrote {path}")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -64,6 +82,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="plan every contraction afresh (ignore the on-disk path cache)",
     )
+    c.add_argument(
+        "--dump-after",
+        action="append",
+        default=[],
+        metavar="PASS",
+        choices=TRAIN_PASSES,
+        help=f"print the graph after this pass (repeatable; passes: {', '.join(TRAIN_PASSES)})",
+    )
+    c.add_argument("--dump-dir", metavar="DIR", help="write --dump-after graphs here instead")
     c.add_argument(
         "--lora",
         metavar="SPEC",

@@ -18,7 +18,9 @@ def run(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     from einplan.api import load_plan
+    from einplan.report.profile import write_profile
     from einplan.runtime.evaluate import evaluate_text
+    from einplan.runtime.recorder import Recorder
     from einplan.runtime.tokenizer import load_tokenizer
     from einplan.runtime.weights import resolve_weights_dir
 
@@ -37,14 +39,23 @@ def run(args: argparse.Namespace) -> None:
     ids = ids[: args.max_tokens + 1]
     session = open_session(plan, args)
     window = min(args.window, plan.entry("forward").dims["seq"])
+    recorder = Recorder() if args.profile else None
     t0 = time.perf_counter()
     with tqdm(total=(len(ids) - 1) // window * window, unit="tok", desc="eval") as bar:
-        result = evaluate_text(session.forward, ids, window, args.batch_size, bar.update)
+        result = evaluate_text(
+            lambda tokens: session.forward(tokens, recorder=recorder),
+            ids,
+            window,
+            args.batch_size,
+            bar.update,
+        )
     seconds = time.perf_counter() - t0
     print(
         f"tokens {result.tokens}  loss {result.loss:.4f}  perplexity {result.perplexity:.3f}  "
         f"({result.tokens / seconds:,.0f} tok/s, window {window}, batch {args.batch_size})"
     )
+    if recorder is not None:
+        write_profile(recorder, args.profile)
 
 
 def open_session(plan, args: argparse.Namespace):
@@ -78,6 +89,16 @@ def add_weights_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_profile_argument(p: argparse.ArgumentParser) -> None:
+    """``--profile DIR``: time every step, write DIR/trace.json and print the phase table."""
+    p.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="record every step: write DIR/trace.json (Chrome trace; einplan report DIR) and "
+        "print the cost by phase",
+    )
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``eval`` parser."""
     e = sub.add_parser("eval", help="loss and perplexity of a plan on a text file")
@@ -97,4 +118,5 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=0,
         help="thread-pool workers for independent steps (0: sequential)",
     )
+    add_profile_argument(e)
     e.set_defaults(func=run)

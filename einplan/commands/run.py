@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from einplan.commands.eval import add_weights_arguments, open_session
+from einplan.commands.eval import add_profile_argument, add_weights_arguments, open_session
 from einplan.errors import EinplanError
 
 
@@ -46,8 +46,9 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 def run(args: argparse.Namespace) -> None:
     """Load plan, weights and tokenizer; generate for the prompts or chat."""
     from einplan.api import load_plan
-    from einplan.report.generation import print_phase_table
+    from einplan.report.profile import write_profile
     from einplan.runtime.generate import Generator
+    from einplan.runtime.recorder import Recorder
     from einplan.runtime.sampling import SamplingConfig
     from einplan.runtime.tokenizer import load_tokenizer, load_tokenizer_config
     from einplan.runtime.weights import resolve_weights_dir
@@ -62,6 +63,7 @@ def run(args: argparse.Namespace) -> None:
         args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed
     )
     eos = collect_eos_ids(session.config.eos_token_id, weights, tokenizer, tk_cfg)
+    recorder = Recorder() if args.profile else None
 
     def decode(ids: list[int]) -> str:
         return tokenizer.decode(ids, skip_special_tokens=True)
@@ -70,12 +72,30 @@ def run(args: argparse.Namespace) -> None:
         ids = [tokenizer.encode(p, add_special_tokens=special).ids for p in prompts]
         on_text = (lambda _, piece: print(piece, end="", flush=True)) if stream else None
         return generator.generate(
-            ids, args.max_new_tokens, sampling, eos, args.stop, decode, on_text, args.ctx
+            ids,
+            args.max_new_tokens,
+            sampling,
+            eos,
+            args.stop,
+            decode,
+            on_text,
+            args.ctx,
+            recorder=recorder,
         )
 
     if args.chat:
         run_chat(tk_cfg, generate)
-        return
+    else:
+        generate_prompts(args, generate)
+    if recorder is not None:
+        write_profile(recorder, args.profile)
+
+
+def generate_prompts(args: argparse.Namespace, generate) -> None:
+    """Generate for ``--prompt`` (streamed) or ``--prompts-file`` (in batches), each batch
+    followed by its phase table."""
+    from einplan.report.generation import print_phase_table
+
     prompts = read_prompts(args)
     for start in range(0, len(prompts), args.batch_size):
         chunk = prompts[start : start + args.batch_size]
@@ -116,6 +136,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     r = sub.add_parser("run", help="generate text with a plan (prefill + decode, KV cache)")
     r.add_argument("plan", help="plan file from einplan compile")
     add_weights_arguments(r)
+    add_profile_argument(r)
     what = r.add_mutually_exclusive_group(required=True)
     what.add_argument("--prompt", help="prompt text")
     what.add_argument("--prompts-file", help="one prompt per line, generated in batches")

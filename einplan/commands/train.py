@@ -7,6 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
+from einplan.commands.eval import add_profile_argument
 from einplan.errors import EinplanError
 
 PLAN_PREFIX = b'{"magic":"einplan-plan"'
@@ -41,6 +42,8 @@ def open_or_compile(source: str, out: Path):
 
 def run(args: argparse.Namespace) -> None:
     """Prepare the run, train, and print the summary."""
+    from einplan.report.profile import write_profile
+    from einplan.runtime.recorder import Recorder
     from einplan.runtime.train import RunOptions, TrainingRun
 
     out = Path(args.out)
@@ -55,8 +58,12 @@ def run(args: argparse.Namespace) -> None:
         workers=args.workers,
     )
     training = TrainingRun(open_or_compile(args.plan, out), options)
+    if args.profile:
+        training.trainer.profile = Recorder()
     training.run()
     training.finish()
+    if args.profile:
+        write_profile(training.trainer.profile, args.profile)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -81,4 +88,5 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="change a train setting for this run (micro_batch=8, lr=1e-3, ...)",
     )
     t.add_argument("--workers", type=int, default=0, help="thread-pool workers (0: sequential)")
+    add_profile_argument(t)
     t.set_defaults(func=run)

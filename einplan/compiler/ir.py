@@ -8,6 +8,7 @@ invariants every pass must keep.
 
 from __future__ import annotations
 
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -33,15 +34,21 @@ class Node:
         return f"%{self.name}" if self.op in LEAVES else f"%{self.id}"
 
     def phase(self) -> str:
-        """The part of a training step the node belongs to, by the tags the autodiff and
-        optimizer passes give: ``forward``, ``backward`` or ``optimizer``."""
-        if "optimizer" in self.tags:
-            return "optimizer"
-        return "backward" if "reverse" in self.tags else "forward"
+        """The part of a training step the node belongs to (see :func:`training_phase`)."""
+        return training_phase(self.tags)
 
     def with_(self, **changes: Any) -> Node:
         """Return a copy with some fields replaced."""
         return replace(self, **changes)
+
+
+def training_phase(tags: Iterable[str]) -> str:
+    """The part of a training step a node belongs to, by the tags the autodiff and optimizer
+    passes give: ``forward``, ``backward`` or ``optimizer``."""
+    tags = set(tags)
+    if "optimizer" in tags:
+        return "optimizer"
+    return "backward" if "reverse" in tags else "forward"
 
 
 def format_type(shape: Shape, dtype: str) -> str:
@@ -141,17 +148,26 @@ class Graph:
             line = f"{line:<72} # {n.name}{tags}{format_annotation(self.annotations.get(n.id))}"
         return line
 
-    def __str__(self) -> str:
+    def format(self, keep: Collection[int] | None = None) -> str:
+        """Render the graph, or only the nodes (and outputs) whose ids are in ``keep``, one
+        jaxpr-like line per node."""
         nodes = self.by_id()
         dims = ", ".join(f"{k}<={v}" for k, v in self.dims.items())
         lines = [f"graph {self.name}({dims}) {{"]
-        lines += ["  " + self.format_line(n, nodes) for n in self.nodes]
-        outs = ", ".join(f"{k}={nodes[v].ref()}" for k, v in self.outputs.items())
-        if self.effects:
-            outs += f"; effects {len(self.effects)} steps"
-        lines.append(f"  return {outs}")
+        lines += [
+            "  " + self.format_line(n, nodes) for n in self.nodes if keep is None or n.id in keep
+        ]
+        outs = [(k, v) for k, v in self.outputs.items() if keep is None or v in keep]
+        if keep is None or outs:
+            ret = ", ".join(f"{k}={nodes[v].ref()}" for k, v in outs)
+            if self.effects and keep is None:
+                ret += f"; effects {len(self.effects)} steps"
+            lines.append(f"  return {ret}")
         lines.append("}")
         return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.format()
 
     def verify(self) -> None:
         """Check SSA order, unique names of leaves, and re-infer every shape and dtype.

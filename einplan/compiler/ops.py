@@ -73,6 +73,7 @@ class OpDef:
     infer: Infer
     flops_per_element: int = 0  # of the output, for elementwise-like ops
     alias: bool = False  # output is a view of input 0: no buffer, no copy
+    inplace: bool = False  # the kernel may write its output over input 0 (same size)
     hidden_attrs: tuple[str, ...] = ()  # attrs left out of the printed graph
 
 
@@ -245,13 +246,13 @@ def _infer_dropout(shapes, dtypes, attrs):
 def _infer_kv_append(shapes, dtypes, attrs):
     cache, new, pos = shapes
     _need(pos == (1,) and dtypes[2] in INT_DTYPES, f"kv_append position must be i64[1], got {pos}")
-    _need(len(cache) == len(new) == 4, f"kv_append needs [b,ctx,n,h] and [b,s,n,h], got {shapes}")
+    _need(len(cache) == len(new) == 4, f"kv_append needs [b,n,ctx,h] and [b,s,n,h], got {shapes}")
     _need(
-        cache[0] == new[0] and cache[2:] == new[2:],
+        cache[0] == new[0] and cache[1] == new[2] and cache[3] == new[3],
         f"kv_append: new entries {list(new)} do not fit the cache {list(cache)}",
     )
     _need(dtypes[0] == dtypes[1], f"kv_append dtypes differ: {dtypes[:2]}")
-    return (cache[0], attrs["length"], *cache[2:]), dtypes[0]
+    return (cache[0], cache[1], attrs["length"], cache[3]), dtypes[0]
 
 
 def _infer_slice_last(shapes, dtypes, attrs):
@@ -342,13 +343,13 @@ OPS: dict[Op, OpDef] = {
     Op.SLICE_LAST: OpDef(_infer_slice_last),
     Op.SPLIT: OpDef(_infer_split, alias=True),
     Op.EINSUM: OpDef(_infer_einsum, hidden_attrs=("recipe",)),
-    Op.ADD: OpDef(_infer_binary, 1),
-    Op.MUL: OpDef(_infer_binary, 1),
+    Op.ADD: OpDef(_infer_binary, 1, inplace=True),
+    Op.MUL: OpDef(_infer_binary, 1, inplace=True),
     Op.GATHER: OpDef(_infer_gather),
     Op.RMS_NORM: OpDef(_infer_rms_norm, 4),
     Op.ROPE_TABLE: OpDef(_infer_rope_table, 2, hidden_attrs=("inv_freq",)),
     Op.ROPE: OpDef(_infer_rope, 3),
-    Op.SOFTMAX: OpDef(_infer_softmax, 5),
+    Op.SOFTMAX: OpDef(_infer_softmax, 5, inplace=True),
     Op.SILU_MUL: OpDef(_infer_silu_mul, 5),
     Op.RESHAPE: OpDef(_infer_reshape, alias=True),
     Op.TRANSPOSE: OpDef(_infer_transpose),
@@ -362,7 +363,7 @@ OPS: dict[Op, OpDef] = {
     Op.EXPAND: OpDef(_infer_expand),
     Op.SCATTER_ADD: OpDef(_infer_scatter_add, 1),
     Op.CROSS_ENTROPY: OpDef(_infer_cross_entropy, 4),
-    Op.CROSS_ENTROPY_GRAD: OpDef(_infer_cross_entropy_grad, 5),
+    Op.CROSS_ENTROPY_GRAD: OpDef(_infer_cross_entropy_grad, 5, inplace=True),
     Op.RMS_NORM_GRAD: OpDef(_infer_rms_norm_grad, 8),
     Op.SOFTMAX_GRAD: OpDef(_infer_like_first, 4),
     Op.SILU_MUL_GRAD: OpDef(_infer_like_first, 8),

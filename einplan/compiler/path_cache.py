@@ -12,12 +12,18 @@ import opt_einsum
 from einplan import __version__
 
 
-def default_cache_path() -> Path:
-    """``$EINPLAN_CACHE_DIR/paths.json``; else under ``$XDG_CACHE_HOME`` or ``~/.cache``."""
+def cache_dir() -> Path:
+    """einplan's cache folder: ``$EINPLAN_CACHE_DIR``, else ``einplan`` under
+    ``$XDG_CACHE_HOME`` or ``~/.cache``."""
     root = os.environ.get("EINPLAN_CACHE_DIR")
     if root is None:
         root = os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "einplan")
-    return Path(root) / "paths.json"
+    return Path(root)
+
+
+def default_cache_path() -> Path:
+    """``paths.json`` in :func:`cache_dir`."""
+    return cache_dir() / "paths.json"
 
 
 def cache_key(spec: str, sizes: list[tuple[int, ...]]) -> str:

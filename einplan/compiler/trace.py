@@ -183,7 +183,7 @@ class Builder:
     def kv_append(
         self, cache: Value, new: Value, pos: Value, length: str, role: str = "kv_append"
     ) -> Value:
-        """Write ``new`` (b, s, n, h) into the state ``cache`` (b, ctx, n, h) at slots
+        """Write ``new`` (b, s, n, h) into the state ``cache`` (b, n, ctx, h) at slots
         ``pos .. pos + s`` and return a view of the first ``length`` slots."""
         return self._append(Op.KV_APPEND, [cache, new, pos], {"length": length}, role)
 

@@ -95,16 +95,22 @@ def attention(b: Builder, x: Value, rope: Value, st: Step, i: int) -> Value:
     q = b.rope(q, rope, scale=1.0 / math.sqrt(hd), role="attn_q.rope")
     k = b.rope(b.reshape(k, (bs, s, n, hd), role="attn_k.heads"), rope, role="attn_k.rope")
     v = b.reshape(v, (bs, s, n, hd), role="attn_v.heads")
-    if st.mask is not None:  # write into the cache, attend over its first kv slots
-        shape, pos = (bs, "ctx", n, hd), st.write_pos
+    if st.mask is None:
+        # (b, s, n, g, h) x (b, t, n, h) -> (b, n, g, s, t)
+        scores = b.einsum("bsngh,btnh->bngst", q, k, role="attn_scores")
+        probs = b.softmax(scores, causal=True, role="attn_softmax")
+        # (b, n, g, s, t) x (b, t, n, h) -> (b, s, n, g, h)
+        ctx = b.einsum("bngst,btnh->bsngh", probs, v, role="attn_ctx")
+    else:  # write into the cache (head-major, so attention reads it without a copy) ...
+        shape, pos = (bs, n, "ctx", hd), st.write_pos
         k = b.kv_append(b.state("k_cache", f"cache.{i}.k", shape), k, pos, "kv", "attn_k.cache")
         v = b.kv_append(b.state("v_cache", f"cache.{i}.v", shape), v, pos, "kv", "attn_v.cache")
-    # (b, s, n, g, h) x (b, t, n, h) -> (b, n, g, s, t)
-    scores = b.einsum("bsngh,btnh->bngst", q, k, role="attn_scores")
-    # the cached entries' mask holds causality, padding and unwritten slots
-    probs = b.softmax(scores, causal=st.mask is None, mask=st.mask, role="attn_softmax")
-    # (b, n, g, s, t) x (b, t, n, h) -> (b, s, n, g, h)
-    ctx = b.einsum("bngst,btnh->bsngh", probs, v, role="attn_ctx")
+        # ... and attend over its first kv slots: (b, s, n, g, h) x (b, n, t, h) -> (b, n, g, s, t)
+        scores = b.einsum("bsngh,bnth->bngst", q, k, role="attn_scores")
+        # the mask holds causality, padding and slots not written yet
+        probs = b.softmax(scores, mask=st.mask, role="attn_softmax")
+        # (b, n, g, s, t) x (b, n, t, h) -> (b, s, n, g, h)
+        ctx = b.einsum("bngst,bnth->bsngh", probs, v, role="attn_ctx")
     ctx = b.reshape(ctx, (bs, s, n * g * hd), role="attn_ctx.merge")
     return linear(b, ctx, "attn_o", f"{pre}.o_proj", cfg.hidden_size, False, wdt)
 

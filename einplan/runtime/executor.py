@@ -18,13 +18,13 @@ from dataclasses import dataclass
 import numpy as np
 from threadpoolctl import ThreadpoolController, threadpool_limits
 
-from einplan.compiler.ir import Graph, step_bytes
+from einplan.compiler.ir import Graph, format_type, step_bytes
 from einplan.compiler.ops import LEAVES, OPS, Op, count_flops
 from einplan.compiler.symbolic import evaluate, poly_from_json, resolve_shape
 from einplan.errors import EinplanError
 from einplan.runtime.dtypes import to_numpy_dtype
 from einplan.runtime.kernels import make_kernel
-from einplan.runtime.recorder import Recorder
+from einplan.runtime.recorder import Recorder, StepInfo, debug_level
 
 
 class InputError(EinplanError):
@@ -76,7 +76,7 @@ class Prepared:
         tuple
     ]  # (index, node id, kernel, input ids, out buffer or OutputRing, free ids, thread)
     levels: list[list[int]]  # step indices per dependency level
-    table: list[tuple]  # per step: (name, op, flops, bytes)
+    table: list[StepInfo]  # per step: name, op, FLOPs, bytes, shapes, tags
     arena_bytes: int
     static: dict[int, np.ndarray]  # views fixed at prepare time (reshape, split of buffers)
 
@@ -204,14 +204,16 @@ class Executor:
             steps.append((index, n.id, kernel, n.inputs, out, free, thread))
             levels.setdefault(ann.get("level", index), []).append(index)
             in_nodes = [nodes[i] for i in n.inputs]
+            in_shapes = [x.shape for x in in_nodes]
             table.append(
-                (
+                StepInfo(
                     n.name,
                     n.op.value,
-                    evaluate(
-                        count_flops(n.op, [x.shape for x in in_nodes], n.shape, n.attrs), dims
-                    ),
+                    evaluate(count_flops(n.op, in_shapes, n.shape, n.attrs), dims),
                     evaluate(step_bytes(n, nodes), dims),
+                    ", ".join(format_type(s, x.dtype) for s, x in zip(ins, in_nodes, strict=True))
+                    + f" -> {format_type(shape, n.dtype)}",
+                    tuple(sorted(n.tags)),
                 )
             )
         # scratch for one binding is sized by the kernels built above
@@ -229,6 +231,8 @@ class Executor:
     ) -> dict[str, np.ndarray]:
         """Execute the entry on ``inputs`` and return its named outputs."""
         prepared = self.prepare(self.bind_dims(inputs))
+        if recorder is None and debug_level():
+            recorder = Recorder()  # EINPLAN_DEBUG: a throwaway recorder prints as it goes
         env: dict[int, np.ndarray] = {**self.params, **prepared.static}
         for n in self.graph.inputs():
             arr = np.asarray(inputs[n.name], dtype=to_numpy_dtype(n.dtype))

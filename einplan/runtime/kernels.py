@@ -47,10 +47,13 @@ def _operand_view(
     mat = (batch, rows, cols) if nb else (rows, cols)
     if perm == sorted(perm):
         return lambda x: x.reshape(mat)
-    k = len(perm) - n1  # stored axes before the rows group
-    if nb == 0 and perm == list(range(k, len(perm))) + list(range(k)):
-        # stored as (cols, rows): a transposed view, which BLAS reads with its trans flag
-        return lambda x: x.reshape(cols, rows).T
+    c = len(perm) - nb - n1  # axes in the cols group
+    swapped = list(range(nb)) + list(range(nb + c, len(perm))) + list(range(nb, nb + c))
+    if perm == swapped:
+        # stored as ([batch,] cols, rows): a transposed view, read by BLAS with its trans flag
+        if nb == 0:
+            return lambda x: x.reshape(cols, rows).T
+        return lambda x: x.reshape(batch, cols, rows).swapaxes(-1, -2)
     buf = scratch(role, mat, dtype)
     tshape = tuple(t)
 
@@ -228,16 +231,18 @@ def make_rope(node, shapes, out_shape, scratch) -> Kernel:
     def rope(ins, out):
         x, table = ins
         cos, sin = table[0].reshape(bcast), table[1].reshape(bcast)
-        if sign < 0:
-            sin = -sin
-        if scale != 1:
-            cos, sin = cos * scale, sin * scale
         x1, x2 = x[..., :half], x[..., half:]
         o1, o2 = out[..., :half], out[..., half:]
         np.multiply(x1, cos, out=o1)
-        o1 -= x2 * sin
         np.multiply(x2, cos, out=o2)
-        o2 += x1 * sin
+        if sign > 0:
+            o1 -= x2 * sin
+            o2 += x1 * sin
+        else:
+            o1 += x2 * sin
+            o2 -= x1 * sin
+        if scale != 1:
+            out *= scale
         return out
 
     return rope
@@ -326,15 +331,15 @@ def make_elementwise(ufunc) -> Callable:
 def make_kv_append(node, shapes, out_shape, scratch) -> Kernel:
     """Write the new keys/values into the cache at slot ``pos`` (an input), in place, and
     return a view of the first ``kv`` slots."""
-    kv, s = out_shape[1], shapes[1][1]
+    kv, s = out_shape[2], shapes[1][1]
 
     def kv_append(ins, out):
-        cache, new, pos = ins
+        cache, new, pos = ins  # cache (b, n, ctx, h), new (b, s, n, h)
         p = int(pos[0])
         if not 0 <= p <= kv - s:
             raise IndexError(f"KV cache write at slot {p} of {s} entries exceeds kv={kv}")
-        cache[:, p : p + s] = new
-        return cache[:, :kv]
+        cache[:, :, p : p + s] = new.transpose(0, 2, 1, 3)
+        return cache[:, :, :kv]
 
     return kv_append
 

@@ -1,4 +1,4 @@
-"""The KV cache: one preallocated (batch, ctx, kv_heads, head_dim) buffer per layer for keys
+"""The KV cache: one preallocated (batch, kv_heads, ctx, head_dim) buffer per layer for keys
 and one for values, shared by a plan's prefill and decode entry points."""
 
 from __future__ import annotations

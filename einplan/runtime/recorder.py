@@ -1,10 +1,38 @@
-"""The one timing recorder: a row per executed step, the raw material of every report."""
+"""The one timing recorder: a row per executed step, the raw material of every report.
+
+``EINPLAN_DEBUG=1`` prints a line per run, ``EINPLAN_DEBUG=2`` also a live line per executed
+step (name, ms, GFLOP/s) to standard error.
+"""
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from einplan.errors import EinplanError
+
+
+def debug_level() -> int:
+    """The level set by ``EINPLAN_DEBUG`` (0 when unset): 1 a line per run, 2 per step."""
+    value = os.environ.get("EINPLAN_DEBUG", "").strip() or "0"
+    if not value.isdigit():
+        raise EinplanError(f"EINPLAN_DEBUG must be a level 0, 1 or 2, got {value!r}")
+    return int(value)
+
+
+class StepInfo(NamedTuple):
+    """What a plan step is, for the dims of one run: the static half of a record."""
+
+    name: str
+    op: str
+    flops: int
+    bytes: int
+    shapes: str = ""  # "f32[1,256,576], f32[576,576] -> f32[1,256,576]"
+    tags: tuple[str, ...] = ()
 
 
 @dataclass
@@ -19,6 +47,8 @@ class StepRecord:
     dur_ns: int
     flops: int
     bytes: int
+    shapes: str = ""
+    tags: tuple[str, ...] = ()
 
 
 @dataclass
@@ -28,10 +58,11 @@ class Recorder:
 
     raw: list[tuple[int, int, int, int, int]] = field(default_factory=list)  # run, step, ...
     runs: list[dict] = field(default_factory=list)  # per run: entry, dims, start/end ns, table
+    debug: int = field(default_factory=debug_level)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def begin_run(self, entry: str, dims: dict[str, int], table: list[tuple]) -> int:
-        """Open a run; ``table`` holds (name, op, flops, bytes) per step for these dims."""
+    def begin_run(self, entry: str, dims: dict[str, int], table: list[StepInfo]) -> int:
+        """Open a run; ``table`` describes each step for these dims."""
         self.runs.append(
             {
                 "entry": entry,
@@ -46,11 +77,25 @@ class Recorder:
     def end_run(self, run: int) -> None:
         """Close a run, stamping its wall-clock end."""
         self.runs[run]["end_ns"] = time.perf_counter_ns()
+        if self.debug >= 1:
+            r = self.runs[run]
+            dims = " ".join(f"{k}={v}" for k, v in r["dims"].items())
+            sys.stderr.write(
+                f"einplan: run {run} {r['entry']} {dims}: {self.wall_ns(run) / 1e6:.2f} ms, "
+                f"{len(r['table'])} steps\n"
+            )
 
     def add(self, run: int, step: int, thread: int, start_ns: int, dur_ns: int) -> None:
         """Record one executed step (thread-safe)."""
         with self._lock:
             self.raw.append((run, step, thread, start_ns, dur_ns))
+            if self.debug >= 2:
+                info = self.runs[run]["table"][step]
+                rate = info.flops / dur_ns if dur_ns else 0.0  # FLOP/ns = GFLOP/s
+                sys.stderr.write(
+                    f"einplan: {step:5d} {info.name:<24} {info.op:<10} {dur_ns / 1e6:9.3f} ms "
+                    f"{rate:8.1f} GFLOP/s  t{thread}\n"
+                )
 
     def records(self, run: int | None = None) -> list[StepRecord]:
         """Return the full records, of one run or of all."""
@@ -58,8 +103,21 @@ class Recorder:
         for r, step, thread, start, dur in self.raw:
             if run is not None and r != run:
                 continue
-            name, op, flops, nbytes = self.runs[r]["table"][step]
-            out.append(StepRecord(step, name, op, thread, start, dur, flops, nbytes))
+            info = self.runs[r]["table"][step]
+            out.append(
+                StepRecord(
+                    step,
+                    info.name,
+                    info.op,
+                    thread,
+                    start,
+                    dur,
+                    info.flops,
+                    info.bytes,
+                    info.shapes,
+                    info.tags,
+                )
+            )
         return out
 
     def wall_ns(self, run: int) -> int:

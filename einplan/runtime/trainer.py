@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from einplan.compiler.ops import LEAVES
+from einplan.compiler.ir import training_phase
 from einplan.compiler.passes.autodiff import trainable
 from einplan.compiler.plan import Plan
 from einplan.models.train_config import TrainConfig
@@ -69,7 +69,7 @@ class Trainer:
         self.trained = [n.attrs["key"] for n in graph.params() if trainable(n)]
         self.executor = Executor(graph, {**weights, **self.state}, workers)
         self.loss_executor = Executor(plan.entry("loss"), weights, workers)
-        self.phases = [n.phase() for n in graph.nodes if n.op not in LEAVES]
+        self.profile: Recorder | None = None  # set to keep every step's timing (--profile)
         self.step = 0  # steps taken (the schedule's clock)
         self.updates = 0  # updates applied (the optimizer's bias-correction clock)
         self.skipped = 0
@@ -90,7 +90,8 @@ class Trainer:
         c = self.cfg
         step = self.step + 1
         lr = learning_rate(step, c.lr, c.min_lr, c.warmup_steps, c.steps)
-        rec = Recorder()
+        rec = self.profile or Recorder()
+        first = len(rec.raw)  # this step's rows of a recorder that may span the whole run
         t0 = time.perf_counter()
         losses = []
         for i, windows in enumerate(batches):
@@ -108,8 +109,8 @@ class Trainer:
         self.skipped += skipped
         self.updates += not skipped
         ms = dict.fromkeys(PHASES, 0.0)
-        for r in rec.raw:
-            ms[self.phases[r[1]]] += r[4] / 1e6
+        for run, index, _, _, dur_ns in rec.raw[first:]:
+            ms[training_phase(rec.runs[run]["table"][index].tags)] += dur_ns / 1e6
         tokens = sum(b.shape[0] * (b.shape[1] - 1) for b in batches)
         return StepStats(step, float(np.mean(losses)), norm, lr, skipped, tokens, seconds, ms)
 

@@ -2,7 +2,9 @@
 
 Every computed value gets a slot of the runtime's arena; a slot is reused by a later value of
 the same (symbolic) size once its previous value is dead, and only by a step of a later
-dependency level, so steps that may run concurrently never share a buffer. Views (reshape)
+dependency level, so steps that may run concurrently never share a buffer. An op whose kernel
+may write over its first input (``inplace``: add, mul, softmax, cross_entropy_grad) takes that
+input's buffer when the input dies at this step and no concurrent step reads it. Views (reshape)
 share their source's buffer and keep it alive. Graph outputs get fresh arrays at run time.
 """
 
@@ -25,9 +27,11 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
     for n in graph.nodes:
         views.setdefault(root[n.id], []).append(n.id)
     last_use: dict[int, int] = {}
+    readers: dict[int, list[int]] = {}  # root value -> the steps that read it or its views
     for n in graph.nodes:
         for i in n.inputs:
             last_use[root[i]] = max(last_use.get(root[i], -1), order[n.id])
+            readers.setdefault(root[i], []).append(n.id)
     outputs = {root[v] for v in graph.outputs.values()}
     ann = {k: dict(v) for k, v in graph.annotations.items()}
     level = {i: a.get("level", order[i]) for i, a in ann.items()}
@@ -39,6 +43,7 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
     for r, k in last_use.items():
         if r not in outputs:
             dies_at.setdefault(k, []).append(r)
+    donated: set[int] = set()  # values whose buffer a step took over in place
     for k, n in enumerate(graph.nodes):
         if n.op in LEAVES:
             continue
@@ -50,7 +55,19 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
             key = repr(sorted(size.items()))
             pool = free_slots.get(key, [])
             pick = next((p for p in pool if p[1] < level[n.id]), None)
-            if pick is not None:
+            first = root[n.inputs[0]] if n.inputs else None
+            if (
+                OPS[n.op].inplace
+                and first in slot_of
+                and first not in outputs
+                and last_use[first] == k
+                and nodes[first].dtype == n.dtype
+                and numel(nodes[first].shape) == numel(n.shape)
+                and all(level[r] < level[n.id] for r in readers[first] if r != n.id)
+            ):  # write over the first input, which dies here and no concurrent step reads
+                slot = slot_of[first]
+                donated.add(first)
+            elif pick is not None:
                 pool.remove(pick)
                 slot = pick[0]
             else:
@@ -61,7 +78,7 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
         dead = [r for r in dies_at.get(k, []) if nodes[r].op not in LEAVES]
         a["free_after"] = [v for r in dead for v in views[r]]
         for r in dead:
-            if r in slot_of:
+            if r in slot_of and r not in donated:
                 size = scale_poly(numel(nodes[r].shape), ITEMSIZE[nodes[r].dtype])
                 free_slots.setdefault(repr(sorted(size.items())), []).append(
                     (slot_of[r], level[n.id])

@@ -1,0 +1,79 @@
+"""``einplan report``: the per-node cost report of a profile (``--profile DIR``'s trace)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from einplan.errors import EinplanError
+from einplan.report import plots
+from einplan.report.cost import GROUPINGS, CostReport, cost_report
+from einplan.report.machine import load_machine
+from einplan.report.tables import (
+    FORMATS,
+    make_console,
+    render_csv,
+    render_html,
+    render_json,
+    render_rich,
+)
+from einplan.report.trace import read_trace
+
+
+def run(args: argparse.Namespace) -> None:
+    """Read the trace, aggregate, and write the report and any plots asked for."""
+    report = cost_report(read_trace(args.profile), args.by, args.warmup, load_machine())
+    for path, draw in ((args.bars, "bars"), (args.roofline, "roofline")):
+        if path:
+            fig = plots.plot_bars(report) if draw == "bars" else plots.plot_roofline(report)
+            print(f"wrote {plots.save_figure(fig, path)}")
+    if args.format == "table":
+        if args.output is None:
+            render_rich(report, args.top, make_console())
+            return
+        with open(args.output, "w", encoding="utf-8") as f:
+            render_rich(report, args.top, make_console(f))
+        print(f"wrote {args.output}")
+        return
+    if args.top:
+        report.rows = report.rows[: args.top]
+    if args.format == "csv":
+        text = render_csv(report)
+    elif args.format == "json":
+        text = render_json(report)
+    else:
+        text = render_html(report, html_figures(report))
+    if args.output:
+        Path(args.output).write_text(text, encoding="utf-8")
+        print(f"wrote {args.output}")
+    else:
+        print(text, end="")
+
+
+def html_figures(report: CostReport) -> list[str]:
+    """The bars and (given the machine's roofs) the roofline as inline SVG; none, with a
+    note, without matplotlib."""
+    try:
+        figs = [plots.plot_bars(report)]
+        if report.machine is not None:
+            figs.append(plots.plot_roofline(report))
+    except EinplanError as e:
+        report.notes.append(str(e))
+        return []
+    return [plots.figure_svg(f) for f in figs]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``report`` parser."""
+    r = sub.add_parser("report", help="per-node cost report of a profile (trace.json)")
+    r.add_argument("profile", help="a --profile DIR, or its trace.json")
+    r.add_argument("--by", choices=GROUPINGS, default="node", help="group steps by (node)")
+    r.add_argument("--format", choices=FORMATS, default="table", help="output format (table)")
+    r.add_argument("-o", "--output", help="file to write (default: standard output)")
+    r.add_argument(
+        "--warmup", type=int, default=1, help="first runs of each entry to leave out (1)"
+    )
+    r.add_argument("--top", type=int, default=0, help="only the N largest rows (0: all)")
+    r.add_argument("--bars", metavar="FILE", help="also draw time per group (.svg/.png)")
+    r.add_argument("--roofline", metavar="FILE", help="also draw the roofline (.svg/.png)")
+    r.set_defaults(func=run)

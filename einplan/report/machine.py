@@ -1,0 +1,74 @@
+"""This machine's limits for the roofline: float32 GEMM peak and memory bandwidth, measured
+with NumPy by ``einplan bench machine`` and cached in ``machine.json`` in einplan's cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from einplan.compiler.path_cache import cache_dir
+
+
+def machine_path() -> Path:
+    """Where the measured limits are cached."""
+    return cache_dir() / "machine.json"
+
+
+def best_seconds(fn: Callable[[], object], reps: int) -> float:
+    """The fastest of ``reps`` timed calls after one warm-up call (the least disturbed one)."""
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def measure_machine(gemm_n: int = 2048, copy_mib: int = 256, reps: int = 5) -> dict[str, Any]:
+    """Measure float32 GEMM GFLOP/s (``n^3`` matmul, BLAS on every core) and memory GB/s (a
+    large array copy: bytes read plus written)."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((gemm_n, gemm_n), dtype=np.float32)
+    b = rng.standard_normal((gemm_n, gemm_n), dtype=np.float32)
+    c = np.empty_like(a)
+    gemm = best_seconds(lambda: np.matmul(a, b, out=c), reps)
+    src = np.ones(copy_mib * 2**20 // 4, np.float32)
+    dst = np.empty_like(src)
+    copy = best_seconds(lambda: np.copyto(dst, src), reps)
+    return {
+        "gemm_gflops": 2 * gemm_n**3 / gemm / 1e9,
+        "bandwidth_gbs": 2 * src.nbytes / copy / 1e9,
+        "gemm_n": gemm_n,
+        "copy_mib": copy_mib,
+        "cpus": os.cpu_count(),
+        "numpy": np.__version__,
+        "platform": platform.platform(),
+        "measured": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def save_machine(limits: dict[str, Any]) -> Path:
+    """Cache the measured limits; returns the file written."""
+    path = machine_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(limits, indent=1))
+    return path
+
+
+def load_machine() -> dict[str, Any] | None:
+    """The cached limits, or None when ``einplan bench machine`` has not been run here."""
+    try:
+        limits = json.loads(machine_path().read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not {"gemm_gflops", "bandwidth_gbs"} <= set(limits):
+        return None
+    return limits

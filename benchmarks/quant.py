@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -89,6 +90,9 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument(
+        "--cores", type=int, default=0, help="pin each case to this many cores (0: all)"
+    )
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "quant.json"))
     ap.add_argument("--case", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -103,6 +107,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     me = [sys.executable, __file__, "--prompt", str(args.prompt), "--new", str(args.new)]
     me += ["--reps", str(args.reps)]
+    if args.cores:  # taskset: BLAS and the quantised kernels see only these cores
+        me = ["taskset", "-c", f"0-{args.cores - 1}", *me]
     bw = subprocess_json([*me, "--weights", args.weights, "--case", "bandwidth"])
     results = [{"engine": "machine", "kind": "bandwidth", **bw}]
     for scheme in args.schemes.split(","):
@@ -121,7 +127,8 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"SmolLM2-135M decode, batch 1, prompt {args.prompt} (2 cores)")
+    cores = args.cores or len(os.sched_getaffinity(0))
+    t = Table(title=f"SmolLM2-135M decode, batch 1, prompt {args.prompt} ({cores} cores)")
     cols = ("scheme", "decode tok/s", "p50 / p99 ms", "weights MiB", "file MiB")
     cols += ("bandwidth limit tok/s", "share", "weights RSS MiB", "peak RSS MiB")
     for col in cols:

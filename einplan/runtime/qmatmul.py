@@ -59,7 +59,8 @@ class Helper:
 
 
 HELPER = Helper()
-THREADS = min(2, os.cpu_count() or 1)  # scratch sets a product uses: this thread + helper
+# scratch sets a product uses: this thread and the helper, when the process may use 2 cores
+THREADS = min(2, len(os.sched_getaffinity(0)))
 
 
 def block_rows(rows: int, cols: int) -> int:

@@ -159,6 +159,7 @@ def test_cli_compile_quant_options(tmp_path, capsys):
     plan = tmp_path / "q.plan"
     argv = ["compile", str(CASE / "config.json"), "-o", str(plan)]
     assert main([*argv, "--quant", "w4a16", "--group-size", "32", "--asymmetric"]) == 0
+    assert "w4a16 (groups of 32, asymmetric)" in capsys.readouterr().out
     quant = einplan.load_plan(plan).meta["quant"]
     assert quant == {
         "scheme": "w4a16",

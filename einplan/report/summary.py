@@ -45,6 +45,19 @@ def print_compile_summary(plan: Plan, batch: int, seq: int, console: Console | N
     s = Table(title=f"model (batch {batch}, seq {seq})", show_header=False)
     s.add_row("parameters", f"{plan.meta['parameters']:,}")
     s.add_row("weight dtype", plan.meta["weight_dtype"])
+    if plan.meta.get("quant"):
+        q = plan.meta["quant"]
+        layout = f"groups of {q['group_size']}" if q["scheme"].startswith("w4") else "per channel"
+        sym = "symmetric" if q["symmetric"] else "asymmetric"
+        acts = "" if q["scheme"].endswith("a16") else f", {q['activations']} activation scales"
+        s.add_row("quantisation", f"{q['scheme']} ({layout}, {sym}{acts})")
+    if plan.meta.get("lora"):
+        lora = plan.meta["lora"]
+        s.add_row(
+            "LoRA",
+            f"r={lora['r']} alpha={lora['alpha']:g} on {', '.join(lora['targets'])}"
+            + (f", dropout {lora['dropout']:g}" if lora["dropout"] else ""),
+        )
     s.add_row("forward FLOPs per token", f"{flops_per_token(plan, seq) / 1e6:,.1f} MFLOP")
     s.add_row("weights", mib(mem["weights_bytes"]))
     s.add_row("activation buffers (arena)", mib(mem["arena_bytes"]))

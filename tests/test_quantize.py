@@ -62,12 +62,12 @@ def test_round_trip_error_is_at_most_half_a_step(scheme, rows, groups, seed, spr
 @given(rows=st.integers(1, 5), groups=st.integers(1, 4), group=st.sampled_from([32, 64, 128]))
 def test_int4_pack_round_trip_and_layout(rows, groups, group):
     u = np.random.default_rng(rows * groups).integers(0, 16, (rows, group * groups), np.uint8)
-    packed = pack_int4(u, group)
+    packed = pack_int4(u)
     assert packed.shape == (rows, group * groups // 2) and packed.dtype == np.uint8
-    np.testing.assert_array_equal(unpack_int4(packed, group), u)
-    half = group // 2  # byte k of a group: element k low, element k + group/2 high
+    np.testing.assert_array_equal(unpack_int4(packed), u)
+    half = group * groups // 2  # byte k of a row: element k low, element k + in/2 high
     assert packed[0, 0] == u[0, 0] | (u[0, half] << 4)
-    assert packed[0, half - 1] == u[0, half - 1] | (u[0, group - 1] << 4)
+    assert packed[-1, half - 1] == u[-1, half - 1] | (u[-1, -1] << 4)
 
 
 def test_quantised_zero_weights_stay_zero():

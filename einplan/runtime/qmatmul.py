@@ -106,12 +106,12 @@ class QuantizedMatrix:
     def unpack(
         self, start: int, stop: int, out: np.ndarray, work: np.ndarray | None = None
     ) -> np.ndarray:
-        """Write the raw integer values of rows ``start:stop`` into ``out`` (float32, any
-        strided (rows, groups, group) view): no scale, no zero point. ``work``: float32 scratch
-        of at least (rows x in / 4) values for the int4 nibbles (allocated if None)."""
+        """Write the raw integer values of rows ``start:stop`` into ``out`` (float32, (rows,
+        in), rows contiguous): no scale, no zero point. ``work``: float32 scratch of at least
+        (rows x in / 4) values for the int4 nibbles (allocated if None)."""
         q = self.q[start:stop]
         if self.bits == 8:
-            np.copyto(out, q.reshape(out.shape), casting="unsafe")
+            np.copyto(out, q, casting="unsafe")
             return out
         words = q.size // 8  # the packed bytes as uint64 words: 16 nibbles each
         work = np.empty(2 * words, np.uint64) if work is None else work.view(np.uint64)
@@ -120,15 +120,16 @@ class QuantizedMatrix:
         np.bitwise_and(packed, LOW_NIBBLES, out=low)
         np.right_shift(packed, np.uint64(4), out=high)
         np.bitwise_and(high, LOW_NIBBLES, out=high)
-        half = self.group // 2
-        shape = (stop - start, self.groups, half)
-        np.copyto(out[..., :half], low.view(np.uint8).reshape(shape), casting="unsafe")
-        np.copyto(out[..., half:], high.view(np.uint8).reshape(shape), casting="unsafe")
+        half = self.cols // 2
+        np.copyto(out[:, :half], low.view(np.uint8).reshape(q.shape), casting="unsafe")
+        np.copyto(out[:, half:], high.view(np.uint8).reshape(q.shape), casting="unsafe")
         return out
 
-    def dequantize_rows(self, start: int, stop: int, out: np.ndarray) -> np.ndarray:
+    def dequantize_rows(
+        self, start: int, stop: int, out: np.ndarray, work: np.ndarray | None = None
+    ) -> np.ndarray:
         """Float32 rows ``start:stop`` of the weight into ``out`` (rows, in)."""
-        f = self.unpack(start, stop, out.reshape(stop - start, self.groups, self.group))
+        f = self.unpack(start, stop, out, work).reshape(stop - start, self.groups, self.group)
         if self.zero is not None:
             f -= self.zero[start:stop, :, None]
         f *= self.scale[start:stop, :, None]
@@ -179,15 +180,15 @@ class QuantizedMatrix:
         groups, group = self.groups, self.group
         for r in range(start, stop, self.block_rows):
             n = min(stop, r + self.block_rows) - r
+            f = bufs["dq"][: n * self.cols].reshape(n, self.cols)
             if xg is None:
-                f = bufs["dq"][: n * self.cols].reshape(n, self.cols)
-                self.dequantize_rows(r, r + n, f)
+                self.dequantize_rows(r, r + n, f, bufs["dq_n"])
                 np.matmul(x, f.T, out=out[:, r : r + n])
                 continue
-            f = bufs["dq"][: groups * n * group].reshape(groups, n, group)
-            self.unpack(r, r + n, f.transpose(1, 0, 2), bufs.get("dq_n"))
+            self.unpack(r, r + n, f, bufs["dq_n"])
             p = bufs["dq_p"][: groups * n * xg.shape[2]].reshape(groups, n, xg.shape[2])
-            np.matmul(f, xg, out=p)  # per group: (n, group) x (group, m)
+            # per group: (n, group) x (group, m), the groups as a strided batch
+            np.matmul(f.reshape(n, groups, group).transpose(1, 0, 2), xg, out=p)
             p *= self.scale[r : r + n].T[:, :, None]
             np.sum(p, axis=0, out=out[:, r : r + n].T)
 
@@ -200,5 +201,5 @@ class QuantizedMatrix:
         for r in range(0, self.rows, self.block_rows):
             stop = min(self.rows, r + self.block_rows)
             f = scratch["dq"][: (stop - r) * self.cols].reshape(stop - r, self.cols)
-            self.dequantize_rows(r, stop, f)
+            self.dequantize_rows(r, stop, f, scratch["dq_n"])
             out += dy[:, r:stop] @ f

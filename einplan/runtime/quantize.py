@@ -6,9 +6,10 @@ Weights are quantised per (output row, group of ``group`` inputs): int8 uses one
 ``w = s * (u - z)`` with ``u`` and the zero point ``z`` in 0..255 or 0..15 (stored u8); the
 range always holds 0, so zero weights stay exact.
 
-int4 layout: two values per byte, within each group byte ``k`` holds element ``k`` in its low
-nibble and element ``k + group/2`` in its high nibble (as llama.cpp's Q4_0 blocks), so
-unpacking writes two contiguous half-groups and never interleaves.
+int4 layout: two values per byte, byte ``k`` of a row holding element ``k`` in its low nibble
+and element ``k + in/2`` in its high nibble, so that unpacking writes the two halves of each
+row as two long contiguous runs and never interleaves (the groups of the scales are in element
+order, whatever the packing).
 """
 
 from __future__ import annotations
@@ -25,18 +26,17 @@ def qmax(bits: int, symmetric: bool) -> int:
     return 255 if bits == 8 else 15
 
 
-def pack_int4(u: np.ndarray, group: int) -> np.ndarray:
-    """Pack (rows, in) values in 0..15 into (rows, in/2) bytes, half-groups in the nibbles."""
-    rows, n_in = u.shape
-    v = u.astype(np.uint8).reshape(rows, n_in // group, 2, group // 2)
-    return (v[:, :, 0] | (v[:, :, 1] << 4)).reshape(rows, n_in // 2)
+def pack_int4(u: np.ndarray) -> np.ndarray:
+    """Pack (rows, in) values in 0..15 into (rows, in/2) bytes: the first half of each row in
+    the low nibbles, the second half in the high nibbles."""
+    half = u.shape[1] // 2
+    v = u.astype(np.uint8)
+    return v[:, :half] | (v[:, half:] << 4)
 
 
-def unpack_int4(p: np.ndarray, group: int) -> np.ndarray:
+def unpack_int4(p: np.ndarray) -> np.ndarray:
     """Unpack (rows, in/2) bytes into (rows, in) values in 0..15 (inverse of pack_int4)."""
-    rows, half = p.shape
-    v = p.reshape(rows, 2 * half // group, 1, group // 2)
-    return np.concatenate([v & 0x0F, v >> 4], axis=2).reshape(rows, 2 * half)
+    return np.concatenate([p & 0x0F, p >> 4], axis=1)
 
 
 def _quantize_rows(w: np.ndarray, bits: int, group: int, symmetric: bool) -> dict:
@@ -58,7 +58,7 @@ def _quantize_rows(w: np.ndarray, bits: int, group: int, symmetric: bool) -> dic
         u = np.clip(np.rint(g / safe[..., None]) + zero[..., None], 0, top).astype(np.uint8)
         parts = {"scale": scale, "zero_point": zero.astype(np.uint8)}
     u = u.reshape(rows, n_in)
-    parts["q"] = u if bits == 8 else pack_int4(u, group)
+    parts["q"] = u if bits == 8 else pack_int4(u)
     return parts
 
 

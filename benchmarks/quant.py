@@ -5,7 +5,8 @@ bandwidth measured in this run), with the weights file size and the peak RSS of 
     einplan convert SmolLM2-135M-Instruct.Q4_1.gguf -o smol/      # or any SmolLM2 HF folder
     python benchmarks/quant.py --weights smol/
 
-The quantised weights are written once by ``einplan quantize`` (into --work) and loaded as
+The quantised weights are written once by ``einplan quantize`` (into --work, by default under
+EINPLAN_CACHE_DIR or ~/.cache/einplan) and loaded as
 they are, as a deployment would. Every case runs in its own subprocess (so peak RSS is its
 own): RSS is read after imports and compilation, after binding the weights, and at the end.
 Prints a table, writes JSON.
@@ -85,7 +86,10 @@ def quantize_once(weights: str, scheme: str, work: Path) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--weights", required=True, help="SmolLM2-135M HF folder (float weights)")
-    ap.add_argument("--work", default=str(ROOT / "benchmarks" / "results" / "quant-weights"))
+    cache = Path(os.environ.get("EINPLAN_CACHE_DIR", Path.home() / ".cache" / "einplan"))
+    ap.add_argument(
+        "--work", default=str(cache / "quant-weights"), help="where the quantised weights go"
+    )
     ap.add_argument("--schemes", default="fp32,w8a16,w4a16")
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--new", type=int, default=64)

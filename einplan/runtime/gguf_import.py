@@ -65,9 +65,10 @@ def hf_tensor_name(name: str) -> str:
 
 def unpermute_qk(w: np.ndarray, heads: int) -> np.ndarray:
     """Undo llama.cpp's row permutation of a Q or K projection (interleaved rope pairs back
-    to Hugging Face's half-split layout); works for weights and biases."""
+    to Hugging Face's half-split layout); works for weights and biases. llama.cpp's converter
+    maps each head's rows (2, half) -> (half, 2); this maps them back."""
     rows = w.shape[0]
-    return w.reshape(heads, 2, rows // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def _field(reader, key: str, default: Any = None) -> Any:

@@ -11,7 +11,7 @@ README = (ROOT / "README.md").read_text()
 
 def test_first_lines_hold_install_and_test_commands():
     block = re.search(r"```bash\n(.*?)```", README, re.S).group(1).splitlines()
-    assert block[0].startswith("pip install . && einplan compile")
+    assert block[0].startswith("pip install . && einplan train configs/tiny.json")
     assert block[1] == "pip install '.[test]' && pytest"
 
 

@@ -143,7 +143,8 @@ def _infer_gather(shapes, dtypes, attrs):
     table, ids = shapes
     _need(len(table) == 2, f"gather table must be 2-D, got {list(table)}")
     _need(dtypes[1] in INT_DTYPES, f"gather ids must be integers, got {dtypes[1]}")
-    return (*ids, table[1]), attrs.get("dtype", "f32")
+    width = table[0] if attrs.get("transposed") else table[1]  # rows, or columns of (d, v)
+    return (*ids, width), attrs.get("dtype", "f32")
 
 
 def _infer_rms_norm(shapes, dtypes, attrs):

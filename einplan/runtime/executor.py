@@ -102,6 +102,7 @@ class Executor:
         self._pool = ThreadPoolExecutor(workers) if workers > 1 else None
         self._quantized = any(n.op is Op.DEQUANTIZE for n in graph.nodes)
         self._blas_threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None
+        self._small = graph.meta.get("schedule", {}).get("blas_threads") == 1
 
     def _check_leaf(self, n, arr: np.ndarray) -> np.ndarray:
         """Check a weight or state array against its leaf; bind the state's symbolic dims."""
@@ -241,8 +242,9 @@ class Executor:
             recorder.begin_run(self.graph.name, prepared.dims, prepared.table) if recorder else None
         )
         with np.errstate(over="ignore", under="ignore"):
-            if self._pool is None and self._quantized:
-                # quantised products split their rows over two threads themselves
+            if self._pool is None and (self._quantized or self._small):
+                # quantised products split their rows over two threads themselves; a plan of
+                # small contractions runs on one BLAS thread (compiler/passes/schedule.py)
                 with blas_controller().limit(limits=1, user_api="blas"):
                     self._run_sequential(prepared, env, recorder, run)
             elif self._pool is None:

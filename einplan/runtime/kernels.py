@@ -178,6 +178,15 @@ def make_dropout(node, shapes, out_shape, scratch) -> Kernel:
 
 
 def make_gather(node, shapes, out_shape, scratch) -> Kernel:
+    if node.attrs.get("transposed"):  # a (d, v) table: the ids pick columns
+
+        def gather_columns(ins, out):
+            table, ids = ins
+            np.copyto(out, np.moveaxis(np.take(table, ids, axis=1), 0, -1))
+            return out
+
+        return gather_columns
+
     def gather(ins, out):
         table, ids = ins
         if isinstance(table, QuantizedMatrix):

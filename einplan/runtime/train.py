@@ -266,4 +266,4 @@ class TrainingRun:
             plot_loss_curve(self.metrics.records, self.options.out / "loss.png")
             self.console.print(f"wrote {self.options.out / 'loss.png'}")
         except EinplanError as e:
-            self.console.print(f"loss curve not drawn: {e}")
+            self.console.print(f"loss curve not drawn: {e}", markup=False)

@@ -109,6 +109,36 @@ def _pack_quantized(members: list[Node], nodes: dict[int, Node], k: int) -> list
     return [*leaves, deq]
 
 
+def _transpose_tied_embedding(
+    graph: Graph, nodes: dict[int, Node], uses: dict[int, list[int]]
+) -> dict[int, Node]:
+    """A tied embedding read by one gather and one output projection is stored (d, v): the
+    head streams it row-major, the gather picks columns. Returns the replaced nodes."""
+    for w in graph.params():
+        readers = [nodes[u] for u in uses[w.id]]
+        if w.dtype != "f32" or "pack" in w.attrs or len(readers) != 2:
+            continue
+        gather = next((r for r in readers if r.op is Op.GATHER and r.inputs[0] == w.id), None)
+        head = next((r for r in readers if r.op is Op.EINSUM and "linear" in r.tags), None)
+        if gather is None or head is None or head.inputs[1] != w.id:
+            continue
+        lead = head.attrs["spec"].split("d,")[0]
+        if head.attrs["spec"] != f"{lead}d,vd->{lead}v":
+            continue
+        key = w.attrs["key"]
+        return {
+            w.id: w.with_(
+                attrs={"key": key, "pack": [[key, w.shape[0]]]}, shape=(w.shape[1], w.shape[0])
+            ),
+            gather.id: gather.with_(attrs={**gather.attrs, "transposed": True}),
+            # (batch, seq, d) x (d, vocab) -> (batch, seq, vocab)
+            head.id: head.with_(
+                attrs={"spec": f"{lead}d,dv->{lead}v"}, tags=head.tags | {"packed"}
+            ),
+        }
+    return {}
+
+
 def run(graph: Graph, ctx: PassContext) -> Graph:
     """Replace the plain linears of an inference graph by packed, transposed ones, and the
     quantised linears of one input by one packed quantised product."""
@@ -157,9 +187,12 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
             continue
         dropped.update(m.id for m in members[1:])
         dropped.update(wt.id for wt in weights[1:])
+    transposed = _transpose_tied_embedding(graph, nodes, uses)
     out = []
     for n in graph.nodes:
-        if n.id in placed:
+        if n.id in transposed:
+            out.append(transposed[n.id])
+        elif n.id in placed:
             out.extend(placed[n.id])
         elif n.id in replace:
             out.extend(replace[n.id])

@@ -10,9 +10,9 @@ from __future__ import annotations
 import networkx as nx
 
 from einplan.compiler.ir import Graph
-from einplan.compiler.ops import LEAVES, count_flops
+from einplan.compiler.ops import ITEMSIZE, LEAVES, Op, count_flops
 from einplan.compiler.pipeline import PassContext
-from einplan.compiler.symbolic import evaluate
+from einplan.compiler.symbolic import evaluate, numel
 
 
 def run(graph: Graph, ctx: PassContext) -> Graph:
@@ -50,5 +50,23 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
         "parallel_levels": sum(1 for w in width.values() if w > 1),
         "max_width": max(width.values(), default=0),
         "critical_path": [nodes[i].name for i in critical],
+        "blas_threads": blas_threads(graph, ctx.typical_dims),
     }
     return out
+
+
+# Below this size a contraction's operands fit in the caches: a second BLAS thread gains little
+# and, on a busy machine, its spin-waiting partner can slow every call tenfold.
+SMALL_OPERAND_BYTES = 4 << 20
+
+
+def blas_threads(graph: Graph, dims: dict[str, int]) -> int | None:
+    """1 when every contraction of the graph is small (its largest operand or result under
+    SMALL_OPERAND_BYTES at typical sizes); None leaves BLAS its default (all cores)."""
+    nodes = graph.by_id()
+    largest = 0
+    for n in graph.nodes:
+        if n.op is Op.EINSUM:
+            for v in (*[nodes[i] for i in n.inputs], n):
+                largest = max(largest, evaluate(numel(v.shape), dims) * ITEMSIZE[v.dtype])
+    return 1 if largest < SMALL_OPERAND_BYTES else None

@@ -238,7 +238,9 @@ def bind_params(graph: Graph, tensors: Mapping[str, np.ndarray]) -> dict[str, np
             out[n.attrs["key"]] = parts[0] if len(parts) == 1 else np.concatenate(parts)
         elif "pack" in n.attrs:
             parts = [tensors[key].T for key, _ in n.attrs["pack"]]
-            out[n.attrs["key"]] = np.concatenate(parts, axis=1).astype(dtype, copy=False)
+            # row-major (in, out): concatenate keeps one transposed part column-major
+            packed = np.ascontiguousarray(np.concatenate(parts, axis=1))
+            out[n.attrs["key"]] = packed.astype(dtype, copy=False)
         else:
             arr = tensors[n.attrs["key"]]
             out[n.attrs["key"]] = arr if arr.dtype == dtype else arr.astype(dtype)

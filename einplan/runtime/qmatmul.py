@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-BLOCK_ELEMENTS = 1 << 19  # floats per scratch block (2 MiB, in L3): few calls, no DRAM trips
+BLOCK_ELEMENTS = 1 << 20  # floats per scratch block (4 MiB, in L3): few calls, no DRAM trips
 SMALL_ROWS = 16  # inputs of at most this many rows use the per-group path
 LOW_NIBBLES = np.uint64(0x0F0F0F0F0F0F0F0F)
 
@@ -186,6 +186,11 @@ class QuantizedMatrix:
                 np.matmul(x, f.T, out=out[:, r : r + n])
                 continue
             self.unpack(r, r + n, f, bufs["dq_n"])
+            if groups == 1:  # one scale per row: scale the product
+                block = out[:, r : r + n]
+                np.matmul(x, f.T, out=block)
+                block *= self.scale[r : r + n, 0]
+                continue
             p = bufs["dq_p"][: groups * n * xg.shape[2]].reshape(groups, n, xg.shape[2])
             # per group: (n, group) x (group, m), the groups as a strided batch
             np.matmul(f.reshape(n, groups, group).transpose(1, 0, 2), xg, out=p)

@@ -170,7 +170,10 @@ class Executor:
             if n.op in LEAVES:
                 continue
             ann = g.annotations.get(n.id, {})
-            thread = ann.get("thread", 0)
+            # scratch is per thread slot only when steps of a level may run together: run one
+            # after another, all steps share one set (272 optimizer updates would otherwise
+            # each keep a scratch the size of their weight)
+            thread = ann.get("thread", 0) if self._pool is not None else 0
             shape = resolve_shape(n.shape, dims)
             ins = [resolve_shape(nodes[i].shape, dims) for i in n.inputs]
 

@@ -147,3 +147,31 @@ def test_profile_writes_a_trace_of_prefill_and_decode(model, tmp_path, capsys):
     assert set(runs) == {"prefill", "decode"}
     assert runs["decode"]["runs"] == 3 and runs["decode"]["warmup_excluded"] == 1  # 4 decodes
     assert runs["prefill"]["ttft_ms"] == runs["prefill"]["p50_ms"]
+
+
+def test_run_profile_reports_the_kv_cache(model, tmp_path, capsys):
+    from einplan.report.memory import memory_rows
+    from einplan.report.trace import read_trace
+
+    folder, plan = model
+    prof = tmp_path / "prof"
+    assert (
+        main(
+            [
+                "run",
+                str(plan),
+                "--weights",
+                str(folder),
+                "--prompt",
+                "ab",
+                "--max-new-tokens",
+                "4",
+                "--profile",
+                str(prof),
+            ]
+        )
+        == 0
+    )
+    assert "memory by kind" in capsys.readouterr().out
+    kinds = {(e, k) for e, k, _, _ in memory_rows(read_trace(prof))}
+    assert {("prefill", "kv_cache"), ("decode", "kv_cache"), ("decode", "weights")} <= kinds

@@ -9,6 +9,7 @@ from einplan.errors import EinplanError
 from einplan.report import plots
 from einplan.report.cost import GROUPINGS, CostReport, cost_report
 from einplan.report.machine import load_machine
+from einplan.report.memory import print_memory_table
 from einplan.report.tables import (
     FORMATS,
     make_console,
@@ -22,7 +23,8 @@ from einplan.report.trace import read_trace
 
 def run(args: argparse.Namespace) -> None:
     """Read the trace, aggregate, and write the report and any plots asked for."""
-    report = cost_report(read_trace(args.profile), args.by, args.warmup, load_machine())
+    rec = read_trace(args.profile)
+    report = cost_report(rec, args.by, args.warmup, load_machine())
     for path, draw in ((args.bars, "bars"), (args.roofline, "roofline")):
         if path:
             fig = plots.plot_bars(report) if draw == "bars" else plots.plot_roofline(report)
@@ -30,6 +32,7 @@ def run(args: argparse.Namespace) -> None:
     if args.format == "table":
         if args.output is None:
             render_rich(report, args.top, make_console())
+            print_memory_table(rec, make_console())
             return
         with open(args.output, "w", encoding="utf-8") as f:
             render_rich(report, args.top, make_console(f))

@@ -9,6 +9,7 @@ from rich.console import Console
 
 from einplan.report.cost import cost_report
 from einplan.report.machine import load_machine
+from einplan.report.memory import print_memory_table
 from einplan.report.tables import make_console, render_rich
 from einplan.report.trace import write_trace
 from einplan.runtime.recorder import Recorder
@@ -20,6 +21,7 @@ def write_profile(rec: Recorder, out_dir: str | Path, console: Console | None = 
     console = console or make_console()
     path = write_trace(rec, Path(out_dir) / "trace.json")
     render_rich(cost_report(rec, "phase", warmup=1, machine=load_machine()), None, console)
+    print_memory_table(rec, console)
     console.print(
         f"wrote {path} (open it in Perfetto or chrome://tracing; per node: "
         f"einplan report {out_dir} --by node)"

@@ -45,7 +45,12 @@ def chrome_trace(rec: Recorder) -> dict[str, Any]:
                 "tid": 0,
                 "ts": micros(r["start_ns"] - origin),
                 "dur": micros(r["end_ns"] - r["start_ns"]),
-                "args": {"run": i, "entry": r["entry"], "dims": r["dims"]},
+                "args": {
+                    "run": i,
+                    "entry": r["entry"],
+                    "dims": r["dims"],
+                    "memory": r.get("memory", {}),
+                },
             }
         )
     for run, step, thread, start, dur in rec.raw:
@@ -117,6 +122,7 @@ def read_trace(path: str | Path) -> Recorder:
                     "start_ns": start,
                     "end_ns": start + round(e["dur"] * 1000),
                     "table": [],
+                    "memory": a.get("memory", {}),
                 }
             )
             tables.append({})

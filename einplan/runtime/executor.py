@@ -44,6 +44,25 @@ def blas_controller() -> ThreadpoolController:
     return ThreadpoolController()
 
 
+def memory_kind(n) -> str:
+    """What a bound leaf's bytes are for: weights, or a state buffer's role by its key."""
+    if n.op is Op.PARAM:
+        return "weights"
+    key = n.attrs["key"]
+    if key.startswith("cache."):
+        return "kv_cache"
+    return "gradients" if key.startswith("grad.") else "optimizer_state"
+
+
+def memory_breakdown(graph: Graph, arrays: dict[int, np.ndarray]) -> dict[str, int]:
+    """Bytes of the arrays bound to a graph's leaves, by kind."""
+    out = dict.fromkeys(("weights", "kv_cache", "gradients", "optimizer_state"), 0)
+    for n in graph.nodes:
+        if n.id in arrays and n.op in (Op.PARAM, Op.STATE):
+            out[memory_kind(n)] += arrays[n.id].nbytes
+    return out
+
+
 class OutputRing:
     """Buffers for one graph output, recycled once the caller has dropped them.
 
@@ -103,6 +122,7 @@ class Executor:
         self._quantized = any(n.op is Op.DEQUANTIZE for n in graph.nodes)
         self._blas_threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None
         self._small = graph.meta.get("schedule", {}).get("blas_threads") == 1
+        self.memory = memory_breakdown(graph, self.params)
 
     def _check_leaf(self, n, arr: np.ndarray) -> np.ndarray:
         """Check a weight or state array against its leaf; bind the state's symbolic dims."""
@@ -242,7 +262,14 @@ class Executor:
             arr = np.asarray(inputs[n.name], dtype=to_numpy_dtype(n.dtype))
             env[n.id] = arr if arr.flags.c_contiguous else np.ascontiguousarray(arr)
         run = (
-            recorder.begin_run(self.graph.name, prepared.dims, prepared.table) if recorder else None
+            recorder.begin_run(
+                self.graph.name,
+                prepared.dims,
+                prepared.table,
+                {**self.memory, "activations": prepared.arena_bytes},
+            )
+            if recorder
+            else None
         )
         with np.errstate(over="ignore", under="ignore"):
             if self._pool is None and (self._quantized or self._small):

@@ -61,8 +61,15 @@ class Recorder:
     debug: int = field(default_factory=debug_level)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def begin_run(self, entry: str, dims: dict[str, int], table: list[StepInfo]) -> int:
-        """Open a run; ``table`` describes each step for these dims."""
+    def begin_run(
+        self,
+        entry: str,
+        dims: dict[str, int],
+        table: list[StepInfo],
+        memory: dict[str, int] | None = None,
+    ) -> int:
+        """Open a run; ``table`` describes each step for these dims, ``memory`` the bytes the
+        run holds by kind (weights, kv_cache, activations, gradients, optimizer_state)."""
         self.runs.append(
             {
                 "entry": entry,
@@ -70,6 +77,7 @@ class Recorder:
                 "start_ns": time.perf_counter_ns(),
                 "end_ns": None,
                 "table": table,
+                "memory": dict(memory or {}),
             }
         )
         return len(self.runs) - 1

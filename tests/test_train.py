@@ -280,7 +280,8 @@ def test_cli_trains_resumes_and_names_bad_input(tmp_path, capsys):
     assert "compiled into the plan" in capsys.readouterr().err
 
 
-def test_train_profile_writes_a_trace_with_every_phase(tmp_path, capsys):
+def test_train_profile_writes_a_trace_with_every_phase_and_memory_kind(tmp_path, capsys):
+    from einplan.report.memory import memory_rows
     from einplan.report.trace import read_trace
 
     config = tmp_path / "micro.json"
@@ -306,29 +307,7 @@ def test_train_profile_writes_a_trace_with_every_phase(tmp_path, capsys):
         t for i in steps for r in rec.records(i) for t in ("reverse", "optimizer") if t in r.tags
     }
     assert tags == {"reverse", "optimizer"}
-
-
-def test_profile_memory_breakdown_names_every_kind(tmp_path):
-    from einplan.report.memory import memory_rows
-    from einplan.report.trace import read_trace
-
-    config = tmp_path / "micro.json"
-    config.write_text(json.dumps(MICRO))
-    prof = tmp_path / "prof"
-    args = [
-        "train",
-        str(config),
-        "--data",
-        str(CORPUS),
-        "--out",
-        str(tmp_path / "run"),
-        "--steps",
-        "1",
-        "--profile",
-        str(prof),
-    ]
-    assert main(args) == 0
-    rows = {(entry, kind): p50 for entry, kind, p50, _ in memory_rows(read_trace(prof))}
+    rows = {(entry, kind): p50 for entry, kind, p50, _ in memory_rows(rec)}
     for kind in ("weights", "activations", "gradients", "optimizer_state"):
         assert rows[("train_step", kind)] > 0
     weights = rows[("train_step", "weights")]

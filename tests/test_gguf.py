@@ -16,7 +16,7 @@ from safetensors.numpy import load_file
 
 import einplan
 from einplan.cli import main
-from einplan.runtime.gguf_import import GGUFError, read_gguf
+from einplan.runtime.gguf_import import GGUFError, read_gguf, read_gguf_tensors
 
 CASE = FIXTURES / "llama_mha_untied"
 
@@ -37,7 +37,7 @@ def test_f32_gguf_gives_transformers_logits(tmp_path, ref):
 @pytest.mark.parametrize("qtype", ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"])
 def test_quantised_tensors_dequantise_to_llama_cpp_values(tmp_path, qtype):
     path = write_gguf(CASE, tmp_path / f"{qtype}.gguf", qtype)
-    tensors = read_gguf(path).tensors
+    tensors = read_gguf_tensors(path)
     original = load_file(CASE / "model.safetensors")
     for name in ("model.layers.1.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight"):
         w = original[name]
@@ -65,7 +65,10 @@ def test_unsupported_tensor_type_is_refused(tmp_path):
         CASE, tmp_path / "m.gguf", "F32", {"model.layers.0.mlp.up_proj.weight": "MXFP4"}
     )
     with pytest.raises(GGUFError, match="type MXFP4, which einplan does not import"):
-        read_gguf(path)
+        read_gguf_tensors(path)
+    plan = einplan.compile_model(read_gguf(path).config)
+    with pytest.raises(GGUFError, match="type MXFP4"):
+        einplan.Session(plan, path)
 
 
 def test_not_a_gguf_file(tmp_path):

@@ -45,10 +45,9 @@ class GGUFError(EinplanError):
 
 @dataclass
 class GGUFModel:
-    """What einplan takes from a GGUF file."""
+    """What einplan takes from a GGUF file besides its tensors (see :func:`read_gguf_tensors`)."""
 
     config: dict[str, Any]
-    tensors: dict[str, np.ndarray]  # HF name -> float32 array, (out, in) layout
     tokenizer: Tokenizer
     tokenizer_config: dict[str, Any]
 
@@ -166,20 +165,32 @@ def dequantize_tensor(t) -> np.ndarray:
     return np.ascontiguousarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
 
 
-@functools.lru_cache(maxsize=1)
-def read_gguf(path: str | os.PathLike) -> GGUFModel:
-    """Read a GGUF file: config, float32 tensors under HF names, tokenizer."""
+def open_gguf(path: str | os.PathLike):
+    """A ``gguf.GGUFReader`` over the file (memory-mapped), or a clear error."""
     from gguf import GGUFReader
 
     path = Path(path)
     if not path.is_file():
         raise GGUFError(f"GGUF file {str(path)!r} not found")
     try:
-        reader = GGUFReader(path)
+        return GGUFReader(path)
     except (ValueError, OSError, KeyError, IndexError) as e:
         raise GGUFError(f"{path}: not a readable GGUF file ({e})") from None
-    config = gguf_config(reader)
+
+
+@functools.lru_cache(maxsize=4)
+def read_gguf(path: str | os.PathLike) -> GGUFModel:
+    """A GGUF file's config and tokenizer (cached: run asks for them several times)."""
+    reader = open_gguf(path)
     tokenizer, tk_cfg = gguf_tokenizer(reader)
+    return GGUFModel(gguf_config(reader), tokenizer, tk_cfg)
+
+
+def read_gguf_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """A GGUF file's tensors as float32 under HF names, (out, in), Q/K rows in HF's order.
+    Not cached: once bound to a plan, these copies should be freed."""
+    reader = open_gguf(path)
+    config = read_gguf(path).config
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     permuted = config["model_type"] == "llama"  # llama.cpp permutes Q/K rows for llama only
     tensors = {}
@@ -191,7 +202,7 @@ def read_gguf(path: str | os.PathLike) -> GGUFModel:
         elif permuted and ".k_proj." in name:
             w = unpermute_qk(w, kv_heads)
         tensors[name] = w
-    return GGUFModel(config, tensors, tokenizer, tk_cfg)
+    return tensors
 
 
 def convert_gguf(path: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "f32") -> Path:
@@ -204,7 +215,7 @@ def convert_gguf(path: str | os.PathLike, out_dir: str | os.PathLike, dtype: str
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     np_dtype = to_numpy_dtype(dtype)
-    tensors = {k: v.astype(np_dtype) for k, v in model.tensors.items()}
+    tensors = {k: v.astype(np_dtype) for k, v in read_gguf_tensors(path).items()}
     config = {
         **model.config,
         "torch_dtype": {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}[dtype],

@@ -119,9 +119,9 @@ def open_checkpoint(source: str | os.PathLike) -> dict[str, tuple[np.ndarray, st
     """All tensors of a checkpoint (file, folder, sharded folder or hub id), memory-mapped."""
     path = resolve_weights_dir(source)
     if path.suffix == ".gguf":
-        from einplan.runtime.gguf_import import read_gguf
+        from einplan.runtime.gguf_import import read_gguf_tensors
 
-        return {k: (v, "f32") for k, v in read_gguf(path).tensors.items()}
+        return {k: (v, "f32") for k, v in read_gguf_tensors(path).items()}
     if path.is_file():
         return read_safetensors_index(path)
     index = path / "model.safetensors.index.json"

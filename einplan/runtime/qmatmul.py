@@ -23,7 +23,6 @@ import numpy as np
 
 BLOCK_ELEMENTS = 1 << 20  # floats per scratch block (4 MiB, in L3): few calls, no DRAM trips
 SMALL_ROWS = 16  # inputs of at most this many rows use the per-group path
-LOW_NIBBLES = np.uint64(0x0F0F0F0F0F0F0F0F)
 
 
 class Helper:
@@ -113,16 +112,14 @@ class QuantizedMatrix:
         if self.bits == 8:
             np.copyto(out, q, casting="unsafe")
             return out
-        words = q.size // 8  # the packed bytes as uint64 words: 16 nibbles each
-        work = np.empty(2 * words, np.uint64) if work is None else work.view(np.uint64)
-        packed = q.reshape(-1).view(np.uint64)
-        low, high = work[:words], work[words : 2 * words]
-        np.bitwise_and(packed, LOW_NIBBLES, out=low)
-        np.right_shift(packed, np.uint64(4), out=high)
-        np.bitwise_and(high, LOW_NIBBLES, out=high)
+        work = np.empty(2 * q.size, np.uint8) if work is None else work.view(np.uint8)
+        low = work[: q.size].reshape(q.shape)
+        high = work[q.size : 2 * q.size].reshape(q.shape)
+        np.bitwise_and(q, np.uint8(0x0F), out=low)
+        np.right_shift(q, np.uint8(4), out=high)
         half = self.cols // 2
-        np.copyto(out[:, :half], low.view(np.uint8).reshape(q.shape), casting="unsafe")
-        np.copyto(out[:, half:], high.view(np.uint8).reshape(q.shape), casting="unsafe")
+        np.copyto(out[:, :half], low, casting="unsafe")
+        np.copyto(out[:, half:], high, casting="unsafe")
         return out
 
     def dequantize_rows(

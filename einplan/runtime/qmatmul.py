@@ -3,8 +3,9 @@
 A ``dequantize`` step yields a :class:`QuantizedMatrix` (no float32 copy of the weight); the
 einsum that reads it calls :meth:`QuantizedMatrix.matmul` and friends, which unpack one block of
 output rows into a small float32 scratch (about ``BLOCK_ELEMENTS`` values, in cache),
-multiply, and move on. Decode is bound by reading the weight, so this reads 1 (int8) or 0.5
-(int4) bytes per weight instead of 4.
+multiply, and move on. This reads 1 (int8) or 0.5 (int4) bytes per weight instead of 4, but
+each weight still costs one float32 written and read back: that unpacking, not the reading,
+bounds the speed (benchmarks/dequant_floor.py measures the parts).
 
 For few rows of input (decode) scales never touch the block: with ``W = s * (u - z)`` per
 (row o, group g), ``x . W[o] = sum_g s[o,g] (x_g . u[o,g]) - sum_g s[o,g] z[o,g] sum(x_g)``:

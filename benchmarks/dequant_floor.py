@@ -24,7 +24,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, write_results  # noqa: E402
+from common import ROOT, timed, write_results  # noqa: E402
 
 from einplan.runtime import qmatmul  # noqa: E402
 from einplan.runtime.quantize import quantize_weight  # noqa: E402
@@ -40,13 +40,7 @@ def shapes() -> list[tuple[int, int]]:
 
 def median_time(fn, reps: int) -> float:
     """Median seconds of ``fn`` over ``reps`` runs after one warm-up."""
-    fn()
-    samples = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
+    return statistics.median(timed(fn, 1, reps, 0.0))
 
 
 def quantised(bits: int, group: int) -> list[tuple[qmatmul.QuantizedMatrix, list[dict]]]:

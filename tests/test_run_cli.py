@@ -32,25 +32,26 @@ def model(tmp_path):
     return folder, plan
 
 
+def _run(plan, weights, *args: str) -> int:
+    """``einplan run PLAN --weights WEIGHTS ARGS...``: its exit code."""
+    return main(["run", str(plan), "--weights", str(weights), *args])
+
+
 def test_prompt_streams_text_and_prints_phases(model, capsys):
     folder, plan = model
     capsys.readouterr()
     assert (
-        main(
-            [
-                "run",
-                str(plan),
-                "--weights",
-                str(folder),
-                "--prompt",
-                "ROMEO:",
-                "--max-new-tokens",
-                "6",
-                "--temperature",
-                "0.8",
-                "--seed",
-                "1",
-            ]
+        _run(
+            plan,
+            folder,
+            "--prompt",
+            "ROMEO:",
+            "--max-new-tokens",
+            "6",
+            "--temperature",
+            "0.8",
+            "--seed",
+            "1",
         )
         == 0
     )
@@ -64,19 +65,15 @@ def test_prompts_file_in_batches(model, tmp_path, capsys):
     prompts.write_text("a\nlonger prompt\n\nthird\n")
     capsys.readouterr()
     assert (
-        main(
-            [
-                "run",
-                str(plan),
-                "--weights",
-                str(folder),
-                "--prompts-file",
-                str(prompts),
-                "--batch-size",
-                "2",
-                "--max-new-tokens",
-                "4",
-            ]
+        _run(
+            plan,
+            folder,
+            "--prompts-file",
+            str(prompts),
+            "--batch-size",
+            "2",
+            "--max-new-tokens",
+            "4",
         )
         == 0
     )
@@ -88,9 +85,7 @@ def test_chat_applies_the_template(model, capsys, monkeypatch):
     folder, plan = model
     monkeypatch.setattr("sys.stdin", io.StringIO("hello\nagain\n"))
     capsys.readouterr()
-    assert (
-        main(["run", str(plan), "--weights", str(folder), "--chat", "--max-new-tokens", "3"]) == 0
-    )
+    assert _run(plan, folder, "--chat", "--max-new-tokens", "3") == 0
     assert render_chat({"chat_template": TEMPLATE}, [{"role": "user", "content": "hi"}]) == (
         "<user>hi\n<assistant>"
     )
@@ -98,30 +93,14 @@ def test_chat_applies_the_template(model, capsys, monkeypatch):
 
 def test_errors(model, tmp_path, capsys):
     folder, plan = model
-    assert main(["run", str(plan), "--weights", str(folder), "--prompt", ""]) == 2
+    assert _run(plan, folder, "--prompt", "") == 2
     assert "empty prompt" in capsys.readouterr().err
     long = "x" * 200
-    assert (
-        main(
-            [
-                "run",
-                str(plan),
-                "--weights",
-                str(folder),
-                "--prompt",
-                long,
-                "--max-new-tokens",
-                "4",
-                "--ctx",
-                "100",
-            ]
-        )
-        == 2
-    )
+    assert _run(plan, folder, "--prompt", long, "--max-new-tokens", "4", "--ctx", "100") == 2
     assert "prompt of 200 tokens" in capsys.readouterr().err
     bare = tmp_path / "bare"
     shutil.copytree(CASE, bare)
-    assert main(["run", str(plan), "--weights", str(bare), "--prompt", "hi"]) == 2
+    assert _run(plan, bare, "--prompt", "hi") == 2
     assert "tokenizer.json" in capsys.readouterr().err
     (folder / "tokenizer_config.json").write_text("{}")
     monkey_in = io.StringIO("hi\n")
@@ -129,7 +108,7 @@ def test_errors(model, tmp_path, capsys):
 
     old, sys.stdin = sys.stdin, monkey_in
     try:
-        assert main(["run", str(plan), "--weights", str(folder), "--chat"]) == 2
+        assert _run(plan, folder, "--chat") == 2
     finally:
         sys.stdin = old
     assert "no chat template" in capsys.readouterr().err
@@ -138,8 +117,10 @@ def test_errors(model, tmp_path, capsys):
 def test_profile_writes_a_trace_of_prefill_and_decode(model, tmp_path, capsys):
     folder, plan = model
     prof = tmp_path / "prof"
-    argv = ["run", str(plan), "--weights", str(folder), "--prompt", "ROMEO:"]
-    assert main([*argv, "--max-new-tokens", "5", "--profile", str(prof)]) == 0
+    assert (
+        _run(plan, folder, "--prompt", "ROMEO:", "--max-new-tokens", "5", "--profile", str(prof))
+        == 0
+    )
     out = capsys.readouterr().out
     assert "cost by phase" in out and (prof / "trace.json").exists()
     assert main(["report", str(prof), "--by", "phase", "--format", "json"]) == 0
@@ -156,21 +137,7 @@ def test_run_profile_reports_the_kv_cache(model, tmp_path, capsys):
     folder, plan = model
     prof = tmp_path / "prof"
     assert (
-        main(
-            [
-                "run",
-                str(plan),
-                "--weights",
-                str(folder),
-                "--prompt",
-                "ab",
-                "--max-new-tokens",
-                "4",
-                "--profile",
-                str(prof),
-            ]
-        )
-        == 0
+        _run(plan, folder, "--prompt", "ab", "--max-new-tokens", "4", "--profile", str(prof)) == 0
     )
     assert "memory by kind" in capsys.readouterr().out
     kinds = {(e, k) for e, k, _, _ in memory_rows(read_trace(prof))}

@@ -46,9 +46,9 @@ def run_case_here(scheme: str, weights: str, prompt: int, new: int, reps: int) -
     import numpy as np
 
     from einplan.api import compile_model, plan_config
+    from einplan.formats.weights import load_weights
     from einplan.runtime.generate import Generator
     from einplan.runtime.sampling import SamplingConfig
-    from einplan.runtime.weights import load_weights
 
     plan = compile_model(weights, quant=SCHEMES[scheme], entries=("prefill", "decode"))
     before = rss_kib()

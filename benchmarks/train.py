@@ -47,9 +47,9 @@ def run_case_here(model: str, batch: int, seq: int, args) -> dict:
     import numpy as np
 
     import einplan
+    from einplan.formats.weights import random_weights
     from einplan.models.train_config import parse_train_config
     from einplan.runtime.trainer import Trainer
-    from einplan.runtime.weights import random_weights
 
     cfg = parse_train_config({**TRAIN, "micro_batch": batch, "seq_len": seq, "lr": 1e-4})
     t0 = time.perf_counter()

@@ -1,7 +1,23 @@
-"""einplan: Llama-family models traced into einsum graphs, compiled to plans, run on NumPy."""
+"""einplan: Llama-family models traced into einsum graphs, compiled to plans, run on NumPy.
 
-__version__ = "0.1.0"
+The public API lives in :mod:`einplan.api`; its names are loaded on first use (PEP 562), so
+that importing one part (``einplan.compiler.ops``) does not pull in the runtime."""
 
-from einplan.api import Session, compile_model, load_plan  # noqa: E402
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from einplan._version import __version__
+
+if TYPE_CHECKING:
+    from einplan.api import Session, compile_model, load_plan
 
 __all__ = ["Session", "compile_model", "load_plan", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    """Load a public API name from :mod:`einplan.api` the first time it is asked for."""
+    if name in __all__:
+        return getattr(importlib.import_module("einplan.api"), name)
+    raise AttributeError(f"module 'einplan' has no attribute {name!r}")

@@ -7,7 +7,7 @@ import argparse
 import importlib
 import sys
 
-from einplan import __version__
+from einplan._version import __version__
 from einplan.commands import COMMANDS
 from einplan.errors import EinplanError
 

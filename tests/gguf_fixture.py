@@ -11,8 +11,8 @@ from gguf import GGMLQuantizationType, GGUFWriter
 from gguf.quants import quantize
 from safetensors.numpy import load_file
 
-from einplan.runtime.gguf_import import LAYER_NAMES, TOP_NAMES
-from einplan.runtime.tokenizer import byte_to_unicode
+from einplan.formats.gguf import LAYER_NAMES, TOP_NAMES
+from einplan.formats.tokenizer import byte_to_unicode
 
 GGUF_NAMES = {hf: g for g, hf in TOP_NAMES.items()}
 

@@ -10,11 +10,11 @@ from safetensors.numpy import load_file
 
 import einplan
 from einplan.errors import EinplanError
+from einplan.formats.tokenizer import byte_tokenizer
 from einplan.runtime.executor import Executor
 from einplan.runtime.generate import Generator, TextStream, attention_mask
 from einplan.runtime.kv_cache import allocate_cache
 from einplan.runtime.sampling import SamplingConfig, filter_top_k_top_p, penalize_repeats
-from einplan.runtime.tokenizer import byte_tokenizer
 
 GREEDY = SamplingConfig()
 

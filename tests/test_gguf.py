@@ -16,7 +16,7 @@ from safetensors.numpy import load_file
 
 import einplan
 from einplan.cli import main
-from einplan.runtime.gguf_import import GGUFError, read_gguf, read_gguf_tensors
+from einplan.formats.gguf import GGUFError, read_gguf, read_gguf_tensors
 
 CASE = FIXTURES / "llama_mha_untied"
 
@@ -143,8 +143,8 @@ REAL_GGUF = Path(
 def test_real_smollm2_gguf_predicts_english():
     """The Q/K rows come back in Hugging Face's order: with them permuted the wrong way the
     model still writes plausible words but its next-token loss on plain English is > 6."""
-    from einplan.runtime.evaluate import next_token_nll
-    from einplan.runtime.tokenizer import load_tokenizer
+    from einplan.apps.evaluate import next_token_nll
+    from einplan.formats.tokenizer import load_tokenizer
 
     plan = einplan.compile_model(read_gguf(REAL_GGUF).config, entries=("forward",))
     session = einplan.Session(plan, str(REAL_GGUF))

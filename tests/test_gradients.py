@@ -9,8 +9,8 @@ from conftest import CASES, FIXTURES
 from safetensors.numpy import load_file
 
 import einplan
+from einplan.formats.weights import load_weights
 from einplan.runtime.executor import Executor
-from einplan.runtime.weights import load_weights
 
 
 def shifted_targets(ids: np.ndarray) -> np.ndarray:

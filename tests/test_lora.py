@@ -14,10 +14,10 @@ from einplan.cli import main
 from einplan.compiler.lora_spec import LoraError, parse_lora
 from einplan.compiler.ops import Op, count_flops
 from einplan.compiler.symbolic import evaluate
+from einplan.formats.peft import PEFT_PREFIX, lora_params, save_adapter
+from einplan.formats.weights import open_checkpoint, read_safetensors_index
 from einplan.runtime.generate import Generator
-from einplan.runtime.lora import PEFT_PREFIX, lora_params, save_adapter
 from einplan.runtime.sampling import SamplingConfig
-from einplan.runtime.weights import open_checkpoint, read_safetensors_index
 
 CASE = FIXTURES / "llama_gqa_tied"
 ALL = "r=4,alpha=8,targets=q,k,v,o,gate,up,down,lm_head"

@@ -11,15 +11,15 @@ from test_gradients import shifted_targets
 
 import einplan
 from einplan.api import TRAIN_ENTRIES
+from einplan.apps.train import RunOptions, TrainingRun
 from einplan.cli import main
 from einplan.commands.eval import BUNDLED_TEXT
 from einplan.errors import EinplanError
+from einplan.formats.checkpoint import load_checkpoint
+from einplan.formats.peft import lora_params
+from einplan.formats.weights import load_weights
 from einplan.models.train_config import TrainConfig
-from einplan.runtime.checkpoint import load_checkpoint
 from einplan.runtime.executor import Executor
-from einplan.runtime.lora import lora_params
-from einplan.runtime.train import RunOptions, TrainingRun
-from einplan.runtime.weights import load_weights
 
 CASE = FIXTURES / "llama_gqa_tied"
 LORA = "r=4,alpha=8,targets=q,k,v,o,gate,up,down,lm_head"

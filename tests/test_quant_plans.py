@@ -13,11 +13,11 @@ from einplan.commands.eval import BUNDLED_TEXT
 from einplan.compiler.ops import Op
 from einplan.compiler.pipeline import PassContext
 from einplan.compiler.quant_scheme import QuantError
+from einplan.formats.weights import WeightsError, open_checkpoint
 from einplan.runtime import qmatmul
 from einplan.runtime.generate import Generator
 from einplan.runtime.qmatmul import QuantizedMatrix
 from einplan.runtime.sampling import SamplingConfig
-from einplan.runtime.weights import WeightsError, open_checkpoint
 
 CASE = FIXTURES / "llama_gqa_tied"  # hidden 64, MLP 160: int4 groups of 32
 UNTIED = FIXTURES / "llama_mha_untied"

@@ -9,9 +9,9 @@ import shutil
 import pytest
 from conftest import FIXTURES
 
+from einplan.apps.chat import render_chat
 from einplan.cli import main
-from einplan.runtime.chat import render_chat
-from einplan.runtime.tokenizer import byte_tokenizer
+from einplan.formats.tokenizer import byte_tokenizer
 
 CASE = FIXTURES / "llama_mha_untied"
 TEMPLATE = (

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 import einplan
+from einplan.formats.weights import WeightsError, checkpoint_shapes
 from einplan.runtime.executor import Executor, InputError
 from einplan.runtime.recorder import Recorder
-from einplan.runtime.weights import WeightsError, checkpoint_shapes
 
 
 @pytest.fixture(scope="module")

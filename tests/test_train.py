@@ -15,14 +15,14 @@ import pytest
 
 import einplan
 from einplan.api import TRAIN_ENTRIES
+from einplan.apps.train import RunOptions, TrainingRun
 from einplan.cli import main
+from einplan.formats.checkpoint import CheckpointError, load_checkpoint
+from einplan.formats.weights import random_weights
 from einplan.models.config import ConfigError
 from einplan.models.train_config import TrainConfig, load_train_config, parse_train_config
-from einplan.runtime.checkpoint import CheckpointError, load_checkpoint
 from einplan.runtime.lr_schedule import learning_rate
-from einplan.runtime.train import RunOptions, TrainingRun
 from einplan.runtime.trainer import Trainer
-from einplan.runtime.weights import random_weights
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT / "einplan" / "data" / "shakespeare_sample.txt"
@@ -218,8 +218,8 @@ import os, signal, sys
 from pathlib import Path
 import einplan
 from einplan.api import TRAIN_ENTRIES
-from einplan.runtime import checkpoint
-from einplan.runtime.train import RunOptions, TrainingRun
+from einplan.formats import checkpoint
+from einplan.apps.train import RunOptions, TrainingRun
 sys.path.insert(0, {tests!r})
 from test_train import CORPUS, MICRO
 

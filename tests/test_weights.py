@@ -13,7 +13,7 @@ from conftest import FIXTURES
 from safetensors.numpy import load_file, save_file
 
 import einplan
-from einplan.runtime.weights import WeightsError, load_weights
+from einplan.formats.weights import WeightsError, load_weights
 
 CASE = FIXTURES / "llama_mha_untied"
 

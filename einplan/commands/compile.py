@@ -15,8 +15,8 @@ def run(args: argparse.Namespace) -> None:
     from einplan.api import ENTRIES, TRAIN_ENTRIES, compile_model
     from einplan.commands.quantize import quant_options
     from einplan.compiler.pipeline import PassContext
+    from einplan.formats.peft import adapter_options
     from einplan.report.summary import print_compile_summary
-    from einplan.runtime.lora import adapter_options
 
     ctx = PassContext(
         use_path_cache=not args.no_path_cache,

@@ -7,7 +7,7 @@ import argparse
 
 def run(args: argparse.Namespace) -> None:
     """Dequantise and write config.json, model.safetensors and the tokenizer files."""
-    from einplan.runtime.gguf_import import convert_gguf
+    from einplan.formats.gguf_convert import convert_gguf
 
     out = convert_gguf(args.gguf, args.output, args.dtype)
     print(

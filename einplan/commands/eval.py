@@ -18,11 +18,11 @@ def run(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     from einplan.api import load_plan
+    from einplan.apps.evaluate import evaluate_text
+    from einplan.formats.tokenizer import load_tokenizer
+    from einplan.formats.weights import resolve_weights_dir
     from einplan.report.profile import write_profile
-    from einplan.runtime.evaluate import evaluate_text
     from einplan.runtime.recorder import Recorder
-    from einplan.runtime.tokenizer import load_tokenizer
-    from einplan.runtime.weights import resolve_weights_dir
 
     plan = load_plan(args.plan)
     weights_dir = None

@@ -12,8 +12,8 @@ from einplan.errors import EinplanError
 def run_merge(args: argparse.Namespace) -> None:
     """Write base weights with ``W + (alpha / r) B A`` for every adapted projection."""
     from einplan.api import compile_model
-    from einplan.runtime.lora import adapter_options, load_adapter, merge_lora
-    from einplan.runtime.weights import (
+    from einplan.formats.peft import adapter_options, load_adapter, merge_lora
+    from einplan.formats.weights import (
         copy_model_files,
         open_checkpoint,
         resolve_weights_dir,

@@ -84,10 +84,10 @@ def role_table(rows: list, scheme: str):
 def run(args: argparse.Namespace) -> None:
     """Compute and print the report (and write it as JSON when asked)."""
     from einplan.api import check_weights_config, load_plan, plan_config
+    from einplan.apps.quant_report import quant_report
     from einplan.commands.quantize import read_token_ids
     from einplan.compiler.quant_scheme import parse_quant
-    from einplan.quant_report import quant_report
-    from einplan.runtime.weights import resolve_weights_dir
+    from einplan.formats.weights import resolve_weights_dir
 
     plan = load_plan(args.plan)
     quant = parse_quant(plan.meta.get("quant"))

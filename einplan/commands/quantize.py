@@ -13,7 +13,7 @@ def read_token_ids(text_file: str, tokenizer_spec: str | None, weights: Path | N
     """Token ids (int64) of a UTF-8 text file, by the weights' tokenizer or ``tokenizer_spec``."""
     import numpy as np
 
-    from einplan.runtime.tokenizer import load_tokenizer
+    from einplan.formats.tokenizer import load_tokenizer
 
     path = Path(text_file)
     if not path.is_file():
@@ -68,9 +68,9 @@ def add_quant_arguments(
 
 def run(args: argparse.Namespace) -> None:
     """Quantise the checkpoint, optionally calibrating activation ranges on text."""
+    from einplan.apps.quantize_checkpoint import quantize_checkpoint
     from einplan.compiler.quant_scheme import parse_quant
-    from einplan.quant_checkpoint import quantize_checkpoint
-    from einplan.runtime.weights import resolve_weights_dir
+    from einplan.formats.weights import resolve_weights_dir
 
     quant = parse_quant(quant_options(args))
     ids = None

@@ -46,12 +46,12 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 def run(args: argparse.Namespace) -> None:
     """Load plan, weights and tokenizer; generate for the prompts or chat."""
     from einplan.api import load_plan
+    from einplan.formats.tokenizer import load_tokenizer, load_tokenizer_config
+    from einplan.formats.weights import resolve_weights_dir
     from einplan.report.profile import write_profile
     from einplan.runtime.generate import Generator
     from einplan.runtime.recorder import Recorder
     from einplan.runtime.sampling import SamplingConfig
-    from einplan.runtime.tokenizer import load_tokenizer, load_tokenizer_config
-    from einplan.runtime.weights import resolve_weights_dir
 
     plan = load_plan(args.plan)
     weights = resolve_weights_dir(args.weights) if args.weights else None
@@ -113,7 +113,7 @@ def generate_prompts(args: argparse.Namespace, generate) -> None:
 
 def run_chat(tk_cfg: dict, generate) -> None:
     """Read user turns from stdin, answer each with the chat template applied."""
-    from einplan.runtime.chat import render_chat
+    from einplan.apps.chat import render_chat
 
     messages: list[dict[str, str]] = []
     interactive = sys.stdin.isatty()

@@ -42,9 +42,9 @@ def open_or_compile(source: str, out: Path):
 
 def run(args: argparse.Namespace) -> None:
     """Prepare the run, train, and print the summary."""
+    from einplan.apps.train import RunOptions, TrainingRun
     from einplan.report.profile import write_profile
     from einplan.runtime.recorder import Recorder
-    from einplan.runtime.train import RunOptions, TrainingRun
 
     out = Path(args.out)
     options = RunOptions(

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import opt_einsum
 
-from einplan import __version__
+from einplan._version import __version__
 
 
 def cache_dir() -> Path:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from einplan import __version__
+from einplan._version import __version__
 from einplan.compiler.ir import Graph, Node
 from einplan.compiler.ops import Op
 from einplan.errors import EinplanError

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from einplan import __version__
+from einplan._version import __version__
 from einplan.errors import EinplanError
 from einplan.runtime.recorder import Recorder, StepInfo
 

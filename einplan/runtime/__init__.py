@@ -1,1 +1,2 @@
-"""The runtime: executes plan files over preallocated buffers and times every step."""
+"""The runtime: what executes a plan. The executor and its kernels, the recorder, the KV cache,
+sampling, the generator and the one-step trainer."""

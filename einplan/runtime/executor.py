@@ -18,11 +18,11 @@ from dataclasses import dataclass
 import numpy as np
 from threadpoolctl import ThreadpoolController, threadpool_limits
 
+from einplan.compiler.dtypes import to_numpy_dtype
 from einplan.compiler.ir import Graph, format_type, step_bytes
 from einplan.compiler.ops import LEAVES, OPS, Op, count_flops
 from einplan.compiler.symbolic import evaluate, poly_from_json, resolve_shape
 from einplan.errors import EinplanError
-from einplan.runtime.dtypes import to_numpy_dtype
 from einplan.runtime.kernels import make_kernel
 from einplan.runtime.recorder import Recorder, StepInfo, debug_level
 

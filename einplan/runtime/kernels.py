@@ -12,9 +12,9 @@ from collections.abc import Callable
 
 import numpy as np
 
+from einplan.compiler.dtypes import to_numpy_dtype
 from einplan.compiler.ir import Node
 from einplan.compiler.ops import Op
-from einplan.runtime.dtypes import to_numpy_dtype
 from einplan.runtime.qmatmul import THREADS, QuantizedMatrix, scratch_shapes
 from einplan.runtime.quantize import fake_quantize
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from einplan.compiler.dtypes import to_numpy_dtype
 from einplan.compiler.ir import Graph
 from einplan.compiler.symbolic import resolve_shape
-from einplan.runtime.dtypes import to_numpy_dtype
 
 
 def allocate_states(graph: Graph, dims: dict[str, int]) -> dict[str, np.ndarray]:

@@ -4,7 +4,7 @@
 The low-rank branch is one three-operand einsum, so the contract pass (opt-einsum) picks its
 order: ``(x . A) . B`` costs ``2 tokens r (in + out)`` FLOPs where ``x . (A . B)`` costs
 ``2 r in out + 2 tokens in out``. A and B are tagged ``lora`` and carry ``attrs["lora"]``:
-their values come from an adapter (PEFT layout, runtime/lora.py) or from the LoRA paper's
+their values come from an adapter (PEFT layout, formats/peft.py) or from the LoRA paper's
 initialisation (A uniform in +-1/sqrt(in) as PEFT's kaiming-uniform, B zero), never from the
 base checkpoint. Every other param is tagged ``frozen``: training updates only A and B, so
 the optimizer keeps state only for them.

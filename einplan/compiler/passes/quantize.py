@@ -10,7 +10,7 @@ Param keys follow the checkpoint: ``...q_proj.weight`` holds the integers,
 ``...q_proj.weight_scale`` and ``...q_proj.weight_zero_point`` the scales and zero points,
 ``...q_proj.input_absmax`` the largest |input| seen on calibration text, for static
 activation scales (``einplan quantize --calibrate``).
-Each such param's ``attrs["quant"]`` says what it is, so that runtime/weights.py can quantise a
+Each such param's ``attrs["quant"]`` says what it is, so that formats/weights.py can quantise a
 float checkpoint at load time or take a quantised one as it is.
 """
 

@@ -12,16 +12,16 @@ import json
 import os
 import shutil
 import struct
-import tempfile
 import zlib
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 import numpy as np
 
+from einplan.compiler.dtypes import to_numpy_dtype
 from einplan.compiler.ir import Graph, Node
 from einplan.errors import EinplanError
-from einplan.runtime.dtypes import to_numpy_dtype
+from einplan.formats.files import write_atomic
 from einplan.runtime.quantize import quantize_weight
 
 SAFETENSORS_DTYPES = {
@@ -119,7 +119,7 @@ def open_checkpoint(source: str | os.PathLike) -> dict[str, tuple[np.ndarray, st
     """All tensors of a checkpoint (file, folder, sharded folder or hub id), memory-mapped."""
     path = resolve_weights_dir(source)
     if path.suffix == ".gguf":
-        from einplan.runtime.gguf_import import read_gguf_tensors
+        from einplan.formats.gguf import read_gguf_tensors
 
         return {k: (v, "f32") for k, v in read_gguf_tensors(path).items()}
     if path.is_file():
@@ -153,7 +153,7 @@ def weights_config(source: str | os.PathLike) -> dict | None:
     """The model config that came with the weights (config.json or GGUF metadata), if any."""
     path = resolve_weights_dir(source)
     if path.suffix == ".gguf":
-        from einplan.runtime.gguf_import import read_gguf
+        from einplan.formats.gguf import read_gguf
 
         return read_gguf(path).config
     cfg = (path if path.is_dir() else path.parent) / "config.json"
@@ -310,18 +310,6 @@ def describe_quant(quant: dict) -> str:
     """A quantised param's scheme: ``int4 g64 symmetric``, ``int8 per channel asymmetric``."""
     layout = "per channel" if quant["bits"] == 8 else f"g{quant['group']}"
     return f"int{quant['bits']} {layout} {'symmetric' if quant['symmetric'] else 'asymmetric'}"
-
-
-def write_atomic(path: Path, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place, so
-    that an interrupted write never leaves a truncated file under the real name."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def save_safetensors(

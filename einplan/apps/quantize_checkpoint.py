@@ -15,18 +15,18 @@ from pathlib import Path
 
 import numpy as np
 
-from einplan.api import compile_model
-from einplan.calibration import Probe, calibrate_input_ranges, token_batches
+from einplan.apps.calibration import Probe, calibrate_input_ranges, token_batches
+from einplan.apps.compile import compile_model
 from einplan.compiler.pipeline import PassContext
 from einplan.compiler.quant_scheme import QuantConfig
 from einplan.errors import EinplanError
-from einplan.models.config import load_config
-from einplan.runtime.weights import (
+from einplan.formats.weights import (
     copy_model_files,
     load_weights,
     resolve_weights_dir,
     save_safetensors,
 )
+from einplan.models.config import load_config
 
 
 def quantize_checkpoint(

@@ -22,11 +22,11 @@ import numpy as np
 
 from einplan.compiler.ir import Graph
 from einplan.compiler.lora_spec import MODULES, ROLE_OF_NAME, LoraConfig, LoraError
-from einplan.runtime.weights import (
+from einplan.formats.files import write_atomic
+from einplan.formats.weights import (
     read_safetensors_index,
     safetensors_metadata,
     save_safetensors,
-    write_atomic,
 )
 
 PEFT_PREFIX = "base_model.model."

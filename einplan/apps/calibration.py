@@ -12,15 +12,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from einplan.apps.evaluate import windows
 from einplan.compiler.ir import Graph
 from einplan.compiler.ops import Op
 from einplan.compiler.pipeline import PassContext, run_pipeline
 from einplan.compiler.quant_scheme import input_absmax_key
+from einplan.formats.weights import load_weights
 from einplan.models.config import ModelConfig
 from einplan.models.llama import build_graph
-from einplan.runtime.evaluate import windows
 from einplan.runtime.executor import Executor
-from einplan.runtime.weights import load_weights
 
 
 @dataclass(frozen=True)

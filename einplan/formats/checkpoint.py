@@ -23,8 +23,8 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from einplan.errors import EinplanError
-from einplan.runtime.data import hash_file
-from einplan.runtime.weights import WeightsError, read_safetensors_index
+from einplan.formats.files import fsync_path, hash_file
+from einplan.formats.weights import WeightsError, read_safetensors_index
 
 FORMAT = "einplan-checkpoint"
 VERSION = 1
@@ -54,15 +54,6 @@ class Checkpoint:
 def write_tensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
     """Write one safetensors file (metadata ``format: pt``, as transformers expects)."""
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path), {"format": "pt"})
-
-
-def fsync_path(path: Path) -> None:
-    """Flush a file or folder to disk, so a rename after it never exposes missing data."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def step_name(step: int) -> str:

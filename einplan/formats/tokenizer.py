@@ -43,7 +43,7 @@ def load_tokenizer(spec: str | None, weights: Path | None = None) -> Tokenizer:
             "--tokenizer bytes, or weights in a folder with tokenizer.json"
         )
     if path.suffix == ".gguf":
-        from einplan.runtime.gguf_import import read_gguf
+        from einplan.formats.gguf import read_gguf
 
         return read_gguf(path).tokenizer
     if path.is_file() and path.suffix == ".safetensors":
@@ -66,7 +66,7 @@ def load_tokenizer_config(weights: Path | None) -> dict:
     if weights is None:
         return {}
     if weights.suffix == ".gguf":
-        from einplan.runtime.gguf_import import read_gguf
+        from einplan.formats.gguf import read_gguf
 
         return read_gguf(weights).tokenizer_config
     path = (weights if weights.is_dir() else weights.parent) / "tokenizer_config.json"

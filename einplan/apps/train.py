@@ -19,22 +19,22 @@ from rich.console import Console
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
+from einplan.apps.data import BatchSampler, TokenSplits, tokenize_corpus, validation_windows
+from einplan.apps.metrics import MetricsLog
 from einplan.compiler.lora_spec import parse_lora
 from einplan.compiler.passes.autodiff import trainable
 from einplan.compiler.plan import Plan, hash_config
 from einplan.errors import EinplanError
+from einplan.formats.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from einplan.formats.peft import PEFT_PREFIX, init_lora, peft_config
+from einplan.formats.tokenizer import byte_tokenizer, load_tokenizer, train_tokenizer
+from einplan.formats.weights import load_weights, random_weights
 from einplan.models.config import ModelConfig, to_hf_config
 from einplan.models.train_config import parse_train_config
 from einplan.report.training import plot_loss_curve, print_training_summary
-from einplan.runtime.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from einplan.runtime.data import BatchSampler, TokenSplits, tokenize_corpus, validation_windows
 from einplan.runtime.generate import Generator
-from einplan.runtime.lora import PEFT_PREFIX, init_lora, peft_config
-from einplan.runtime.metrics import MetricsLog
 from einplan.runtime.sampling import SamplingConfig
-from einplan.runtime.tokenizer import byte_tokenizer, load_tokenizer, train_tokenizer
 from einplan.runtime.trainer import StepStats, Trainer
-from einplan.runtime.weights import load_weights, random_weights
 
 SAMPLING = SamplingConfig(temperature=0.8, top_k=40, seed=0)
 # settings baked into the plan's update steps and dtypes

@@ -13,8 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from einplan.api import Session, compile_model
-from einplan.calibration import Probe, calibrate_input_ranges
+from einplan.apps.calibration import Probe, calibrate_input_ranges
+from einplan.apps.compile import compile_model
+from einplan.apps.evaluate import evaluate_text
+from einplan.apps.session import Session
 from einplan.compiler.quant_scheme import (
     SCHEMES,
     QuantConfig,
@@ -25,11 +27,10 @@ from einplan.compiler.quant_scheme import (
     weight_group,
 )
 from einplan.errors import EinplanError
+from einplan.formats.weights import open_checkpoint
 from einplan.models.config import ModelConfig
-from einplan.runtime.evaluate import evaluate_text
 from einplan.runtime.qmatmul import QuantizedMatrix
 from einplan.runtime.quantize import fake_quantize, quantize_weight
-from einplan.runtime.weights import open_checkpoint
 
 
 @dataclass

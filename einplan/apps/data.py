@@ -18,21 +18,13 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from einplan.errors import EinplanError
+from einplan.formats.files import hash_file
 
 CHUNK_CHARS = 1 << 20  # text tokenized per call (cut at a line end)
 
 
 class DataError(EinplanError):
     """The corpus is missing, unreadable, or too short for the sequence length."""
-
-
-def hash_file(path: Path) -> str:
-    """SHA-256 of a file's bytes, read in blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def encode_text(text: str, tokenizer: Tokenizer) -> np.ndarray:

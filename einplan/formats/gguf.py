@@ -5,7 +5,6 @@ tokenizer rebuilt from the file's vocabulary and merges; also writes an HF-layou
 from __future__ import annotations
 
 import functools
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,30 +202,3 @@ def read_gguf_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
             w = unpermute_qk(w, kv_heads)
         tensors[name] = w
     return tensors
-
-
-def convert_gguf(path: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "f32") -> Path:
-    """Write an HF-layout folder (config.json, model.safetensors, tokenizer.json,
-    tokenizer_config.json, generation_config.json) from a GGUF file."""
-    from einplan.runtime.dtypes import to_numpy_dtype
-    from einplan.runtime.weights import save_safetensors, write_atomic
-
-    model = read_gguf(path)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    np_dtype = to_numpy_dtype(dtype)
-    tensors = {k: v.astype(np_dtype) for k, v in read_gguf_tensors(path).items()}
-    config = {
-        **model.config,
-        "torch_dtype": {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}[dtype],
-    }
-    save_safetensors(tensors, out / "model.safetensors")
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    write_atomic(out / "tokenizer.json", lambda tmp: model.tokenizer.save(tmp))
-    (out / "tokenizer_config.json").write_text(json.dumps(model.tokenizer_config, indent=2))
-    generation = {
-        "bos_token_id": config.get("bos_token_id"),
-        "eos_token_id": config.get("eos_token_id"),
-    }
-    (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
-    return out

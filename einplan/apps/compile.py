@@ -1,0 +1,110 @@
+"""Compiling a model: trace a config into graphs, run the passes, gather one plan."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from einplan.compiler.ir import Graph
+from einplan.compiler.lora_spec import parse_lora
+from einplan.compiler.pipeline import PASSES, TRAIN_PASSES, PassContext, run_pipeline
+from einplan.compiler.plan import Plan
+from einplan.compiler.quant_scheme import parse_quant
+from einplan.errors import EinplanError
+from einplan.models.config import config_sections, load_config
+from einplan.models.llama import ENTRIES, build_graph
+from einplan.models.train_config import COMPUTE_DTYPES, TrainConfig, load_train_config
+
+WEIGHT_DTYPES = ("f32", "bf16", "f16", "f64")
+# entries made from the traced loss graph, and the passes that make them
+DERIVED = {
+    "loss": PASSES,
+    "grad": (
+        *PASSES[:2],
+        "autodiff",
+        *PASSES[2:],
+    ),  # loss and the gradient of every parameter, as outputs
+    "train_step": TRAIN_PASSES,  # loss, backward, gradient accumulation and optimizer update
+}
+# A training plan: the step, validation loss, and generation for samples (and Session).
+TRAIN_ENTRIES = ("train_step", "loss", "forward", "prefill", "decode")
+
+
+def compile_model(
+    config: str | Path | dict[str, Any],
+    *,
+    weight_dtype: str | None = None,
+    compute_dtype: str | None = None,
+    entries: tuple[str, ...] = ENTRIES,
+    train: TrainConfig | None = None,
+    ctx: PassContext | None = None,
+    lora: str | dict[str, Any] | None = None,
+    quant: str | dict[str, Any] | None = None,
+) -> Plan:
+    """Trace a model config (path, built-in name, dict or HF config.json) and compile each
+    entry point (``forward``, ``prefill``, ``decode``; ``loss``, ``grad``, ``train_step`` for
+    training, whose optimizer settings come from ``train`` or the config's train section)
+    into one plan. Weights are stored in ``weight_dtype`` and computed in ``compute_dtype``
+    (default: the train section's, else float32); both default to each other. ``lora``
+    (``"r=8,alpha=16,targets=q,v"`` or a dict) and ``quant`` (``"w4a16"`` or a dict with
+    group_size, symmetric, activations) override the config's sections of those names."""
+    t0 = time.perf_counter()
+    cfg = load_config(config)
+    train = train or load_train_config(config)
+    compute_dtype = compute_dtype or train.compute_dtype
+    weight_dtype = weight_dtype or compute_dtype
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise EinplanError(
+            f"weight dtype {weight_dtype!r} is not one of {', '.join(WEIGHT_DTYPES)}"
+        )
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise EinplanError(f"compute dtype {compute_dtype!r} is not one of {COMPUTE_DTYPES}")
+    if weight_dtype != compute_dtype and {"grad", "train_step"} & set(entries):
+        raise EinplanError(
+            f"training needs the weights stored in the compute dtype ({compute_dtype}), "
+            f"not {weight_dtype}"
+        )
+    sections = config_sections(config)
+    ctx = ctx or PassContext()
+    ctx.train = train
+    ctx.lora = parse_lora(lora if lora is not None else sections.get("lora"))
+    ctx.quant = parse_quant(quant if quant is not None else sections.get("quant"))
+    if {"grad", "train_step"} & set(entries):
+        # every entry of a training plan reads the one set of weights the optimizer updates
+        # in place: none may pack them into copies
+        ctx.skip = (*ctx.skip, "pack")
+    graphs = {}
+    for entry in entries:
+        traced = "loss" if entry in DERIVED else entry
+        graph = build_graph(cfg, traced, weight_dtype, compute_dtype)
+        graph.name = entry
+        graphs[entry] = run_pipeline(graph, ctx, DERIVED.get(entry, PASSES))
+    params = parameter_count(graphs[entries[0]])
+    meta = {
+        "weight_dtype": weight_dtype,
+        "compute_dtype": compute_dtype,
+        "lora": ctx.lora.to_dict() if ctx.lora else None,
+        "quant": ctx.quant.to_dict() if ctx.quant else None,
+        "parameters": params,
+        "passes": ctx.stats,
+        "compile_seconds": time.perf_counter() - t0,
+    }
+    if "train_step" in entries:
+        meta["train"] = train.to_dict()
+    return Plan(cfg.to_dict(), graphs, meta)
+
+
+def parameter_count(graph: Graph) -> int:
+    """Parameters of the model a graph computes (LoRA's included): a quantised weight counts
+    as the float matrix it stands for, its scales and zero points not at all."""
+    total = 0
+    for n in graph.params():
+        quant = n.attrs.get("quant")
+        if quant is None:
+            total += int(np.prod(n.shape))
+        elif quant["part"] == "q":
+            total += int(np.prod(quant["shape"]))
+    return total

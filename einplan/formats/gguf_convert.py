@@ -1,0 +1,36 @@
+"""GGUF -> Hugging Face folder: what ``einplan convert`` writes."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from einplan.compiler.dtypes import to_numpy_dtype
+from einplan.formats.files import write_atomic
+from einplan.formats.gguf import read_gguf, read_gguf_tensors
+from einplan.formats.weights import save_safetensors
+
+
+def convert_gguf(path: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "f32") -> Path:
+    """Write an HF-layout folder (config.json, model.safetensors, tokenizer.json,
+    tokenizer_config.json, generation_config.json) from a GGUF file."""
+    model = read_gguf(path)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    np_dtype = to_numpy_dtype(dtype)
+    tensors = {k: v.astype(np_dtype) for k, v in read_gguf_tensors(path).items()}
+    config = {
+        **model.config,
+        "torch_dtype": {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}[dtype],
+    }
+    save_safetensors(tensors, out / "model.safetensors")
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    write_atomic(out / "tokenizer.json", lambda tmp: model.tokenizer.save(tmp))
+    (out / "tokenizer_config.json").write_text(json.dumps(model.tokenizer_config, indent=2))
+    generation = {
+        "bos_token_id": config.get("bos_token_id"),
+        "eos_token_id": config.get("eos_token_id"),
+    }
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    return out

@@ -1,0 +1,1 @@
+"""Model definitions and their configs: what traces into a graph."""

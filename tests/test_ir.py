@@ -12,11 +12,11 @@ from einplan.compiler.ir import Graph, Node
 from einplan.compiler.ops import Op, ShapeError
 from einplan.compiler.trace import Builder
 from einplan.models.config import parse_config
-from einplan.models.llama import build_forward
+from einplan.models.llama import build_graph
 
 
 def test_traced_graph_matches_golden_text():
-    check_golden("one_layer_traced.txt", str(build_forward(parse_config(ONE_LAYER))))
+    check_golden("one_layer_traced.txt", str(build_graph(parse_config(ONE_LAYER), "forward")))
 
 
 def test_compiled_graph_matches_golden_text():

@@ -82,10 +82,6 @@ def _need(cond: bool, msg: str) -> None:
         raise ShapeError(msg)
 
 
-def _same_dims(a: Dim, b: Dim) -> bool:
-    return a == b
-
-
 def parse_spec(spec: str) -> tuple[list[str], str]:
     """Split an explicit einsum spec ``"bsd,ed->bse"`` into input terms and output."""
     _need("->" in spec, f"einsum spec {spec!r} must be explicit (contain '->')")
@@ -109,7 +105,7 @@ def einsum_sizes(spec: str, shapes: list[Shape]) -> dict[str, Dim]:
         for ch, d in zip(t, s, strict=True):
             if ch in sizes:
                 _need(
-                    _same_dims(sizes[ch], d),
+                    sizes[ch] == d,
                     f"einsum {spec!r}: index {ch!r} is {sizes[ch]} in one operand, {d} in another",
                 )
             sizes[ch] = d

@@ -64,14 +64,3 @@ def poly_to_json(p: Poly) -> list:
 def poly_from_json(data: list) -> Poly:
     """Read a polynomial written by :func:`poly_to_json`."""
     return {tuple(names): int(coef) for coef, names in data}
-
-
-def format_poly(p: Poly) -> str:
-    """Render a polynomial for people: ``2*batch*seq + 4``."""
-    if not p:
-        return "0"
-    terms = []
-    for names, coef in sorted(p.items(), key=lambda kv: (-len(kv[0]), kv[0])):
-        parts = ([str(coef)] if coef != 1 or not names else []) + list(names)
-        terms.append("*".join(parts))
-    return " + ".join(terms)

@@ -185,13 +185,3 @@ def build_graph(
     else:
         b.output("logits", logits)
     return b.graph
-
-
-def build_forward(cfg: ModelConfig, weight_dtype: str = "f32") -> Graph:
-    """Trace the cache-free forward pass (logits for every position)."""
-    return build_graph(cfg, "forward", weight_dtype)
-
-
-def count_parameters(cfg: ModelConfig) -> int:
-    """Number of distinct parameters (a tied embedding counted once)."""
-    return sum(int(np.prod(n.shape)) for n in build_forward(cfg).params())

@@ -331,6 +331,11 @@ class Executor:
                 for f in steps[i][5]:
                     del env[f]
 
+    def activation_bytes(self) -> int:
+        """Bytes of the largest arena (buffers and scratch) prepared so far: the activations
+        of this entry at the sizes it ran with."""
+        return max((p.arena_bytes for p in self._prepared.values()), default=0)
+
     def close(self) -> None:
         """Stop the thread pool, if any."""
         if self._pool is not None:

@@ -230,9 +230,7 @@ class Generator:
                 stats.decode_step_s.append(elapsed)
             if done.all():
                 break
-        stats.activations_bytes = max(
-            (p.arena_bytes for e in (pre, dec) for p in e._prepared.values()), default=0
-        )
+        stats.activations_bytes = max(pre.activation_bytes(), dec.activation_bytes())
         texts = [decode_text(t) for t in new] if decode_text else [""] * batch
         for r, text in enumerate(texts):
             for s in stop_strings:

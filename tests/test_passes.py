@@ -92,7 +92,7 @@ def test_pack_fuses_projections_of_one_input_and_keeps_the_logits():
     from einplan.compiler.pipeline import PassContext
 
     packed = compile_model("tiny", entries=("forward", "decode"))
-    plain = compile_model("tiny", entries=("forward", "decode"), ctx=PassContext(skip=("pack",)))
+    plain = compile_model("tiny", entries=("forward", "decode"), ctx=PassContext(pack=False))
     g = packed.entry("forward")
     names = {n.name for n in g.nodes if n.op is Op.EINSUM}
     assert {"attn_q+attn_k+attn_v-0", "ffn_gate+ffn_up-0", "attn_o-0", "ffn_down-0"} <= names

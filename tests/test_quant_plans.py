@@ -40,7 +40,7 @@ def reference():
 
 def test_graph_has_packed_params_and_a_dequantize_per_weight():
     quant = {"scheme": "w4a16", "group_size": 32}
-    unpacked = einplan.compile_model(CASE, quant=quant, ctx=PassContext(skip=("pack",))).entry()
+    unpacked = einplan.compile_model(CASE, quant=quant, ctx=PassContext(pack=False)).entry()
     params = {n.name: n for n in unpacked.params()}
     q, s = params["attn_q-0.wq"], params["attn_q-0.ws"]
     assert (q.dtype, q.shape, s.shape) == ("u8", (64, 32), (64, 2))

@@ -10,7 +10,7 @@ import numpy as np
 
 from einplan.compiler.ir import Graph
 from einplan.compiler.lora_spec import parse_lora
-from einplan.compiler.pipeline import PASSES, TRAIN_PASSES, PassContext, run_pipeline
+from einplan.compiler.pipeline import Mode, PassContext, compile_entry
 from einplan.compiler.plan import Plan
 from einplan.compiler.quant_scheme import parse_quant
 from einplan.errors import EinplanError
@@ -19,15 +19,11 @@ from einplan.models.llama import ENTRIES, build_graph
 from einplan.models.train_config import COMPUTE_DTYPES, TrainConfig, load_train_config
 
 WEIGHT_DTYPES = ("f32", "bf16", "f16", "f64")
-# entries made from the traced loss graph, and the passes that make them
+# entries traced as the loss graph, and what each computes from it
 DERIVED = {
-    "loss": PASSES,
-    "grad": (
-        *PASSES[:2],
-        "autodiff",
-        *PASSES[2:],
-    ),  # loss and the gradient of every parameter, as outputs
-    "train_step": TRAIN_PASSES,  # loss, backward, gradient accumulation and optimizer update
+    "loss": Mode.INFERENCE,
+    "grad": Mode.GRADIENT,  # loss and the gradient of every parameter, as outputs
+    "train_step": Mode.TRAINING,  # loss, backward, gradient accumulation and optimizer update
 }
 # A training plan: the step, validation loss, and generation for samples (and Session).
 TRAIN_ENTRIES = ("train_step", "loss", "forward", "prefill", "decode")
@@ -72,16 +68,16 @@ def compile_model(
     ctx.train = train
     ctx.lora = parse_lora(lora if lora is not None else sections.get("lora"))
     ctx.quant = parse_quant(quant if quant is not None else sections.get("quant"))
-    if {"grad", "train_step"} & set(entries):
-        # every entry of a training plan reads the one set of weights the optimizer updates
-        # in place: none may pack them into copies
-        ctx.skip = (*ctx.skip, "pack")
+    if any(DERIVED.get(e, Mode.INFERENCE) is not Mode.INFERENCE for e in entries):
+        # every entry of a plan with gradients reads the one set of weights the optimizer
+        # updates in place (or the gradients are taken of): none may pack them into copies
+        ctx.pack = False
     graphs = {}
     for entry in entries:
         traced = "loss" if entry in DERIVED else entry
         graph = build_graph(cfg, traced, weight_dtype, compute_dtype)
         graph.name = entry
-        graphs[entry] = run_pipeline(graph, ctx, DERIVED.get(entry, PASSES))
+        graphs[entry] = compile_entry(graph, ctx, DERIVED.get(entry, Mode.INFERENCE))
     params = parameter_count(graphs[entries[0]])
     meta = {
         "weight_dtype": weight_dtype,

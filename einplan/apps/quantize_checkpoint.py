@@ -46,7 +46,7 @@ def quantize_checkpoint(
         folder = folder.parent
     cfg = load_config(folder)
     # unpacked: the folder holds each projection's own tensors, as the checkpoint names them
-    ctx = PassContext(skip=("pack",))
+    ctx = PassContext(pack=False)
     graph = compile_model(folder, quant=quant.to_dict(), entries=("forward",), ctx=ctx).entry()
     arrays = load_weights(graph, folder, tied=cfg.tie_word_embeddings)
     float_bytes = 0  # what the same params take in float32

@@ -1,11 +1,13 @@
-"""Runs the named passes in order, timing each and verifying the graph after it."""
+"""The pass lists, by mode, and the runner that applies them in order, timing each and
+verifying the graph after it."""
 
 from __future__ import annotations
 
 import importlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,13 +18,45 @@ from einplan.compiler.quant_scheme import QuantConfig
 if TYPE_CHECKING:
     from einplan.models.train_config import TrainConfig
 
-# The order of DESIGN.md. pack (inference graphs only) lays out projection weights for the
-# runtime. schedule runs before memory: buffers may only be reused across dependency levels, so
-# liveness needs the level order.
-PASSES = ("lora", "quantize", "simplify", "pack", "contract", "schedule", "memory")
-# A training entry gets its reverse graph after LoRA and quantisation, then the optimizer's
-# in-place updates.
-TRAIN_PASSES = (*PASSES[:2], "autodiff", "optimizer", *PASSES[2:])
+
+class Mode(StrEnum):
+    """What an entry computes, which decides the passes it gets."""
+
+    INFERENCE = "inference"  # values only (forward, prefill, decode, loss)
+    GRADIENT = "gradient"  # + the reverse graph: the loss and every trainable param's gradient
+    TRAINING = "training"  # + gradient accumulation and the optimizer's in-place update
+
+
+# Every pass, in the order they run. The reverse graph comes after LoRA and quantisation, the
+# optimizer's updates after it. pack lays out projection weights in copies, so it runs only on
+# inference graphs of plans whose weights nothing updates. schedule runs before memory: buffers
+# may only be reused across dependency levels, so liveness needs the level order.
+ORDER = (
+    "lora",
+    "quantize",
+    "autodiff",
+    "optimizer",
+    "simplify",
+    "pack",
+    "contract",
+    "schedule",
+    "memory",
+)
+
+
+def passes_for(mode: Mode, pack: bool = True) -> tuple[str, ...]:
+    """The passes an entry of ``mode`` runs, in order; ``pack`` False leaves every weight as
+    the checkpoint stores it (a training plan's entries all read the weights it updates)."""
+    runs = {
+        "autodiff": mode is not Mode.INFERENCE,
+        "optimizer": mode is Mode.TRAINING,
+        "pack": pack and mode is Mode.INFERENCE,
+    }
+    return tuple(name for name in ORDER if runs.get(name, True))
+
+
+PASSES = passes_for(Mode.INFERENCE)
+TRAIN_PASSES = passes_for(Mode.TRAINING)
 
 
 @dataclass
@@ -38,7 +72,8 @@ class PassContext:
     verify: bool = True
     dump_after: tuple[str, ...] = ()
     on_dump: Callable[[str, Graph], None] | None = None
-    skip: tuple[str, ...] = ()  # passes not to run (optimisations only, e.g. "pack")
+    pack: bool = True  # pack projection weights of inference entries (see passes_for)
+    mode: Mode = Mode.INFERENCE  # the entry being compiled (set by compile_entry)
     stats: list[dict] = field(default_factory=list)
     lora: LoraConfig | None = None  # the lora pass adds adapters when set
     quant: QuantConfig | None = None  # the quantize pass quantises when set
@@ -72,6 +107,10 @@ def run_pipeline(graph: Graph, ctx: PassContext, passes: tuple[str, ...] = PASSE
     if ctx.verify:
         graph.verify()
     for name in passes:
-        if name not in ctx.skip:
-            graph = run_pass(name, graph, ctx)
+        graph = run_pass(name, graph, ctx)
     return graph
+
+
+def compile_entry(graph: Graph, ctx: PassContext, mode: Mode) -> Graph:
+    """Run the passes of ``mode`` over one traced entry (the context's stats are shared)."""
+    return run_pipeline(graph, replace(ctx, mode=mode), passes_for(mode, ctx.pack))

@@ -16,10 +16,9 @@ from einplan.compiler.ir import Graph, Node
 from einplan.compiler.lora_spec import LoraConfig, LoraError
 from einplan.compiler.ops import Op, parse_spec
 from einplan.compiler.passes.autodiff import FROZEN
-from einplan.compiler.pipeline import PassContext
+from einplan.compiler.pipeline import Mode, PassContext
 
 LORA = frozenset({"lora"})
-TRAINED_ENTRIES = ("grad", "train_step")  # the entries whose LoRA branches drop out
 DROPOUT_SEED = "dropout_seed"  # the runtime input that seeds every dropout mask of a step
 
 
@@ -114,7 +113,7 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
     if cfg is None:
         return graph
     seed = None
-    if cfg.dropout > 0 and graph.name in TRAINED_ENTRIES:  # PEFT drops out only in training
+    if cfg.dropout > 0 and ctx.mode is not Mode.INFERENCE:  # PEFT drops out only in training
         seed = Node(max(graph.by_id()) + 1, Op.INPUT, (), {}, (), "i64", DROPOUT_SEED)
     nodes = graph.by_id()
     next_id = max(nodes) + 2

@@ -174,12 +174,35 @@ RULES: dict[Op, Rule] = {
 }
 
 
+# Ops with no reverse rule, and why: a differentiated graph may hold them only where no
+# trainable value flows through them.
+NOT_DIFFERENTIABLE: dict[Op, str] = {
+    Op.PARAM: "a leaf",
+    Op.INPUT: "a leaf",
+    Op.STATE: "a leaf",
+    Op.KV_APPEND: "the KV cache is written only by prefill and decode",
+    Op.SLICE_LAST: "only prefill takes the last position",
+    Op.SPLIT: "packed projections exist only in inference graphs",
+    Op.ROPE_TABLE: "the rotary table is a function of positions only",
+    Op.DEQUANTIZE: "quantised weights are frozen (train LoRA adapters over them)",
+    Op.CROSS_ENTROPY_GRAD: "reverse ops are not differentiated again",
+    Op.RMS_NORM_GRAD: "reverse ops are not differentiated again",
+    Op.SOFTMAX_GRAD: "reverse ops are not differentiated again",
+    Op.SILU_MUL_GRAD: "reverse ops are not differentiated again",
+    Op.ACC_GRAD: "optimizer ops come after the reverse graph",
+    Op.GRAD_NORM: "optimizer ops come after the reverse graph",
+    Op.ADAMW: "optimizer ops come after the reverse graph",
+    Op.SGD: "optimizer ops come after the reverse graph",
+}
+
+
 def apply_rule(b: Builder, n: Node, ins: list[Value], ct: Value, need: set[int]) -> list:
     """Cotangents of ``n``'s inputs; a clear error for an op without a rule or an input the
     rule cannot differentiate (the softmax mask, rope table)."""
     rule = RULES.get(n.op)
     if rule is None:
-        raise ShapeError(f"{n.name or n.op.value}: op {n.op.value} has no reverse rule")
+        why = NOT_DIFFERENTIABLE.get(n.op, "no rule written")
+        raise ShapeError(f"{n.name or n.op.value}: op {n.op.value} has no reverse rule ({why})")
     grads = rule(b, n, ins, b.value(n), ct, need)
     for k in need:
         if grads[k] is None:

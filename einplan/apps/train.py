@@ -32,7 +32,7 @@ from einplan.formats.weights import load_weights, random_weights
 from einplan.models.config import ModelConfig, to_hf_config
 from einplan.models.train_config import parse_train_config
 from einplan.report.training import plot_loss_curve, print_training_summary
-from einplan.runtime.generate import Generator
+from einplan.runtime.generate import GenerationRequest, Generator
 from einplan.runtime.sampling import SamplingConfig
 from einplan.runtime.trainer import StepStats, Trainer
 
@@ -118,7 +118,8 @@ def initial_weights(plan: Plan, options: RunOptions, seed: int) -> dict[str, np.
 def sample_text(plan: Plan, weights: dict, tok: Tokenizer, prompt: str, tokens: int) -> str:
     """The prompt and a sampled continuation from the current weights."""
     ids = tok.encode(prompt).ids
-    gen = Generator(plan, weights).generate([ids], tokens, SAMPLING, decode_text=tok.decode)
+    request = GenerationRequest([ids], tokens, SAMPLING)
+    gen = Generator(plan, weights).generate(request, decode_text=tok.decode)
     return prompt + gen.texts[0]
 
 

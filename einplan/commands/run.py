@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> None:
     from einplan.formats.tokenizer import load_tokenizer, load_tokenizer_config
     from einplan.formats.weights import resolve_weights_dir
     from einplan.report.profile import write_profile
-    from einplan.runtime.generate import Generator
+    from einplan.runtime.generate import GenerationRequest, Generator
     from einplan.runtime.recorder import Recorder
     from einplan.runtime.sampling import SamplingConfig
 
@@ -71,17 +71,8 @@ def run(args: argparse.Namespace) -> None:
     def generate(prompts: list[str], stream: bool, special: bool = True):
         ids = [tokenizer.encode(p, add_special_tokens=special).ids for p in prompts]
         on_text = (lambda _, piece: print(piece, end="", flush=True)) if stream else None
-        return generator.generate(
-            ids,
-            args.max_new_tokens,
-            sampling,
-            eos,
-            args.stop,
-            decode,
-            on_text,
-            args.ctx,
-            recorder=recorder,
-        )
+        request = GenerationRequest(ids, args.max_new_tokens, sampling, eos, args.stop, args.ctx)
+        return generator.generate(request, decode, on_text, recorder)
 
     if args.chat:
         run_chat(tk_cfg, generate)

@@ -173,6 +173,7 @@ class TrainingRun:
             )
             self.sampler.restore(ckpt.state["sampler"])
         self.metrics = MetricsLog(out, self.trainer.step if ckpt is not None else None)
+        self.last_checkpoint: Path | None = ckpt.path if ckpt is not None else None
 
     def checkpoint(self) -> Path:
         """Save the run's state after the current step."""
@@ -196,9 +197,10 @@ class TrainingRun:
             files["adapter_config.json"] = json.dumps(peft_config(lora, base), indent=1)
             tensors["adapter_model.safetensors"] = {PEFT_PREFIX + k: v for k, v in trained.items()}
         encoded = {k: v.encode() for k, v in files.items()}
-        return save_checkpoint(
+        self.last_checkpoint = save_checkpoint(
             self.ckpt_root, t.step, tensors, encoded, state, self.cfg.keep_checkpoints
         )
+        return self.last_checkpoint
 
     def record(self, stats: StepStats) -> dict[str, Any]:
         """A log record for a step, with the validation loss of the current weights."""

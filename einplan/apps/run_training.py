@@ -24,7 +24,6 @@ class TrainResult:
 
     history: list[dict[str, Any]]
     checkpoint: Path | None  # None when the run made none and resumed from none
-    out: Path
 
 
 def open_or_compile(source: str | os.PathLike | dict | Plan, out: Path) -> Plan:
@@ -77,4 +76,4 @@ def train(
     training.finish()
     if profile:
         write_profile(training.trainer.profile, profile)
-    return TrainResult(training.metrics.records, training.last_checkpoint, out)
+    return TrainResult(training.metrics.records, training.last_checkpoint)

@@ -11,9 +11,26 @@ from typing import TYPE_CHECKING, Any
 from einplan._version import __version__
 
 if TYPE_CHECKING:
-    from einplan.api import Session, compile_model, load_plan
+    from einplan.api import (
+        Generation,
+        Plan,
+        Session,
+        TrainResult,
+        compile_model,
+        load_plan,
+        train,
+    )
 
-__all__ = ["Session", "compile_model", "load_plan", "__version__"]
+__all__ = [
+    "Generation",
+    "Plan",
+    "Session",
+    "TrainResult",
+    "compile_model",
+    "load_plan",
+    "train",
+    "__version__",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -5,18 +5,43 @@ gathered here, so that this one module is the engine's surface."""
 
 from __future__ import annotations
 
+from einplan.apps.chat import render_chat
 from einplan.apps.compile import TRAIN_ENTRIES, WEIGHT_DTYPES, compile_model, parameter_count
+from einplan.apps.evaluate import evaluate_text
+from einplan.apps.quant_report import quant_report
+from einplan.apps.quantize_checkpoint import quantize_checkpoint
+from einplan.apps.run_training import TrainResult, train
 from einplan.apps.session import Session, check_weights_config, load_plan, plan_config
+from einplan.compiler.ir import Graph
+from einplan.compiler.pipeline import TRAIN_PASSES, PassContext
+from einplan.compiler.plan import Plan
+from einplan.compiler.quant_scheme import parse_quant
 from einplan.models.llama import ENTRIES
+from einplan.runtime.generate import Generation, PhaseStats
+from einplan.runtime.recorder import Recorder
 
 __all__ = [
     "ENTRIES",
     "TRAIN_ENTRIES",
+    "TRAIN_PASSES",
     "WEIGHT_DTYPES",
+    "Generation",
+    "Graph",
+    "PassContext",
+    "PhaseStats",
+    "Plan",
+    "Recorder",
     "Session",
+    "TrainResult",
     "check_weights_config",
     "compile_model",
+    "evaluate_text",
     "load_plan",
     "parameter_count",
+    "parse_quant",
     "plan_config",
+    "quant_report",
+    "quantize_checkpoint",
+    "render_chat",
+    "train",
 ]

@@ -12,7 +12,7 @@ import einplan
 from einplan.errors import EinplanError
 from einplan.formats.tokenizer import byte_tokenizer
 from einplan.runtime.executor import Executor
-from einplan.runtime.generate import Generator, TextStream, attention_mask
+from einplan.runtime.generate import GenerationRequest, Generator, TextStream, attention_mask
 from einplan.runtime.kv_cache import allocate_cache
 from einplan.runtime.sampling import SamplingConfig, filter_top_k_top_p, penalize_repeats
 
@@ -30,7 +30,7 @@ def _load(case):
 def test_greedy_continuation_matches_transformers(case):
     plan, session, ref = _load(case)
     prompt = ref["prompt_ids"][0].tolist()
-    out = Generator(plan, session.weights).generate([prompt], 16, GREEDY)
+    out = Generator(plan, session.weights).generate(GenerationRequest([prompt], 16, GREEDY))
     assert out.tokens[0] == ref["greedy_ids"][0, len(prompt) :].tolist()
 
 
@@ -76,9 +76,10 @@ def test_batched_padded_generation_equals_each_prompt_alone(case):
         ref["prompt_ids"][0].tolist(),
         ref["input_ids"][1, :3].tolist(),
     ]
-    together = gen.generate(prompts, 12, GREEDY)
+    together = gen.generate(GenerationRequest(prompts, 12, GREEDY))
     for row, prompt in enumerate(prompts):
-        assert together.tokens[row] == gen.generate([prompt], 12, GREEDY).tokens[0]
+        alone = gen.generate(GenerationRequest([prompt], 12, GREEDY))
+        assert together.tokens[row] == alone.tokens[0]
 
 
 def test_rows_stop_on_their_own_at_eos():
@@ -87,7 +88,7 @@ def test_rows_stop_on_their_own_at_eos():
     greedy = ref["greedy_ids"][0, len(prompt) :].tolist()
     eos = greedy[5]
     out = Generator(plan, session.weights).generate(
-        [prompt, ref["input_ids"][1, :4].tolist()], 16, GREEDY, eos_ids=[eos]
+        GenerationRequest([prompt, ref["input_ids"][1, :4].tolist()], 16, GREEDY, eos_ids=[eos])
     )
     assert out.tokens[0] == greedy[: greedy.index(eos)] and out.stop_reasons[0] == "eos"
     assert eos not in out.tokens[1] or out.stop_reasons[1] == "eos"
@@ -99,9 +100,7 @@ def test_stop_strings_and_streaming_text():
     tok = byte_tokenizer()
     pieces = []
     out = Generator(plan, session.weights).generate(
-        [tok.encode("JULIET:").ids],
-        40,
-        SamplingConfig(temperature=1.0, seed=3),
+        GenerationRequest([tok.encode("JULIET:").ids], 40, SamplingConfig(temperature=1.0, seed=3)),
         decode_text=tok.decode,
         on_text=lambda row, p: pieces.append(p),
     )
@@ -110,10 +109,12 @@ def test_stop_strings_and_streaming_text():
     assert len(out.texts[0]) - len(streamed) <= 1
     stop = out.texts[0][5:8]
     again = Generator(plan, session.weights).generate(
-        [tok.encode("JULIET:").ids],
-        40,
-        SamplingConfig(temperature=1.0, seed=3),
-        stop_strings=[stop],
+        GenerationRequest(
+            [tok.encode("JULIET:").ids],
+            40,
+            SamplingConfig(temperature=1.0, seed=3),
+            stop_strings=[stop],
+        ),
         decode_text=tok.decode,
     )
     assert again.stop_reasons[0] == "stop" and stop not in again.texts[0]
@@ -133,10 +134,10 @@ def test_seeded_sampling_repeats_and_seeds_differ():
     session = einplan.Session(plan, random_seed=0)
     gen = Generator(plan, session.weights)
     cfg = SamplingConfig(temperature=1.0, top_k=50, top_p=0.95, seed=7)
-    a = gen.generate([[1, 2, 3]], 20, cfg).tokens
-    assert a == gen.generate([[1, 2, 3]], 20, cfg).tokens
+    a = gen.generate(GenerationRequest([[1, 2, 3]], 20, cfg)).tokens
+    assert a == gen.generate(GenerationRequest([[1, 2, 3]], 20, cfg)).tokens
     other = SamplingConfig(temperature=1.0, top_k=50, top_p=0.95, seed=8)
-    assert a != gen.generate([[1, 2, 3]], 20, other).tokens
+    assert a != gen.generate(GenerationRequest([[1, 2, 3]], 20, other)).tokens
 
 
 def test_top_k_and_top_p_filters():
@@ -159,9 +160,9 @@ def test_bad_generation_requests():
     plan = einplan.compile_model("tiny")
     gen = Generator(plan, einplan.Session(plan, random_seed=0).weights)
     with pytest.raises(EinplanError, match="empty prompt"):
-        gen.generate([[]], 4, GREEDY)
+        gen.generate(GenerationRequest([[]], 4, GREEDY))
     with pytest.raises(EinplanError, match="prompt of 600 tokens"):
-        gen.generate([[1] * 600], 4, GREEDY)
+        gen.generate(GenerationRequest([[1] * 600], 4, GREEDY))
     with pytest.raises(EinplanError, match="top-p"):
         SamplingConfig(top_p=0.0)
 
@@ -170,13 +171,14 @@ def test_chunked_prefill_equals_one_chunk(monkeypatch):
     plan, session, ref = _load("llama3_rope_scaling")
     prompt = ref["input_ids"][0, :50].tolist()
     gen = Generator(plan, session.weights)
-    whole = gen.generate([prompt], 8, GREEDY)
+    whole = gen.generate(GenerationRequest([prompt], 8, GREEDY))
     monkeypatch.setattr("einplan.runtime.generate.PREFILL_CHUNK", 16)
-    chunked = gen.generate([prompt], 8, GREEDY)
+    chunked = gen.generate(GenerationRequest([prompt], 8, GREEDY))
     assert chunked.tokens == whole.tokens
 
 
 def test_full_context_is_a_stop_reason():
     plan, session, ref = _load("llama_mha_untied")
-    out = Generator(plan, session.weights).generate([[1, 2, 3]], 10, GREEDY, ctx=6)
+    request = GenerationRequest([[1, 2, 3]], 10, GREEDY, ctx=6)
+    out = Generator(plan, session.weights).generate(request)
     assert len(out.tokens[0]) == 3 and out.stop_reasons == ["context"]

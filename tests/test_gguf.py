@@ -124,12 +124,11 @@ def test_real_smollm2_knows_the_capital_of_france():
     model = read_gguf(SMOLLM2_GGUF)
     plan = einplan.compile_model("configs/smollm2-135m.json")
     session = einplan.Session(plan, SMOLLM2_GGUF)
-    from einplan.runtime.generate import Generator
-    from einplan.runtime.sampling import SamplingConfig
+    from einplan.runtime.generate import GenerationRequest, Generator
 
     ids = model.tokenizer.encode("The capital of France is").ids
     out = Generator(plan, session.weights).generate(
-        [ids], 4, SamplingConfig(), decode_text=model.tokenizer.decode
+        GenerationRequest([ids], 4), decode_text=model.tokenizer.decode
     )
     assert out.texts[0].startswith(" Paris")
 

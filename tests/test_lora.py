@@ -16,8 +16,7 @@ from einplan.compiler.ops import Op, count_flops
 from einplan.compiler.symbolic import evaluate
 from einplan.formats.peft import PEFT_PREFIX, lora_params, save_adapter
 from einplan.formats.weights import open_checkpoint, read_safetensors_index
-from einplan.runtime.generate import Generator
-from einplan.runtime.sampling import SamplingConfig
+from einplan.runtime.generate import GenerationRequest, Generator
 
 CASE = FIXTURES / "llama_gqa_tied"
 ALL = "r=4,alpha=8,targets=q,k,v,o,gate,up,down,lm_head"
@@ -83,7 +82,7 @@ def test_untrained_adapter_changes_no_logit():
     )
     prompt = [_ids(9).tolist()]
     runs = [
-        Generator(p, einplan.Session(p, CASE).weights).generate(prompt, 5, SamplingConfig())
+        Generator(p, einplan.Session(p, CASE).weights).generate(GenerationRequest(prompt, 5))
         for p in (base, lora)
     ]
     assert runs[0].tokens == runs[1].tokens

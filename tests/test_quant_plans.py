@@ -15,9 +15,8 @@ from einplan.compiler.pipeline import PassContext
 from einplan.compiler.quant_scheme import QuantError
 from einplan.formats.weights import WeightsError, open_checkpoint
 from einplan.runtime import qmatmul
-from einplan.runtime.generate import Generator
+from einplan.runtime.generate import GenerationRequest, Generator
 from einplan.runtime.qmatmul import QuantizedMatrix
-from einplan.runtime.sampling import SamplingConfig
 
 CASE = FIXTURES / "llama_gqa_tied"  # hidden 64, MLP 160: int4 groups of 32
 UNTIED = FIXTURES / "llama_mha_untied"
@@ -89,7 +88,7 @@ def test_no_float_copy_of_a_weight_is_made(monkeypatch):
     session = einplan.Session(plan, CASE)
     logits = session.forward(_ids((1, 12)))
     gen = Generator(plan, session.weights)
-    out = gen.generate([_ids(12).tolist()], 4, SamplingConfig())
+    out = gen.generate(GenerationRequest([_ids(12).tolist()], 4))
     assert np.isfinite(logits).all() and len(out.tokens[0]) == 4
     matrices = [a for k, a in session.weights.items() if k.endswith(".weight") and a.ndim == 2]
     assert len(matrices) == 9 and all(a.dtype == np.uint8 for a in matrices)  # 4 packed per layer
@@ -99,7 +98,7 @@ def test_decode_matches_forward_with_quantised_weights():
     plan = einplan.compile_model(CASE, quant={"scheme": "w4a16", "group_size": 32})
     session = einplan.Session(plan, CASE)
     prompt = _ids(10).tolist()
-    gen = Generator(plan, session.weights).generate([prompt], 6, SamplingConfig())
+    gen = Generator(plan, session.weights).generate(GenerationRequest([prompt], 6))
     ids = list(prompt)
     for _ in range(6):  # greedy by full forward passes
         ids.append(int(session.forward(np.array([ids]))[0, -1].argmax()))

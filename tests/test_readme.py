@@ -18,8 +18,11 @@ def test_first_lines_hold_install_and_test_commands():
 def test_python_example_runs(tmp_path, monkeypatch, capsys):
     code = re.search(r"```python\n(.*?)```", README, re.S).group(1)
     (tmp_path / "configs").symlink_to(ROOT / "configs")
+    (tmp_path / "einplan").mkdir()
+    (tmp_path / "einplan" / "data").symlink_to(ROOT / "einplan" / "data")
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "README.md", "exec"), {})
     out = capsys.readouterr().out
     assert "(1, 4, 256) float32" in out and "graph forward" in out
     assert (tmp_path / "tiny.plan").exists()
+    assert (tmp_path / "runs" / "readme" / "checkpoints" / "step-000004").is_dir()

@@ -1,18 +1,33 @@
-"""A plan bound to weights: the object that runs it."""
+"""A plan bound to weights: the object that runs it (forward, generate, loss and gradients)."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
+from tokenizers import Tokenizer
 
+from einplan.apps.gradients import check_targets, loss_feed, named_grads, shifted_targets
+from einplan.apps.prompts import Prompts, collect_eos_ids, encode_prompts
 from einplan.compiler.plan import Plan
+from einplan.errors import EinplanError
 from einplan.formats.peft import init_lora, load_adapter
-from einplan.formats.weights import WeightsError, load_weights, random_weights, weights_config
+from einplan.formats.tokenizer import load_tokenizer, load_tokenizer_config, weights_tokenizer
+from einplan.formats.weights import (
+    WeightsError,
+    load_weights,
+    random_weights,
+    resolve_weights_dir,
+    weights_config,
+)
 from einplan.models.config import ModelConfig, config_differences, parse_config
 from einplan.runtime.executor import Executor, InputError
+from einplan.runtime.generate import Generation, GenerationRequest, Generator
 from einplan.runtime.recorder import Recorder
+from einplan.runtime.sampling import SamplingConfig
 
 
 def load_plan(path: str | Path) -> Plan:
@@ -39,8 +54,19 @@ def check_weights_config(config: ModelConfig, weights: str | os.PathLike) -> Non
         )
 
 
+def require_entries(plan: Plan, entries: tuple[str, ...], call: str, how: str) -> None:
+    """Refuse a call whose entries the plan lacks, saying how to compile them."""
+    missing = [e for e in entries if e not in plan.entries]
+    if missing:
+        raise EinplanError(
+            f"{call} needs the plan's {' and '.join(entries)} "
+            f"entr{'y' if len(entries) == 1 else 'ies'}; this plan has "
+            f"{', '.join(plan.entries)}: compile it with {how}"
+        )
+
+
 class Session:
-    """A plan bound to weights, ready to run ``forward`` on token ids."""
+    """A plan bound to weights: ``forward`` logits, ``generate`` text, ``loss_and_grads``."""
 
     def __init__(
         self,
@@ -51,20 +77,25 @@ class Session:
         workers: int = 0,
         adapter: str | os.PathLike | None = None,
         lora_seed: int = 0,
+        tokenizer: str | os.PathLike | Tokenizer | None = None,
     ) -> None:
         """Bind ``weights`` (HF folder, safetensors file, hub id, GGUF file, or a dict of
         arrays under Hugging Face names), or
         seeded random weights when ``random_seed`` is given instead. One of the two is needed:
         there is no silent random fallback. A plan with LoRA takes its A and B from
         ``adapter`` (a PEFT folder made for these weights) or, without one, fresh ones
-        (``lora_seed``; B is zero, so the logits are the base model's)."""
+        (``lora_seed``; B is zero, so the logits are the base model's). ``tokenizer``
+        (tokenizer.json or its folder, ``"bytes"``, or a Tokenizer) defaults to the one that
+        came with the weights; ``self.tokenizer`` is None when there is none."""
         self.plan = plan if isinstance(plan, Plan) else load_plan(plan)
         self.config = plan_config(self.plan)
+        self.workers = workers
         graph = self.plan.entry("forward")
         if (weights is None) == (random_seed is None):
             raise ValueError(
                 "give either weights or random_seed (random weights), not both or neither"
             )
+        self.source = None if isinstance(weights, dict | None) else resolve_weights_dir(weights)
         if random_seed is not None:
             arrays = random_weights(graph, random_seed)
         else:
@@ -77,14 +108,42 @@ class Session:
             arrays.update(init_lora(graph, lora_seed))
         self.weights = arrays
         self.executor = Executor(graph, arrays, workers)
+        if isinstance(tokenizer, Tokenizer):
+            self.tokenizer: Tokenizer | None = tokenizer
+        elif tokenizer is not None:
+            self.tokenizer = load_tokenizer(str(tokenizer), self.source)
+        else:
+            self.tokenizer = weights_tokenizer(self.source) if self.source else None
 
-    def forward(
-        self,
-        tokens: np.ndarray,
-        positions: np.ndarray | None = None,
-        recorder: Recorder | None = None,
-    ) -> np.ndarray:
-        """Logits, float32 ``(batch, seq, vocab)``, for integer token ids ``(batch, seq)``."""
+    @cached_property
+    def tokenizer_config(self) -> dict:
+        """tokenizer_config.json beside the weights (chat template, special tokens), or {}."""
+        return load_tokenizer_config(self.source)
+
+    @cached_property
+    def eos_ids(self) -> list[int]:
+        """The ids that end a row: the config's, generation_config.json's beside the weights,
+        and the tokenizer's eos token."""
+        return collect_eos_ids(
+            self.config.eos_token_id, self.source, self.tokenizer, self.tokenizer_config
+        )
+
+    @cached_property
+    def generator(self) -> Generator:
+        """The prefill and decode entries over these weights."""
+        how = "einplan.compile_model(config) (its default entries) or einplan compile CONFIG"
+        require_entries(self.plan, ("prefill", "decode"), "generate", how)
+        return Generator(self.plan, self.weights, self.workers)
+
+    @cached_property
+    def grad_executor(self) -> Executor:
+        """The ``grad`` entry over these weights."""
+        how = 'einplan.compile_model(config, entries=("forward", "grad"))'
+        require_entries(self.plan, ("grad",), "loss_and_grads", how)
+        return Executor(self.plan.entry("grad"), self.weights, self.workers)
+
+    def check_tokens(self, tokens: np.ndarray) -> np.ndarray:
+        """Token ids as ``(batch, seq)`` integers in the vocabulary (one row may be 1-D)."""
         tokens = np.asarray(tokens)
         if tokens.ndim == 1:
             tokens = tokens[None, :]
@@ -99,7 +158,71 @@ class Session:
             raise InputError(
                 f"token ids must lie in 0..{vocab - 1}, got {tokens.min()}..{tokens.max()}"
             )
+        return tokens
+
+    def forward(
+        self,
+        tokens: np.ndarray,
+        positions: np.ndarray | None = None,
+        recorder: Recorder | None = None,
+    ) -> np.ndarray:
+        """Logits, float32 ``(batch, seq, vocab)``, for integer token ids ``(batch, seq)``."""
+        tokens = self.check_tokens(tokens)
         if positions is None:
             positions = np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape)
         out = self.executor.run({"tokens": tokens, "positions": positions}, recorder)
         return out["logits"]
+
+    def generate(
+        self,
+        prompts: Prompts,
+        max_new_tokens: int = 64,
+        *,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        repetition_penalty: float = 1.0,
+        seed: int = 0,
+        stop: Sequence[str] = (),
+        ignore_eos: bool = False,
+        stream: Callable[[int, str], None] | None = None,
+        ctx: int | None = None,
+        recorder: Recorder | None = None,
+    ) -> Generation:
+        """Continue each prompt (text, or token ids; one, or a list of them) by up to
+        ``max_new_tokens`` tokens, greedy unless ``temperature`` > 0. A row stops at an EOS
+        id (unless ``ignore_eos``), once its text holds a ``stop`` string, at the token limit,
+        or when the ``ctx``-slot cache is full. ``stream(row, piece)`` is called with each
+        piece of text as it is made. Text (prompts, texts, stop, stream) needs the session's
+        tokenizer; without one, the result's texts are empty."""
+        ids = encode_prompts(prompts, self.tokenizer, self.config.vocab_size)
+        stop = [stop] if isinstance(stop, str) else list(stop)
+        if self.tokenizer is None and (stop or stream):
+            raise EinplanError(
+                "stop strings and stream work on text, and this session has no tokenizer: "
+                "give Session(..., tokenizer=PATH or 'bytes')"
+            )
+        sampling = SamplingConfig(temperature, top_k, top_p, repetition_penalty, seed)
+        eos = () if ignore_eos else self.eos_ids
+        request = GenerationRequest(ids, max_new_tokens, sampling, eos, stop, ctx)
+        decode = self.decode if self.tokenizer is not None else None
+        return self.generator.generate(request, decode, stream, recorder)
+
+    def decode(self, ids: list[int]) -> str:
+        """The text of token ids (special tokens left out)."""
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def loss_and_grads(
+        self, tokens: np.ndarray, targets: np.ndarray | None = None
+    ) -> tuple[np.floating, dict[str, np.ndarray]]:
+        """Mean next-token cross entropy of ``tokens`` (batch, seq) and its gradient for
+        every weight, keyed by checkpoint name, in the plan's compute dtype. ``targets[b, t]``
+        is the token expected after position t (-100: ignored); by default the next token,
+        the last position ignored, as transformers' ``labels=input_ids``."""
+        executor = self.grad_executor
+        tokens = self.check_tokens(tokens)
+        vocab = self.config.vocab_size
+        if targets is None:
+            targets = shifted_targets(tokens)
+        out = executor.run(loss_feed(tokens, check_targets(targets, tokens.shape, vocab)))
+        return out["loss"][()], named_grads(out)

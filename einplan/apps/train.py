@@ -32,7 +32,7 @@ from einplan.formats.weights import load_weights, random_weights
 from einplan.models.config import ModelConfig, to_hf_config
 from einplan.models.train_config import parse_train_config
 from einplan.report.training import plot_loss_curve, print_training_summary
-from einplan.runtime.generate import Generator
+from einplan.runtime.generate import GenerationRequest, Generator
 from einplan.runtime.sampling import SamplingConfig
 from einplan.runtime.trainer import StepStats, Trainer
 
@@ -118,7 +118,8 @@ def initial_weights(plan: Plan, options: RunOptions, seed: int) -> dict[str, np.
 def sample_text(plan: Plan, weights: dict, tok: Tokenizer, prompt: str, tokens: int) -> str:
     """The prompt and a sampled continuation from the current weights."""
     ids = tok.encode(prompt).ids
-    gen = Generator(plan, weights).generate([ids], tokens, SAMPLING, decode_text=tok.decode)
+    request = GenerationRequest([ids], tokens, SAMPLING)
+    gen = Generator(plan, weights).generate(request, decode_text=tok.decode)
     return prompt + gen.texts[0]
 
 
@@ -172,6 +173,7 @@ class TrainingRun:
             )
             self.sampler.restore(ckpt.state["sampler"])
         self.metrics = MetricsLog(out, self.trainer.step if ckpt is not None else None)
+        self.last_checkpoint: Path | None = ckpt.path if ckpt is not None else None
 
     def checkpoint(self) -> Path:
         """Save the run's state after the current step."""
@@ -195,9 +197,10 @@ class TrainingRun:
             files["adapter_config.json"] = json.dumps(peft_config(lora, base), indent=1)
             tensors["adapter_model.safetensors"] = {PEFT_PREFIX + k: v for k, v in trained.items()}
         encoded = {k: v.encode() for k, v in files.items()}
-        return save_checkpoint(
+        self.last_checkpoint = save_checkpoint(
             self.ckpt_root, t.step, tensors, encoded, state, self.cfg.keep_checkpoints
         )
+        return self.last_checkpoint
 
     def record(self, stats: StepStats) -> dict[str, Any]:
         """A log record for a step, with the validation loss of the current weights."""

@@ -17,12 +17,10 @@ def run(args: argparse.Namespace) -> None:
     """Tokenize the text, run the plan over windows, print loss and perplexity."""
     from tqdm import tqdm
 
-    from einplan.api import load_plan
-    from einplan.apps.evaluate import evaluate_text
+    from einplan.api import Recorder, evaluate_text, load_plan
     from einplan.formats.tokenizer import load_tokenizer
     from einplan.formats.weights import resolve_weights_dir
     from einplan.report.profile import write_profile
-    from einplan.runtime.recorder import Recorder
 
     plan = load_plan(args.plan)
     weights_dir = None
@@ -37,7 +35,7 @@ def run(args: argparse.Namespace) -> None:
     text = text_path.read_text(encoding="utf-8", errors="replace")
     ids = np.asarray(tokenizer.encode(text[: args.max_tokens * 16]).ids, dtype=np.int64)
     ids = ids[: args.max_tokens + 1]
-    session = open_session(plan, args)
+    session = open_session(plan, args, tokenizer)
     window = min(args.window, plan.entry("forward").dims["seq"])
     recorder = Recorder() if args.profile else None
     t0 = time.perf_counter()
@@ -58,8 +56,9 @@ def run(args: argparse.Namespace) -> None:
         write_profile(recorder, args.profile)
 
 
-def open_session(plan, args: argparse.Namespace):
-    """The plan bound to the weights (and LoRA adapter) the arguments name."""
+def open_session(plan, args: argparse.Namespace, tokenizer):
+    """The plan bound to the weights (and LoRA adapter) the arguments name, and the
+    tokenizer loaded for them."""
     from einplan.api import Session
 
     return Session(
@@ -68,6 +67,7 @@ def open_session(plan, args: argparse.Namespace):
         random_seed=args.random_weights,
         workers=args.workers,
         adapter=args.adapter,
+        tokenizer=tokenizer,
     )
 
 

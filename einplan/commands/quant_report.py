@@ -83,10 +83,8 @@ def role_table(rows: list, scheme: str):
 
 def run(args: argparse.Namespace) -> None:
     """Compute and print the report (and write it as JSON when asked)."""
-    from einplan.api import check_weights_config, load_plan, plan_config
-    from einplan.apps.quant_report import quant_report
+    from einplan.api import check_weights_config, load_plan, parse_quant, plan_config, quant_report
     from einplan.commands.quantize import read_token_ids
-    from einplan.compiler.quant_scheme import parse_quant
     from einplan.formats.weights import resolve_weights_dir
 
     plan = load_plan(args.plan)

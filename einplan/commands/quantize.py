@@ -68,8 +68,7 @@ def add_quant_arguments(
 
 def run(args: argparse.Namespace) -> None:
     """Quantise the checkpoint, optionally calibrating activation ranges on text."""
-    from einplan.apps.quantize_checkpoint import quantize_checkpoint
-    from einplan.compiler.quant_scheme import parse_quant
+    from einplan.api import parse_quant, quantize_checkpoint
     from einplan.formats.weights import resolve_weights_dir
 
     quant = parse_quant(quant_options(args))

@@ -3,31 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from einplan.commands.eval import add_profile_argument, add_weights_arguments, open_session
 from einplan.errors import EinplanError
-
-
-def collect_eos_ids(
-    config_eos: list[int], weights: Path | None, tokenizer, tk_cfg: dict
-) -> list[int]:
-    """EOS ids from the model config, generation_config.json beside the weights, and the
-    tokenizer's eos token."""
-    ids = set(config_eos)
-    if weights is not None and weights.suffix != ".gguf":
-        gen = (weights if weights.is_dir() else weights.parent) / "generation_config.json"
-        if gen.is_file():
-            eos = json.loads(gen.read_text()).get("eos_token_id")
-            ids.update([eos] if isinstance(eos, int) else (eos or []))
-    eos_text = tk_cfg.get("eos_token")
-    if isinstance(eos_text, dict):
-        eos_text = eos_text.get("content")
-    if eos_text and tokenizer.token_to_id(eos_text) is not None:
-        ids.add(tokenizer.token_to_id(eos_text))
-    return sorted(ids)
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -45,46 +25,34 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 def run(args: argparse.Namespace) -> None:
     """Load plan, weights and tokenizer; generate for the prompts or chat."""
-    from einplan.api import load_plan
-    from einplan.formats.tokenizer import load_tokenizer, load_tokenizer_config
+    from einplan.api import Recorder, load_plan
+    from einplan.formats.tokenizer import load_tokenizer
     from einplan.formats.weights import resolve_weights_dir
     from einplan.report.profile import write_profile
-    from einplan.runtime.generate import Generator
-    from einplan.runtime.recorder import Recorder
-    from einplan.runtime.sampling import SamplingConfig
 
     plan = load_plan(args.plan)
     weights = resolve_weights_dir(args.weights) if args.weights else None
-    tokenizer = load_tokenizer(args.tokenizer, weights)
-    tk_cfg = load_tokenizer_config(weights)
-    session = open_session(plan, args)
-    generator = Generator(plan, session.weights, args.workers)
-    sampling = SamplingConfig(
-        args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed
-    )
-    eos = collect_eos_ids(session.config.eos_token_id, weights, tokenizer, tk_cfg)
+    session = open_session(plan, args, load_tokenizer(args.tokenizer, weights))
     recorder = Recorder() if args.profile else None
 
-    def decode(ids: list[int]) -> str:
-        return tokenizer.decode(ids, skip_special_tokens=True)
-
-    def generate(prompts: list[str], stream: bool, special: bool = True):
-        ids = [tokenizer.encode(p, add_special_tokens=special).ids for p in prompts]
+    def generate(prompts: list[str] | list[list[int]], stream: bool):
         on_text = (lambda _, piece: print(piece, end="", flush=True)) if stream else None
-        return generator.generate(
-            ids,
+        return session.generate(
+            prompts,
             args.max_new_tokens,
-            sampling,
-            eos,
-            args.stop,
-            decode,
-            on_text,
-            args.ctx,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            repetition_penalty=args.repetition_penalty,
+            seed=args.seed,
+            stop=args.stop,
+            stream=on_text,
+            ctx=args.ctx,
             recorder=recorder,
         )
 
     if args.chat:
-        run_chat(tk_cfg, generate)
+        run_chat(session, generate)
     else:
         generate_prompts(args, generate)
     if recorder is not None:
@@ -111,9 +79,10 @@ def generate_prompts(args: argparse.Namespace, generate) -> None:
         print_phase_table(result.stats)
 
 
-def run_chat(tk_cfg: dict, generate) -> None:
-    """Read user turns from stdin, answer each with the chat template applied."""
-    from einplan.apps.chat import render_chat
+def run_chat(session, generate) -> None:
+    """Read user turns from stdin, answer each with the chat template applied (its text
+    holds the special tokens, so it is encoded without adding more)."""
+    from einplan.api import render_chat
 
     messages: list[dict[str, str]] = []
     interactive = sys.stdin.isatty()
@@ -126,7 +95,8 @@ def run_chat(tk_cfg: dict, generate) -> None:
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line.strip()})
-        result = generate([render_chat(tk_cfg, messages)], stream=True, special=False)
+        text = render_chat(session.tokenizer_config, messages)
+        result = generate([session.tokenizer.encode(text, add_special_tokens=False).ids], True)
         print()
         messages.append({"role": "assistant", "content": result.texts[0]})
 

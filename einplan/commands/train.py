@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from einplan.commands.eval import add_profile_argument
 from einplan.errors import EinplanError
-
-PLAN_PREFIX = b'{"magic":"einplan-plan"'
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -27,43 +24,22 @@ def parse_overrides(pairs: list[str]) -> dict:
     return out
 
 
-def open_or_compile(source: str, out: Path):
-    """The training plan: read a plan file, or compile a config (saved in the run folder)."""
-    from einplan.api import TRAIN_ENTRIES, compile_model, load_plan
-
-    path = Path(source)
-    if path.is_file() and path.read_bytes()[: len(PLAN_PREFIX)] == PLAN_PREFIX:
-        return load_plan(path)
-    plan = compile_model(source, entries=TRAIN_ENTRIES)
-    out.mkdir(parents=True, exist_ok=True)
-    plan.save(out / "model.plan")
-    return plan
-
-
 def run(args: argparse.Namespace) -> None:
     """Prepare the run, train, and print the summary."""
-    from einplan.apps.train import RunOptions, TrainingRun
-    from einplan.report.profile import write_profile
-    from einplan.runtime.recorder import Recorder
+    from einplan.api import train
 
-    out = Path(args.out)
-    options = RunOptions(
-        corpus=Path(args.data),
-        out=out,
+    train(
+        args.plan,
+        data=args.data,
+        out=args.out,
         steps=args.steps,
+        overrides=parse_overrides(args.set),
         resume=args.resume,
         init_weights=args.init_weights,
         tokenizer=args.tokenizer,
-        overrides=parse_overrides(args.set),
         workers=args.workers,
+        profile=args.profile,
     )
-    training = TrainingRun(open_or_compile(args.plan, out), options)
-    if args.profile:
-        training.trainer.profile = Recorder()
-    training.run()
-    training.finish()
-    if args.profile:
-        write_profile(training.trainer.profile, args.profile)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -103,6 +103,11 @@ class Plan:
         except (KeyError, TypeError, ValueError) as e:
             raise PlanError(f"{path}: plan file is malformed ({e}); recompile it") from None
 
+    @property
+    def parameters(self) -> int:
+        """Parameters of the model (as ``einplan compile`` prints them)."""
+        return self.meta["parameters"]
+
 
 def checksum(body: dict[str, Any]) -> str:
     """SHA-256 of the canonical JSON of the plan body."""

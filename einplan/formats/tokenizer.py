@@ -61,6 +61,15 @@ def load_tokenizer(spec: str | None, weights: Path | None = None) -> Tokenizer:
         raise TokenizerError(f"{path}: not a readable tokenizer.json ({e})") from None
 
 
+def weights_tokenizer(weights: Path) -> Tokenizer | None:
+    """The tokenizer that came with the weights (their folder's tokenizer.json, or a GGUF
+    file's vocabulary), or None when they have none."""
+    folder = weights.parent if weights.is_file() else weights
+    if weights.suffix == ".gguf" or (folder / "tokenizer.json").is_file():
+        return load_tokenizer(None, weights)
+    return None
+
+
 def load_tokenizer_config(weights: Path | None) -> dict:
     """tokenizer_config.json beside the weights (chat template, special tokens), or {}."""
     if weights is None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -63,6 +63,27 @@ class PhaseStats:
         return self.batch * 1e3 / p50 if p50 else 0.0
 
 
+@dataclass(frozen=True)
+class GenerationRequest:
+    """What to generate: up to ``max_new_tokens`` for each prompt (token id lists), picked
+    by ``sampling``; a row stops at an EOS id or a stop string, within a KV cache of ``ctx``
+    slots (default: longest prompt + new tokens); shorter prompts are padded with ``pad_id``."""
+
+    prompts: list[list[int]]
+    max_new_tokens: int
+    sampling: SamplingConfig = SamplingConfig()
+    eos_ids: Collection[int] = ()
+    stop_strings: Sequence[str] = ()
+    ctx: int | None = None
+    pad_id: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.prompts or any(len(p) == 0 for p in self.prompts):
+            raise EinplanError("empty prompt: give at least one token of prompt text")
+        if self.max_new_tokens < 1:
+            raise EinplanError(f"max new tokens must be >= 1, got {self.max_new_tokens}")
+
+
 @dataclass
 class Generation:
     """The new tokens and text of every prompt, why each stopped, and the phase numbers."""
@@ -105,6 +126,135 @@ def bucket(n: int, ctx: int) -> int:
     return min(ctx, -(-n // KV_BUCKET) * KV_BUCKET)
 
 
+def fit_context(request: GenerationRequest, limit: int) -> tuple[int, int, str]:
+    """The cache length, the number of decode steps that fit in it, and the stop reason of a
+    row that runs out of them ("length", or "context" when the cache cut them short)."""
+    longest = max(len(p) for p in request.prompts)
+    ctx = request.ctx or min(limit, longest + request.max_new_tokens)
+    if longest >= ctx or ctx > limit:
+        raise EinplanError(
+            f"prompt of {longest} tokens leaves no room to generate in a context of {ctx} "
+            f"(the model's limit is {limit}); shorten the prompt or raise --ctx"
+        )
+    room = ctx - longest
+    reason = "length" if request.max_new_tokens <= room else "context"
+    return ctx, min(request.max_new_tokens, room), reason
+
+
+@dataclass
+class PromptBatch:
+    """Prompts left-padded into one batch: slot j of row r holds the prompt's token
+    j - pads[r]; positions count from each prompt's first token."""
+
+    tokens: np.ndarray  # (batch, length) int64
+    positions: np.ndarray  # (batch, length)
+    pads: np.ndarray  # (batch,)
+
+    @classmethod
+    def build(cls, prompts: list[list[int]], pad_id: int) -> PromptBatch:
+        """Pad ``prompts`` on the left with ``pad_id`` to the longest one."""
+        longest = max(len(p) for p in prompts)
+        pads = np.array([longest - len(p) for p in prompts])
+        tokens = np.full((len(prompts), longest), pad_id, dtype=np.int64)
+        for r, p in enumerate(prompts):
+            tokens[r, pads[r] :] = p
+        positions = np.maximum(np.arange(longest)[None, :] - pads[:, None], 0)
+        return cls(tokens, positions, pads)
+
+    @property
+    def length(self) -> int:
+        """Slots the padded prompts fill."""
+        return self.tokens.shape[1]
+
+
+def prefill(
+    executor: Executor, prompts: PromptBatch, ctx: int, recorder: Recorder | None
+) -> np.ndarray:
+    """Write the prompts into the cache; the logits (batch, vocab) after the last slot."""
+    length = prompts.length
+    for start in range(0, length, PREFILL_CHUNK):  # long prompts in chunks: scores stay
+        end = min(length, start + PREFILL_CHUNK)  # (chunk x kv), not (prompt x prompt)
+        logits = executor.run(
+            {
+                "tokens": prompts.tokens[:, start:end],
+                "positions": prompts.positions[:, start:end],
+                "mask": attention_mask(prompts.pads, start, end - start, bucket(end, ctx)),
+                "write_pos": np.array([start]),
+            },
+            recorder,
+        )["logits"]
+    return logits
+
+
+def decode_step(
+    executor: Executor,
+    prompts: PromptBatch,
+    ids: np.ndarray,
+    slot: int,
+    ctx: int,
+    recorder: Recorder | None,
+) -> np.ndarray:
+    """Write one token per row (``ids``) at cache ``slot``; the logits (batch, vocab) after it."""
+    return executor.run(
+        {
+            "tokens": ids[:, None],
+            "positions": (slot - prompts.pads)[:, None],
+            "mask": attention_mask(prompts.pads, slot, 1, bucket(slot + 1, ctx)),
+            "write_pos": np.array([slot]),
+        },
+        recorder,
+    )["logits"]
+
+
+class Rows:
+    """Per-row bookkeeping: the tokens each row has seen and generated, which rows are done
+    and why, and their text as it streams (with ``decode_text``; ``on_text(row, piece)``)."""
+
+    def __init__(
+        self,
+        request: GenerationRequest,
+        last_reason: str,
+        decode_text: Callable[[list[int]], str] | None,
+        on_text: Callable[[int, str], None] | None,
+    ) -> None:
+        self.eos, self.stop_strings = set(request.eos_ids), request.stop_strings
+        self.decode_text, self.on_text = decode_text, on_text
+        self.seen = [list(p) for p in request.prompts]
+        self.new: list[list[int]] = [[] for _ in request.prompts]
+        self.reasons = [last_reason] * len(request.prompts)
+        self.done = np.zeros(len(request.prompts), bool)
+        self.streams = [TextStream(decode_text) for _ in request.prompts] if decode_text else []
+
+    def accept(self, ids: np.ndarray) -> None:
+        """Take each running row's next token: an EOS id ends the row, other tokens join its
+        text, which ends the row once it holds a stop string."""
+        for r in np.flatnonzero(~self.done):
+            tok = int(ids[r])
+            self.seen[r].append(tok)
+            if tok in self.eos:
+                self.done[r], self.reasons[r] = True, "eos"
+                continue
+            self.new[r].append(tok)
+            if self.streams:
+                piece = self.streams[r].push(self.new[r])
+                if piece and self.on_text:
+                    self.on_text(r, piece)
+                text = self.decode_text(self.new[r])
+                if any(s in text for s in self.stop_strings):
+                    self.done[r], self.reasons[r] = True, "stop"
+
+    def texts(self) -> list[str]:
+        """Each row's text, cut before its first stop string ("" without ``decode_text``)."""
+        if not self.decode_text:
+            return [""] * len(self.new)
+        texts = [self.decode_text(t) for t in self.new]
+        for r, text in enumerate(texts):
+            for s in self.stop_strings:
+                if s in text:
+                    texts[r] = text[: text.index(s)]
+        return texts
+
+
 class Generator:
     """Prefill and decode entry points of a plan bound to weights, sharing one KV cache."""
 
@@ -131,109 +281,40 @@ class Generator:
 
     def generate(
         self,
-        prompts: list[list[int]],
-        max_new_tokens: int,
-        sampling: SamplingConfig,
-        eos_ids: list[int] = (),
-        stop_strings: list[str] = (),
+        request: GenerationRequest,
         decode_text: Callable[[list[int]], str] | None = None,
         on_text: Callable[[int, str], None] | None = None,
-        ctx: int | None = None,
-        pad_id: int = 0,
         recorder: Recorder | None = None,
     ) -> Generation:
-        """Generate up to ``max_new_tokens`` for each prompt (token id lists).
-
-        Each row stops on an EOS id, on a stop string (needs ``decode_text``), at the token
-        limit, or when the context is full (reason "context"). ``on_text(row, piece)``
-        receives text as it is generated.
-        """
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise EinplanError("empty prompt: give at least one token of prompt text")
-        if max_new_tokens < 1:
-            raise EinplanError(f"max new tokens must be >= 1, got {max_new_tokens}")
-        batch, longest = len(prompts), max(len(p) for p in prompts)
-        need = longest + max_new_tokens
-        ctx = ctx or min(self.limit, need)
-        if longest >= ctx or ctx > self.limit:
-            raise EinplanError(
-                f"prompt of {longest} tokens leaves no room to generate in a context of {ctx} "
-                f"(the model's limit is {self.limit}); shorten the prompt or raise --ctx"
-            )
-        room = ctx - longest
-        last_reason = "length" if max_new_tokens <= room else "context"
-        max_new_tokens = min(max_new_tokens, room)
+        """Generate what ``request`` asks: each row stops on an EOS id, on a stop string
+        (needs ``decode_text``), at the token limit, or when the context is full (reason
+        "context"). ``on_text(row, piece)`` receives text as it is generated."""
+        ctx, steps, last_reason = fit_context(request, self.limit)
+        prompts = PromptBatch.build(request.prompts, request.pad_id)
+        batch = len(request.prompts)
         pre, dec, cache = self.bind(batch, ctx)
-        stats = PhaseStats(batch, longest, kv_cache_bytes=cache_bytes(cache))
+        stats = PhaseStats(batch, prompts.length, kv_cache_bytes=cache_bytes(cache))
         stats.weights_bytes = sum(a.nbytes for a in self.weights.values())
-        pads = np.array([longest - len(p) for p in prompts])
-        tokens = np.full((batch, longest), pad_id, dtype=np.int64)
-        for r, p in enumerate(prompts):
-            tokens[r, pads[r] :] = p
-        positions = np.maximum(np.arange(longest)[None, :] - pads[:, None], 0)
-        sampler = Sampler(sampling)
+        sampler = Sampler(request.sampling)
+        rows = Rows(request, last_reason, decode_text, on_text)
         next_ids = np.zeros(batch, np.int64)
-        seen = [list(p) for p in prompts]
-        new: list[list[int]] = [[] for _ in prompts]
-        reasons = [last_reason] * batch
-        done = np.zeros(batch, bool)
-        streams = [TextStream(decode_text) for _ in prompts] if decode_text else []
-        eos = set(eos_ids)
 
         t0 = time.perf_counter()
-        for start in range(0, longest, PREFILL_CHUNK):  # long prompts in chunks: scores stay
-            end = min(longest, start + PREFILL_CHUNK)  # (chunk x kv), not (prompt x prompt)
-            kv = bucket(end, ctx)
-            logits = pre.run(
-                {
-                    "tokens": tokens[:, start:end],
-                    "positions": positions[:, start:end],
-                    "mask": attention_mask(pads, start, end - start, kv),
-                    "write_pos": np.array([start]),
-                },
-                recorder,
-            )["logits"]
+        logits = prefill(pre, prompts, ctx, recorder)
         stats.prefill_s = time.perf_counter() - t0
-        for step in range(max_new_tokens):
+        for step in range(steps):
             ts = time.perf_counter()
             if step:
-                slot = longest + step - 1
-                kv = bucket(slot + 1, ctx)
-                logits = dec.run(
-                    {
-                        "tokens": next_ids[:, None],
-                        "positions": (slot - pads)[:, None],
-                        "mask": attention_mask(pads, slot, 1, kv),
-                        "write_pos": np.array([slot]),
-                    },
-                    recorder,
-                )["logits"]
-            next_ids = sampler.pick(logits, seen).astype(np.int64)
-            for r in np.flatnonzero(~done):
-                tok = int(next_ids[r])
-                seen[r].append(tok)
-                if tok in eos:
-                    done[r], reasons[r] = True, "eos"
-                    continue
-                new[r].append(tok)
-                if streams:
-                    piece = streams[r].push(new[r])
-                    if piece and on_text:
-                        on_text(r, piece)
-                    text = decode_text(new[r])
-                    if any(s in text for s in stop_strings):
-                        done[r], reasons[r] = True, "stop"
+                slot = prompts.length + step - 1
+                logits = decode_step(dec, prompts, next_ids, slot, ctx, recorder)
+            next_ids = sampler.pick(logits, rows.seen).astype(np.int64)
+            rows.accept(next_ids)
             elapsed = time.perf_counter() - ts
             if step == 0:
                 stats.ttft_s = time.perf_counter() - t0
             else:
                 stats.decode_step_s.append(elapsed)
-            if done.all():
+            if rows.done.all():
                 break
         stats.activations_bytes = max(pre.activation_bytes(), dec.activation_bytes())
-        texts = [decode_text(t) for t in new] if decode_text else [""] * batch
-        for r, text in enumerate(texts):
-            for s in stop_strings:
-                if s in text:
-                    texts[r] = text[: text.index(s)]
-        return Generation(new, texts, reasons, stats)
+        return Generation(rows.new, rows.texts(), rows.reasons, stats)

@@ -13,7 +13,7 @@ from einplan.apps.quantize_checkpoint import quantize_checkpoint
 from einplan.apps.run_training import TrainResult, train
 from einplan.apps.session import Session, check_weights_config, load_plan, plan_config
 from einplan.compiler.ir import Graph
-from einplan.compiler.pipeline import TRAIN_PASSES, PassContext
+from einplan.compiler.pipeline import ALL_PASSES, PassContext
 from einplan.compiler.plan import Plan
 from einplan.compiler.quant_scheme import parse_quant
 from einplan.models.llama import ENTRIES
@@ -21,9 +21,9 @@ from einplan.runtime.generate import Generation, PhaseStats
 from einplan.runtime.recorder import Recorder
 
 __all__ = [
+    "ALL_PASSES",
     "ENTRIES",
     "TRAIN_ENTRIES",
-    "TRAIN_PASSES",
     "WEIGHT_DTYPES",
     "Generation",
     "Graph",

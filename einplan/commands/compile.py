@@ -14,13 +14,13 @@ if TYPE_CHECKING:
 
 
 class PassNames:
-    """The passes ``--dump-after`` takes (a training plan's, which include all others'),
+    """The passes ``--dump-after`` takes (every pass, in pipeline order),
     read from the API only when asked for: building the parser loads no compiler."""
 
     def __iter__(self) -> Iterator[str]:
-        from einplan.api import TRAIN_PASSES
+        from einplan.api import ALL_PASSES
 
-        return iter(TRAIN_PASSES)
+        return iter(ALL_PASSES)
 
     def __contains__(self, name: object) -> bool:
         return name in tuple(self)

@@ -31,7 +31,7 @@ class Mode(StrEnum):
 # optimizer's updates after it. pack lays out projection weights in copies, so it runs only on
 # inference graphs of plans whose weights nothing updates. schedule runs before memory: buffers
 # may only be reused across dependency levels, so liveness needs the level order.
-ORDER = (
+ALL_PASSES = (
     "lora",
     "quantize",
     "autodiff",
@@ -52,7 +52,7 @@ def passes_for(mode: Mode, pack: bool = True) -> tuple[str, ...]:
         "optimizer": mode is Mode.TRAINING,
         "pack": pack and mode is Mode.INFERENCE,
     }
-    return tuple(name for name in ORDER if runs.get(name, True))
+    return tuple(name for name in ALL_PASSES if runs.get(name, True))
 
 
 PASSES = passes_for(Mode.INFERENCE)

@@ -163,6 +163,7 @@ RECIPE_KINDS: dict[str, type[Recipe]] = {
     "matmul": MatmulRecipe,
     "qmatmul": QMatmulRecipe,
 }
+KIND_OF_RECIPE = {cls: kind for kind, cls in RECIPE_KINDS.items()}
 
 
 def attrs_to_json(attrs: dict[str, Any]) -> dict[str, Any]:
@@ -176,8 +177,7 @@ def attrs_to_json(attrs: dict[str, Any]) -> dict[str, Any]:
         out["pack"] = [pack_member_to_json(m) for m in attrs["pack"]]
     if "recipe" in attrs:
         r = attrs["recipe"]
-        kind = next(k for k, cls in RECIPE_KINDS.items() if type(r) is cls)
-        out["recipe"] = {"kind": kind, **dataclasses.asdict(r)}
+        out["recipe"] = {"kind": KIND_OF_RECIPE[type(r)], **dataclasses.asdict(r)}
     return out
 
 

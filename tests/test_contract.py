@@ -105,5 +105,5 @@ def test_low_rank_chain_contracts_the_small_side_first():
 
 def test_linear_weight_is_read_transposed_without_a_copy():
     recipe = lower_einsum("bsi,oi->bso")
-    assert recipe["a_perm"] == [0, 1, 2] and recipe["b_perm"] == [1, 0]
-    assert recipe["out_perm"] == [0, 1, 2]
+    assert recipe.a_perm == [0, 1, 2] and recipe.b_perm == [1, 0]
+    assert recipe.out_perm == [0, 1, 2]

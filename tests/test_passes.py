@@ -35,8 +35,8 @@ def test_schedule_levels_respect_dependencies():
     for n in g.nodes:
         for i in n.inputs:
             if nodes[i].op not in (Op.PARAM, Op.INPUT):
-                assert ann[i]["level"] < ann[n.id]["level"]
-    level_of = {n.name: ann[n.id]["level"] for n in g.nodes if n.id in ann}
+                assert ann[i].level < ann[n.id].level
+    level_of = {n.name: ann[n.id].level for n in g.nodes if n.id in ann}
     assert level_of["attn_q-0"] == level_of["attn_k-0"] == level_of["attn_v-0"]
     assert level_of["ffn_gate-0"] == level_of["ffn_up-0"]
 
@@ -56,27 +56,27 @@ def test_no_two_live_values_share_a_buffer():
         for i in n.inputs:
             if g.by_id()[i].op not in (Op.PARAM, Op.INPUT):
                 assert root[i] in live, f"{n.name} reads a freed value %{i}"
-        if a["slot"] is not None:
-            owner = holder.get(a["slot"])
+        if a.slot is not None:
+            owner = holder.get(a.slot)
             in_place = (
                 OPS[n.op].inplace
                 and owner == root[n.inputs[0]]
-                and owner in {root[v] for v in a["free_after"]}
+                and owner in {root[v] for v in a.free_after}
             )  # writes over its first input, which dies at this step
             assert owner is None or owner not in live or in_place, (
                 f"{n.name} overwrites live %{owner}"
             )
-            holder[a["slot"]] = n.id
+            holder[a.slot] = n.id
         live.add(root[n.id])
-        for v in a["free_after"]:
+        for v in a.free_after:
             live.discard(root[v])
     assert set(g.outputs.values()) <= live
 
 
 def test_buffers_are_reused():
     g = compile_model("tiny").entry("forward")
-    slots = {a["slot"] for a in g.annotations.values() if a.get("slot") is not None}
-    steps = [n for n in g.nodes if g.annotations.get(n.id, {}).get("slot") is not None]
+    slots = {a.slot for a in g.annotations.values() if a.slot is not None}
+    steps = [n for n in g.nodes if n.id in g.annotations and g.annotations[n.id].slot is not None]
     assert len(slots) < len(steps) / 3
 
 
@@ -110,4 +110,4 @@ def test_dying_inputs_are_overwritten_in_place():
     nodes = g.by_id()
     residual = next(n for n in g.nodes if n.name == "attn_residual-1")
     first = nodes[residual.inputs[0]]
-    assert g.annotations[residual.id]["slot"] == g.annotations[first.id]["slot"]
+    assert g.annotations[residual.id].slot == g.annotations[first.id].slot

@@ -50,7 +50,7 @@ def test_graph_has_packed_params_and_a_dequantize_per_weight():
     g = einplan.compile_model(CASE, quant=quant).entry()
     params = {n.name: n for n in g.params()}
     qkv = params["attn_q+attn_k+attn_v-0.wq"]
-    assert qkv.shape == (64 + 32 + 32, 32) and [m[1] for m in qkv.attrs["pack"]] == [64, 32, 32]
+    assert qkv.shape == (64 + 32 + 32, 32) and [m.rows for m in qkv.attrs["pack"]] == [64, 32, 32]
     assert sum(n.op is Op.DEQUANTIZE for n in g.nodes) == 2 * 4 + 1
     mem = g.meta["memory"]
     float_plan = einplan.compile_model(CASE).entry().meta["memory"]

@@ -17,6 +17,7 @@ from einplan.compiler.ir import Graph
 from einplan.compiler.ops import Op
 from einplan.compiler.pipeline import PassContext, run_pipeline
 from einplan.compiler.quant_scheme import input_absmax_key
+from einplan.compiler.tags import Tag
 from einplan.formats.weights import load_weights
 from einplan.models.config import ModelConfig
 from einplan.models.llama import build_graph
@@ -36,7 +37,7 @@ def projections(graph: Graph) -> list[Projection]:
     nodes = graph.by_id()
     found = []
     for n in graph.nodes:
-        if n.op is Op.EINSUM and "linear" in n.tags:
+        if n.op is Op.EINSUM and Tag.LINEAR in n.tags:
             w = nodes[n.inputs[1]]
             w = nodes[w.inputs[0]] if w.op is Op.CAST else w
             found.append(Projection(n.name, w.attrs["key"]))
@@ -50,7 +51,7 @@ class Probe:
         """``weights``: a checkpoint path or a dict of float tensors under HF names."""
         graph = build_graph(cfg, "forward")
         self.projections = projections(graph)
-        by_name = {n.name: n for n in graph.nodes if n.op is Op.EINSUM and "linear" in n.tags}
+        by_name = {n.name: n for n in graph.nodes if n.op is Op.EINSUM and Tag.LINEAR in n.tags}
         for p in self.projections:
             n = by_name[p.name]
             graph.outputs[f"x:{p.name}"] = n.inputs[0]

@@ -101,6 +101,6 @@ def parameter_count(graph: Graph) -> int:
         quant = n.attrs.get("quant")
         if quant is None:
             total += int(np.prod(n.shape))
-        elif quant["part"] == "q":
-            total += int(np.prod(quant["shape"]))
+        elif quant.part == "q":
+            total += int(np.prod(quant.shape))
     return total

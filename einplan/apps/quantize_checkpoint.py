@@ -54,8 +54,8 @@ def quantize_checkpoint(
         part = n.attrs.get("quant")
         if part is None:
             float_bytes += arrays[n.attrs["key"]].nbytes
-        elif part["part"] == "q":
-            float_bytes += int(np.prod(part["shape"])) * 4
+        elif part.part == "q":
+            float_bytes += int(np.prod(part.shape)) * 4
     windows = []
     if calibration_ids is not None:
         windows = token_batches(calibration_ids, min(seq, cfg.max_position_embeddings), batches)

@@ -12,8 +12,10 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from einplan.compiler.attrs import StepSchedule
 from einplan.compiler.ops import ITEMSIZE, LEAVES, OPS, Op, ShapeError, count_bytes
 from einplan.compiler.symbolic import Dim, Poly, Shape, add_polys, numel, scale_poly
+from einplan.compiler.tags import Tag
 
 
 @dataclass(frozen=True)
@@ -27,7 +29,7 @@ class Node:
     shape: Shape
     dtype: str
     name: str = ""
-    tags: frozenset[str] = frozenset()
+    tags: frozenset[Tag] = frozenset()
 
     def ref(self) -> str:
         """How other lines of the printed graph refer to this value."""
@@ -46,9 +48,9 @@ def training_phase(tags: Iterable[str]) -> str:
     """The part of a training step a node belongs to, by the tags the autodiff and optimizer
     passes give: ``forward``, ``backward`` or ``optimizer``."""
     tags = set(tags)
-    if "optimizer" in tags:
+    if Tag.OPTIMIZER in tags:
         return "optimizer"
-    return "backward" if "reverse" in tags else "forward"
+    return "backward" if Tag.REVERSE in tags else "forward"
 
 
 def format_type(shape: Shape, dtype: str) -> str:
@@ -62,18 +64,16 @@ def format_attr(value: Any) -> str:
     return str(value)
 
 
-def format_annotation(ann: dict[str, Any] | None) -> str:
+def format_annotation(ann: StepSchedule | None) -> str:
     """Render a step's schedule: ``L3.1`` (level, thread), ``buf2`` (slot), ``free %8 %10``."""
-    if not ann:
+    if ann is None:
         return ""
-    parts = []
-    if "level" in ann:
-        parts.append(f"L{ann['level']}.{ann.get('thread', 0)}")
-    if ann.get("slot") is not None:
-        parts.append(f"buf{ann['slot']}")
-    if ann.get("free_after"):
-        parts.append("free " + " ".join(f"%{v}" for v in ann["free_after"]))
-    return "  | " + " ".join(parts) if parts else ""
+    parts = [f"L{ann.level}.{ann.thread}"]
+    if ann.slot is not None:
+        parts.append(f"buf{ann.slot}")
+    if ann.free_after:
+        parts.append("free " + " ".join(f"%{v}" for v in ann.free_after))
+    return "  | " + " ".join(parts)
 
 
 @dataclass
@@ -84,7 +84,7 @@ class Graph:
     outputs: dict[str, int] = field(default_factory=dict)
     dims: dict[str, int] = field(default_factory=dict)  # symbolic dim -> its upper limit
     name: str = "forward"
-    annotations: dict[int, dict[str, Any]] = field(default_factory=dict)  # per node: schedule
+    annotations: dict[int, StepSchedule] = field(default_factory=dict)  # per step: schedule
     meta: dict[str, Any] = field(default_factory=dict)  # per graph: slots, peak, pass stats
     # steps run for their side effect (in-place optimizer updates) that no output reads
     effects: list[int] = field(default_factory=list)

@@ -7,6 +7,7 @@ A checksum over the body tells a damaged file from a foreign one.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -16,8 +17,20 @@ from pathlib import Path
 from typing import Any
 
 from einplan._version import __version__
+from einplan.compiler.attrs import (
+    INPUT_ABSMAX,
+    LoraPart,
+    MatmulRecipe,
+    PackMember,
+    QMatmulRecipe,
+    QuantPart,
+    Recipe,
+    StepSchedule,
+    UnaryRecipe,
+)
 from einplan.compiler.ir import Graph, Node
 from einplan.compiler.ops import Op
+from einplan.compiler.tags import Tag
 from einplan.errors import EinplanError
 
 MAGIC = "einplan-plan"
@@ -130,9 +143,9 @@ def node_to_json(n: Node) -> dict[str, Any]:
         "name": n.name,
     }
     if n.attrs:
-        d["attrs"] = n.attrs
+        d["attrs"] = attrs_to_json(n.attrs)
     if n.tags:
-        d["tags"] = sorted(n.tags)
+        d["tags"] = [str(t) for t in sorted(n.tags)]
     return d
 
 
@@ -142,12 +155,90 @@ def node_from_json(d: dict[str, Any]) -> Node:
         d["id"],
         Op(d["op"]),
         tuple(d["in"]),
-        d.get("attrs", {}),
+        attrs_from_json(d.get("attrs", {})),
         tuple(d["shape"]),
         d["dtype"],
         d.get("name", ""),
-        frozenset(d.get("tags", ())),
+        frozenset(Tag(t) for t in d.get("tags", ())),
     )
+
+
+RECIPE_KINDS: dict[str, type[Recipe]] = {
+    "unary": UnaryRecipe,
+    "matmul": MatmulRecipe,
+    "qmatmul": QMatmulRecipe,
+}
+KIND_OF_RECIPE = {cls: kind for kind, cls in RECIPE_KINDS.items()}
+
+
+def attrs_to_json(attrs: dict[str, Any]) -> dict[str, Any]:
+    """A node's attrs with the typed ones (quant, lora, pack, recipe) as plain JSON."""
+    out = dict(attrs)
+    if "quant" in attrs:
+        out["quant"] = quant_to_json(attrs["quant"])
+    if "lora" in attrs:
+        out["lora"] = dataclasses.asdict(attrs["lora"])
+    if "pack" in attrs:
+        out["pack"] = [pack_member_to_json(m) for m in attrs["pack"]]
+    if "recipe" in attrs:
+        r = attrs["recipe"]
+        out["recipe"] = {"kind": KIND_OF_RECIPE[type(r)], **dataclasses.asdict(r)}
+    return out
+
+
+def attrs_from_json(d: dict[str, Any]) -> dict[str, Any]:
+    """Read attrs written by :func:`attrs_to_json`."""
+    out = dict(d)
+    if "quant" in d:
+        out["quant"] = quant_from_json(d["quant"])
+    if "lora" in d:
+        out["lora"] = LoraPart(**d["lora"])
+    if "pack" in d:
+        out["pack"] = tuple(PackMember(*m) for m in d["pack"])
+    if "recipe" in d:
+        fields = dict(d["recipe"])
+        out["recipe"] = RECIPE_KINDS[fields.pop("kind")](**fields)
+    return out
+
+
+def quant_to_json(q: QuantPart) -> dict[str, Any]:
+    """A quantised param's part as the plan file holds it (a scale only its part, bits, key)."""
+    if q.part == INPUT_ABSMAX:
+        return {"part": q.part, "bits": q.bits, "of": q.of}
+    return {
+        "bits": q.bits,
+        "group": q.group,
+        "symmetric": q.symmetric,
+        "of": q.of,
+        "shape": list(q.shape),
+        "part": q.part,
+    }
+
+
+def quant_from_json(d: dict[str, Any]) -> QuantPart:
+    """Read a part written by :func:`quant_to_json`."""
+    shape = tuple(d["shape"]) if "shape" in d else None
+    return QuantPart(d["part"], d["bits"], d["of"], d.get("group"), d.get("symmetric"), shape)
+
+
+def pack_member_to_json(m: PackMember) -> list[Any]:
+    """``[key, rows]``, or ``[key, rows, of]`` for a quantised part."""
+    return [m.key, m.rows] if m.of is None else [m.key, m.rows, m.of]
+
+
+def schedule_to_json(a: StepSchedule) -> dict[str, Any]:
+    """A step's schedule; ``slot`` and ``free_after`` only once the memory pass set them."""
+    d: dict[str, Any] = {"level": a.level, "thread": a.thread}
+    if a.free_after is not None:
+        d.update(slot=a.slot, free_after=list(a.free_after))
+    return d
+
+
+def schedule_from_json(d: dict[str, Any]) -> StepSchedule:
+    """Read a schedule written by :func:`schedule_to_json`."""
+    free = d.get("free_after")
+    free_after = None if free is None else tuple(free)
+    return StepSchedule(d["level"], d["thread"], d.get("slot"), free_after)
 
 
 def graph_to_json(g: Graph) -> dict[str, Any]:
@@ -157,7 +248,7 @@ def graph_to_json(g: Graph) -> dict[str, Any]:
         "dims": g.dims,
         "outputs": g.outputs,
         "nodes": [node_to_json(n) for n in g.nodes],
-        "annotations": {str(k): v for k, v in g.annotations.items()},
+        "annotations": {str(k): schedule_to_json(v) for k, v in g.annotations.items()},
         "meta": g.meta,
         "effects": g.effects,
     }
@@ -170,7 +261,7 @@ def graph_from_json(d: dict[str, Any]) -> Graph:
         dict(d["outputs"]),
         dict(d["dims"]),
         d["name"],
-        {int(k): v for k, v in d["annotations"].items()},
+        {int(k): schedule_from_json(v) for k, v in d["annotations"].items()},
         d["meta"],
         list(d.get("effects", [])),
     )

@@ -15,6 +15,7 @@ from typing import Any
 from einplan.compiler.ir import Graph, Node
 from einplan.compiler.ops import OPS, Op, ShapeError
 from einplan.compiler.symbolic import Shape
+from einplan.compiler.tags import Tag
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,7 @@ class Builder:
     def __init__(self, dims: dict[str, int], name: str = "forward") -> None:
         self.graph = Graph(dims=dict(dims), name=name)
         self._layer: int | None = None
-        self._tags: frozenset[str] = frozenset()
+        self._tags: frozenset[Tag] = frozenset()
         self._next_id = 0
 
     @classmethod
@@ -48,7 +49,7 @@ class Builder:
         return Value(node.id, node.shape, node.dtype)
 
     @contextmanager
-    def tagged(self, tag: str) -> Iterator[None]:
+    def tagged(self, tag: Tag) -> Iterator[None]:
         """Tag every node made inside the block (``reverse``, ``optimizer``)."""
         prev, self._tags = self._tags, self._tags | {tag}
         try:
@@ -79,7 +80,7 @@ class Builder:
         role: str,
         shape: Shape | None = None,
         dtype: str | None = None,
-        tags: frozenset[str] = frozenset(),
+        tags: frozenset[Tag] = frozenset(),
     ) -> Value:
         name = self._name(role)
         if shape is None:
@@ -113,13 +114,13 @@ class Builder:
         key: str,
         shape: Shape,
         dtype: str = "f32",
-        tags: frozenset[str] = frozenset(),
+        tags: frozenset[Tag] = frozenset(),
     ) -> Value:
         """Declare a weight named ``role-layer`` loaded from checkpoint tensor ``key``."""
         return self._append(Op.PARAM, [], {"key": key}, role, shape, dtype, tags)
 
     def einsum(
-        self, spec: str, *xs: Value, role: str = "einsum", tags: frozenset[str] = frozenset()
+        self, spec: str, *xs: Value, role: str = "einsum", tags: frozenset[Tag] = frozenset()
     ) -> Value:
         """Contract operands by an explicit einsum spec."""
         return self._append(Op.EINSUM, list(xs), {"spec": spec}, role, tags=tags)

@@ -48,10 +48,10 @@ def init_lora(graph: Graph, seed: int = 0) -> dict[str, np.ndarray]:
         if meta is None:
             continue
         key = n.attrs["key"]
-        if meta["part"] == "B":
+        if meta.part == "B":
             out[key] = np.zeros(n.shape, np.float32)
         else:
-            bound = 1.0 / np.sqrt(meta["fan_in"])
+            bound = 1.0 / np.sqrt(meta.fan_in)
             rng = np.random.default_rng([seed, zlib.crc32(key.encode())])
             out[key] = rng.uniform(-bound, bound, n.shape).astype(np.float32)
     return out
@@ -144,13 +144,13 @@ def load_adapter(
     if not want:
         raise LoraError("this plan has no LoRA params; compile it with --lora (or --lora ADAPTER)")
     metas = [n.attrs["lora"] for n in graph.params() if "lora" in n.attrs]
-    meta, roles = metas[0], {m["role"] for m in metas}
+    meta, roles = metas[0], {m.role for m in metas}
     theirs = {ROLE_OF_NAME.get(m, m) for m in config.get("target_modules") or []}
     differs = []
-    if config.get("r") != meta["r"]:
-        differs.append(f"r {config.get('r')} vs {meta['r']}")
-    if float(config.get("lora_alpha", -1)) != float(meta["alpha"]):
-        differs.append(f"alpha {config.get('lora_alpha')} vs {meta['alpha']}")
+    if config.get("r") != meta.r:
+        differs.append(f"r {config.get('r')} vs {meta.r}")
+    if float(config.get("lora_alpha", -1)) != float(meta.alpha):
+        differs.append(f"alpha {config.get('lora_alpha')} vs {meta.alpha}")
     if theirs != roles:
         differs.append(f"targets {sorted(theirs)} vs {sorted(roles)}")
     if differs:

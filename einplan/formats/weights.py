@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from einplan.compiler.attrs import INPUT_ABSMAX, PackMember, QuantPart
 from einplan.compiler.dtypes import to_numpy_dtype
 from einplan.compiler.ir import Graph, Node
 from einplan.errors import EinplanError
@@ -170,12 +171,12 @@ def weights_config(source: str | os.PathLike) -> dict | None:
 IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq", ".input_absmax")
 
 
-def quant_members(n: Node) -> list[tuple[str, int, str]]:
-    """(key, rows, float weight key) of each weight a quantised param is made of: one, or
+def quant_members(n: Node) -> list[PackMember]:
+    """The key, rows and float weight key of each weight a quantised param is made of: one, or
     several concatenated along the rows (compiler/passes/pack.py)."""
     if "pack" in n.attrs:
-        return [tuple(m) for m in n.attrs["pack"]]
-    return [(n.attrs["key"], n.shape[0], n.attrs["quant"]["of"])]
+        return list(n.attrs["pack"])
+    return [PackMember(n.attrs["key"], n.shape[0], n.attrs["quant"].of)]
 
 
 def checkpoint_shapes(graph: Graph, stored: Collection[str] = ()) -> dict[str, tuple[int, ...]]:
@@ -189,15 +190,15 @@ def checkpoint_shapes(graph: Graph, stored: Collection[str] = ()) -> dict[str, t
         quant = n.attrs.get("quant")
         if "lora" in n.attrs:
             continue
-        if quant and quant["part"] != "input_absmax":
-            for key, rows, of in quant_members(n):
-                if of in stored:
-                    out[key] = (rows, n.shape[1])
-                elif quant["part"] == "q":
-                    out[of] = (rows, quant["shape"][1])
+        if quant and quant.part != INPUT_ABSMAX:
+            for m in quant_members(n):
+                if m.of in stored:
+                    out[m.key] = (m.rows, n.shape[1])
+                elif quant.part == "q":
+                    out[m.of] = (m.rows, quant.shape[1])
         elif "pack" in n.attrs:
-            for key, rows in n.attrs["pack"]:
-                out[key] = (rows, n.shape[0])
+            for m in n.attrs["pack"]:
+                out[m.key] = (m.rows, n.shape[0])
         else:
             out[n.attrs["key"]] = tuple(n.shape)
     return out
@@ -206,11 +207,11 @@ def checkpoint_shapes(graph: Graph, stored: Collection[str] = ()) -> dict[str, t
 def stored_quantized(graph: Graph, tensors: Mapping[str, np.ndarray]) -> set[str]:
     """The quantised weights a checkpoint already holds as integers (``einplan quantize``)."""
     return {
-        of
+        m.of
         for n in graph.params()
-        if n.attrs.get("quant", {}).get("part") == "q"
-        for key, _, of in quant_members(n)
-        if key in tensors and tensors[key].dtype.kind in "iu"
+        if (q := n.attrs.get("quant")) and q.part == "q"
+        for m in quant_members(n)
+        if m.key in tensors and tensors[m.key].dtype.kind in "iu"
     }
 
 
@@ -225,19 +226,19 @@ def bind_params(graph: Graph, tensors: Mapping[str, np.ndarray]) -> dict[str, np
         quant = n.attrs.get("quant")
         if "lora" in n.attrs:
             continue
-        if quant and quant["part"] != "input_absmax":
+        if quant and quant.part != INPUT_ABSMAX:
             parts = []
-            for key, _, of in quant_members(n):
-                if tensors[of].dtype.kind != "f":
-                    parts.append(tensors[key])
+            for m in quant_members(n):
+                if tensors[m.of].dtype.kind != "f":
+                    parts.append(tensors[m.key])
                     continue
-                if of not in quantized:
-                    bits, group, sym = quant["bits"], quant["group"], quant["symmetric"]
-                    quantized[of] = quantize_weight(tensors[of], bits, group, sym)
-                parts.append(quantized[of][quant["part"]])
+                if m.of not in quantized:
+                    w = tensors[m.of]
+                    quantized[m.of] = quantize_weight(w, quant.bits, quant.group, quant.symmetric)
+                parts.append(quantized[m.of][quant.part])
             out[n.attrs["key"]] = parts[0] if len(parts) == 1 else np.concatenate(parts)
         elif "pack" in n.attrs:
-            parts = [tensors[key].T for key, _ in n.attrs["pack"]]
+            parts = [tensors[m.key].T for m in n.attrs["pack"]]
             # row-major (in, out): concatenate keeps one transposed part column-major
             packed = np.ascontiguousarray(np.concatenate(parts, axis=1))
             out[n.attrs["key"]] = packed.astype(dtype, copy=False)
@@ -289,13 +290,13 @@ def quantization_hints(graph: Graph, wrong: list[str]) -> list[str]:
     """What to do when the missing, unexpected or mis-shaped tensors ``wrong`` say the weights
     were quantised with another scheme than the plan's (or not at all, or not calibrated)."""
     hints = []
-    weights = [q for n in graph.params() if (q := n.attrs.get("quant")) and q["part"] == "q"]
+    weights = [q for n in graph.params() if (q := n.attrs.get("quant")) and q.part == "q"]
     if any(k.endswith(".input_absmax") for k in wrong):
         hints.append(
             "the plan quantises activations with static scales: make the weights with "
             "einplan quantize --calibrate TEXT"
         )
-    packed = {q["of"] for q in weights}
+    packed = {q.of for q in weights}
     if any(k.endswith(("weight_scale", "weight_zero_point")) or k in packed for k in wrong):
         schemes = sorted({describe_quant(q) for q in weights}) or ["float"]
         hints.append(
@@ -306,10 +307,10 @@ def quantization_hints(graph: Graph, wrong: list[str]) -> list[str]:
     return hints
 
 
-def describe_quant(quant: dict) -> str:
+def describe_quant(quant: QuantPart) -> str:
     """A quantised param's scheme: ``int4 g64 symmetric``, ``int8 per channel asymmetric``."""
-    layout = "per channel" if quant["bits"] == 8 else f"g{quant['group']}"
-    return f"int{quant['bits']} {layout} {'symmetric' if quant['symmetric'] else 'asymmetric'}"
+    layout = "per channel" if quant.bits == 8 else f"g{quant.group}"
+    return f"int{quant.bits} {layout} {'symmetric' if quant.symmetric else 'asymmetric'}"
 
 
 def save_safetensors(

@@ -17,10 +17,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from einplan.compiler.ir import Graph
+from einplan.compiler.names import cache_key
+from einplan.compiler.tags import Tag
 from einplan.compiler.trace import Builder, Value
 from einplan.models.config import ModelConfig
 
-LINEAR = frozenset({"linear"})
+LINEAR = frozenset({Tag.LINEAR})
 
 
 def rope_inv_freq(cfg: ModelConfig, dtype: str = "f32") -> list[float]:
@@ -103,8 +105,8 @@ def attention(b: Builder, x: Value, rope: Value, st: Step, i: int) -> Value:
         ctx = b.einsum("bngst,btnh->bsngh", probs, v, role="attn_ctx")
     else:  # write into the cache (head-major, so attention reads it without a copy) ...
         shape, pos = (bs, n, "ctx", hd), st.write_pos
-        k = b.kv_append(b.state("k_cache", f"cache.{i}.k", shape), k, pos, "kv", "attn_k.cache")
-        v = b.kv_append(b.state("v_cache", f"cache.{i}.v", shape), v, pos, "kv", "attn_v.cache")
+        k = b.kv_append(b.state("k_cache", cache_key(i, "k"), shape), k, pos, "kv", "attn_k.cache")
+        v = b.kv_append(b.state("v_cache", cache_key(i, "v"), shape), v, pos, "kv", "attn_v.cache")
         # ... and attend over its first kv slots: (b, s, n, g, h) x (b, n, t, h) -> (b, n, g, s, t)
         scores = b.einsum("bsngh,bnth->bngst", q, k, role="attn_scores")
         # the mask holds causality, padding and slots not written yet

@@ -12,6 +12,7 @@ import graphviz
 
 from einplan.compiler.ir import Graph, Node, format_attr, format_type
 from einplan.compiler.ops import Op
+from einplan.compiler.tags import Tag
 from einplan.errors import EinplanError
 from einplan.report.phases import layer_of
 
@@ -40,16 +41,16 @@ class GraphvizMissing(EinplanError):
 
 def node_kind(n: Node) -> str:
     """The colour key of a node, from its tags and op (later passes add tags, not code)."""
-    for tag in ("optimizer", "reverse", "lora"):
+    for tag in (Tag.OPTIMIZER, Tag.REVERSE, Tag.LORA):
         if tag in n.tags:
-            return tag
-    if "quant" in n.tags or n.op.value in QUANT_OPS:
+            return tag.value
+    if Tag.QUANT in n.tags or n.op.value in QUANT_OPS:
         return "quant"
     if n.op is Op.PARAM:
         return "param"
     if n.op is Op.INPUT:
         return "input"
-    return "linear" if "linear" in n.tags else "op"
+    return "linear" if Tag.LINEAR in n.tags else "op"
 
 
 def node_label(n: Node, kind: str) -> str:

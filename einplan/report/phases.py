@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
+from einplan.compiler.ir import training_phase
+
 LAYER = re.compile(r"^([A-Za-z_+]+)-(\d+)(?=\.|$)")  # packed: attn_q+attn_k+attn_v-3
 
 QKV = "Attention: QKV projection"
@@ -75,10 +77,7 @@ def role_of(name: str) -> str:
 
 def stage_of(tags: Iterable[str]) -> str:
     """Forward, Backward (nodes the autodiff pass tags ``reverse``) or Optimizer."""
-    tags = set(tags)
-    if "optimizer" in tags:
-        return "Optimizer"
-    return "Backward" if "reverse" in tags else "Forward"
+    return training_phase(tags).capitalize()
 
 
 def phase_of(name: str, tags: Iterable[str] = ()) -> str:

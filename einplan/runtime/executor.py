@@ -9,30 +9,25 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 from threadpoolctl import ThreadpoolController, threadpool_limits
 
 from einplan.compiler.dtypes import to_numpy_dtype
-from einplan.compiler.ir import Graph, format_type, step_bytes
-from einplan.compiler.ops import LEAVES, OPS, Op, count_flops
-from einplan.compiler.symbolic import evaluate, poly_from_json, resolve_shape
+from einplan.compiler.ir import Graph
+from einplan.compiler.names import CACHE_PREFIX, GRAD_PREFIX
+from einplan.compiler.ops import Op
 from einplan.errors import EinplanError
-from einplan.runtime.kernels import make_kernel
-from einplan.runtime.recorder import Recorder, StepInfo, debug_level
+from einplan.runtime.recorder import Recorder, debug_level
+from einplan.runtime.steps import OutputRing, Prepared, Step, prepare_steps
 
 
 class InputError(EinplanError):
     """Inputs or weights do not fit the plan (shape, dtype, size limits)."""
 
-
-# views that only look at their input: over a buffer known before the run they are made once
-PURE_VIEWS = (Op.RESHAPE, Op.SPLIT)
 
 # a dim bounded by another at run time: the keys attended to cannot exceed the cache
 CAPACITY = {"kv": "ctx"}
@@ -49,9 +44,9 @@ def memory_kind(n) -> str:
     if n.op is Op.PARAM:
         return "weights"
     key = n.attrs["key"]
-    if key.startswith("cache."):
+    if key.startswith(CACHE_PREFIX):
         return "kv_cache"
-    return "gradients" if key.startswith("grad.") else "optimizer_state"
+    return "gradients" if key.startswith(GRAD_PREFIX) else "optimizer_state"
 
 
 def memory_breakdown(graph: Graph, arrays: dict[int, np.ndarray]) -> dict[str, int]:
@@ -61,43 +56,6 @@ def memory_breakdown(graph: Graph, arrays: dict[int, np.ndarray]) -> dict[str, i
         if n.id in arrays and n.op in (Op.PARAM, Op.STATE):
             out[memory_kind(n)] += arrays[n.id].nbytes
     return out
-
-
-class OutputRing:
-    """Buffers for one graph output, recycled once the caller has dropped them.
-
-    Outputs are handed to the caller, so a run must not overwrite one still in use; but a
-    fresh 200 MB logits array per run costs tens of thousands of page faults. An array is
-    reused only when nothing outside this ring refers to it (no variable, no view).
-    """
-
-    def __init__(self, shape: tuple[int, ...], dtype: np.dtype, keep: int = 2) -> None:
-        self.shape, self.dtype, self.keep = shape, dtype, keep
-        self.arrays: list[np.ndarray] = []
-
-    def take(self) -> np.ndarray:
-        """Return a free buffer: a recycled one, or a new one."""
-        for arr in self.arrays:
-            if sys.getrefcount(arr) == 3:  # the list, the loop variable, the call's argument
-                return arr
-        arr = np.empty(self.shape, self.dtype)
-        if len(self.arrays) < self.keep:
-            self.arrays.append(arr)
-        return arr
-
-
-@dataclass
-class Prepared:
-    """Everything a run needs for one binding of the symbolic dims."""
-
-    dims: dict[str, int]
-    steps: list[
-        tuple
-    ]  # (index, node id, kernel, input ids, out buffer or OutputRing, free ids, thread)
-    levels: list[list[int]]  # step indices per dependency level
-    table: list[StepInfo]  # per step: name, op, FLOPs, bytes, shapes, tags
-    arena_bytes: int
-    static: dict[int, np.ndarray]  # views fixed at prepare time (reshape, split of buffers)
 
 
 class Executor:
@@ -178,73 +136,7 @@ class Executor:
         if key in self._prepared:
             self._prepared.move_to_end(key)
             return self._prepared[key]
-        g, nodes = self.graph, self.nodes
-        slot_sizes = [evaluate(poly_from_json(s), dims) for s in g.meta["memory"]["slots"]]
-        arena = [np.empty(max(s, 1), np.uint8) for s in slot_sizes]
-        scratch_bufs: dict[tuple, np.ndarray] = {}
-        steps, table, levels = [], [], {}
-        fixed: dict[int, np.ndarray] = dict(self.params)  # arrays known before the run
-        static: dict[int, np.ndarray] = {}  # views of fixed arrays, made once here
-        carried_free: list[int] = []  # frees of a view step that no longer runs
-        for n in g.nodes:
-            if n.op in LEAVES:
-                continue
-            ann = g.annotations.get(n.id, {})
-            # scratch is per thread slot only when steps of a level may run together: run one
-            # after another, all steps share one set (272 optimizer updates would otherwise
-            # each keep a scratch the size of their weight)
-            thread = ann.get("thread", 0) if self._pool is not None else 0
-            shape = resolve_shape(n.shape, dims)
-            ins = [resolve_shape(nodes[i].shape, dims) for i in n.inputs]
-
-            def scratch(role, mat, dtype, thread=thread):
-                size = int(np.prod(mat))
-                key = (thread, role, np.dtype(dtype).str)
-                buf = scratch_bufs.get(key)
-                if buf is None or buf.size < size:
-                    buf = scratch_bufs[key] = np.empty(size, dtype)
-                return buf[:size].reshape(mat)
-
-            kernel = make_kernel(n, ins, shape, scratch)
-            dtype = to_numpy_dtype(n.dtype)
-            if n.op in PURE_VIEWS and all(i in fixed for i in n.inputs):
-                view = kernel([fixed[i] for i in n.inputs], None)
-                if view.base is not None:  # a true view (a reshape may have to copy)
-                    fixed[n.id] = static[n.id] = view
-                    carried_free += ann.get("free_after", [])
-                    continue
-            if OPS[n.op].alias:
-                out = None
-            elif ann.get("slot") is None:  # an output, or the buffer an output is a view of
-                out = OutputRing(shape, dtype)
-            else:
-                nbytes = int(np.prod(shape)) * dtype.itemsize
-                out = arena[ann["slot"]][:nbytes].view(dtype).reshape(shape)
-            if isinstance(out, np.ndarray):
-                fixed[n.id] = out
-            index = len(steps)
-            free = carried_free + ann.get("free_after", [])
-            carried_free = []
-            steps.append((index, n.id, kernel, n.inputs, out, free, thread))
-            levels.setdefault(ann.get("level", index), []).append(index)
-            in_nodes = [nodes[i] for i in n.inputs]
-            in_shapes = [x.shape for x in in_nodes]
-            table.append(
-                StepInfo(
-                    n.name,
-                    n.op.value,
-                    evaluate(count_flops(n.op, in_shapes, n.shape, n.attrs), dims),
-                    evaluate(step_bytes(n, nodes), dims),
-                    ", ".join(format_type(s, x.dtype) for s, x in zip(ins, in_nodes, strict=True))
-                    + f" -> {format_type(shape, n.dtype)}",
-                    tuple(sorted(n.tags)),
-                )
-            )
-        # scratch for one binding is sized by the kernels built above
-        arena_bytes = sum(slot_sizes) + sum(b.nbytes for b in scratch_bufs.values())
-        prepared = Prepared(
-            dict(dims), steps, [levels[k] for k in sorted(levels)], table, arena_bytes, static
-        )
+        prepared = prepare_steps(self.graph, self.nodes, self.params, dims, self._pool is not None)
         self._prepared[key] = prepared
         while len(self._prepared) > 2:
             self._prepared.popitem(last=False)
@@ -287,18 +179,18 @@ class Executor:
         return {k: env[v] for k, v in self.graph.outputs.items()}
 
     @staticmethod
-    def _run_step(step, env, recorder, run, thread=0, free_now=True):
-        index, nid, kernel, in_ids, out, free, _ = step
+    def _run_step(step: Step, env, recorder, run, thread=0, free_now=True):
+        out = step.out
         if type(out) is OutputRing:
             out = out.take()
         if recorder is None:
-            env[nid] = kernel([env[i] for i in in_ids], out)
+            env[step.node] = step.kernel([env[i] for i in step.inputs], out)
         else:
             t0 = time.perf_counter_ns()
-            env[nid] = kernel([env[i] for i in in_ids], out)
-            recorder.add(run, index, thread, t0, time.perf_counter_ns() - t0)
+            env[step.node] = step.kernel([env[i] for i in step.inputs], out)
+            recorder.add(run, step.index, thread, t0, time.perf_counter_ns() - t0)
         if free_now:
-            for f in free:
+            for f in step.free:
                 del env[f]
 
     def _run_sequential(self, prepared, env, recorder, run):
@@ -306,11 +198,12 @@ class Executor:
             for step in prepared.steps:
                 self._run_step(step, env, recorder, run)
             return
-        for _, nid, kernel, in_ids, out, free, _ in prepared.steps:  # the hot loop
+        for step in prepared.steps:  # the hot loop
+            out = step.out
             if type(out) is OutputRing:
                 out = out.take()
-            env[nid] = kernel([env[i] for i in in_ids], out)
-            for f in free:
+            env[step.node] = step.kernel([env[i] for i in step.inputs], out)
+            for f in step.free:
                 del env[f]
 
     def _run_pooled(self, prepared, env, recorder, run):
@@ -328,7 +221,7 @@ class Executor:
             for f in futures:
                 f.result()
             for i in level:
-                for f in steps[i][5]:
+                for f in steps[i].free:
                     del env[f]
 
     def activation_bytes(self) -> int:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from einplan.compiler.attrs import QMatmulRecipe, UnaryRecipe
 from einplan.compiler.dtypes import to_numpy_dtype
 from einplan.compiler.ir import Node
 from einplan.compiler.ops import Op
@@ -69,10 +70,10 @@ def make_einsum(
 ) -> Kernel:
     """A pairwise contraction as permute/reshape + one ``np.matmul`` into the output buffer."""
     r = node.attrs["recipe"]
-    if r["kind"] == "qmatmul":
+    if isinstance(r, QMatmulRecipe):
         return make_qmatmul(node, shapes, out_shape, scratch)
-    if r["kind"] == "unary":
-        axes, perm = tuple(r["sum_axes"]), r["perm"]
+    if isinstance(r, UnaryRecipe):
+        axes, perm = tuple(r.sum_axes), r.perm
 
         def unary(ins, out):
             x = ins[0].sum(axis=axes) if axes else ins[0]
@@ -80,18 +81,18 @@ def make_einsum(
             return out
 
         return unary
-    a_shape = tuple(d for i, d in enumerate(shapes[0]) if i not in r["a_sum"])
-    b_shape = tuple(d for i, d in enumerate(shapes[1]) if i not in r["b_sum"])
-    nb, na, nk, nn = r["groups"]
+    a_shape = tuple(d for i, d in enumerate(shapes[0]) if i not in r.a_sum)
+    b_shape = tuple(d for i, d in enumerate(shapes[1]) if i not in r.b_sum)
+    nb, na, nk, nn = r.groups
     dtype = to_numpy_dtype(node.dtype)
-    a_view = _operand_view(a_shape, r["a_perm"], nb, na, "a", scratch, dtype)
-    b_view = _operand_view(b_shape, r["b_perm"], nb, nk, "b", scratch, dtype)
-    at = [a_shape[p] for p in r["a_perm"]]
-    bt = [b_shape[p] for p in r["b_perm"]]
+    a_view = _operand_view(a_shape, r.a_perm, nb, na, "a", scratch, dtype)
+    b_view = _operand_view(b_shape, r.b_perm, nb, nk, "b", scratch, dtype)
+    at = [a_shape[p] for p in r.a_perm]
+    bt = [b_shape[p] for p in r.b_perm]
     logical = tuple(at[: nb + na]) + tuple(bt[nb + nk :])
     mm = ((_prod(at[:nb]),) if nb else ()) + (_prod(at[nb : nb + na]), _prod(bt[nb + nk :]))
-    a_sum, b_sum = tuple(r["a_sum"]), tuple(r["b_sum"])
-    out_perm = r["out_perm"]
+    a_sum, b_sum = tuple(r.a_sum), tuple(r.b_sum)
+    out_perm = r.out_perm
     direct = out_perm == sorted(out_perm)
     c_buf = None if direct else scratch("c", mm, dtype)
 
@@ -116,11 +117,11 @@ def make_qmatmul(node, shapes, out_shape, scratch) -> Kernel:
     r = node.attrs["recipe"]
     rows, cols = shapes[1]
     m = _prod(shapes[0][:-1])
-    shapes = scratch_shapes(rows, cols, r["group"], m)
+    shapes = scratch_shapes(rows, cols, r.group, m)
     bufs = [
         {k: scratch(f"{k}{t}", s, np.float32) for k, s in shapes.items()} for t in range(THREADS)
     ]
-    transposed = r["transposed"]
+    transposed = r.transposed
 
     def qmatmul(ins, out):
         x, w = ins

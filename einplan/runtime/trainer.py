@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from einplan.compiler.ir import training_phase
+from einplan.compiler.names import GRAD_PREFIX
 from einplan.compiler.passes.autodiff import trainable
 from einplan.compiler.plan import Plan
 from einplan.models.train_config import TrainConfig
@@ -27,7 +28,6 @@ from einplan.runtime.kv_cache import allocate_states
 from einplan.runtime.lr_schedule import learning_rate
 from einplan.runtime.recorder import Recorder
 
-GRAD_PREFIX = "grad."  # accumulators: empty at every step boundary, so never checkpointed
 PHASES = ("forward", "backward", "optimizer")
 
 

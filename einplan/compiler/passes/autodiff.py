@@ -11,18 +11,19 @@ micro-batches are accumulated), so the plan stays static. Every reverse node is 
 from __future__ import annotations
 
 from einplan.compiler.ir import Graph, Node
+from einplan.compiler.names import grad_key
 from einplan.compiler.ops import FLOAT_DTYPES, LEAVES, Op, ShapeError
 from einplan.compiler.pipeline import PassContext
+from einplan.compiler.tags import Tag
 from einplan.compiler.trace import Builder, Value
 from einplan.compiler.vjp import apply_rule
 
 LOSS = "loss"
-FROZEN = "frozen"  # tag of a parameter that gets no gradient (a LoRA base weight)
 
 
 def trainable(n: Node) -> bool:
     """Whether a node is a parameter the reverse graph differentiates."""
-    return n.op is Op.PARAM and n.dtype in FLOAT_DTYPES and FROZEN not in n.tags
+    return n.op is Op.PARAM and n.dtype in FLOAT_DTYPES and Tag.FROZEN not in n.tags
 
 
 def needs_grad(graph: Graph) -> set[int]:
@@ -46,7 +47,7 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
     b = Builder.extend(graph)
     cts: dict[int, list[Value]] = {loss.id: [b.input("loss_grad", (), loss.dtype)]}
     grads: dict[str, Value] = {}
-    with b.tagged("reverse"):
+    with b.tagged(Tag.REVERSE):
         for n in reversed(graph.nodes):
             parts = cts.pop(n.id, None)
             if parts is None:
@@ -68,5 +69,5 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
     if missing:
         raise ShapeError(f"autodiff: parameters that do not affect the loss: {', '.join(missing)}")
     for key, g in grads.items():
-        b.output(f"grad.{key}", g)
+        b.output(grad_key(key), g)
     return b.graph

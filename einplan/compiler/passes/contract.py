@@ -8,6 +8,7 @@ opt-einsum itself.
 
 from __future__ import annotations
 
+from einplan.compiler.attrs import MatmulRecipe, QMatmulRecipe, UnaryRecipe
 from einplan.compiler.ir import Graph, Node
 from einplan.compiler.ops import Op, ShapeError, einsum_sizes, parse_spec
 from einplan.compiler.path_cache import PathCache
@@ -15,7 +16,7 @@ from einplan.compiler.pipeline import PassContext
 from einplan.compiler.symbolic import resolve_shape
 
 
-def lower_einsum(spec: str) -> dict:
+def lower_einsum(spec: str) -> UnaryRecipe | MatmulRecipe:
     """Lower a one- or two-operand einsum to a matmul recipe.
 
     Two operands ``A, B -> C``: sum away indices only one operand has and the output lacks,
@@ -27,11 +28,10 @@ def lower_einsum(spec: str) -> dict:
     if len(terms) == 1:
         (a,) = terms
         kept = [c for c in a if c in out]
-        return {
-            "kind": "unary",
-            "sum_axes": [i for i, c in enumerate(a) if c not in out],
-            "perm": [kept.index(c) for c in out],
-        }
+        return UnaryRecipe(
+            sum_axes=[i for i, c in enumerate(a) if c not in out],
+            perm=[kept.index(c) for c in out],
+        )
     a, b = terms
     a_sum = [i for i, c in enumerate(a) if c not in b and c not in out]
     b_sum = [i for i, c in enumerate(b) if c not in a and c not in out]
@@ -42,18 +42,17 @@ def lower_einsum(spec: str) -> dict:
     a_free = [c for c in out if c in a2 and c not in b2]
     b_free = [c for c in out if c in b2 and c not in a2]
     order = batch + a_free + b_free
-    return {
-        "kind": "matmul",
-        "a_sum": a_sum,
-        "b_sum": b_sum,
-        "a_perm": [a2.index(c) for c in batch + a_free + contr],
-        "b_perm": [b2.index(c) for c in batch + contr + b_free],
-        "groups": [len(batch), len(a_free), len(contr), len(b_free)],
-        "out_perm": [order.index(c) for c in out],
-    }
+    return MatmulRecipe(
+        a_sum=a_sum,
+        b_sum=b_sum,
+        a_perm=[a2.index(c) for c in batch + a_free + contr],
+        b_perm=[b2.index(c) for c in batch + contr + b_free],
+        groups=[len(batch), len(a_free), len(contr), len(b_free)],
+        out_perm=[order.index(c) for c in out],
+    )
 
 
-def lower_dequantized(n: Node, w: Node) -> dict:
+def lower_dequantized(n: Node, w: Node) -> QMatmulRecipe:
     """The recipe of ``x . W^T`` or ``dy . W`` whose W is dequantized on the fly: the runtime
     multiplies block by block from the packed integers (runtime/qmatmul.py)."""
     terms, out = parse_spec(n.attrs["spec"])
@@ -70,12 +69,7 @@ def lower_dequantized(n: Node, w: Node) -> dict:
             f"{n.name}: einsum {n.attrs['spec']!r} reads a dequantized weight in a way the "
             "block kernel does not do (only x.W^T and dy.W)"
         )
-    return {
-        "kind": "qmatmul",
-        "transposed": transposed,
-        "bits": w.attrs["bits"],
-        "group": w.attrs["group"],
-    }
+    return QMatmulRecipe(transposed=transposed, bits=w.attrs["bits"], group=w.attrs["group"])
 
 
 def _split_nary(

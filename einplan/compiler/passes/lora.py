@@ -12,13 +12,14 @@ the optimizer keeps state only for them.
 
 from __future__ import annotations
 
+from einplan.compiler.attrs import LoraPart
 from einplan.compiler.ir import Graph, Node
 from einplan.compiler.lora_spec import LoraConfig, LoraError
 from einplan.compiler.ops import Op, parse_spec
-from einplan.compiler.passes.autodiff import FROZEN
 from einplan.compiler.pipeline import Mode, PassContext
+from einplan.compiler.tags import Tag
 
-LORA = frozenset({"lora"})
+LORA = frozenset({Tag.LORA})
 DROPOUT_SEED = "dropout_seed"  # the runtime input that seeds every dropout mask of a step
 
 
@@ -52,16 +53,11 @@ def _branch(n: Node, w: Node, cfg: LoraConfig, next_id: int, seed: Node | None) 
     lead, i, o = a_term[:-1], a_term[-1], out_term[-1]
     r = next(c for c in "rkzyxwu" if c not in n.attrs["spec"])
     module = module_key(n, w)
-    meta = {
-        "r": cfg.r,
-        "alpha": cfg.alpha,
-        "fan_in": n_in,
-        "module": module,
-        "role": role_of(n.name),
-    }
+    role = role_of(n.name)
 
     def param(k: int, part: str, shape: tuple[int, int]) -> Node:
-        attrs = {"key": f"{module}.lora_{part}.weight", "lora": {**meta, "part": part}}
+        meta = LoraPart(cfg.r, cfg.alpha, n_in, module, role, part)
+        attrs = {"key": f"{module}.lora_{part}.weight", "lora": meta}
         return Node(k, Op.PARAM, (), attrs, shape, n.dtype, f"{n.name}.lora_{part.lower()}", LORA)
 
     a = param(next_id, "A", (cfg.r, n_in))
@@ -122,9 +118,9 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
     for n in graph.nodes:
         n = n.with_(inputs=tuple(rename.get(i, i) for i in n.inputs))
         if n.op is Op.PARAM:  # only A and B train: everything else is the frozen base
-            n = n.with_(tags=n.tags | {FROZEN})
+            n = n.with_(tags=n.tags | {Tag.FROZEN})
         out.append(n)
-        if n.op is Op.EINSUM and "linear" in n.tags and role_of(n.name) in cfg.targets:
+        if n.op is Op.EINSUM and Tag.LINEAR in n.tags and role_of(n.name) in cfg.targets:
             w = _weight_param(nodes[n.inputs[1]], nodes)
             made = _branch(n, w, cfg, next_id, seed)
             next_id += 6

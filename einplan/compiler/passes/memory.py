@@ -10,6 +10,8 @@ share their source's buffer and keep it alive. Graph outputs get fresh arrays at
 
 from __future__ import annotations
 
+import dataclasses
+
 from einplan.compiler.ir import Graph
 from einplan.compiler.ops import ITEMSIZE, LEAVES, OPS
 from einplan.compiler.pipeline import PassContext
@@ -33,8 +35,8 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
             last_use[root[i]] = max(last_use.get(root[i], -1), order[n.id])
             readers.setdefault(root[i], []).append(n.id)
     outputs = {root[v] for v in graph.outputs.values()}
-    ann = {k: dict(v) for k, v in graph.annotations.items()}
-    level = {i: a.get("level", order[i]) for i, a in ann.items()}
+    ann = dict(graph.annotations)
+    level = {i: a.level for i, a in ann.items()}
 
     slot_sizes: list[dict] = []
     free_slots: dict[str, list[tuple[int, int]]] = {}  # size key -> [(slot, level freed)]
@@ -47,10 +49,8 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
     for k, n in enumerate(graph.nodes):
         if n.op in LEAVES:
             continue
-        a = ann.setdefault(n.id, {})
-        if OPS[n.op].alias or n.id in outputs:
-            a["slot"] = None
-        else:
+        slot = None
+        if not OPS[n.op].alias and n.id not in outputs:
             size = scale_poly(numel(n.shape), ITEMSIZE[n.dtype])
             key = repr(sorted(size.items()))
             pool = free_slots.get(key, [])
@@ -74,9 +74,9 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
                 slot = len(slot_sizes)
                 slot_sizes.append(size)
             slot_of[n.id] = slot
-            a["slot"] = slot
         dead = [r for r in dies_at.get(k, []) if nodes[r].op not in LEAVES]
-        a["free_after"] = [v for r in dead for v in views[r]]
+        free = tuple(v for r in dead for v in views[r])
+        ann[n.id] = dataclasses.replace(ann[n.id], slot=slot, free_after=free)
         for r in dead:
             if r in slot_of and r not in donated:
                 size = scale_poly(numel(nodes[r].shape), ITEMSIZE[nodes[r].dtype])

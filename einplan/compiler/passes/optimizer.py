@@ -15,11 +15,11 @@ from __future__ import annotations
 import networkx as nx
 
 from einplan.compiler.ir import Graph
+from einplan.compiler.names import GRAD_PREFIX, grad_key, optim_key
 from einplan.compiler.ops import Op, ShapeError
 from einplan.compiler.pipeline import PassContext
+from einplan.compiler.tags import Tag
 from einplan.compiler.trace import Builder
-
-GRAD = "grad."
 
 
 def check_reads_before_updates(graph: Graph, norm: int, params: list[int]) -> None:
@@ -42,19 +42,21 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
         raise ShapeError("optimizer pass: no train settings in the pass context")
     nodes = graph.by_id()
     params = {n.attrs["key"]: n for n in graph.params()}
-    grads = {k[len(GRAD) :]: v for k, v in graph.outputs.items() if k.startswith(GRAD)}
+    grads = {
+        k[len(GRAD_PREFIX) :]: v for k, v in graph.outputs.items() if k.startswith(GRAD_PREFIX)
+    }
     if not grads:
         raise ShapeError("optimizer pass: the graph has no gradients (run autodiff first)")
     dtype = nodes[graph.outputs["loss"]].dtype
-    outputs = {k: v for k, v in graph.outputs.items() if not k.startswith(GRAD)}
+    outputs = {k: v for k, v in graph.outputs.items() if not k.startswith(GRAD_PREFIX)}
     b = Builder.extend(graph.replace_nodes(graph.nodes, outputs))
-    with b.tagged("optimizer"):
+    with b.tagged(Tag.OPTIMIZER):
         lr = b.input("lr", (), dtype)
         step = b.input("step", (), "i64")
         accs = {}
         for key, gid in grads.items():
             p = params[key]
-            acc = b.state(f"{p.name}.grad", f"{GRAD}{key}", p.shape, p.dtype)
+            acc = b.state(f"{p.name}.grad", grad_key(key), p.shape, p.dtype)
             accs[key] = b.acc_grad(acc, b.value(nodes[gid]), role=f"{p.name}.acc_grad")
         loss = b.value(nodes[graph.outputs["loss"]])
         norm = b.grad_norm(loss, list(accs.values()))
@@ -66,12 +68,12 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
                 op, attrs = Op.ADAMW, {**attrs, "beta1": cfg.beta1, "beta2": cfg.beta2}
                 attrs["eps"] = cfg.eps
                 moments = [
-                    b.state(f"{p.name}.{m}", f"optim.{m}.{key}", p.shape, p.dtype)
+                    b.state(f"{p.name}.{m}", optim_key(m, key), p.shape, p.dtype)
                     for m in ("m", "v")
                 ]
             else:
                 op, attrs = Op.SGD, {**attrs, "momentum": cfg.momentum}
-                moments = [b.state(f"{p.name}.buf", f"optim.buf.{key}", p.shape, p.dtype)]
+                moments = [b.state(f"{p.name}.buf", optim_key("buf", key), p.shape, p.dtype)]
             inputs = [b.value(p), *moments, acc, norm, lr, step]
             b.effect(b.update(op, inputs, attrs, role=f"{p.name}.{op.value}"))
     b.output("grad_norm", norm)

@@ -12,18 +12,20 @@ it. Training graphs are left alone: their gradients and updates address the orig
 
 from __future__ import annotations
 
+import dataclasses
+
+from einplan.compiler.attrs import PackMember
 from einplan.compiler.ir import Graph, Node
 from einplan.compiler.ops import Op
 from einplan.compiler.pipeline import PassContext
-
-TRAINING_TAGS = {"reverse", "optimizer"}
+from einplan.compiler.tags import Tag
 
 
 def _packable(n: Node, nodes: dict[int, Node], uses: dict[int, list[int]]) -> tuple | None:
     """How a linear ``x · W^T`` einsum packs: ``("f32",)`` for a float32 param read by nothing
     else, ``("quant", bits, group, parts)`` for a dequantized weight whose params nothing else
     reads, None when it does not."""
-    if n.op is not Op.EINSUM or "linear" not in n.tags or len(n.inputs) != 2:
+    if n.op is not Op.EINSUM or Tag.LINEAR not in n.tags or len(n.inputs) != 2:
         return None
     w = nodes[n.inputs[1]]
     lead = n.attrs["spec"].split("i,")[0]
@@ -59,7 +61,7 @@ def _packed_product(members: list[Node], x: Node, w: Node, spec: str, k: int) ->
         (*x.shape[:-1], sum(rows)),
         first.dtype,
         _group_name([m.name for m in members]),
-        first.tags | {"packed"},
+        first.tags | {Tag.PACKED},
     )
     new = [mm]
     if len(members) > 1:
@@ -80,15 +82,16 @@ def _pack_quantized(members: list[Node], nodes: dict[int, Node], k: int) -> list
     for j, part in enumerate(nodes[i] for i in deqs[0].inputs):
         parts = [nodes[d.inputs[j]] for d in deqs]
         keys = [p.attrs["key"] for p in parts]
-        quant = {**part.attrs["quant"], "shape": [sum(rows), deqs[0].shape[1]]}
-        quant["of"] = "+".join(p.attrs["quant"]["of"] for p in parts)
+        of = "+".join(p.attrs["quant"].of for p in parts)
         attrs = {
             "key": "+".join(keys),
-            "quant": quant,
-            "pack": [
-                [p.attrs["key"], r, p.attrs["quant"]["of"]]
+            "quant": dataclasses.replace(
+                part.attrs["quant"], of=of, shape=(sum(rows), deqs[0].shape[1])
+            ),
+            "pack": tuple(
+                PackMember(p.attrs["key"], r, p.attrs["quant"].of)
                 for p, r in zip(parts, rows, strict=True)
-            ],
+            ),
         }
         shape = (sum(rows), part.shape[1])
         name = _group_name([p.name for p in parts])
@@ -119,7 +122,7 @@ def _transpose_tied_embedding(
         if w.dtype != "f32" or "pack" in w.attrs or len(readers) != 2:
             continue
         gather = next((r for r in readers if r.op is Op.GATHER and r.inputs[0] == w.id), None)
-        head = next((r for r in readers if r.op is Op.EINSUM and "linear" in r.tags), None)
+        head = next((r for r in readers if r.op is Op.EINSUM and Tag.LINEAR in r.tags), None)
         if gather is None or head is None or head.inputs[1] != w.id:
             continue
         lead = head.attrs["spec"].split("d,")[0]
@@ -128,12 +131,13 @@ def _transpose_tied_embedding(
         key = w.attrs["key"]
         return {
             w.id: w.with_(
-                attrs={"key": key, "pack": [[key, w.shape[0]]]}, shape=(w.shape[1], w.shape[0])
+                attrs={"key": key, "pack": (PackMember(key, w.shape[0]),)},
+                shape=(w.shape[1], w.shape[0]),
             ),
             gather.id: gather.with_(attrs={**gather.attrs, "transposed": True}),
             # (batch, seq, d) x (d, vocab) -> (batch, seq, vocab)
             head.id: head.with_(
-                attrs={"spec": f"{lead}d,dv->{lead}v"}, tags=head.tags | {"packed"}
+                attrs={"spec": f"{lead}d,dv->{lead}v"}, tags=head.tags | {Tag.PACKED}
             ),
         }
     return {}
@@ -142,8 +146,6 @@ def _transpose_tied_embedding(
 def run(graph: Graph, ctx: PassContext) -> Graph:
     """Replace the plain linears of an inference graph by packed, transposed ones, and the
     quantised linears of one input by one packed quantised product."""
-    if any(n.tags & TRAINING_TAGS for n in graph.nodes):
-        return graph
     nodes, uses = graph.by_id(), graph.consumers()
     groups: dict[tuple, list[Node]] = {}  # (input value, kind) -> its linears, in order
     for n in graph.nodes:
@@ -165,7 +167,10 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
                 next_id,
                 Op.PARAM,
                 (),
-                {"key": "+".join(keys), "pack": [list(p) for p in zip(keys, rows, strict=True)]},
+                {
+                    "key": "+".join(keys),
+                    "pack": tuple(PackMember(k, r) for k, r in zip(keys, rows, strict=True)),
+                },
                 (weights[0].shape[1], sum(rows)),
                 "f32",
                 _group_name([w.name for w in weights]) if len(members) > 1 else weights[0].name,

@@ -16,9 +16,9 @@ float checkpoint at load time or take a quantised one as it is.
 
 from __future__ import annotations
 
+from einplan.compiler.attrs import INPUT_ABSMAX, QuantPart
 from einplan.compiler.ir import Graph, Node
 from einplan.compiler.ops import Op
-from einplan.compiler.passes.autodiff import FROZEN
 from einplan.compiler.pipeline import PassContext
 from einplan.compiler.quant_scheme import (
     QuantConfig,
@@ -27,9 +27,10 @@ from einplan.compiler.quant_scheme import (
     stored_layout,
     weight_group,
 )
+from einplan.compiler.tags import Tag
 
-QUANT = frozenset({"quant"})
-NOT_TRAINED = frozenset({FROZEN})  # quantised weights (and their scales) are never trained
+QUANT = frozenset({Tag.QUANT})
+QUANT_PARAM = frozenset({Tag.QUANT, Tag.FROZEN})  # quantised weights (and scales) never train
 SUFFIX = {"q": "q", "scale": "s", "zero_point": "z"}  # attn_q-3.w -> attn_q-3.wq, .ws, .wz
 
 
@@ -37,7 +38,7 @@ def _weight_params(graph: Graph, nodes: dict[int, Node]) -> dict[int, Node]:
     """The float32 params read as the weight of a linear einsum, by id."""
     found = {}
     for n in graph.nodes:
-        if n.op is Op.EINSUM and "linear" in n.tags and len(n.inputs) == 2:
+        if n.op is Op.EINSUM and Tag.LINEAR in n.tags and len(n.inputs) == 2:
             w = nodes[n.inputs[1]]
             if w.op is Op.CAST:
                 raise QuantError(
@@ -56,8 +57,6 @@ def _quantized_leaves(w: Node, cfg: QuantConfig, next_id: int) -> list[Node]:
     out, n_in = w.shape
     group = weight_group(cfg, n_in, w.name)
     bits, key = cfg.weight_bits, w.attrs["key"]
-    meta = {"bits": bits, "group": group, "symmetric": cfg.symmetric, "of": key}
-    meta["shape"] = [out, n_in]
     base = w.name.rsplit(".", 1)[0]
     leaves = []
     for part, (shape, dtype) in stored_layout(bits, group, cfg.symmetric, (out, n_in)).items():
@@ -66,11 +65,14 @@ def _quantized_leaves(w: Node, cfg: QuantConfig, next_id: int) -> list[Node]:
                 next_id + len(leaves),
                 Op.PARAM,
                 (),
-                {"key": key if part == "q" else f"{key}_{part}", "quant": {**meta, "part": part}},
+                {
+                    "key": key if part == "q" else f"{key}_{part}",
+                    "quant": QuantPart(part, bits, key, group, cfg.symmetric, (out, n_in)),
+                },
                 shape,
                 dtype,
                 f"{w.name}{SUFFIX[part]}",
-                w.tags | QUANT | NOT_TRAINED,
+                w.tags | QUANT_PARAM,
             )
         )
     deq = Node(
@@ -92,10 +94,9 @@ def _fake_quant(n: Node, x: Node, w_key: str, cfg: QuantConfig, next_id: int) ->
     inputs = (x.id,)
     if cfg.activations == "static":
         key = input_absmax_key(w_key)
-        meta = {"part": "input_absmax", "bits": cfg.act_bits, "of": key}
         name = f"{n.name}.in_absmax"
-        attrs = {"key": key, "quant": meta}
-        made.append(Node(next_id, Op.PARAM, (), attrs, (1,), "f32", name, QUANT | NOT_TRAINED))
+        attrs = {"key": key, "quant": QuantPart(INPUT_ABSMAX, cfg.act_bits, key)}
+        made.append(Node(next_id, Op.PARAM, (), attrs, (1,), "f32", name, QUANT_PARAM))
         inputs = (x.id, next_id)
     made.append(
         Node(
@@ -132,7 +133,7 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
             out.extend(replaced[n.id])
             continue
         n = n.with_(inputs=tuple(rename.get(i, i) for i in n.inputs))
-        if cfg.act_bits < 16 and "linear" in n.tags and n.inputs[-1] in weight_of:
+        if cfg.act_bits < 16 and Tag.LINEAR in n.tags and n.inputs[-1] in weight_of:
             key = weight_of[n.inputs[-1]].attrs["key"]
             made = _fake_quant(n, nodes[n.inputs[0]], key, cfg, next_id)
             next_id += len(made)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import networkx as nx
 
+from einplan.compiler.attrs import StepSchedule
 from einplan.compiler.ir import Graph
 from einplan.compiler.ops import ITEMSIZE, LEAVES, Op, count_flops
 from einplan.compiler.pipeline import PassContext
@@ -34,11 +35,11 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
             level_of[m] = level
     leaves = [n for n in graph.nodes if n.op in LEAVES]
     steps = sorted((n for n in graph.nodes if n.op not in LEAVES), key=lambda n: level_of[n.id])
-    ann = {k: dict(v) for k, v in graph.annotations.items()}
+    ann = dict(graph.annotations)
     width: dict[int, int] = {}
     for n in steps:
         lvl = level_of[n.id]
-        ann.setdefault(n.id, {}).update(level=lvl, thread=width.get(lvl, 0))
+        ann[n.id] = StepSchedule(lvl, width.get(lvl, 0))
         width[lvl] = width.get(lvl, 0) + 1
     out = graph.replace_nodes(leaves + steps)
     out.annotations = ann

@@ -10,8 +10,8 @@ from einplan.apps.compile import TRAIN_ENTRIES, WEIGHT_DTYPES, compile_model, pa
 from einplan.apps.evaluate import evaluate_text
 from einplan.apps.quant_report import quant_report
 from einplan.apps.quantize_checkpoint import quantize_checkpoint
-from einplan.apps.run_training import TrainResult, train
 from einplan.apps.session import Session, check_weights_config, load_plan, plan_config
+from einplan.apps.train import TrainResult, train
 from einplan.compiler.ir import Graph
 from einplan.compiler.pipeline import ALL_PASSES, PassContext
 from einplan.compiler.plan import Plan

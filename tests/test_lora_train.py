@@ -11,7 +11,7 @@ from test_gradients import shifted_targets
 
 import einplan
 from einplan.api import TRAIN_ENTRIES
-from einplan.apps.train import RunOptions, TrainingRun
+from einplan.apps.training_run import RunOptions, TrainingRun
 from einplan.cli import main
 from einplan.commands.eval import BUNDLED_TEXT
 from einplan.errors import EinplanError

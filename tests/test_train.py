@@ -15,7 +15,7 @@ import pytest
 
 import einplan
 from einplan.api import TRAIN_ENTRIES
-from einplan.apps.train import RunOptions, TrainingRun
+from einplan.apps.training_run import RunOptions, TrainingRun
 from einplan.cli import main
 from einplan.formats.checkpoint import CheckpointError, load_checkpoint
 from einplan.formats.weights import random_weights
@@ -220,7 +220,7 @@ from pathlib import Path
 import einplan
 from einplan.api import TRAIN_ENTRIES
 from einplan.formats import checkpoint
-from einplan.apps.train import RunOptions, TrainingRun
+from einplan.apps.training_run import RunOptions, TrainingRun
 sys.path.insert(0, {tests!r})
 from test_train import CORPUS, MICRO
 

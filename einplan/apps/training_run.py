@@ -1,0 +1,272 @@
+"""The training loop: data, steps, validation, samples, logs and checkpoints of one run.
+
+A run lives in one folder: ``tokenizer.json``, ``data/`` (the token file), ``metrics.jsonl``,
+``metrics.csv``, ``loss.png`` and ``checkpoints/``. Resuming reloads the latest checkpoint's
+weights, optimizer state, counters, data-sampler state and settings, so the losses after it
+are bit for bit those of a run that never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from tokenizers import Tokenizer
+from tqdm import tqdm
+
+from einplan.apps.data import BatchSampler, TokenSplits, tokenize_corpus, validation_windows
+from einplan.apps.metrics import MetricsLog
+from einplan.compiler.lora_spec import parse_lora
+from einplan.compiler.passes.autodiff import trainable
+from einplan.compiler.plan import Plan, hash_config
+from einplan.errors import EinplanError
+from einplan.formats.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from einplan.formats.peft import PEFT_PREFIX, init_lora, peft_config
+from einplan.formats.tokenizer import byte_tokenizer, load_tokenizer, train_tokenizer
+from einplan.formats.weights import load_weights, random_weights
+from einplan.models.config import ModelConfig, to_hf_config
+from einplan.models.train_config import parse_train_config
+from einplan.report.training import plot_loss_curve, print_training_summary
+from einplan.runtime.generate import GenerationRequest, Generator
+from einplan.runtime.sampling import SamplingConfig
+from einplan.runtime.trainer import StepStats, Trainer
+
+SAMPLING = SamplingConfig(temperature=0.8, top_k=40, seed=0)
+# settings baked into the plan's update steps and dtypes
+COMPILED = (
+    "optimizer",
+    "beta1",
+    "beta2",
+    "eps",
+    "weight_decay",
+    "decay_norms_and_biases",
+    "momentum",
+    "grad_clip",
+    "compute_dtype",
+)
+
+
+@dataclass
+class RunOptions:
+    """What the command line asks of one run."""
+
+    corpus: Path
+    out: Path
+    steps: int | None = None  # stop after this step (default: the settings' steps)
+    resume: bool = False
+    init_weights: str | None = None
+    tokenizer: str | None = None  # overrides the settings' tokenizer
+    overrides: dict[str, Any] | None = None  # train settings changed for this run
+    workers: int = 0
+
+
+def peak_rss_mib() -> float:
+    """The process's peak resident memory so far."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_tokenizer(spec: str, corpus: Path, vocab: int, out: Path) -> Tokenizer:
+    """The run's tokenizer: ``bytes``, ``train`` (BPE learned on the corpus), or a file; saved
+    beside the run so that resuming and checkpoints use the very same one."""
+    saved = out / "tokenizer.json"
+    if spec == "bytes":
+        tok = byte_tokenizer()
+    elif spec == "train":
+        if not corpus.is_file():
+            raise EinplanError(f"corpus {str(corpus)!r} not found (give a text file with --data)")
+        tok = train_tokenizer(corpus, vocab)
+    elif spec:
+        tok = load_tokenizer(spec)
+    else:
+        raise EinplanError(
+            "no tokenizer: give --tokenizer PATH (a tokenizer.json), 'bytes' or 'train' "
+            "(a BPE learned on the corpus), or set the train section's tokenizer"
+        )
+    if tok.get_vocab_size() > vocab:
+        raise EinplanError(
+            f"tokenizer has {tok.get_vocab_size()} ids but the model's vocabulary is {vocab}"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(saved))
+    return tok
+
+
+def initial_weights(plan: Plan, options: RunOptions, seed: int) -> dict[str, np.ndarray]:
+    """Starting weights, writable where trained: a pretrained checkpoint, or seeded random
+    ones; LoRA's A and B fresh (B zero) on a pretrained base, which stays read-only."""
+    graph = plan.entry("train_step")
+    if options.init_weights:
+        tied = plan.config["tie_word_embeddings"]
+        loaded = load_weights(graph, options.init_weights, tied=tied)
+    elif plan.meta.get("lora"):
+        raise EinplanError(
+            "LoRA trains adapters on a pretrained base: give its weights with --init-weights "
+            "(also when resuming)"
+        )
+    else:
+        loaded = random_weights(graph, seed)
+    trained = {n.attrs["key"] for n in graph.params() if trainable(n)}
+    weights = {k: np.array(v) if k in trained else v for k, v in loaded.items()}
+    return {**weights, **init_lora(graph, seed)}
+
+
+def sample_text(plan: Plan, weights: dict, tok: Tokenizer, prompt: str, tokens: int) -> str:
+    """The prompt and a sampled continuation from the current weights."""
+    ids = tok.encode(prompt).ids
+    request = GenerationRequest([ids], tokens, SAMPLING)
+    gen = Generator(plan, weights).generate(request, decode_text=tok.decode)
+    return prompt + gen.texts[0]
+
+
+class TrainingRun:
+    """One run folder: its settings, data, trainer, log and checkpoints."""
+
+    def __init__(self, plan: Plan, options: RunOptions, console: Console | None = None) -> None:
+        """Prepare a fresh run, or (``options.resume``) reload the latest checkpoint."""
+        if "train_step" not in plan.entries:
+            raise EinplanError("plan has no train_step entry: compile it with --train")
+        self.plan, self.options, self.console = plan, options, console or Console()
+        out = options.out
+        self.ckpt_root = out / "checkpoints"
+        ckpt = load_checkpoint(self.ckpt_root) if options.resume else None
+        if ckpt is not None:
+            if options.overrides or options.tokenizer:
+                raise EinplanError("a resumed run keeps its checkpoint's settings and tokenizer")
+            cfg = parse_train_config(ckpt.state["train"], str(ckpt.path))
+            if ckpt.state["model_config_hash"] != hash_config(plan.config):
+                raise CheckpointError(f"{ckpt.path}: checkpoint is of another model than the plan")
+            self.tokenizer = load_tokenizer(str(out / "tokenizer.json"))
+        else:
+            raw = {**plan.meta["train"], **(options.overrides or {})}
+            cfg = parse_train_config(raw, "train settings")
+            spec = options.tokenizer or cfg.tokenizer
+            self.tokenizer = run_tokenizer(spec, options.corpus, plan.config["vocab_size"], out)
+        changed = [k for k in COMPILED if plan.meta["train"][k] != getattr(cfg, k)]
+        if changed:
+            raise EinplanError(
+                f"train settings {', '.join(changed)} are compiled into the plan; recompile it "
+                "(einplan compile --train) to change them"
+            )
+        self.cfg = cfg
+        ids, key = tokenize_corpus(options.corpus, self.tokenizer, out / "data")
+        self.splits = TokenSplits.split(ids, key, cfg.val_fraction, cfg.seq_len)
+        self.sampler = BatchSampler(self.splits.train, cfg.seq_len, cfg.seed)
+        val = validation_windows(self.splits.val, cfg.seq_len, cfg.eval_batches * cfg.micro_batch)
+        self.val_batches = [
+            np.stack(val[i : i + cfg.micro_batch]) for i in range(0, len(val), cfg.micro_batch)
+        ]
+        self.trainer = Trainer(plan, initial_weights(plan, options, cfg.seed), cfg, options.workers)
+        if ckpt is not None:
+            if ckpt.state["data"]["key"] != key:
+                raise CheckpointError(
+                    f"{ckpt.path}: the corpus or tokenizer differs from the checkpointed run's"
+                )
+            self.trainer.restore(
+                ckpt.tensors("model.safetensors"),
+                ckpt.tensors("optimizer.safetensors"),
+                ckpt.state["counters"],
+            )
+            self.sampler.restore(ckpt.state["sampler"])
+        self.metrics = MetricsLog(out, self.trainer.step if ckpt is not None else None)
+        self.last_checkpoint: Path | None = ckpt.path if ckpt is not None else None
+
+    def checkpoint(self) -> Path:
+        """Save the run's state after the current step."""
+        t = self.trainer
+        files = {
+            "config.json": json.dumps(to_hf_config(ModelConfig(**self.plan.config)), indent=1),
+            "tokenizer.json": self.tokenizer.to_str(),
+        }
+        state = {
+            "counters": t.counters(),
+            "sampler": self.sampler.state(),
+            "train": self.cfg.to_dict(),
+            "data": {"key": self.splits.key, "corpus": str(self.options.corpus)},
+            "model_config_hash": hash_config(self.plan.config),
+        }
+        trained = t.trained_weights()
+        tensors = {"model.safetensors": trained, "optimizer.safetensors": t.optimizer_state()}
+        if self.plan.meta.get("lora"):  # the adapter also in PEFT's layout (einplan lora merge)
+            lora = parse_lora(self.plan.meta["lora"])
+            base = str(self.options.init_weights or "")
+            files["adapter_config.json"] = json.dumps(peft_config(lora, base), indent=1)
+            tensors["adapter_model.safetensors"] = {PEFT_PREFIX + k: v for k, v in trained.items()}
+        encoded = {k: v.encode() for k, v in files.items()}
+        self.last_checkpoint = save_checkpoint(
+            self.ckpt_root, t.step, tensors, encoded, state, self.cfg.keep_checkpoints
+        )
+        return self.last_checkpoint
+
+    def record(self, stats: StepStats) -> dict[str, Any]:
+        """A log record for a step, with the validation loss of the current weights."""
+        return {
+            "step": stats.step,
+            "loss": stats.loss,
+            "val_loss": self.trainer.validation_loss(self.val_batches),
+            "lr": stats.lr,
+            "grad_norm": stats.grad_norm,
+            "tokens_per_s": stats.tokens / stats.seconds,
+            "forward_ms": stats.phase_ms["forward"],
+            "backward_ms": stats.phase_ms["backward"],
+            "optimizer_ms": stats.phase_ms["optimizer"],
+            "peak_rss_mib": peak_rss_mib(),
+            "skipped": self.trainer.skipped,
+        }
+
+    def run(self, steps: int | None = None) -> list[StepStats]:
+        """Train up to step ``steps``, logging, sampling and checkpointing on the way."""
+        c, t = self.cfg, self.trainer
+        last = steps or self.options.steps or c.steps
+        done: list[StepStats] = []
+        write = tqdm.write
+        with tqdm(total=last, initial=t.step, unit="step", desc="train") as bar:
+            while t.step < last:
+                batches = [self.sampler.draw(c.micro_batch) for _ in range(c.accumulation)]
+                stats = t.run_step(batches)
+                done.append(stats)
+                bar.update(1)
+                bar.set_postfix(
+                    loss=f"{stats.loss:.3f}",
+                    lr=f"{stats.lr:.2e}",
+                    tok_s=f"{stats.tokens / stats.seconds:,.0f}",
+                )
+                at = stats.step
+                if stats.skipped:
+                    write(
+                        f"step {at}: loss {stats.loss}, gradient norm {stats.grad_norm}: not "
+                        f"finite, update skipped ({t.skipped} so far)"
+                    )
+                if (c.log_every and at % c.log_every == 0) or at == last or stats.skipped:
+                    r = self.record(stats)
+                    self.metrics.log(r)
+                    write(
+                        f"step {at}  loss {r['loss']:.4f}  val {r['val_loss']:.4f}  "
+                        f"lr {r['lr']:.2e}  norm {r['grad_norm']:.3f}  "
+                        f"{r['tokens_per_s']:,.0f} tok/s  fwd {r['forward_ms']:.0f} "
+                        f"bwd {r['backward_ms']:.0f} opt {r['optimizer_ms']:.0f} ms  "
+                        f"peak {r['peak_rss_mib']:,.0f} MiB  skipped {r['skipped']}"
+                    )
+                if c.sample_every and at % c.sample_every == 0:
+                    text = sample_text(
+                        self.plan, t.weights, self.tokenizer, c.sample_prompt, c.sample_tokens
+                    )
+                    write(f"--- sample at step {at} ---\n{text}\n---")
+                if (c.checkpoint_every and at % c.checkpoint_every == 0) or at == last:
+                    self.checkpoint()
+        return done
+
+    def finish(self) -> None:
+        """Print the summary table and write the loss curve."""
+        if not self.metrics.records:
+            return
+        print_training_summary(self.metrics.records, self.console)
+        try:
+            plot_loss_curve(self.metrics.records, self.options.out / "loss.png")
+            self.console.print(f"wrote {self.options.out / 'loss.png'}")
+        except EinplanError as e:
+            self.console.print(f"loss curve not drawn: {e}", markup=False)

@@ -16,7 +16,7 @@ from einplan.cli import main
 from einplan.commands.eval import BUNDLED_TEXT
 from einplan.errors import EinplanError
 from einplan.formats.checkpoint import load_checkpoint
-from einplan.formats.peft import lora_params
+from einplan.formats.peft import PEFT_PREFIX, lora_params
 from einplan.formats.weights import load_weights
 from einplan.models.train_config import TrainConfig
 from einplan.runtime.executor import Executor
@@ -98,8 +98,11 @@ def test_trained_lora_lowers_the_loss_and_merges(lora_plan, tmp_path):
     state = run.trainer.optimizer_state()
     assert {k.split(".", 2)[2] for k in state} == set(lora_params(lora_plan.entry("train_step")))
     latest = load_checkpoint(tmp_path / "run" / "checkpoints").path
-    saved = load_checkpoint(tmp_path / "run" / "checkpoints").tensors("model.safetensors")
-    assert set(saved) == set(lora_params(lora_plan.entry("train_step")))
+    saved = load_checkpoint(tmp_path / "run" / "checkpoints").tensors("adapter_model.safetensors")
+    assert {k.removeprefix(PEFT_PREFIX) for k in saved} == set(
+        lora_params(lora_plan.entry("train_step"))
+    )
+    assert not (latest / "model.safetensors").exists() and not (latest / "config.json").exists()
     merged = tmp_path / "merged"
     assert main(["lora", "merge", str(latest), "--weights", str(CASE), "-o", str(merged)]) == 0
     ids = np.random.default_rng(3).integers(0, 256, (1, 20))

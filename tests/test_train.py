@@ -228,7 +228,7 @@ plan = einplan.compile_model(MICRO, entries=TRAIN_ENTRIES)
 run = TrainingRun(plan, RunOptions(CORPUS, Path({out!r})))
 run.run(3)  # checkpoint at step 3
 
-def die_halfway(path, tensors):
+def die_halfway(path, tensors, metadata=None):
     path.write_bytes(b"half a file")
     os.kill(os.getpid(), signal.SIGKILL)
 

@@ -1,13 +1,17 @@
 """The training log: one record per log line, appended to ``metrics.jsonl`` and
 ``metrics.csv`` (for machines) as the run goes; a resumed run first drops the records of
-steps after its checkpoint, so the files read as one uninterrupted run."""
+steps after its checkpoint, so the files read as one uninterrupted run. A torn last line (a
+kill mid-write) is dropped with a warning; a damaged line before it is an error."""
 
 from __future__ import annotations
 
 import csv
 import json
+import warnings
 from pathlib import Path
 from typing import Any
+
+from einplan.errors import EinplanError
 
 COLUMNS = (
     "step",
@@ -32,8 +36,8 @@ class MetricsLog:
         self.jsonl, self.csv = folder / "metrics.jsonl", folder / "metrics.csv"
         self.records: list[dict[str, Any]] = []
         if resume_step is not None and self.jsonl.exists():
-            lines = self.jsonl.read_text().splitlines()
-            self.records = [r for r in map(json.loads, lines) if r["step"] <= resume_step]
+            records = read_records(self.jsonl)
+            self.records = [r for r in records if r["step"] <= resume_step]
         self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in self.records))
         with open(self.csv, "w", newline="") as f:
             writer = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
@@ -47,3 +51,25 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
         with open(self.csv, "a", newline="") as f:
             csv.DictWriter(f, COLUMNS, extrasaction="ignore").writerow(record)
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl``; a torn last line is dropped with a warning, any
+    other line that is not a record is an error naming it."""
+    lines = path.read_text(errors="replace").splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError("not a record with an integer step")
+        except ValueError as e:
+            if number < len(lines):
+                raise EinplanError(
+                    f"{path}: line {number} is damaged ({e}); repair or delete that line "
+                    "and resume again"
+                ) from None
+            warnings.warn(f"{path}: dropped a torn last line ({line[:40]!r})", stacklevel=2)
+            continue
+        records.append(record)
+    return records

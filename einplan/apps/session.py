@@ -14,6 +14,7 @@ from einplan.apps.gradients import check_targets, loss_feed, named_grads, shifte
 from einplan.apps.prompts import Prompts, collect_eos_ids, encode_prompts
 from einplan.compiler.plan import Plan
 from einplan.errors import EinplanError
+from einplan.formats.checkpoint import verified_source, verified_weights
 from einplan.formats.peft import init_lora, load_adapter
 from einplan.formats.tokenizer import load_tokenizer, load_tokenizer_config, weights_tokenizer
 from einplan.formats.weights import (
@@ -95,7 +96,10 @@ class Session:
             raise ValueError(
                 "give either weights or random_seed (random weights), not both or neither"
             )
-        self.source = None if isinstance(weights, dict | None) else resolve_weights_dir(weights)
+        self.source = None
+        if not isinstance(weights, dict | None):
+            self.source = verified_weights(resolve_weights_dir(weights))
+            weights = self.source
         if random_seed is not None:
             arrays = random_weights(graph, random_seed)
         else:
@@ -103,7 +107,7 @@ class Session:
                 check_weights_config(self.config, weights)
             arrays = load_weights(graph, weights, tied=self.config.tie_word_embeddings)
         if adapter is not None:
-            arrays.update(load_adapter(adapter, graph, arrays))
+            arrays.update(load_adapter(verified_source(Path(adapter)), graph, arrays))
         else:
             arrays.update(init_lora(graph, lora_seed))
         self.weights = arrays

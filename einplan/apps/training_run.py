@@ -3,7 +3,8 @@
 A run lives in one folder: ``tokenizer.json``, ``data/`` (the token file), ``metrics.jsonl``,
 ``metrics.csv``, ``loss.png`` and ``checkpoints/``. Resuming reloads the latest checkpoint's
 weights, optimizer state, counters, data-sampler state and settings, so the losses after it
-are bit for bit those of a run that never stopped.
+are bit for bit those of a run that never stopped. A LoRA run's checkpoints hold the adapter as
+a PEFT folder stamped with its base's fingerprint (formats/peft.py), not a model folder.
 """
 
 from __future__ import annotations
@@ -25,10 +26,29 @@ from einplan.compiler.lora_spec import parse_lora
 from einplan.compiler.passes.autodiff import trainable
 from einplan.compiler.plan import Plan, hash_config
 from einplan.errors import EinplanError
-from einplan.formats.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from einplan.formats.peft import PEFT_PREFIX, init_lora, peft_config
+from einplan.formats.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+    verified_weights,
+)
+from einplan.formats.peft import (
+    BASE_STAMP,
+    CONFIG_FILE,
+    PEFT_PREFIX,
+    TENSORS_FILE,
+    base_fingerprint,
+    init_lora,
+    peft_config,
+)
 from einplan.formats.tokenizer import byte_tokenizer, load_tokenizer, train_tokenizer
-from einplan.formats.weights import load_weights, random_weights
+from einplan.formats.weights import (
+    load_weights,
+    random_weights,
+    resolve_weights_dir,
+    safetensors_metadata,
+)
 from einplan.models.config import ModelConfig, to_hf_config
 from einplan.models.train_config import parse_train_config
 from einplan.report.training import plot_loss_curve, print_training_summary
@@ -102,7 +122,8 @@ def initial_weights(plan: Plan, options: RunOptions, seed: int) -> dict[str, np.
     graph = plan.entry("train_step")
     if options.init_weights:
         tied = plan.config["tie_word_embeddings"]
-        loaded = load_weights(graph, options.init_weights, tied=tied)
+        source = verified_weights(resolve_weights_dir(options.init_weights))
+        loaded = load_weights(graph, source, tied=tied)
     elif plan.meta.get("lora"):
         raise EinplanError(
             "LoRA trains adapters on a pretrained base: give its weights with --init-weights "
@@ -113,6 +134,14 @@ def initial_weights(plan: Plan, options: RunOptions, seed: int) -> dict[str, np.
     trained = {n.attrs["key"] for n in graph.params() if trainable(n)}
     weights = {k: np.array(v) if k in trained else v for k, v in loaded.items()}
     return {**weights, **init_lora(graph, seed)}
+
+
+def checkpoint_weights(ckpt: Checkpoint) -> dict[str, np.ndarray]:
+    """The trained weights a checkpoint holds: ``model.safetensors``, or a LoRA run's adapter
+    under the plan's keys."""
+    if TENSORS_FILE in ckpt.state["files"]:
+        return {k.removeprefix(PEFT_PREFIX): a for k, a in ckpt.tensors(TENSORS_FILE).items()}
+    return ckpt.tensors("model.safetensors")
 
 
 def sample_text(plan: Plan, weights: dict, tok: Tokenizer, prompt: str, tokens: int) -> str:
@@ -161,13 +190,15 @@ class TrainingRun:
             np.stack(val[i : i + cfg.micro_batch]) for i in range(0, len(val), cfg.micro_batch)
         ]
         self.trainer = Trainer(plan, initial_weights(plan, options, cfg.seed), cfg, options.workers)
+        self.base_stamp = base_fingerprint(self.trainer.weights) if plan.meta.get("lora") else ""
         if ckpt is not None:
+            self.check_base(ckpt)
             if ckpt.state["data"]["key"] != key:
                 raise CheckpointError(
                     f"{ckpt.path}: the corpus or tokenizer differs from the checkpointed run's"
                 )
             self.trainer.restore(
-                ckpt.tensors("model.safetensors"),
+                checkpoint_weights(ckpt),
                 ckpt.tensors("optimizer.safetensors"),
                 ckpt.state["counters"],
             )
@@ -175,13 +206,21 @@ class TrainingRun:
         self.metrics = MetricsLog(out, self.trainer.step if ckpt is not None else None)
         self.last_checkpoint: Path | None = ckpt.path if ckpt is not None else None
 
+    def check_base(self, ckpt: Checkpoint) -> None:
+        """Refuse to resume a LoRA run on other base weights than it was trained on."""
+        if not self.base_stamp:
+            return
+        stamp = safetensors_metadata(ckpt.path / TENSORS_FILE).get(BASE_STAMP)
+        if stamp != self.base_stamp:
+            raise CheckpointError(
+                f"{ckpt.path}: the LoRA adapter was trained on other base weights than "
+                f"{self.options.init_weights}; give the run's own --init-weights"
+            )
+
     def checkpoint(self) -> Path:
         """Save the run's state after the current step."""
         t = self.trainer
-        files = {
-            "config.json": json.dumps(to_hf_config(ModelConfig(**self.plan.config)), indent=1),
-            "tokenizer.json": self.tokenizer.to_str(),
-        }
+        files = {"tokenizer.json": self.tokenizer.to_str()}
         state = {
             "counters": t.counters(),
             "sampler": self.sampler.state(),
@@ -190,15 +229,21 @@ class TrainingRun:
             "model_config_hash": hash_config(self.plan.config),
         }
         trained = t.trained_weights()
-        tensors = {"model.safetensors": trained, "optimizer.safetensors": t.optimizer_state()}
-        if self.plan.meta.get("lora"):  # the adapter also in PEFT's layout (einplan lora merge)
+        tensors = {"optimizer.safetensors": t.optimizer_state()}
+        metadata = {}
+        if self.base_stamp:  # a PEFT adapter folder (einplan lora merge, --adapter, PEFT)
             lora = parse_lora(self.plan.meta["lora"])
             base = str(self.options.init_weights or "")
-            files["adapter_config.json"] = json.dumps(peft_config(lora, base), indent=1)
-            tensors["adapter_model.safetensors"] = {PEFT_PREFIX + k: v for k, v in trained.items()}
+            files[CONFIG_FILE] = json.dumps(peft_config(lora, base), indent=1)
+            tensors[TENSORS_FILE] = {PEFT_PREFIX + k: v for k, v in trained.items()}
+            metadata[TENSORS_FILE] = {BASE_STAMP: self.base_stamp}
+        else:  # a model folder (transformers, einplan --weights)
+            config = to_hf_config(ModelConfig(**self.plan.config))
+            files["config.json"] = json.dumps(config, indent=1)
+            tensors["model.safetensors"] = trained
         encoded = {k: v.encode() for k, v in files.items()}
         self.last_checkpoint = save_checkpoint(
-            self.ckpt_root, t.step, tensors, encoded, state, self.cfg.keep_checkpoints
+            self.ckpt_root, t.step, tensors, encoded, state, self.cfg.keep_checkpoints, metadata
         )
         return self.last_checkpoint
 

@@ -12,6 +12,7 @@ from einplan.errors import EinplanError
 def run_merge(args: argparse.Namespace) -> None:
     """Write base weights with ``W + (alpha / r) B A`` for every adapted projection."""
     from einplan.api import compile_model
+    from einplan.formats.checkpoint import verified_source, verified_weights
     from einplan.formats.peft import adapter_options, load_adapter, merge_lora
     from einplan.formats.weights import (
         copy_model_files,
@@ -20,13 +21,14 @@ def run_merge(args: argparse.Namespace) -> None:
         save_safetensors,
     )
 
-    folder = resolve_weights_dir(args.weights)
-    options = adapter_options(args.adapter)
+    folder = verified_weights(resolve_weights_dir(args.weights))
+    adapter_dir = verified_source(Path(args.adapter))
+    options = adapter_options(adapter_dir)
     graph = compile_model(folder, lora=options, entries=("forward",)).entry()
     tensors = {k: a for k, (a, _) in open_checkpoint(folder).items()}
     if any(a.dtype.kind in "iu" for k, a in tensors.items() if k.endswith("weight")):
         raise EinplanError(f"{folder}: quantised weights; merge into the float checkpoint")
-    adapter = load_adapter(args.adapter, graph, tensors)
+    adapter = load_adapter(adapter_dir, graph, tensors)
     merged = merge_lora(tensors, adapter, float(options["alpha"]) / options["r"])
     out = Path(args.output)
     copy_model_files(folder, out)

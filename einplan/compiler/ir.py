@@ -197,6 +197,8 @@ class Graph:
                     )
                 except ShapeError as e:
                     raise ShapeError(f"{where}: {e}") from None
+                except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+                    raise ShapeError(f"{where}: attrs do not fit op {n.op.value} ({e!r})") from None
                 if tuple(shape) != tuple(n.shape) or dtype != n.dtype:
                     raise ShapeError(
                         f"{where}: recorded {format_type(n.shape, n.dtype)} but inputs give "

@@ -2,7 +2,9 @@
 
 Data only, never pickle: a magic string, ``plan_version``, the engine version, the config
 and its hash, and per entry the nodes with their lowering recipes and schedule annotations.
-A checksum over the body tells a damaged file from a foreign one.
+A checksum over the body tells a damaged file from a foreign one; a body with a valid checksum
+is still checked (JSON types, known ops and tags, then :meth:`Graph.verify`), so an edited plan
+is refused naming its entry and node.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from einplan.compiler.ops import Op
 from einplan.compiler.tags import Tag
 from einplan.errors import EinplanError
 
+OP_NAMES = frozenset(op.value for op in Op)
+TAG_NAMES = frozenset(tag.value for tag in Tag)
 MAGIC = "einplan-plan"
 PLAN_VERSION = 1
 
@@ -110,11 +114,12 @@ class Plan:
         body = doc.get("body")
         if not isinstance(body, dict) or doc.get("checksum") != checksum(body):
             raise PlanError(f"{path}: plan file is damaged (checksum mismatch); recompile it")
-        try:
-            entries = {k: graph_from_json(g) for k, g in body["entries"].items()}
-            return cls(body["config"], entries, body.get("meta", {}))
-        except (KeyError, TypeError, ValueError) as e:
-            raise PlanError(f"{path}: plan file is malformed ({e}); recompile it") from None
+        config, meta, raw = body.get("config"), body.get("meta", {}), body.get("entries")
+        if not isinstance(config, dict) or not isinstance(meta, dict) or not isinstance(raw, dict):
+            raise PlanError(
+                f"{path}: plan file is malformed (config, meta, entries must be objects)"
+            )
+        return cls(config, {name: load_entry(path, name, g) for name, g in raw.items()}, meta)
 
     @property
     def parameters(self) -> int:
@@ -149,17 +154,54 @@ def node_to_json(n: Node) -> dict[str, Any]:
     return d
 
 
+def load_entry(path: Path, name: str, raw: Any) -> Graph:
+    """One entry of a plan file, read and verified; anything wrong is a :class:`PlanError`
+    naming the file, the entry and (where it lies in one) the node."""
+    try:
+        graph = graph_from_json(expect(raw, dict, "the entry"))
+        graph.verify()
+    except KeyError as e:
+        raise PlanError(f"{path}: entry {name!r}: missing field {e}; recompile it") from None
+    except (TypeError, ValueError) as e:  # PlanError and ShapeError among them
+        raise PlanError(f"{path}: entry {name!r}: {e}; recompile it") from None
+    return graph
+
+
+def expect(value: Any, types: type | tuple[type, ...], what: str) -> Any:
+    """``value`` when it has one of the JSON ``types`` (a bool is no int), else a PlanError."""
+    wanted = types if isinstance(types, tuple) else (types,)
+    if not isinstance(value, wanted) or (isinstance(value, bool) and bool not in wanted):
+        names = " or ".join(t.__name__ for t in wanted)
+        raise PlanError(f"{what} must be {names}, got {type(value).__name__} {value!r:.40}")
+    return value
+
+
+def expect_ids(values: Any, what: str) -> tuple[int, ...]:
+    """A JSON list of value ids as a tuple of ints."""
+    return tuple(expect(v, int, what) for v in expect(values, list, what))
+
+
 def node_from_json(d: dict[str, Any]) -> Node:
-    """Read one node written by :func:`node_to_json`."""
+    """Read one node written by :func:`node_to_json`, checking its JSON types and that its
+    op and tags are known."""
+    expect(d, dict, "a node")
+    where = f"node %{expect(d['id'], int, 'a node id')}"
+    op, tags = expect(d["op"], str, f"{where} op"), expect(d.get("tags", []), list, f"{where} tags")
+    if op not in OP_NAMES:
+        raise PlanError(f"{where}: unknown op {op!r}")
+    unknown = [t for t in tags if t not in TAG_NAMES]
+    if unknown:
+        raise PlanError(f"{where}: unknown tag(s) {unknown}")
+    shape = tuple(expect(x, (int, str), f"{where} shape") for x in expect(d["shape"], list, where))
     return Node(
         d["id"],
-        Op(d["op"]),
-        tuple(d["in"]),
-        attrs_from_json(d.get("attrs", {})),
-        tuple(d["shape"]),
-        d["dtype"],
-        d.get("name", ""),
-        frozenset(Tag(t) for t in d.get("tags", ())),
+        Op(op),
+        expect_ids(d["in"], f"{where} inputs"),
+        attrs_from_json(expect(d.get("attrs", {}), dict, f"{where} attrs")),
+        shape,
+        expect(d["dtype"], str, f"{where} dtype"),
+        expect(d.get("name", ""), str, f"{where} name"),
+        frozenset(Tag(t) for t in tags),
     )
 
 
@@ -256,12 +298,16 @@ def graph_to_json(g: Graph) -> dict[str, Any]:
 
 def graph_from_json(d: dict[str, Any]) -> Graph:
     """Read a graph written by :func:`graph_to_json`."""
+    outputs = expect(d["outputs"], dict, "outputs")
     return Graph(
-        [node_from_json(n) for n in d["nodes"]],
-        dict(d["outputs"]),
-        dict(d["dims"]),
+        [node_from_json(n) for n in expect(d["nodes"], list, "nodes")],
+        {k: expect(v, int, f"output {k!r}") for k, v in outputs.items()},
+        dict(expect(d["dims"], dict, "dims")),
         d["name"],
-        {int(k): schedule_from_json(v) for k, v in d["annotations"].items()},
-        d["meta"],
-        list(d.get("effects", [])),
+        {
+            int(k): schedule_from_json(v)
+            for k, v in expect(d["annotations"], dict, "annotations").items()
+        },
+        expect(d["meta"], dict, "meta"),
+        list(expect_ids(d.get("effects", []), "effects")),
     )

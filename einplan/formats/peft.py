@@ -32,6 +32,7 @@ from einplan.formats.weights import (
 PEFT_PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
 TENSORS_FILE = "adapter_model.safetensors"
+BASE_STAMP = "einplan_base"  # safetensors metadata key of the base fingerprint
 
 
 def lora_params(graph: Graph) -> dict[str, tuple[int, ...]]:
@@ -79,7 +80,7 @@ def save_adapter(
     config = peft_config(cfg, base_name)
     write_atomic(out / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
     tensors = {PEFT_PREFIX + k: v for k, v in arrays.items()}
-    save_safetensors(tensors, out / TENSORS_FILE, {"einplan_base": base_fingerprint(base)})
+    save_safetensors(tensors, out / TENSORS_FILE, {BASE_STAMP: base_fingerprint(base)})
     return out
 
 
@@ -173,7 +174,7 @@ def load_adapter(
             f"adapter {folder} was made for another base model: "
             + "; ".join(([f"missing {', '.join(missing[:4])}"] if missing else []) + bad[:4])
         )
-    stamp = safetensors_metadata(path).get("einplan_base")
+    stamp = safetensors_metadata(path).get(BASE_STAMP)
     if base is not None and stamp and stamp != base_fingerprint(base):
         raise LoraError(
             f"adapter {folder} was made for other base weights "

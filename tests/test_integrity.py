@@ -1,0 +1,188 @@
+"""Bad input is refused by name: checkpoints read anywhere are checked against a manifest that
+is itself hashed, torn metrics lines, non-finite weights never written into a checkpoint, and
+plans whose checksum is valid but whose graphs are broken."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import ONE_LAYER
+from test_train import new_run, plan  # noqa: F401  (the module-scoped plan fixture)
+
+import einplan
+from einplan.cli import main
+from einplan.compiler.plan import PlanError, checksum
+from einplan.errors import EinplanError
+from einplan.formats.checkpoint import CheckpointError, load_checkpoint
+
+
+@pytest.fixture(scope="module")
+def run_dir(plan, tmp_path_factory):  # noqa: F811
+    out = tmp_path_factory.mktemp("run")
+    new_run(plan, out).run(3)
+    return out
+
+
+def copy_checkpoint(run_dir, tmp_path):
+    """A copy of the run's latest checkpoint folder, to damage."""
+    import shutil
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(load_checkpoint(run_dir / "checkpoints").path, folder)
+    return folder
+
+
+def edit_manifest(folder, change):
+    manifest = folder / "trainer.json"
+    state = json.loads(manifest.read_text())
+    change(state)
+    manifest.write_text(json.dumps(state))
+    return manifest
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda s: s.update(files={}),
+        lambda s: s.update(step=99),
+        lambda s: s["counters"].update(step=99),
+    ],
+    ids=["emptied-file-list", "edited-step", "edited-counters"],
+)
+def test_an_edited_manifest_is_refused(run_dir, tmp_path, change):
+    manifest = edit_manifest(copy_checkpoint(run_dir, tmp_path), change)
+    with pytest.raises(CheckpointError, match=f"{manifest}.*edited or damaged"):
+        load_checkpoint(manifest.parent)
+
+
+def test_an_old_checkpoint_version_is_refused_with_what_to_do(run_dir, tmp_path):
+    manifest = edit_manifest(copy_checkpoint(run_dir, tmp_path), lambda s: s.update(version=1))
+    with pytest.raises(CheckpointError, match=f"{manifest}.*version 1.*plain weights"):
+        load_checkpoint(manifest.parent)
+
+
+def test_checkpoints_are_verified_wherever_they_are_read(plan, run_dir, tmp_path, capsys):  # noqa: F811
+    folder = copy_checkpoint(run_dir, tmp_path)
+    ids = np.arange(8)[None]
+    einplan.Session(plan, folder).forward(ids)  # intact: loads
+    model = folder / "model.safetensors"
+    data = bytearray(model.read_bytes())
+    data[-3] ^= 0xFF  # a flipped bit the safetensors reader cannot see
+    model.write_bytes(bytes(data))
+    for source in (folder, model):
+        with pytest.raises(CheckpointError, match=f"{model}.*SHA-256"):
+            einplan.Session(plan, source)
+    plan_file = tmp_path / "plan.json"
+    plan.save(plan_file)
+    for argv in (
+        ["eval", str(plan_file), "--weights", str(folder), "--max-tokens", "32", "--window", "8"],
+        [
+            "run",
+            str(plan_file),
+            "--weights",
+            str(folder),
+            "--prompt",
+            "hi",
+            "--max-new-tokens",
+            "2",
+        ],
+    ):
+        assert main(argv) == 2, argv
+        assert "SHA-256" in capsys.readouterr().err
+
+
+def test_a_checkpoints_root_means_its_latest_and_is_verified(plan, run_dir, tmp_path):  # noqa: F811
+    import shutil
+
+    root = tmp_path / "checkpoints"
+    shutil.copytree(run_dir / "checkpoints", root, symlinks=True)
+    einplan.Session(plan, root)
+    edit_manifest(load_checkpoint(root).path, lambda s: s.update(step=7))
+    with pytest.raises(CheckpointError, match="trainer.json.*edited"):
+        einplan.Session(plan, root)
+
+
+def test_non_finite_weights_are_never_checkpointed(plan, tmp_path):  # noqa: F811
+    run = new_run(plan, tmp_path)
+    run.run(3)
+    key = next(iter(run.trainer.trained))
+    run.trainer.weights[key][0] = np.nan
+    with pytest.raises(
+        CheckpointError, match=f"step 3: non-finite values in model.safetensors:{key}"
+    ):
+        run.checkpoint()
+    assert load_checkpoint(tmp_path / "checkpoints").state["counters"]["step"] == 3
+    assert not any(p.name.startswith(".tmp") for p in (tmp_path / "checkpoints").iterdir())
+
+
+def test_a_torn_last_metrics_line_is_dropped_and_one_before_it_refused(plan, tmp_path):  # noqa: F811
+    new_run(plan, tmp_path).run(4)
+    log = tmp_path / "metrics.jsonl"
+    lines = log.read_text().splitlines()
+    log.write_text("\n".join(lines) + '\n{"step": 5, "lo')
+    with pytest.warns(UserWarning, match="torn last line"):
+        resumed = new_run(plan, tmp_path, resume=True)
+    assert [r["step"] for r in resumed.metrics.records] == [2, 4]
+    assert log.read_text().splitlines() == lines
+    log.write_text(lines[0][:20] + "\n" + "\n".join(lines[1:]) + "\n")
+    with pytest.raises(EinplanError, match=f"{log}: line 1 is damaged"):
+        new_run(plan, tmp_path, resume=True)
+
+
+def rewrite_plan(path, change):
+    """Edit a saved plan's body and give it a valid checksum again."""
+    doc = json.loads(path.read_text())
+    change(doc["body"])
+    doc["checksum"] = checksum(doc["body"])
+    path.write_text(json.dumps(doc))
+
+
+def forward_nodes(body):
+    return body["entries"]["forward"]["nodes"]
+
+
+def set_node(i, key, value):
+    return lambda body: forward_nodes(body)[i].update({key: value})
+
+
+def first_op(body, op):
+    return next(i for i, n in enumerate(forward_nodes(body)) if n["op"] == op)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda b: set_node(first_op(b, "rms_norm"), "shape", [1, 2, 3])(b), "recorded f32"),
+        (lambda b: set_node(first_op(b, "rms_norm"), "op", "softmax")(b), r"node %\d+"),
+        (lambda b: set_node(first_op(b, "rms_norm"), "in", [99999])(b), "used before"),
+        (lambda b: set_node(first_op(b, "rms_norm"), "op", "frobnicate")(b), "unknown op"),
+        (lambda b: set_node(0, "tags", ["sparkly"])(b), "unknown tag"),
+        (lambda b: set_node(0, "id", "zero")(b), "node id must be int"),
+        (lambda b: set_node(0, "in", {"a": 1})(b), "inputs must be list"),
+        (lambda b: b["entries"].update(forward=[1, 2]), "the entry must be dict"),
+        (lambda b: forward_nodes(b)[0].pop("dtype"), "missing field 'dtype'"),
+        (lambda b: b.update(entries=[]), "entries must be objects"),
+    ],
+    ids=[
+        "shape",
+        "op",
+        "inputs",
+        "unknown-op",
+        "unknown-tag",
+        "str-id",
+        "dict-inputs",
+        "list-entry",
+        "no-dtype",
+        "list-entries",
+    ],
+)
+def test_a_plan_with_a_valid_checksum_is_still_verified(tmp_path, change, message):
+    path = tmp_path / "p.plan"
+    einplan.compile_model(ONE_LAYER).save(path)
+    rewrite_plan(path, change)
+    with pytest.raises(PlanError, match=f"{path}.*{message}") as e:
+        einplan.load_plan(path)
+    if "entries must" not in message:
+        assert "entry 'forward'" in str(e.value)

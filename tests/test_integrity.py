@@ -5,10 +5,12 @@ plans whose checksum is valid but whose graphs are broken."""
 from __future__ import annotations
 
 import json
+import struct
 
 import numpy as np
 import pytest
-from conftest import ONE_LAYER
+from conftest import FIXTURES, ONE_LAYER
+from gguf_fixture import write_gguf
 from test_train import new_run, plan  # noqa: F401  (the module-scoped plan fixture)
 
 import einplan
@@ -16,6 +18,8 @@ from einplan.cli import main
 from einplan.compiler.plan import PlanError, checksum
 from einplan.errors import EinplanError
 from einplan.formats.checkpoint import CheckpointError, load_checkpoint
+from einplan.formats.gguf import GGUFError, read_gguf, read_gguf_tensors
+from einplan.formats.weights import WeightsError, load_weights, read_safetensors_index
 
 
 @pytest.fixture(scope="module")
@@ -186,3 +190,84 @@ def test_a_plan_with_a_valid_checksum_is_still_verified(tmp_path, change, messag
         einplan.load_plan(path)
     if "entries must" not in message:
         assert "entry 'forward'" in str(e.value)
+
+
+def safetensors_with_header(path, header, data=b"\0" * 24):
+    """A .safetensors file of a given (possibly malformed) JSON header and data bytes."""
+    head = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(head)) + head + data)
+    return path
+
+
+TENSOR = {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]}
+
+
+@pytest.mark.parametrize(
+    "header, data, field",
+    [
+        ([1, 2], b"", "sequence"),
+        (5, b"", "integer"),
+        ({"w": {"dtype": "F32", "shape": [2, 3]}}, b"\0" * 24, "data_offsets"),
+        ({"w": {**TENSOR, "data_offsets": [-4, 20]}}, b"\0" * 24, "-4"),
+        ({"w": {**TENSOR, "data_offsets": [0, 48]}}, b"\0" * 24, "offset"),
+        ({"w": {**TENSOR, "shape": [-2, 3]}}, b"\0" * 24, "-2"),
+        ({"w": {**TENSOR, "shape": [2, 2]}}, b"\0" * 24, "shape"),
+        ({"w": {**TENSOR, "dtype": "Q4"}}, b"\0" * 24, "Q4"),
+        ({"w": TENSOR}, b"\0" * 20, "not fully covered"),
+    ],
+    ids=[
+        "list",
+        "number",
+        "no-offsets",
+        "neg-offset",
+        "past-end",
+        "neg-shape",
+        "size",
+        "dtype",
+        "short",
+    ],
+)
+def test_malformed_safetensors_headers_are_named(tmp_path, header, data, field):
+    path = safetensors_with_header(tmp_path / "model.safetensors", header, data)
+    with pytest.raises(WeightsError, match=f"{path}: not a valid safetensors file.*{field}"):
+        read_safetensors_index(path)
+    with pytest.raises(WeightsError, match=str(path)):
+        load_weights(einplan.compile_model(ONE_LAYER).entry(), tmp_path)
+
+
+def test_a_directory_for_a_safetensors_file_is_named(tmp_path):
+    folder = tmp_path / "model.safetensors"
+    folder.mkdir()
+    with pytest.raises(WeightsError, match=f"{folder}: not a file"):
+        read_safetensors_index(folder)
+
+
+def test_an_unsupported_but_valid_dtype_is_named(tmp_path):
+    path = safetensors_with_header(
+        tmp_path / "m.safetensors",
+        {"w": {**TENSOR, "dtype": "U16", "data_offsets": [0, 12]}},
+        b"\0" * 12,
+    )
+    with pytest.raises(WeightsError, match=f"{path}: tensor w has unsupported dtype U16"):
+        read_safetensors_index(path)
+
+
+@pytest.mark.parametrize("cut", [100, 0.5], ids=["tail", "half"])
+def test_a_truncated_gguf_is_refused_by_name(tmp_path, cut):
+    good = write_gguf(FIXTURES / "llama_gqa_tied", tmp_path / "good.gguf")
+    data = good.read_bytes()
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(data[:-cut] if isinstance(cut, int) else data[: int(len(data) * cut)])
+    with pytest.raises(GGUFError, match=f"{bad}: not a readable GGUF file, or truncated"):
+        read_gguf_tensors(bad)
+
+
+def test_a_gguf_without_a_size_field_names_it(tmp_path, monkeypatch):
+    import gguf
+
+    monkeypatch.setattr(gguf.GGUFWriter, "add_head_count", lambda self, n: None)
+    bad = write_gguf(FIXTURES / "llama_gqa_tied", tmp_path / "nohead.gguf")
+    with pytest.raises(
+        GGUFError, match=f"{bad}: GGUF metadata 'llama.attention.head_count' is missing"
+    ):
+        read_gguf(bad)

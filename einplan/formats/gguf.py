@@ -74,28 +74,38 @@ def _field(reader, key: str, default: Any = None) -> Any:
     return default if f is None else f.contents()
 
 
+def count_field(reader, key: str, default: int | None = None) -> int:
+    """A positive integer metadata field (sizes and counts), or a GGUFError naming it."""
+    value = _field(reader, key, default)
+    if value is None:
+        raise GGUFError(f"GGUF metadata {key!r} is missing")
+    if not isinstance(value, int | np.integer) or value <= 0:
+        raise GGUFError(f"GGUF metadata {key!r} must be a positive integer, got {value!r}")
+    return int(value)
+
+
 def gguf_config(reader) -> dict[str, Any]:
     """A Hugging Face style config.json dict from a GGUF file's metadata."""
     arch = _field(reader, "general.architecture")
     if arch not in ARCHITECTURES:
         raise GGUFError(f"GGUF architecture {arch!r} is not supported ({', '.join(ARCHITECTURES)})")
     names = {t.name for t in reader.tensors}
-    heads = int(_field(reader, f"{arch}.attention.head_count"))
-    hidden = int(_field(reader, f"{arch}.embedding_length"))
+    heads = count_field(reader, f"{arch}.attention.head_count")
+    hidden = count_field(reader, f"{arch}.embedding_length")
     eps_key = f"{arch}.attention.layer_norm_rms_epsilon"
     cfg = {
         "architectures": ["Qwen2ForCausalLM" if arch == "qwen2" else "LlamaForCausalLM"],
         "model_type": arch,
-        "vocab_size": len(_field(reader, "tokenizer.ggml.tokens")),
+        "vocab_size": len(_field(reader, "tokenizer.ggml.tokens") or ()),
         "hidden_size": hidden,
-        "intermediate_size": int(_field(reader, f"{arch}.feed_forward_length")),
-        "num_hidden_layers": int(_field(reader, f"{arch}.block_count")),
+        "intermediate_size": count_field(reader, f"{arch}.feed_forward_length"),
+        "num_hidden_layers": count_field(reader, f"{arch}.block_count"),
         "num_attention_heads": heads,
-        "num_key_value_heads": int(_field(reader, f"{arch}.attention.head_count_kv", heads)),
-        "head_dim": int(_field(reader, f"{arch}.rope.dimension_count", hidden // heads)),
-        "max_position_embeddings": int(_field(reader, f"{arch}.context_length", 2048)),
+        "num_key_value_heads": count_field(reader, f"{arch}.attention.head_count_kv", heads),
+        "head_dim": count_field(reader, f"{arch}.rope.dimension_count", hidden // heads),
+        "max_position_embeddings": count_field(reader, f"{arch}.context_length", 2048),
         # stored as float32 (9.99999975e-06): back to the decimal the model was made with
-        "rms_norm_eps": float(f"{_field(reader, eps_key):.6g}"),
+        "rms_norm_eps": float(f"{_field(reader, eps_key, 1e-6):.6g}"),
         "rope_theta": float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
         "tie_word_embeddings": "output.weight" not in names,
         "hidden_act": "silu",
@@ -115,7 +125,9 @@ def gguf_tokenizer(reader) -> tuple[Tokenizer, dict[str, Any]]:
     kind = _field(reader, "tokenizer.ggml.model")
     if kind != "gpt2":
         raise GGUFError(f"GGUF tokenizer model {kind!r} is not supported (gpt2 byte-level BPE)")
-    tokens = list(_field(reader, "tokenizer.ggml.tokens"))
+    tokens = list(_field(reader, "tokenizer.ggml.tokens") or ())
+    if not tokens:
+        raise GGUFError("GGUF metadata 'tokenizer.ggml.tokens' is missing or empty")
     merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges", [])]
     types = list(_field(reader, "tokenizer.ggml.token_type", [1] * len(tokens)))
     tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
@@ -174,15 +186,22 @@ def open_gguf(path: str | os.PathLike):
     try:
         return GGUFReader(path)
     except (ValueError, OSError, KeyError, IndexError) as e:
-        raise GGUFError(f"{path}: not a readable GGUF file ({e})") from None
+        raise GGUFError(
+            f"{path}: not a readable GGUF file, or truncated or damaged ({e}); download or "
+            "convert it again"
+        ) from None
 
 
 @functools.lru_cache(maxsize=4)
 def read_gguf(path: str | os.PathLike) -> GGUFModel:
     """A GGUF file's config and tokenizer (cached: run asks for them several times)."""
     reader = open_gguf(path)
-    tokenizer, tk_cfg = gguf_tokenizer(reader)
-    return GGUFModel(gguf_config(reader), tokenizer, tk_cfg)
+    try:
+        config = gguf_config(reader)
+        tokenizer, tk_cfg = gguf_tokenizer(reader)
+        return GGUFModel(config, tokenizer, tk_cfg)
+    except GGUFError as e:
+        raise GGUFError(f"{path}: {e}") from None
 
 
 def read_gguf_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:

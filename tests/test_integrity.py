@@ -4,6 +4,7 @@ plans whose checksum is valid but whose graphs are broken."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 
@@ -20,6 +21,9 @@ from einplan.errors import EinplanError
 from einplan.formats.checkpoint import CheckpointError, load_checkpoint
 from einplan.formats.gguf import GGUFError, read_gguf, read_gguf_tensors
 from einplan.formats.weights import WeightsError, load_weights, read_safetensors_index
+from einplan.models.config import ConfigError, parse_config
+from einplan.models.train_config import parse_train_config
+from einplan.runtime.sampling import SamplingConfig
 
 
 @pytest.fixture(scope="module")
@@ -271,3 +275,42 @@ def test_a_gguf_without_a_size_field_names_it(tmp_path, monkeypatch):
         GGUFError, match=f"{bad}: GGUF metadata 'llama.attention.head_count' is missing"
     ):
         read_gguf(bad)
+
+
+def test_non_finite_weights_are_reported_on_load_by_tensor(plan, run_dir, tmp_path):  # noqa: F811
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(load_checkpoint(run_dir / "checkpoints").path / "model.safetensors")
+    tensors["model.norm.weight"][3] = np.inf
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(WeightsError, match="NaN or infinite values in model.norm.weight"):
+        einplan.Session(plan, tmp_path)
+
+
+@pytest.mark.parametrize("key", ["rms_norm_eps", "rope_theta"])
+def test_non_finite_model_config_values_are_refused(key):
+    with pytest.raises(ConfigError, match=f"{key}.* finite"):
+        parse_config({**ONE_LAYER, key: float("nan")})
+
+
+@pytest.mark.parametrize("key", ["lr", "min_lr", "beta1", "grad_clip"])
+def test_non_finite_train_values_are_refused(key):
+    with pytest.raises(ConfigError, match=f"train key '{key}' must be finite"):
+        parse_train_config({key: float("nan")})
+
+
+@pytest.mark.parametrize("field", ["temperature", "top_p", "repetition_penalty"])
+def test_non_finite_sampling_values_are_refused(field):
+    with pytest.raises(EinplanError, match=f"{field} must be a finite number"):
+        SamplingConfig(**{field: float("nan")})
+
+
+def test_a_non_finite_learning_rate_stops_before_any_update(plan, tmp_path):  # noqa: F811
+    run = new_run(plan, tmp_path)
+    before = {k: np.array(v) for k, v in run.trainer.trained_weights().items()}
+    run.trainer.cfg = dataclasses.replace(run.cfg, lr=float("inf"))
+    with pytest.raises(EinplanError, match="learning rate of step 1 is"):
+        run.run(3)
+    for k, v in run.trainer.trained_weights().items():
+        assert np.array_equal(v, before[k]), k
+    assert not (tmp_path / "checkpoints").exists()

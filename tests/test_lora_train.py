@@ -167,3 +167,41 @@ def test_a_lora_run_with_dropout_trains_and_resumes_exactly(tmp_path):
     _run(plan, tmp_path / "b", str(CASE)).run(2)
     tail = _run(plan, tmp_path / "b", str(CASE), resume=True).run(4)
     assert [s.loss for s in straight[2:]] == [s.loss for s in tail]
+
+
+def test_a_lora_checkpoint_refuses_other_base_weights_and_foreign_features(
+    lora_plan, tmp_path, capsys
+):
+    import json
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    _run(lora_plan, tmp_path / "run", str(CASE)).run(3)
+    latest = load_checkpoint(tmp_path / "run" / "checkpoints").path
+    other = tmp_path / "other"
+    shutil.copytree(CASE, other)
+    tensors = load_file(other / "model.safetensors")
+    tensors["model.norm.weight"] = tensors["model.norm.weight"] * 1.5
+    save_file(tensors, str(other / "model.safetensors"))
+    with pytest.raises(EinplanError, match=f"adapter {latest} was made for other base weights"):
+        einplan.Session(lora_plan, other, adapter=latest)
+    argv = ["lora", "merge", str(latest), "--weights", str(other), "-o", str(tmp_path / "m")]
+    assert main(argv) == 2 and "other base weights" in capsys.readouterr().err
+    with pytest.raises(EinplanError, match="LoRA run's checkpoint holds an adapter"):
+        einplan.Session(lora_plan, latest)
+    with pytest.raises(EinplanError, match="trained on other base weights"):
+        _run(lora_plan, tmp_path / "run", str(other), resume=True)
+    adapter = tmp_path / "adapter"
+    shutil.copytree(latest, adapter)
+    (adapter / "trainer.json").unlink()  # a plain PEFT folder now
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    with pytest.raises(EinplanError, match="features einplan does not support: use_dora=True"):
+        einplan.Session(lora_plan, CASE, adapter=adapter)
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    extra = load_file(adapter / "adapter_model.safetensors")
+    extra[PEFT_PREFIX + "model.layers.0.mlp.up_proj.lora_magnitude_vector"] = np.ones(4, np.float32)
+    save_file(extra, str(adapter / "adapter_model.safetensors"))
+    with pytest.raises(EinplanError, match="match none of the plan's LoRA targets: .*magnitude"):
+        einplan.Session(lora_plan, CASE, adapter=adapter)

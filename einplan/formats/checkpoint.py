@@ -30,7 +30,7 @@ from safetensors.numpy import save_file
 
 from einplan.errors import EinplanError
 from einplan.formats.files import fsync_path, hash_file
-from einplan.formats.weights import WeightsError, read_safetensors_index
+from einplan.formats.weights import WeightsError, non_finite, read_safetensors_index
 
 FORMAT = "einplan-checkpoint"
 VERSION = 2  # 2: trainer.json carries manifest_sha256; LoRA checkpoints in PEFT's layout
@@ -74,12 +74,7 @@ def manifest_hash(manifest: Mapping[str, Any]) -> str:
 
 def check_finite(step: int, tensors: Mapping[str, Mapping[str, np.ndarray]]) -> None:
     """Refuse to checkpoint weights or optimizer state holding NaN or infinity, naming them."""
-    bad = [
-        f"{name}:{key}"
-        for name, arrays in tensors.items()
-        for key, a in arrays.items()
-        if a.dtype.kind == "f" and not np.isfinite(a).all()
-    ]
+    bad = [f"{name}:{key}" for name, arrays in tensors.items() for key in non_finite(arrays)]
     if bad:
         raise CheckpointError(
             f"not saving the checkpoint of step {step}: non-finite values in "
@@ -211,7 +206,7 @@ def verified_weights(path: Path) -> Path:
     """:func:`verified_source` for weights: a LoRA run's checkpoint (an adapter, no model) is
     refused with what to do instead."""
     source = verified_source(path)
-    if source != path and source.is_dir() and not (source / "model.safetensors").is_file():
+    if is_checkpoint(path) and source.is_dir() and not (source / "model.safetensors").is_file():
         raise CheckpointError(
             f"{source}: a LoRA run's checkpoint holds an adapter, not a model: give it as the "
             "adapter (--adapter) and its base model as the weights"

@@ -106,6 +106,19 @@ def peft_config(cfg: LoraConfig, base_name: str = "") -> dict[str, Any]:
     }
 
 
+# adapter_config.json keys of features beyond plain LoRA, with the value meaning "not used"
+PLAIN_LORA: dict[str, Any] = {
+    "use_dora": False,
+    "use_rslora": False,
+    "bias": "none",
+    "fan_in_fan_out": False,
+    "modules_to_save": None,
+    "layers_to_transform": None,
+    "rank_pattern": {},
+    "alpha_pattern": {},
+}
+
+
 def read_adapter_config(folder: str | os.PathLike) -> dict[str, Any]:
     """The adapter_config.json of a PEFT LoRA folder, checked to be LoRA."""
     path = Path(folder) / CONFIG_FILE
@@ -115,8 +128,15 @@ def read_adapter_config(folder: str | os.PathLike) -> dict[str, Any]:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise LoraError(f"{path}: not valid JSON ({e})") from None
-    if config.get("peft_type") != "LORA":
-        raise LoraError(f"{path}: peft_type {config.get('peft_type')!r}, only LORA is supported")
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+        kind = config.get("peft_type") if isinstance(config, dict) else config
+        raise LoraError(f"{path}: peft_type {kind!r}, only LORA is supported")
+    used = [k for k, plain in PLAIN_LORA.items() if config.get(k, plain) not in (plain, None)]
+    if used:
+        raise LoraError(
+            f"{path}: adapter features einplan does not support: "
+            + ", ".join(f"{k}={config[k]!r}" for k in used)
+        )
     return config
 
 
@@ -163,6 +183,12 @@ def load_adapter(
     if not path.is_file():
         raise LoraError(f"{folder}: no {TENSORS_FILE}")
     tensors = {k.removeprefix(PEFT_PREFIX): a for k, (a, _) in read_safetensors_index(path).items()}
+    extra = sorted(set(tensors) - set(want))
+    if extra:
+        raise LoraError(
+            f"{path}: tensors that match none of the plan's LoRA targets: {', '.join(extra[:4])}"
+            f"{' ...' if len(extra) > 4 else ''}"
+        )
     missing = sorted(set(want) - set(tensors))
     bad = [
         f"{k}: adapter {list(tensors[k].shape)}, model {list(s)}"

@@ -8,6 +8,7 @@ a default.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -147,6 +148,8 @@ def _check_types(raw: dict[str, Any], origin: str) -> None:
                 f"{origin}: config key {key!r} must be {names}, "
                 f"got {type(value).__name__} {value!r}"
             )
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{origin}: config key {key!r} must be finite, got {value}")
         if isinstance(value, int) and not isinstance(value, bool) and value < 0:
             raise ConfigError(f"{origin}: config key {key!r} must not be negative, got {value}")
 
@@ -162,6 +165,10 @@ def _rope(raw: dict[str, Any], origin: str) -> tuple[float, dict[str, Any]]:
             f"{origin}: rope type {rope_type!r} is not supported "
             "(supported: default, linear, llama3)"
         )
+    values = {"rope_theta": theta, **{k: v for k, v in merged.items() if isinstance(v, float)}}
+    for key, value in values.items():
+        if not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"{origin}: {key} must be a positive finite number, got {value}")
     if rope_type == "default":
         return theta, {}
     need = {

@@ -7,6 +7,7 @@ steps); the rest drive the training loop and can be overridden on the command li
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,11 @@ def parse_train_config(raw: dict[str, Any] | None, origin: str = "config") -> Tr
                 f"got {type(value).__name__} {value!r}"
             )
     cfg = TrainConfig(**{k: (float(v) if types[k] is float else v) for k, v in raw.items()})
+    for key, kind in types.items():
+        if kind is float and not math.isfinite(getattr(cfg, key)):
+            raise ConfigError(
+                f"{origin}: train key {key!r} must be finite, got {getattr(cfg, key)}"
+            )
     for key in POSITIVE:
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"{origin}: train key {key!r} must be positive")

@@ -3,6 +3,7 @@ repetition penalty, with a seeded generator so that runs repeat exactly."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +22,9 @@ class SamplingConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise EinplanError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.temperature < 0:
             raise EinplanError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:

@@ -22,6 +22,7 @@ from einplan.compiler.ir import training_phase
 from einplan.compiler.names import GRAD_PREFIX
 from einplan.compiler.passes.autodiff import trainable
 from einplan.compiler.plan import Plan
+from einplan.errors import EinplanError
 from einplan.models.train_config import TrainConfig
 from einplan.runtime.executor import Executor
 from einplan.runtime.kv_cache import allocate_states
@@ -90,6 +91,8 @@ class Trainer:
         c = self.cfg
         step = self.step + 1
         lr = learning_rate(step, c.lr, c.min_lr, c.warmup_steps, c.steps)
+        if not math.isfinite(lr):
+            raise EinplanError(f"the learning rate of step {step} is {lr}; check lr and min_lr")
         rec = self.profile or Recorder()
         first = len(rec.raw)  # this step's rows of a recorder that may span the whole run
         t0 = time.perf_counter()

@@ -33,6 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     except EinplanError as e:
         print(f"einplan: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a file the helpers did not name: read-only folder, disk full, ...
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"einplan: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("einplan: interrupted", file=sys.stderr)
         return 130

@@ -5,9 +5,12 @@ steps after its checkpoint, so the files read as one uninterrupted run."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 from typing import Any
+
+from einplan.formats.files import write_atomic
 
 COLUMNS = (
     "step",
@@ -34,11 +37,12 @@ class MetricsLog:
         if resume_step is not None and self.jsonl.exists():
             lines = self.jsonl.read_text().splitlines()
             self.records = [r for r in map(json.loads, lines) if r["step"] <= resume_step]
-        self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in self.records))
-        with open(self.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(self.records)
+        write_atomic(self.jsonl, "".join(json.dumps(r) + "\n" for r in self.records))
+        table = io.StringIO(newline="")
+        writer = csv.DictWriter(table, COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(self.records)
+        write_atomic(self.csv, table.getvalue())
 
     def log(self, record: dict[str, Any]) -> None:
         """Append one record to both files."""

@@ -26,6 +26,7 @@ from einplan.compiler.passes.autodiff import trainable
 from einplan.compiler.plan import Plan, hash_config
 from einplan.errors import EinplanError
 from einplan.formats.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from einplan.formats.files import write_atomic
 from einplan.formats.peft import PEFT_PREFIX, init_lora, peft_config
 from einplan.formats.tokenizer import byte_tokenizer, load_tokenizer, train_tokenizer
 from einplan.formats.weights import load_weights, random_weights
@@ -36,6 +37,9 @@ from einplan.runtime.generate import GenerationRequest, Generator
 from einplan.runtime.sampling import SamplingConfig
 from einplan.runtime.trainer import StepStats, Trainer
 
+# what a run that has trained leaves in its folder: a fresh run over it would orphan the
+# checkpoints and overwrite the log
+RUN_HISTORY = ("checkpoints", "metrics.jsonl", "metrics.csv", "loss.png")
 SAMPLING = SamplingConfig(temperature=0.8, top_k=40, seed=0)
 # settings baked into the plan's update steps and dtypes
 COMPILED = (
@@ -91,8 +95,7 @@ def run_tokenizer(spec: str, corpus: Path, vocab: int, out: Path) -> Tokenizer:
         raise EinplanError(
             f"tokenizer has {tok.get_vocab_size()} ids but the model's vocabulary is {vocab}"
         )
-    out.mkdir(parents=True, exist_ok=True)
-    tok.save(str(saved))
+    write_atomic(saved, tok.save)
     return tok
 
 

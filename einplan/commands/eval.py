@@ -22,6 +22,7 @@ def run(args: argparse.Namespace) -> None:
     from einplan.formats.weights import resolve_weights_dir
     from einplan.report.profile import write_profile
 
+    check_profile(args, args.plan, args.weights, args.text_file, args.tokenizer, args.adapter)
     plan = load_plan(args.plan)
     weights_dir = None
     if args.weights is not None:
@@ -87,6 +88,15 @@ def add_weights_arguments(p: argparse.ArgumentParser) -> None:
         help="tokenizer.json (or folder), or 'bytes' for byte ids "
         "(default: the weights folder's tokenizer.json)",
     )
+
+
+def check_profile(args: argparse.Namespace, *inputs: str | None) -> None:
+    """Refuse a ``--profile DIR`` whose trace file would be written over one of ``inputs``."""
+    from einplan.formats.files import check_not_input
+    from einplan.report.profile import TRACE_NAME
+
+    if args.profile:
+        check_not_input(Path(args.profile) / TRACE_NAME, inputs)
 
 
 def add_profile_argument(p: argparse.ArgumentParser) -> None:

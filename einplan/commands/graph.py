@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from einplan.errors import EinplanError
+from einplan.formats.files import check_not_input, write_atomic
 
 FORMATS = ("text", "dot", "svg", "png", "html")
 SUFFIXES = {
@@ -45,6 +46,8 @@ def run(args: argparse.Namespace) -> None:
     from einplan.report.html import dot_to_html
     from einplan.report.select import select_nodes
 
+    if args.output is not None:
+        check_not_input(args.output, [args.plan])
     fmt = pick_format(args.format, args.output)
     graph = load_plan(args.plan).entry(args.entry)
     nodes = select_nodes(graph, args.layer, args.filter)
@@ -65,13 +68,8 @@ def run(args: argparse.Namespace) -> None:
         else:
             sys.stdout.write(out)
         return
-    path = Path(args.output)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(out, bytes):
-        path.write_bytes(out)
-    else:
-        path.write_text(out, encoding="utf-8")
-    print(f"wrote {path} ({fmt}, {len(nodes)} nodes)")
+    write_atomic(args.output, out)
+    print(f"wrote {args.output} ({fmt}, {len(nodes)} nodes)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -6,9 +6,9 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import asdict
-from pathlib import Path
 
 from einplan.errors import EinplanError
+from einplan.formats.files import check_not_input, write_atomic
 
 
 def print_report(report: dict, scheme: str) -> None:
@@ -87,6 +87,8 @@ def run(args: argparse.Namespace) -> None:
     from einplan.commands.quantize import read_token_ids
     from einplan.formats.weights import resolve_weights_dir
 
+    if args.json:
+        check_not_input(args.json, [args.plan, args.data, args.tokenizer])
     plan = load_plan(args.plan)
     quant = parse_quant(plan.meta.get("quant"))
     if quant is None:
@@ -113,7 +115,7 @@ def run(args: argparse.Namespace) -> None:
             "projections": [asdict(r) | {"saving": r.saving} for r in report["projections"]],
             "models": [asdict(m) for m in report["models"]],
         }
-        Path(args.json).write_text(json.dumps(doc, indent=1))
+        write_atomic(args.json, json.dumps(doc, indent=1))
         print(f"wrote {args.json}")
 
 

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import io
 from pathlib import Path
 
 from einplan.errors import EinplanError
+from einplan.formats.files import check_not_input, write_atomic
 from einplan.report import plots
 from einplan.report.cost import GROUPINGS, CostReport, cost_report
 from einplan.report.machine import load_machine
 from einplan.report.memory import print_memory_table
+from einplan.report.profile import TRACE_NAME
 from einplan.report.tables import (
     FORMATS,
     make_console,
@@ -23,6 +26,9 @@ from einplan.report.trace import read_trace
 
 def run(args: argparse.Namespace) -> None:
     """Read the trace, aggregate, and write the report and any plots asked for."""
+    for output in (args.output, args.bars, args.roofline):
+        if output is not None:
+            check_not_input(output, [args.profile, Path(args.profile) / TRACE_NAME])
     rec = read_trace(args.profile)
     report = cost_report(rec, args.by, args.warmup, load_machine())
     for path, draw in ((args.bars, "bars"), (args.roofline, "roofline")):
@@ -34,8 +40,9 @@ def run(args: argparse.Namespace) -> None:
             render_rich(report, args.top, make_console())
             print_memory_table(rec, make_console())
             return
-        with open(args.output, "w", encoding="utf-8") as f:
-            render_rich(report, args.top, make_console(f))
+        table = io.StringIO()
+        render_rich(report, args.top, make_console(table))
+        write_atomic(args.output, table.getvalue())
         print(f"wrote {args.output}")
         return
     if args.top:
@@ -47,7 +54,7 @@ def run(args: argparse.Namespace) -> None:
     else:
         text = render_html(report, html_figures(report))
     if args.output:
-        Path(args.output).write_text(text, encoding="utf-8")
+        write_atomic(args.output, text)
         print(f"wrote {args.output}")
     else:
         print(text, end="")

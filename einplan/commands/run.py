@@ -6,7 +6,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from einplan.commands.eval import add_profile_argument, add_weights_arguments, open_session
+from einplan.commands.eval import (
+    add_profile_argument,
+    add_weights_arguments,
+    check_profile,
+    open_session,
+)
 from einplan.errors import EinplanError
 
 
@@ -30,6 +35,7 @@ def run(args: argparse.Namespace) -> None:
     from einplan.formats.weights import resolve_weights_dir
     from einplan.report.profile import write_profile
 
+    check_profile(args, args.plan, args.weights, args.prompts_file, args.tokenizer, args.adapter)
     plan = load_plan(args.plan)
     weights = resolve_weights_dir(args.weights) if args.weights else None
     session = open_session(plan, args, load_tokenizer(args.tokenizer, weights))

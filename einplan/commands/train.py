@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from einplan.commands.eval import add_profile_argument
+from einplan.commands.eval import add_profile_argument, check_profile
 from einplan.errors import EinplanError
 
 
@@ -28,6 +28,7 @@ def run(args: argparse.Namespace) -> None:
     """Prepare the run, train, and print the summary."""
     from einplan.api import train
 
+    check_profile(args, args.plan, args.data, args.init_weights, args.tokenizer)
     train(
         args.plan,
         data=args.data,
@@ -35,6 +36,7 @@ def run(args: argparse.Namespace) -> None:
         steps=args.steps,
         overrides=parse_overrides(args.set),
         resume=args.resume,
+        overwrite=args.overwrite,
         init_weights=args.init_weights,
         tokenizer=args.tokenizer,
         workers=args.workers,
@@ -51,6 +53,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--steps", type=int, help="train until this step (default: the settings')")
     t.add_argument(
         "--resume", action="store_true", help="continue from the run folder's latest checkpoint"
+    )
+    t.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh in an --out folder that holds a run, removing its checkpoints, "
+        "metrics, loss curve and plan",
     )
     t.add_argument("--init-weights", help="start from pretrained weights (HF folder or file)")
     t.add_argument(

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from einplan.commands.arguments import positive_int
 from einplan.commands.quantize import add_quant_arguments
 from einplan.formats.files import write_atomic
 
@@ -91,8 +92,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="also compile train_step (forward, backward, optimizer) and loss entries, with "
         "the config's train settings",
     )
-    c.add_argument("--batch", type=int, default=1, help="batch for the memory estimate")
-    c.add_argument("--seq", type=int, default=256, help="sequence length for the estimates")
+    c.add_argument("--batch", type=positive_int, default=1, help="batch for the memory estimate")
+    c.add_argument(
+        "--seq", type=positive_int, default=256, help="sequence length for the estimates"
+    )
     c.add_argument(
         "--no-path-cache",
         action="store_true",

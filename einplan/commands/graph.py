@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
+from einplan.commands.arguments import non_negative_int
 from einplan.errors import EinplanError
 from einplan.formats.files import check_not_input, write_atomic
 
@@ -62,11 +62,11 @@ def run(args: argparse.Namespace) -> None:
         out = render_dot(graph_to_dot(graph, nodes, title), fmt)
     if args.output is None:
         if isinstance(out, bytes):
-            if sys.stdout.isatty():
+            if args.stdout.isatty():
                 raise EinplanError(f"--format {fmt} is binary: give -o FILE")
-            sys.stdout.buffer.write(out)
+            args.stdout.buffer.write(out)
         else:
-            sys.stdout.write(out)
+            args.stdout.write(out)
         return
     write_atomic(args.output, out)
     print(f"wrote {args.output} ({fmt}, {len(nodes)} nodes)")
@@ -76,8 +76,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``graph`` parser."""
     g = sub.add_parser("graph", help="draw or list a plan's graph (text, dot, svg, png, html)")
     g.add_argument("plan", help="plan file from einplan compile")
-    g.add_argument("--entry", default="forward", help="entry point (default: forward)")
-    g.add_argument("--layer", type=int, help="only the nodes of this layer")
+    g.add_argument("--entry", default="forward", help="entry point")
+    g.add_argument("--layer", type=non_negative_int, help="only the nodes of this layer")
     g.add_argument("--filter", metavar="REGEX", help="only nodes whose name matches REGEX")
     g.add_argument(
         "--format",

@@ -6,6 +6,7 @@ import argparse
 import io
 from pathlib import Path
 
+from einplan.commands.arguments import non_negative_int
 from einplan.errors import EinplanError
 from einplan.formats.files import check_not_input, write_atomic
 from einplan.report import plots
@@ -37,8 +38,8 @@ def run(args: argparse.Namespace) -> None:
             print(f"wrote {plots.save_figure(fig, path)}")
     if args.format == "table":
         if args.output is None:
-            render_rich(report, args.top, make_console())
-            print_memory_table(rec, make_console())
+            render_rich(report, args.top, make_console(args.stdout))
+            print_memory_table(rec, make_console(args.stdout))
             return
         table = io.StringIO()
         render_rich(report, args.top, make_console(table))
@@ -57,7 +58,7 @@ def run(args: argparse.Namespace) -> None:
         write_atomic(args.output, text)
         print(f"wrote {args.output}")
     else:
-        print(text, end="")
+        print(text, end="", file=args.stdout)
 
 
 def html_figures(report: CostReport) -> list[str]:
@@ -77,13 +78,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``report`` parser."""
     r = sub.add_parser("report", help="per-node cost report of a profile (trace.json)")
     r.add_argument("profile", help="a --profile DIR, or its trace.json")
-    r.add_argument("--by", choices=GROUPINGS, default="node", help="group steps by (node)")
-    r.add_argument("--format", choices=FORMATS, default="table", help="output format (table)")
+    r.add_argument("--by", choices=GROUPINGS, default="node", help="group steps by")
+    r.add_argument("--format", choices=FORMATS, default="table", help="output format")
     r.add_argument("-o", "--output", help="file to write (default: standard output)")
     r.add_argument(
-        "--warmup", type=int, default=1, help="first runs of each entry to leave out (1)"
+        "--warmup", type=non_negative_int, default=1, help="first runs of each entry to leave out"
     )
-    r.add_argument("--top", type=int, default=0, help="only the N largest rows (0: all)")
+    r.add_argument(
+        "--top", type=non_negative_int, default=0, help="only the N largest rows (0: all)"
+    )
     r.add_argument("--bars", metavar="FILE", help="also draw time per group (.svg/.png)")
     r.add_argument("--roofline", metavar="FILE", help="also draw the roofline (.svg/.png)")
     r.set_defaults(func=run)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from einplan.commands.arguments import non_negative_int, positive_int
 from einplan.commands.eval import add_profile_argument, check_profile
 from einplan.errors import EinplanError
 
@@ -49,8 +50,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("train", help="train a plan on a text corpus, with checkpoints")
     t.add_argument("plan", help="a plan from einplan compile --train, or a config to compile")
     t.add_argument("--data", required=True, help="UTF-8 text corpus")
-    t.add_argument("--out", required=True, help="run folder: logs, checkpoints, tokenizer")
-    t.add_argument("--steps", type=int, help="train until this step (default: the settings')")
+    t.add_argument("-o", "--out", required=True, help="run folder: logs, checkpoints, tokenizer")
+    t.add_argument(
+        "--steps", type=positive_int, help="train until this step (default: the settings')"
+    )
     t.add_argument(
         "--resume", action="store_true", help="continue from the run folder's latest checkpoint"
     )
@@ -71,6 +74,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="KEY=VALUE",
         help="change a train setting for this run (micro_batch=8, lr=1e-3, ...)",
     )
-    t.add_argument("--workers", type=int, default=0, help="thread-pool workers (0: sequential)")
+    t.add_argument(
+        "--workers", type=non_negative_int, default=0, help="thread-pool workers (0: sequential)"
+    )
     add_profile_argument(t)
     t.set_defaults(func=run)

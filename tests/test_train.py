@@ -273,10 +273,11 @@ def test_cli_trains_resumes_and_names_bad_input(tmp_path, capsys):
     assert "training summary" in text
     assert (out / "metrics.csv").read_text().splitlines()[0].startswith("step,loss,val_loss")
     assert os.path.islink(out / "checkpoints" / "latest")
-    missing = ["train", str(config), "--data", str(tmp_path / "nope.txt"), "--out", str(out)]
+    fresh = tmp_path / "fresh"
+    missing = ["train", str(config), "--data", str(tmp_path / "nope.txt"), "--out", str(fresh)]
     assert main([*missing, "--steps", "1"]) == 2
     assert "nope.txt" in capsys.readouterr().err
-    bad = [*args, "--set", "optimizer=sgd"]
+    bad = [*args[:5], str(fresh), "--set", "optimizer=sgd"]
     assert main(bad) == 2
     assert "compiled into the plan" in capsys.readouterr().err
 

@@ -8,8 +8,7 @@ resumed one) maps the same file instead of tokenizing again, and a changed corpu
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from einplan.errors import EinplanError
-from einplan.formats.files import hash_file
+from einplan.formats.files import hash_file, write_atomic
 
 CHUNK_CHARS = 1 << 20  # text tokenized per call (cut at a line end)
 
@@ -52,11 +51,9 @@ def tokenize_corpus(corpus: Path, tokenizer: Tokenizer, cache_dir: Path) -> tupl
             raise DataError(f"{corpus}: not UTF-8 text ({e})") from None
         ids = encode_text(text, tokenizer)
         dtype = np.uint16 if tokenizer.get_vocab_size() <= 1 << 16 else np.uint32
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".npy.tmp")
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, ids.astype(dtype))
-        os.replace(tmp, path)
+        buf = io.BytesIO()
+        np.save(buf, ids.astype(dtype))
+        write_atomic(path, buf.getvalue())
     return np.load(path, mmap_mode="r"), key
 
 

@@ -6,12 +6,14 @@ kill mid-write) is dropped with a warning; a damaged line before it is an error.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import warnings
 from pathlib import Path
 from typing import Any
 
 from einplan.errors import EinplanError
+from einplan.formats.files import write_atomic
 
 COLUMNS = (
     "step",
@@ -38,11 +40,12 @@ class MetricsLog:
         if resume_step is not None and self.jsonl.exists():
             records = read_records(self.jsonl)
             self.records = [r for r in records if r["step"] <= resume_step]
-        self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in self.records))
-        with open(self.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(self.records)
+        write_atomic(self.jsonl, "".join(json.dumps(r) + "\n" for r in self.records))
+        table = io.StringIO(newline="")
+        writer = csv.DictWriter(table, COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(self.records)
+        write_atomic(self.csv, table.getvalue())
 
     def log(self, record: dict[str, Any]) -> None:
         """Append one record to both files."""

@@ -20,6 +20,7 @@ from einplan.apps.compile import compile_model
 from einplan.compiler.pipeline import PassContext
 from einplan.compiler.quant_scheme import QuantConfig
 from einplan.errors import EinplanError
+from einplan.formats.files import check_not_input
 from einplan.formats.weights import (
     copy_model_files,
     load_weights,
@@ -44,6 +45,7 @@ def quantize_checkpoint(
     folder = resolve_weights_dir(source)
     if not folder.is_dir():
         folder = folder.parent
+    check_not_input(out_dir, [folder])
     cfg = load_config(folder)
     # unpacked: the folder holds each projection's own tensors, as the checkpoint names them
     ctx = PassContext(pack=False)

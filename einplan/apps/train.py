@@ -4,18 +4,23 @@ plan file), train in a run folder, print the summary; return the log and last ch
 from __future__ import annotations
 
 import os
+import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from einplan.apps.compile import TRAIN_ENTRIES, compile_model
 from einplan.apps.session import load_plan
-from einplan.apps.training_run import RunOptions, TrainingRun
+from einplan.apps.training_run import RUN_HISTORY, RunOptions, TrainingRun
 from einplan.compiler.plan import Plan
+from einplan.errors import EinplanError
+from einplan.formats.files import check_not_input
 from einplan.report.profile import write_profile
 from einplan.runtime.recorder import Recorder
 
 PLAN_PREFIX = b'{"magic":"einplan-plan"'
+PLAN_NAME = "model.plan"  # a config's plan, compiled into the run folder
 
 
 @dataclass
@@ -37,8 +42,36 @@ def open_or_compile(source: str | os.PathLike | dict | Plan, out: Path) -> Plan:
             return load_plan(path)
     plan = compile_model(source, entries=TRAIN_ENTRIES)
     out.mkdir(parents=True, exist_ok=True)
-    plan.save(out / "model.plan")
+    plan.save(out / PLAN_NAME)
     return plan
+
+
+def clear_old_run(out: Path, resume: bool, overwrite: bool, inputs: list[Path]) -> None:
+    """Refuse to start a fresh run in a folder that holds one, unless ``overwrite``: then
+    remove the old run's checkpoints, log, loss curve and plan (not an input among them),
+    saying so on standard error."""
+    if resume and overwrite:
+        raise EinplanError("--resume continues the run and --overwrite replaces it: give one")
+    if resume or not any((out / name).exists() for name in RUN_HISTORY):
+        return
+    sources = [p.resolve() for p in inputs]
+    old = [out / n for n in (*RUN_HISTORY, PLAN_NAME) if (out / n).exists()]
+    old = [p for p in old if p.resolve() not in sources]
+    names = ", ".join(p.name for p in old)
+    if not overwrite:
+        raise EinplanError(
+            f"{out} already holds a run ({names}): continue it with --resume, replace it "
+            "with --overwrite, or give another --out"
+        )
+    for p in old:
+        if any(s.is_relative_to(p.resolve()) for s in sources):
+            raise EinplanError(f"--overwrite would remove {p}, which this run reads; copy it out")
+    for p in old:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+    print(f"--overwrite: removed the previous run's {names} from {out}", file=sys.stderr)
 
 
 def train(
@@ -49,6 +82,7 @@ def train(
     steps: int | None = None,
     overrides: dict[str, Any] | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     init_weights: str | None = None,
     tokenizer: str | None = None,
     workers: int = 0,
@@ -56,9 +90,18 @@ def train(
 ) -> TrainResult:
     """Train on the text file ``data`` in the run folder ``out`` until step ``steps``
     (default: the train settings'), with the train settings changed by ``overrides``;
-    ``resume`` continues from the folder's latest checkpoint. ``profile`` (a folder) records
+    ``resume`` continues from the folder's latest checkpoint; a folder that holds a run is
+    refused without ``resume``, or cleared first with ``overwrite``. ``profile`` (a folder) records
     every step and writes its trace there, as ``einplan train --profile``."""
+    if steps is not None and steps < 1:
+        raise EinplanError(f"steps must be at least 1, got {steps}")
+    if workers < 0:
+        raise EinplanError(f"workers must be 0 (sequential) or more, got {workers}")
     out = Path(out)
+    sources = (config_or_plan, data, init_weights, tokenizer)
+    inputs = [Path(p) for p in sources if isinstance(p, str | os.PathLike)]
+    check_not_input(out, inputs)
+    clear_old_run(out, resume, overwrite, inputs)
     options = RunOptions(
         corpus=Path(data),
         out=out,

@@ -33,6 +33,7 @@ from einplan.formats.checkpoint import (
     save_checkpoint,
     verified_weights,
 )
+from einplan.formats.files import write_atomic
 from einplan.formats.peft import (
     BASE_STAMP,
     CONFIG_FILE,
@@ -56,6 +57,9 @@ from einplan.runtime.generate import GenerationRequest, Generator
 from einplan.runtime.sampling import SamplingConfig
 from einplan.runtime.trainer import StepStats, Trainer
 
+# what a run that has trained leaves in its folder: a fresh run over it would orphan the
+# checkpoints and overwrite the log
+RUN_HISTORY = ("checkpoints", "metrics.jsonl", "metrics.csv", "loss.png")
 SAMPLING = SamplingConfig(temperature=0.8, top_k=40, seed=0)
 # settings baked into the plan's update steps and dtypes
 COMPILED = (
@@ -111,8 +115,7 @@ def run_tokenizer(spec: str, corpus: Path, vocab: int, out: Path) -> Tokenizer:
         raise EinplanError(
             f"tokenizer has {tok.get_vocab_size()} ids but the model's vocabulary is {vocab}"
         )
-    out.mkdir(parents=True, exist_ok=True)
-    tok.save(str(saved))
+    write_atomic(saved, tok.save)
     return tok
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from einplan.commands.arguments import positive_int
+
 
 def run(args: argparse.Namespace) -> None:
     """Measure, print and cache the machine's limits."""
@@ -25,7 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``bench`` parser."""
     b = sub.add_parser("bench", help="measure this machine's limits (GEMM peak, bandwidth)")
     b.add_argument("target", choices=["machine"], help="what to measure")
-    b.add_argument("--gemm-n", type=int, default=2048, help="size of the square GEMM")
-    b.add_argument("--copy-mib", type=int, default=256, help="size of the copied array")
-    b.add_argument("--reps", type=int, default=5, help="timed repetitions (best one counts)")
+    b.add_argument("--gemm-n", type=positive_int, default=2048, help="size of the square GEMM")
+    b.add_argument("--copy-mib", type=positive_int, default=256, help="size of the copied array")
+    b.add_argument(
+        "--reps", type=positive_int, default=5, help="timed repetitions (best one counts)"
+    )
     b.set_defaults(func=run)

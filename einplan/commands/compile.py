@@ -7,7 +7,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from einplan.commands.arguments import positive_int
 from einplan.commands.quantize import add_quant_arguments
+from einplan.formats.files import write_atomic
 
 if TYPE_CHECKING:
     from einplan.api import Graph
@@ -30,9 +32,12 @@ def run(args: argparse.Namespace) -> None:
     """Compile, save, and print the summary."""
     from einplan.api import ENTRIES, TRAIN_ENTRIES, PassContext, compile_model
     from einplan.commands.quantize import quant_options
+    from einplan.formats.files import check_not_input
     from einplan.formats.peft import adapter_options
     from einplan.report.summary import print_compile_summary
 
+    out = Path(args.output or Path(args.config).with_suffix(".plan").name)
+    check_not_input(out, [args.config, args.lora])
     ctx = PassContext(
         use_path_cache=not args.no_path_cache,
         dump_after=tuple(args.dump_after),
@@ -47,7 +52,6 @@ def run(args: argparse.Namespace) -> None:
         lora=adapter_options(args.lora) if args.lora and Path(args.lora).is_dir() else args.lora,
         quant=quant_options(args),
     )
-    out = Path(args.output or Path(args.config).with_suffix(".plan").name)
     plan.save(out)
     print_compile_summary(plan, args.batch, args.seq)
     print(f"wrote {out} ({out.stat().st_size / 1024:,.0f} KiB)")
@@ -59,9 +63,7 @@ def dump_graph(pass_name: str, graph: Graph, out_dir: str | None) -> None:
     if out_dir is None:
         print(text)
         return
-    path = Path(out_dir) / f"{graph.name}.after-{pass_name}.txt"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    path = write_atomic(Path(out_dir) / f"{graph.name}.after-{pass_name}.txt", text)
     print(f"wrote {path}")
 
 
@@ -90,8 +92,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="also compile train_step (forward, backward, optimizer) and loss entries, with "
         "the config's train settings",
     )
-    c.add_argument("--batch", type=int, default=1, help="batch for the memory estimate")
-    c.add_argument("--seq", type=int, default=256, help="sequence length for the estimates")
+    c.add_argument("--batch", type=positive_int, default=1, help="batch for the memory estimate")
+    c.add_argument(
+        "--seq", type=positive_int, default=256, help="sequence length for the estimates"
+    )
     c.add_argument(
         "--no-path-cache",
         action="store_true",

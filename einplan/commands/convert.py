@@ -7,8 +7,10 @@ import argparse
 
 def run(args: argparse.Namespace) -> None:
     """Dequantise and write config.json, model.safetensors and the tokenizer files."""
+    from einplan.formats.files import check_not_input
     from einplan.formats.gguf_convert import convert_gguf
 
+    check_not_input(args.output, [args.gguf])
     out = convert_gguf(args.gguf, args.output, args.dtype)
     print(
         f"wrote {out}/ (config.json, model.safetensors, tokenizer.json, "

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from einplan.commands.arguments import non_negative_int, positive_int
 from einplan.errors import EinplanError
 
 BUNDLED_TEXT = Path(__file__).resolve().parent.parent / "data" / "shakespeare_sample.txt"
@@ -22,6 +23,7 @@ def run(args: argparse.Namespace) -> None:
     from einplan.formats.weights import resolve_weights_dir
     from einplan.report.profile import write_profile
 
+    check_profile(args, args.plan, args.weights, args.text_file, args.tokenizer, args.adapter)
     plan = load_plan(args.plan)
     weights_dir = None
     if args.weights is not None:
@@ -50,7 +52,8 @@ def run(args: argparse.Namespace) -> None:
     seconds = time.perf_counter() - t0
     print(
         f"tokens {result.tokens}  loss {result.loss:.4f}  perplexity {result.perplexity:.3f}  "
-        f"({result.tokens / seconds:,.0f} tok/s, window {window}, batch {args.batch_size})"
+        f"({result.tokens / seconds:,.0f} tok/s, window {window}, batch {args.batch_size})",
+        file=args.stdout,  # the result, also under --quiet
     )
     if recorder is not None:
         write_profile(recorder, args.profile)
@@ -74,10 +77,10 @@ def open_session(plan, args: argparse.Namespace, tokenizer):
 def add_weights_arguments(p: argparse.ArgumentParser) -> None:
     """``--weights`` or ``--random-weights SEED`` (one required) and ``--tokenizer``."""
     w = p.add_mutually_exclusive_group(required=True)
-    w.add_argument("--weights", help="HF-layout folder, .safetensors file, or hub id")
+    w.add_argument("-m", "--weights", help="HF-layout folder, .safetensors file, or hub id")
     w.add_argument(
         "--random-weights",
-        type=int,
+        type=non_negative_int,
         metavar="SEED",
         help="seeded random weights instead (demos and benchmarks)",
     )
@@ -87,6 +90,15 @@ def add_weights_arguments(p: argparse.ArgumentParser) -> None:
         help="tokenizer.json (or folder), or 'bytes' for byte ids "
         "(default: the weights folder's tokenizer.json)",
     )
+
+
+def check_profile(args: argparse.Namespace, *inputs: str | None) -> None:
+    """Refuse a ``--profile DIR`` whose trace file would be written over one of ``inputs``."""
+    from einplan.formats.files import check_not_input
+    from einplan.report.profile import TRACE_NAME
+
+    if args.profile:
+        check_not_input(Path(args.profile) / TRACE_NAME, inputs)
 
 
 def add_profile_argument(p: argparse.ArgumentParser) -> None:
@@ -109,12 +121,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=str(BUNDLED_TEXT),
         help="UTF-8 text to evaluate on (default: the bundled Shakespeare sample)",
     )
-    e.add_argument("--max-tokens", type=int, default=4096, help="tokens to evaluate")
-    e.add_argument("--window", type=int, default=512, help="tokens per forward window")
-    e.add_argument("--batch-size", type=int, default=1, help="windows per forward")
+    e.add_argument("--max-tokens", type=positive_int, default=4096, help="tokens to evaluate")
+    e.add_argument("--window", type=positive_int, default=512, help="tokens per forward window")
+    e.add_argument("--batch-size", type=positive_int, default=1, help="windows per forward")
     e.add_argument(
         "--workers",
-        type=int,
+        type=non_negative_int,
         default=0,
         help="thread-pool workers for independent steps (0: sequential)",
     )

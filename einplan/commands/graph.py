@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
+from einplan.commands.arguments import non_negative_int
 from einplan.errors import EinplanError
+from einplan.formats.files import check_not_input, write_atomic
 
 FORMATS = ("text", "dot", "svg", "png", "html")
 SUFFIXES = {
@@ -45,6 +46,8 @@ def run(args: argparse.Namespace) -> None:
     from einplan.report.html import dot_to_html
     from einplan.report.select import select_nodes
 
+    if args.output is not None:
+        check_not_input(args.output, [args.plan])
     fmt = pick_format(args.format, args.output)
     graph = load_plan(args.plan).entry(args.entry)
     nodes = select_nodes(graph, args.layer, args.filter)
@@ -59,27 +62,22 @@ def run(args: argparse.Namespace) -> None:
         out = render_dot(graph_to_dot(graph, nodes, title), fmt)
     if args.output is None:
         if isinstance(out, bytes):
-            if sys.stdout.isatty():
+            if args.stdout.isatty():
                 raise EinplanError(f"--format {fmt} is binary: give -o FILE")
-            sys.stdout.buffer.write(out)
+            args.stdout.buffer.write(out)
         else:
-            sys.stdout.write(out)
+            args.stdout.write(out)
         return
-    path = Path(args.output)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(out, bytes):
-        path.write_bytes(out)
-    else:
-        path.write_text(out, encoding="utf-8")
-    print(f"wrote {path} ({fmt}, {len(nodes)} nodes)")
+    write_atomic(args.output, out)
+    print(f"wrote {args.output} ({fmt}, {len(nodes)} nodes)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``graph`` parser."""
     g = sub.add_parser("graph", help="draw or list a plan's graph (text, dot, svg, png, html)")
     g.add_argument("plan", help="plan file from einplan compile")
-    g.add_argument("--entry", default="forward", help="entry point (default: forward)")
-    g.add_argument("--layer", type=int, help="only the nodes of this layer")
+    g.add_argument("--entry", default="forward", help="entry point")
+    g.add_argument("--layer", type=non_negative_int, help="only the nodes of this layer")
     g.add_argument("--filter", metavar="REGEX", help="only nodes whose name matches REGEX")
     g.add_argument(
         "--format",

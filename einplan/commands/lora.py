@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from einplan.errors import EinplanError
+from einplan.formats.files import check_not_input, write_atomic
 
 
 def run_merge(args: argparse.Namespace) -> None:
@@ -23,6 +24,7 @@ def run_merge(args: argparse.Namespace) -> None:
 
     folder = verified_weights(resolve_weights_dir(args.weights))
     adapter_dir = verified_source(Path(args.adapter))
+    check_not_input(args.output, [folder, adapter_dir])
     options = adapter_options(adapter_dir)
     graph = compile_model(folder, lora=options, entries=("forward",)).entry()
     tensors = {k: a for k, (a, _) in open_checkpoint(folder).items()}
@@ -35,7 +37,7 @@ def run_merge(args: argparse.Namespace) -> None:
     if "lm_head.weight" in merged and "lm_head.weight" not in tensors:
         config = json.loads((out / "config.json").read_text())
         config["tie_word_embeddings"] = False  # the merged head differs from the embedding
-        (out / "config.json").write_text(json.dumps(config, indent=2))
+        write_atomic(out / "config.json", json.dumps(config, indent=2))
     save_safetensors(merged, out / "model.safetensors")
     print(f"wrote {out}/ ({len(adapter) // 2} projections merged)")
 

@@ -6,17 +6,19 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import asdict
-from pathlib import Path
+from typing import TextIO
 
+from einplan.commands.arguments import positive_int
 from einplan.errors import EinplanError
+from einplan.formats.files import check_not_input, write_atomic
 
 
-def print_report(report: dict, scheme: str) -> None:
+def print_report(report: dict, scheme: str, out: TextIO) -> None:
     """The per-projection table, its summary by role, and the whole-model lines."""
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(width=120)
+    console = Console(width=120, file=out)
     rows = report["projections"]
     t = Table(title=f"{scheme}: per projection ({report['calibration_tokens']} calibration tokens)")
     for col in ("projection", "params", "float32 KiB", "quantised KiB", "saving", "rel. RMS error"):
@@ -87,6 +89,8 @@ def run(args: argparse.Namespace) -> None:
     from einplan.commands.quantize import read_token_ids
     from einplan.formats.weights import resolve_weights_dir
 
+    if args.json:
+        check_not_input(args.json, [args.plan, args.data, args.tokenizer])
     plan = load_plan(args.plan)
     quant = parse_quant(plan.meta.get("quant"))
     if quant is None:
@@ -105,7 +109,7 @@ def run(args: argparse.Namespace) -> None:
         args.eval_tokens,
         compare,
     )
-    print_report(report, quant.scheme)
+    print_report(report, quant.scheme, args.stdout)
     if args.json:
         doc = {
             "scheme": quant.to_dict(),
@@ -113,7 +117,7 @@ def run(args: argparse.Namespace) -> None:
             "projections": [asdict(r) | {"saving": r.saving} for r in report["projections"]],
             "models": [asdict(m) for m in report["models"]],
         }
-        Path(args.json).write_text(json.dumps(doc, indent=1))
+        write_atomic(args.json, json.dumps(doc, indent=1))
         print(f"wrote {args.json}")
 
 
@@ -124,9 +128,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--weights", required=True, help="the float weights (HF folder or hub id)")
     q.add_argument("--data", required=True, help="text: calibration windows, then held-out text")
     q.add_argument("--tokenizer", help="tokenizer.json or 'bytes' (default: the weights')")
-    q.add_argument("--calib-batches", type=int, default=4, help="calibration windows")
-    q.add_argument("--window", type=int, default=256, help="tokens per window")
-    q.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens for perplexity")
+    q.add_argument("--calib-batches", type=positive_int, default=4, help="calibration windows")
+    q.add_argument("--window", type=positive_int, default=256, help="tokens per window")
+    q.add_argument(
+        "--eval-tokens", type=positive_int, default=4096, help="held-out tokens for perplexity"
+    )
     q.add_argument(
         "--compare",
         help="schemes for the whole-model lines, e.g. fp32,w8a16,w4a16,w8a8,w4a4 "

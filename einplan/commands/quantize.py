@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from einplan.commands.arguments import positive_int
 from einplan.errors import EinplanError
 
 
@@ -57,7 +58,9 @@ def add_quant_arguments(
         metavar="SCHEME",
         help="quantisation scheme: w8a16, w4a16, w8a8, w4a4 or w8a4",
     )
-    p.add_argument("--group-size", type=int, help="int4 group length: 32, 64 (default) or 128")
+    p.add_argument(
+        "--group-size", type=positive_int, help="int4 group length: 32, 64 (default) or 128"
+    )
     p.add_argument("--asymmetric", action="store_true", help="weights with zero points")
     p.add_argument(
         "--act-scales",
@@ -93,8 +96,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("weights", help="HF-layout folder (float weights) or hub id")
     add_quant_arguments(q, "--scheme", required=True)
     q.add_argument("--calibrate", metavar="TEXT", help="text whose activation ranges to store")
-    q.add_argument("--calib-batches", type=int, default=8, help="calibration windows (default 8)")
-    q.add_argument("--calib-seq", type=int, default=256, help="tokens per calibration window")
+    q.add_argument("--calib-batches", type=positive_int, default=8, help="calibration windows")
+    q.add_argument(
+        "--calib-seq", type=positive_int, default=256, help="tokens per calibration window"
+    )
     q.add_argument("--tokenizer", help="tokenizer.json or 'bytes' (default: the weights')")
     q.add_argument("-o", "--output", required=True, help="folder to write")
     q.set_defaults(func=run)

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import io
 from pathlib import Path
 
+from einplan.commands.arguments import non_negative_int
 from einplan.errors import EinplanError
+from einplan.formats.files import check_not_input, write_atomic
 from einplan.report import plots
 from einplan.report.cost import GROUPINGS, CostReport, cost_report
 from einplan.report.machine import load_machine
 from einplan.report.memory import print_memory_table
+from einplan.report.profile import TRACE_NAME
 from einplan.report.tables import (
     FORMATS,
     make_console,
@@ -23,6 +27,9 @@ from einplan.report.trace import read_trace
 
 def run(args: argparse.Namespace) -> None:
     """Read the trace, aggregate, and write the report and any plots asked for."""
+    for output in (args.output, args.bars, args.roofline):
+        if output is not None:
+            check_not_input(output, [args.profile, Path(args.profile) / TRACE_NAME])
     rec = read_trace(args.profile)
     report = cost_report(rec, args.by, args.warmup, load_machine())
     for path, draw in ((args.bars, "bars"), (args.roofline, "roofline")):
@@ -31,11 +38,12 @@ def run(args: argparse.Namespace) -> None:
             print(f"wrote {plots.save_figure(fig, path)}")
     if args.format == "table":
         if args.output is None:
-            render_rich(report, args.top, make_console())
-            print_memory_table(rec, make_console())
+            render_rich(report, args.top, make_console(args.stdout))
+            print_memory_table(rec, make_console(args.stdout))
             return
-        with open(args.output, "w", encoding="utf-8") as f:
-            render_rich(report, args.top, make_console(f))
+        table = io.StringIO()
+        render_rich(report, args.top, make_console(table))
+        write_atomic(args.output, table.getvalue())
         print(f"wrote {args.output}")
         return
     if args.top:
@@ -47,10 +55,10 @@ def run(args: argparse.Namespace) -> None:
     else:
         text = render_html(report, html_figures(report))
     if args.output:
-        Path(args.output).write_text(text, encoding="utf-8")
+        write_atomic(args.output, text)
         print(f"wrote {args.output}")
     else:
-        print(text, end="")
+        print(text, end="", file=args.stdout)
 
 
 def html_figures(report: CostReport) -> list[str]:
@@ -70,13 +78,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``report`` parser."""
     r = sub.add_parser("report", help="per-node cost report of a profile (trace.json)")
     r.add_argument("profile", help="a --profile DIR, or its trace.json")
-    r.add_argument("--by", choices=GROUPINGS, default="node", help="group steps by (node)")
-    r.add_argument("--format", choices=FORMATS, default="table", help="output format (table)")
+    r.add_argument("--by", choices=GROUPINGS, default="node", help="group steps by")
+    r.add_argument("--format", choices=FORMATS, default="table", help="output format")
     r.add_argument("-o", "--output", help="file to write (default: standard output)")
     r.add_argument(
-        "--warmup", type=int, default=1, help="first runs of each entry to leave out (1)"
+        "--warmup", type=non_negative_int, default=1, help="first runs of each entry to leave out"
     )
-    r.add_argument("--top", type=int, default=0, help="only the N largest rows (0: all)")
+    r.add_argument(
+        "--top", type=non_negative_int, default=0, help="only the N largest rows (0: all)"
+    )
     r.add_argument("--bars", metavar="FILE", help="also draw time per group (.svg/.png)")
     r.add_argument("--roofline", metavar="FILE", help="also draw the roofline (.svg/.png)")
     r.set_defaults(func=run)

@@ -5,8 +5,21 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TextIO
 
-from einplan.commands.eval import add_profile_argument, add_weights_arguments, open_session
+from einplan.commands.arguments import (
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    probability,
+)
+from einplan.commands.eval import (
+    add_profile_argument,
+    add_weights_arguments,
+    check_profile,
+    open_session,
+)
 from einplan.errors import EinplanError
 
 
@@ -30,13 +43,15 @@ def run(args: argparse.Namespace) -> None:
     from einplan.formats.weights import resolve_weights_dir
     from einplan.report.profile import write_profile
 
+    check_profile(args, args.plan, args.weights, args.prompts_file, args.tokenizer, args.adapter)
+    out = args.stdout  # the generated text, also under --quiet
     plan = load_plan(args.plan)
     weights = resolve_weights_dir(args.weights) if args.weights else None
     session = open_session(plan, args, load_tokenizer(args.tokenizer, weights))
     recorder = Recorder() if args.profile else None
 
     def generate(prompts: list[str] | list[list[int]], stream: bool):
-        on_text = (lambda _, piece: print(piece, end="", flush=True)) if stream else None
+        on_text = (lambda _, piece: print(piece, end="", flush=True, file=out)) if stream else None
         return session.generate(
             prompts,
             args.max_new_tokens,
@@ -52,7 +67,7 @@ def run(args: argparse.Namespace) -> None:
         )
 
     if args.chat:
-        run_chat(session, generate)
+        run_chat(session, generate, args.stdout)
     else:
         generate_prompts(args, generate)
     if recorder is not None:
@@ -69,17 +84,17 @@ def generate_prompts(args: argparse.Namespace, generate) -> None:
         chunk = prompts[start : start + args.batch_size]
         stream = not args.prompts_file  # a single --prompt streams as it is generated
         if stream:
-            print(chunk[0], end="", flush=True)
+            print(chunk[0], end="", flush=True, file=args.stdout)
         result = generate(chunk, stream)
         if stream:
-            print()
+            print(file=args.stdout)
         else:
             for prompt, text, why in zip(chunk, result.texts, result.stop_reasons, strict=True):
-                print(f"{prompt}{text}\n[stopped: {why}]\n")
+                print(f"{prompt}{text}\n[stopped: {why}]\n", file=args.stdout)
         print_phase_table(result.stats)
 
 
-def run_chat(session, generate) -> None:
+def run_chat(session, generate, out: TextIO) -> None:
     """Read user turns from stdin, answer each with the chat template applied (its text
     holds the special tokens, so it is encoded without adding more)."""
     from einplan.api import render_chat
@@ -88,7 +103,7 @@ def run_chat(session, generate) -> None:
     interactive = sys.stdin.isatty()
     while True:
         if interactive:
-            print("> ", end="", flush=True)
+            print("> ", end="", flush=True, file=out)
         line = sys.stdin.readline()
         if not line or line.strip() in ("/exit", "/quit"):
             break
@@ -97,7 +112,7 @@ def run_chat(session, generate) -> None:
         messages.append({"role": "user", "content": line.strip()})
         text = render_chat(session.tokenizer_config, messages)
         result = generate([session.tokenizer.encode(text, add_special_tokens=False).ids], True)
-        print()
+        print(file=out)
         messages.append({"role": "assistant", "content": result.texts[0]})
 
 
@@ -108,17 +123,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_weights_arguments(r)
     add_profile_argument(r)
     what = r.add_mutually_exclusive_group(required=True)
-    what.add_argument("--prompt", help="prompt text")
+    what.add_argument("-p", "--prompt", help="prompt text")
     what.add_argument("--prompts-file", help="one prompt per line, generated in batches")
     what.add_argument("--chat", action="store_true", help="interactive chat (chat template)")
-    r.add_argument("--max-new-tokens", type=int, default=64)
-    r.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    r.add_argument("--top-k", type=int, default=0, help="0: off")
-    r.add_argument("--top-p", type=float, default=1.0)
-    r.add_argument("--repetition-penalty", type=float, default=1.0)
-    r.add_argument("--seed", type=int, default=0, help="seed of the sampler")
+    r.add_argument(
+        "-n", "--max-new-tokens", type=positive_int, default=64, help="tokens to generate"
+    )
+    r.add_argument(
+        "--temperature", "--temp", type=non_negative_float, default=0.0, help="0: greedy"
+    )
+    r.add_argument("--top-k", type=non_negative_int, default=0, help="0: off")
+    r.add_argument("--top-p", type=probability, default=1.0, help="nucleus mass (1: off)")
+    r.add_argument("--repetition-penalty", type=positive_float, default=1.0, help="1: off")
+    r.add_argument("--seed", type=non_negative_int, default=0, help="seed of the sampler")
     r.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    r.add_argument("--batch-size", type=int, default=8, help="prompts per batch (--prompts-file)")
-    r.add_argument("--ctx", type=int, help="KV cache length (default: prompt + new tokens)")
-    r.add_argument("--workers", type=int, default=0, help="thread-pool workers (0: sequential)")
+    r.add_argument(
+        "--batch-size", type=positive_int, default=8, help="prompts per batch (--prompts-file)"
+    )
+    r.add_argument(
+        "--ctx", type=positive_int, help="KV cache length (default: prompt + new tokens)"
+    )
+    r.add_argument(
+        "--workers", type=non_negative_int, default=0, help="thread-pool workers (0: sequential)"
+    )
     r.set_defaults(func=run)

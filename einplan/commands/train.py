@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from einplan.commands.eval import add_profile_argument
+from einplan.commands.arguments import non_negative_int, positive_int
+from einplan.commands.eval import add_profile_argument, check_profile
 from einplan.errors import EinplanError
 
 
@@ -28,6 +29,7 @@ def run(args: argparse.Namespace) -> None:
     """Prepare the run, train, and print the summary."""
     from einplan.api import train
 
+    check_profile(args, args.plan, args.data, args.init_weights, args.tokenizer)
     train(
         args.plan,
         data=args.data,
@@ -35,6 +37,7 @@ def run(args: argparse.Namespace) -> None:
         steps=args.steps,
         overrides=parse_overrides(args.set),
         resume=args.resume,
+        overwrite=args.overwrite,
         init_weights=args.init_weights,
         tokenizer=args.tokenizer,
         workers=args.workers,
@@ -47,10 +50,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("train", help="train a plan on a text corpus, with checkpoints")
     t.add_argument("plan", help="a plan from einplan compile --train, or a config to compile")
     t.add_argument("--data", required=True, help="UTF-8 text corpus")
-    t.add_argument("--out", required=True, help="run folder: logs, checkpoints, tokenizer")
-    t.add_argument("--steps", type=int, help="train until this step (default: the settings')")
+    t.add_argument("-o", "--out", required=True, help="run folder: logs, checkpoints, tokenizer")
+    t.add_argument(
+        "--steps", type=positive_int, help="train until this step (default: the settings')"
+    )
     t.add_argument(
         "--resume", action="store_true", help="continue from the run folder's latest checkpoint"
+    )
+    t.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh in an --out folder that holds a run, removing its checkpoints, "
+        "metrics, loss curve and plan",
     )
     t.add_argument("--init-weights", help="start from pretrained weights (HF folder or file)")
     t.add_argument(
@@ -63,6 +74,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="KEY=VALUE",
         help="change a train setting for this run (micro_batch=8, lr=1e-3, ...)",
     )
-    t.add_argument("--workers", type=int, default=0, help="thread-pool workers (0: sequential)")
+    t.add_argument(
+        "--workers", type=non_negative_int, default=0, help="thread-pool workers (0: sequential)"
+    )
     add_profile_argument(t)
     t.set_defaults(func=run)

@@ -13,7 +13,7 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,17 +76,22 @@ class Plan:
         }
 
     def save(self, path: str | Path) -> None:
-        """Write the plan file atomically (temp file + rename)."""
+        """Write the plan file atomically (temp file + rename), with a plain file's mode
+        (0666 less the umask). formats.files.write_atomic does the same for every other
+        output; the compiler sits below formats, so the plan keeps its own copy."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        tmp, fd = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp", None
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
             with os.fdopen(fd, "w") as f:
                 json.dump(self.to_json(), f, separators=(",", ":"))
             os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        except OSError as e:
+            raise EinplanError(f"cannot write {path}: {e.strerror or e}") from e
+        finally:
+            if fd is not None:
+                tmp.unlink(missing_ok=True)
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:

@@ -25,12 +25,12 @@ def convert_gguf(path: str | os.PathLike, out_dir: str | os.PathLike, dtype: str
         "torch_dtype": {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}[dtype],
     }
     save_safetensors(tensors, out / "model.safetensors")
-    (out / "config.json").write_text(json.dumps(config, indent=2))
+    write_atomic(out / "config.json", json.dumps(config, indent=2))
     write_atomic(out / "tokenizer.json", lambda tmp: model.tokenizer.save(tmp))
-    (out / "tokenizer_config.json").write_text(json.dumps(model.tokenizer_config, indent=2))
+    write_atomic(out / "tokenizer_config.json", json.dumps(model.tokenizer_config, indent=2))
     generation = {
         "bos_token_id": config.get("bos_token_id"),
         "eos_token_id": config.get("eos_token_id"),
     }
-    (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    write_atomic(out / "generation_config.json", json.dumps(generation, indent=2))
     return out

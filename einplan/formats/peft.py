@@ -78,7 +78,7 @@ def save_adapter(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = peft_config(cfg, base_name)
-    write_atomic(out / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
+    write_atomic(out / CONFIG_FILE, json.dumps(config, indent=2))
     tensors = {PEFT_PREFIX + k: v for k, v in arrays.items()}
     save_safetensors(tensors, out / TENSORS_FILE, {BASE_STAMP: base_fingerprint(base)})
     return out

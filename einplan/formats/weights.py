@@ -359,7 +359,7 @@ def copy_model_files(src: Path, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for name in MODEL_FILES:
         if (src / name).is_file():
-            shutil.copyfile(src / name, out / name)
+            write_atomic(out / name, lambda tmp, name=name: shutil.copyfile(src / name, tmp))
 
 
 class RandomTensors(Mapping):

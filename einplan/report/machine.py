@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from einplan.compiler.path_cache import cache_dir
+from einplan.formats.files import write_atomic
 
 
 def machine_path() -> Path:
@@ -57,10 +58,7 @@ def measure_machine(gemm_n: int = 2048, copy_mib: int = 256, reps: int = 5) -> d
 
 def save_machine(limits: dict[str, Any]) -> Path:
     """Cache the measured limits; returns the file written."""
-    path = machine_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(limits, indent=1))
-    return path
+    return write_atomic(machine_path(), json.dumps(limits, indent=1))
 
 
 def load_machine() -> dict[str, Any] | None:

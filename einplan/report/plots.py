@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from einplan.errors import EinplanError
+from einplan.formats.files import write_atomic
 from einplan.report.cost import CostReport
 from einplan.report.phases import role_of
 
@@ -90,10 +91,8 @@ def plot_roofline(report: CostReport) -> Figure:
 
 def save_figure(fig: Figure, path: str | Path) -> Path:
     """Write a figure; the suffix picks the format (.svg, .png, .pdf)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return path
+    fmt = Path(path).suffix[1:] or None
+    return write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format=fmt))
 
 
 def figure_svg(fig: Figure) -> str:

@@ -14,12 +14,14 @@ from einplan.report.tables import make_console, render_rich
 from einplan.report.trace import write_trace
 from einplan.runtime.recorder import Recorder
 
+TRACE_NAME = "trace.json"  # the file in a --profile folder that einplan report reads
+
 
 def write_profile(rec: Recorder, out_dir: str | Path, console: Console | None = None) -> Path:
     """Write ``out_dir/trace.json`` from ``rec`` and print its cost by phase (first run of each
     entry excluded as warm-up when there are more); returns the trace's path."""
     console = console or make_console()
-    path = write_trace(rec, Path(out_dir) / "trace.json")
+    path = write_trace(rec, Path(out_dir) / TRACE_NAME)
     render_rich(cost_report(rec, "phase", warmup=1, machine=load_machine()), None, console)
     print_memory_table(rec, console)
     console.print(

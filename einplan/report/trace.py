@@ -11,6 +11,7 @@ from typing import Any
 
 from einplan._version import __version__
 from einplan.errors import EinplanError
+from einplan.formats.files import write_atomic
 from einplan.runtime.recorder import Recorder, StepInfo
 
 FORMAT = "einplan-trace"
@@ -84,10 +85,7 @@ def chrome_trace(rec: Recorder) -> dict[str, Any]:
 
 def write_trace(rec: Recorder, path: str | Path) -> Path:
     """Write the Chrome trace of ``rec`` to ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(chrome_trace(rec), separators=(",", ":")))
-    return path
+    return write_atomic(path, json.dumps(chrome_trace(rec), separators=(",", ":")))
 
 
 def read_trace(path: str | Path) -> Recorder:

@@ -1,0 +1,55 @@
+"""Argument types shared by the commands: sizes, counts and sampling settings are checked as
+they are parsed, so that ``--steps 0`` or ``--top-p 1.5`` is a usage error, not a default."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+
+
+def parse_int(text: str, least: int, what: str) -> int:
+    """``text`` as an integer of at least ``least``, or a usage error naming ``what``."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if value < least:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+    return value
+
+
+def parse_float(text: str, ok: Callable[[float], bool], what: str) -> float:
+    """``text`` as a finite number for which ``ok(value)`` holds, or a usage error."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if not math.isfinite(value) or not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """A count or size of at least 1 (steps, tokens, window, batch)."""
+    return parse_int(text, 1, "a whole number of at least 1")
+
+
+def non_negative_int(text: str) -> int:
+    """A whole number of at least 0 (seeds, workers, 0 meaning off)."""
+    return parse_int(text, 0, "a whole number of at least 0")
+
+
+def non_negative_float(text: str) -> float:
+    """A finite number of at least 0 (temperature)."""
+    return parse_float(text, lambda v: v >= 0, "a finite number of at least 0")
+
+
+def positive_float(text: str) -> float:
+    """A finite number above 0 (repetition penalty)."""
+    return parse_float(text, lambda v: v > 0, "a finite number above 0")
+
+
+def probability(text: str) -> float:
+    """A probability mass in (0, 1] (top-p)."""
+    return parse_float(text, lambda v: 0 < v <= 1, "a number in (0, 1]")

@@ -441,7 +441,11 @@ def _node_shape(rng, doc):
         n["shape"] = [rng.choice([2, 0, -1])]
     else:
         i = rng.randrange(len(n["shape"]))
-        n["shape"][i] = rng.choice([0, -1, n["shape"][i] + 1, max(1, n["shape"][i] // 2), 2**40])
+        d = n["shape"][i]
+        if isinstance(d, int):
+            n["shape"][i] = rng.choice([0, -1, d + 1, max(1, d // 2), 2**40, "seq"])
+        else:  # a symbolic dim
+            n["shape"][i] = rng.choice([1, 7, "bogus", "seq" if d != "seq" else "batch"])
     if rng.random() < 0.2:
         n["shape"].append(3)
     return f"{e} node {n['id']} ({n['op']}): shape {old} -> {n['shape']}"
@@ -1009,7 +1013,7 @@ def _gg_nan(rng):
 
 
 def _gg_qtype(rng):
-    t = rng.choice(["Q4_K", "Q6_K", "Q8_0", "Q4_0"])
+    t = rng.choice(["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "F16"])  # K-quants need 256 columns
     return {"types": {"blk.0.attn_v.weight": t}}, f"attn_v as {t}"
 
 
@@ -1611,7 +1615,7 @@ class Fuzzer:
             return Case(d, [plan, d / "run"], Command(argv, train_signature))
         if cls == "config":
             cfg = d / "config.json"
-            shutil.copy(b / "micro.json", cfg)
+            shutil.copy(b / "micro-train.json", cfg)
             plan = d / "out.plan"
             then = Command(["eval", str(plan), "--random-weights", "0", *EVAL], eval_signature)
             cmd = Command(["compile", str(cfg), "-o", str(plan)], none, then)

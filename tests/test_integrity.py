@@ -314,3 +314,39 @@ def test_a_non_finite_learning_rate_stops_before_any_update(plan, tmp_path):  # 
     for k, v in run.trainer.trained_weights().items():
         assert np.array_equal(v, before[k]), k
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_plan_with_a_non_finite_number_is_refused(tmp_path):
+    path = tmp_path / "p.plan"
+    einplan.compile_model(ONE_LAYER).save(path)
+    text = path.read_text()
+    doc = json.loads(text)
+    rope = next(n for n in doc["body"]["entries"]["forward"]["nodes"] if n["op"] == "rope_table")
+    key = next(k for k, v in rope["attrs"].items() if isinstance(v, float | list))
+    rope["attrs"][key] = float("inf")
+    path.write_text(json.dumps(doc))  # json writes Infinity, which is not JSON
+    with pytest.raises(PlanError, match="non-finite number Infinity"):
+        einplan.load_plan(path)
+
+
+def test_an_rms_eps_that_vanishes_in_float32_is_refused():
+    with pytest.raises(ConfigError, match="rms_norm_eps must be at least 1.18e-38"):
+        parse_config({**ONE_LAYER, "rms_norm_eps": 1e-320})
+
+
+@pytest.mark.parametrize(
+    "patch, field",
+    [
+        ("add_token_types", "'tokenizer.ggml.token_type' has 10 entries for 256 tokens"),
+        ("add_eos_token_id", "'tokenizer.ggml.eos_token_id' is 999, outside the vocabulary"),
+    ],
+)
+def test_gguf_tokenizer_fields_that_disagree_are_named(tmp_path, monkeypatch, patch, field):
+    import gguf
+
+    original = getattr(gguf.GGUFWriter, patch)
+    wrong = [1] * 10 if patch == "add_token_types" else 999
+    monkeypatch.setattr(gguf.GGUFWriter, patch, lambda self, _: original(self, wrong))
+    bad = write_gguf(FIXTURES / "llama_gqa_tied", tmp_path / "bad.gguf")
+    with pytest.raises(GGUFError, match=field):
+        read_gguf(bad)

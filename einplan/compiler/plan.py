@@ -103,10 +103,11 @@ class Plan:
                 f"CONFIG -o {path.name})"
             )
         try:
-            doc = json.loads(path.read_bytes())
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            doc = json.loads(path.read_bytes(), parse_constant=refuse_non_finite)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            why = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8"
             raise PlanError(
-                f"{path}: not an einplan plan file (not JSON) or damaged; "
+                f"{path}: not an einplan plan file (not JSON: {why}) or damaged; "
                 "recompile it with einplan compile"
             ) from None
         if not isinstance(doc, dict) or doc.get("magic") != MAGIC:
@@ -130,6 +131,12 @@ class Plan:
     def parameters(self) -> int:
         """Parameters of the model (as ``einplan compile`` prints them)."""
         return self.meta["parameters"]
+
+
+def refuse_non_finite(name: str) -> float:
+    """JSON reader hook: a plan never holds NaN or infinity (an attribute such as a rotary
+    frequency that is not finite would make every logit NaN), so such a number is damage."""
+    raise json.JSONDecodeError(f"non-finite number {name}", name, 0)
 
 
 def checksum(body: dict[str, Any]) -> str:

@@ -130,6 +130,11 @@ def gguf_tokenizer(reader) -> tuple[Tokenizer, dict[str, Any]]:
         raise GGUFError("GGUF metadata 'tokenizer.ggml.tokens' is missing or empty")
     merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges", [])]
     types = list(_field(reader, "tokenizer.ggml.token_type", [1] * len(tokens)))
+    if len(types) != len(tokens):
+        raise GGUFError(
+            f"GGUF metadata 'tokenizer.ggml.token_type' has {len(types)} entries for "
+            f"{len(tokens)} tokens"
+        )
     tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if _field(reader, "tokenizer.ggml.pre") in ("smollm", "qwen2"):
@@ -149,6 +154,11 @@ def gguf_tokenizer(reader) -> tuple[Tokenizer, dict[str, Any]]:
 
     def token(key: str) -> str | None:
         i = _field(reader, f"tokenizer.ggml.{key}")
+        if i is not None and not 0 <= int(i) < len(tokens):
+            raise GGUFError(
+                f"GGUF metadata 'tokenizer.ggml.{key}' is {int(i)}, outside the vocabulary "
+                f"of {len(tokens)} tokens"
+            )
         return None if i is None else tokens[int(i)]
 
     tk_cfg = {

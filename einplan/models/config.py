@@ -15,6 +15,8 @@ from typing import Any
 
 from einplan.errors import EinplanError
 
+FLOAT32_TINY = 1.1754943508222875e-38  # np.finfo(np.float32).tiny
+
 
 class ConfigError(EinplanError):
     """A config is unreadable, has an unknown key, or a value of the wrong type."""
@@ -226,6 +228,12 @@ def parse_config(raw: dict[str, Any], origin: str = "config") -> ModelConfig:
     if model_type == "mistral" and window:
         max_pos = min(max_pos, window)  # within the window, sliding attention is plain causal
     theta, scaling = _rope(raw, origin)
+    eps = float(raw.get("rms_norm_eps", 1e-6))
+    if not eps >= FLOAT32_TINY:  # below it, the eps is zero or subnormal in float32 arithmetic
+        raise ConfigError(
+            f"{origin}: rms_norm_eps must be at least {FLOAT32_TINY:.3g} (the smallest normal "
+            f"float32), got {eps}"
+        )
     eos = raw.get("eos_token_id")
     return ModelConfig(
         vocab_size=raw["vocab_size"],
@@ -235,7 +243,7 @@ def parse_config(raw: dict[str, Any], origin: str = "config") -> ModelConfig:
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
         head_dim=head_dim,
-        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        rms_norm_eps=eps,
         max_position_embeddings=max_pos,
         tie_word_embeddings=raw.get("tie_word_embeddings", False),
         qkv_bias=bool(raw.get("attention_bias", model_type == "qwen2")),

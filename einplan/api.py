@@ -6,7 +6,13 @@ gathered here, so that this one module is the engine's surface."""
 from __future__ import annotations
 
 from einplan.apps.chat import render_chat
-from einplan.apps.compile import TRAIN_ENTRIES, WEIGHT_DTYPES, compile_model, parameter_count
+from einplan.apps.compile import (
+    TRAIN_ENTRIES,
+    WEIGHT_DTYPES,
+    compile_model,
+    memory_warning,
+    parameter_count,
+)
 from einplan.apps.evaluate import evaluate_text
 from einplan.apps.quant_report import quant_report
 from einplan.apps.quantize_checkpoint import quantize_checkpoint
@@ -37,6 +43,7 @@ __all__ = [
     "compile_model",
     "evaluate_text",
     "load_plan",
+    "memory_warning",
     "parameter_count",
     "parse_quant",
     "plan_config",

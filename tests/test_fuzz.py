@@ -15,8 +15,6 @@ TIMEOUT_S = 5
 
 
 @pytest.mark.fuzz
-# integrator: remove once the issue-12 fixes are merged
-@pytest.mark.xfail(strict=False, reason="issue #12 fixes land from other branches")
 def test_mutated_inputs_fail_clearly_or_work(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     results = fuzz(tmp_path, PER_CLASS, CLASSES, budget=BUDGET_S, timeout=TIMEOUT_S)

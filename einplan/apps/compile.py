@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +13,7 @@ import numpy as np
 
 from einplan.compiler.ir import Graph
 from einplan.compiler.lora_spec import parse_lora
+from einplan.compiler.passes.memory import estimate_memory
 from einplan.compiler.pipeline import Mode, PassContext, compile_entry
 from einplan.compiler.plan import Plan
 from einplan.compiler.quant_scheme import parse_quant
@@ -17,6 +21,7 @@ from einplan.errors import EinplanError
 from einplan.models.config import config_sections, load_config
 from einplan.models.llama import ENTRIES, build_graph
 from einplan.models.train_config import COMPUTE_DTYPES, TrainConfig, load_train_config
+from einplan.runtime.memory_limit import available_memory, human_bytes
 
 WEIGHT_DTYPES = ("f32", "bf16", "f16", "f64")
 # entries traced as the loss graph, and what each computes from it
@@ -47,6 +52,34 @@ def compile_model(
     (default: the train section's, else float32); both default to each other. ``lora``
     (``"r=8,alpha=16,targets=q,v"`` or a dict) and ``quant`` (``"w4a16"`` or a dict with
     group_size, symmetric, activations) override the config's sections of those names."""
+    with paused_gc():
+        return _compile(config, weight_dtype, compute_dtype, entries, train, ctx, lora, quant)
+
+
+@contextlib.contextmanager
+def paused_gc() -> Iterator[None]:
+    """Switch off Python's cycle collector for a compilation: a graph's nodes make no cycles,
+    and each full collection rescans every node built so far, which made compile time grow
+    quadratically with the number of layers."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _compile(
+    config: str | Path | dict[str, Any],
+    weight_dtype: str | None,
+    compute_dtype: str | None,
+    entries: tuple[str, ...],
+    train: TrainConfig | None,
+    ctx: PassContext | None,
+    lora: str | dict[str, Any] | None,
+    quant: str | dict[str, Any] | None,
+) -> Plan:
     t0 = time.perf_counter()
     cfg = load_config(config)
     train = train or load_train_config(config)
@@ -91,6 +124,22 @@ def compile_model(
     if "train_step" in entries:
         meta["train"] = train.to_dict()
     return Plan(cfg.to_dict(), graphs, meta)
+
+
+def memory_warning(plan: Plan, batch: int, seq: int) -> str | None:
+    """A warning when the plan's largest entry, at this batch and sequence length (and a
+    context of ``seq``), needs more memory than the machine has available; else None."""
+    dims = {"batch": batch, "seq": seq, "kv": seq, "ctx": seq}
+    peaks = {name: estimate_memory(g, dims)["peak_bytes"] for name, g in plan.entries.items()}
+    entry = max(peaks, key=peaks.__getitem__)
+    available = available_memory()
+    if peaks[entry] <= available:
+        return None
+    return (
+        f"{entry} at batch {batch}, seq {seq} is estimated to need "
+        f"{human_bytes(peaks[entry])}, more than the {human_bytes(available)} available here; "
+        "running it so would stop: lower batch or seq, or run it on a larger machine"
+    )
 
 
 def parameter_count(graph: Graph) -> int:

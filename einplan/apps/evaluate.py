@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -36,7 +37,8 @@ class EvalResult:
 
     @property
     def perplexity(self) -> float:
-        return math.exp(self.loss)
+        """exp(loss); ``inf`` when that overflows a float."""
+        return math.inf if self.loss > math.log(sys.float_info.max) else math.exp(self.loss)
 
 
 def evaluate_text(

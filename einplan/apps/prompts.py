@@ -36,7 +36,14 @@ def encode_prompt(
                 "text prompts need a tokenizer, and this session has none (no tokenizer.json "
                 "beside the weights): give Session(..., tokenizer=PATH or 'bytes'), or token ids"
             )
-        return tokenizer.encode(prompt).ids
+        ids = tokenizer.encode(prompt).ids
+        if ids and max(ids) >= vocab:
+            raise EinplanError(
+                f"the tokenizer gave token id {max(ids)}, beyond the model's vocabulary of "
+                f"{vocab} ids (its vocabulary has {tokenizer.get_vocab_size()}): give the "
+                "tokenizer the model was trained with (--tokenizer)"
+            )
+        return ids
     ids = list(prompt)
     if not all(isinstance(t, int | np.integer) for t in ids):
         raise EinplanError(

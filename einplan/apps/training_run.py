@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import resource
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,14 +44,19 @@ from einplan.formats.peft import (
     init_lora,
     peft_config,
 )
-from einplan.formats.tokenizer import byte_tokenizer, load_tokenizer, train_tokenizer
+from einplan.formats.tokenizer import (
+    byte_tokenizer,
+    hf_tokenizer_config,
+    load_tokenizer,
+    train_tokenizer,
+)
 from einplan.formats.weights import (
     load_weights,
     random_weights,
     resolve_weights_dir,
     safetensors_metadata,
 )
-from einplan.models.config import ModelConfig, to_hf_config
+from einplan.models.config import ModelConfig, to_hf_config, to_hf_generation_config
 from einplan.models.train_config import parse_train_config
 from einplan.report.training import plot_loss_curve, print_training_summary
 from einplan.runtime.generate import GenerationRequest, Generator
@@ -147,6 +153,14 @@ def checkpoint_weights(ckpt: Checkpoint) -> dict[str, np.ndarray]:
     return ckpt.tensors("model.safetensors")
 
 
+def escape_control(text: str) -> str:
+    """``text`` safe to print: control characters (escape sequences, carriage returns) as
+    their ``repr`` escapes, newlines and tabs kept."""
+    return "".join(
+        c if c in "\n\t" or unicodedata.category(c) != "Cc" else repr(c)[1:-1] for c in text
+    )
+
+
 def sample_text(plan: Plan, weights: dict, tok: Tokenizer, prompt: str, tokens: int) -> str:
     """The prompt and a sampled continuation from the current weights."""
     ids = tok.encode(prompt).ids
@@ -223,7 +237,14 @@ class TrainingRun:
     def checkpoint(self) -> Path:
         """Save the run's state after the current step."""
         t = self.trainer
-        files = {"tokenizer.json": self.tokenizer.to_str()}
+        cfg = ModelConfig(**self.plan.config)
+        tk_cfg = hf_tokenizer_config(
+            self.tokenizer, cfg.bos_token_id, cfg.eos_token_id, cfg.max_position_embeddings
+        )
+        files = {
+            "tokenizer.json": self.tokenizer.to_str(),
+            "tokenizer_config.json": json.dumps(tk_cfg, indent=1),
+        }
         state = {
             "counters": t.counters(),
             "sampler": self.sampler.state(),
@@ -241,8 +262,8 @@ class TrainingRun:
             tensors[TENSORS_FILE] = {PEFT_PREFIX + k: v for k, v in trained.items()}
             metadata[TENSORS_FILE] = {BASE_STAMP: self.base_stamp}
         else:  # a model folder (transformers, einplan --weights)
-            config = to_hf_config(ModelConfig(**self.plan.config))
-            files["config.json"] = json.dumps(config, indent=1)
+            files["config.json"] = json.dumps(to_hf_config(cfg), indent=1)
+            files["generation_config.json"] = json.dumps(to_hf_generation_config(cfg), indent=1)
             tensors["model.safetensors"] = trained
         encoded = {k: v.encode() for k, v in files.items()}
         self.last_checkpoint = save_checkpoint(
@@ -250,11 +271,13 @@ class TrainingRun:
         )
         return self.last_checkpoint
 
-    def record(self, stats: StepStats) -> dict[str, Any]:
-        """A log record for a step, with the validation loss of the current weights."""
+    def record(self, stats: StepStats, step_losses: list[float]) -> dict[str, Any]:
+        """A log record for a step, with the validation loss of the current weights and the
+        loss of every step since the previous record (``step_losses``, ending at this one)."""
         return {
             "step": stats.step,
             "loss": stats.loss,
+            "step_losses": step_losses,
             "val_loss": self.trainer.validation_loss(self.val_batches),
             "lr": stats.lr,
             "grad_norm": stats.grad_norm,
@@ -272,11 +295,13 @@ class TrainingRun:
         last = steps or self.options.steps or c.steps
         done: list[StepStats] = []
         write = tqdm.write
+        step_losses: list[float] = []  # every step's loss since the last record
         with tqdm(total=last, initial=t.step, unit="step", desc="train") as bar:
             while t.step < last:
                 batches = [self.sampler.draw(c.micro_batch) for _ in range(c.accumulation)]
                 stats = t.run_step(batches)
                 done.append(stats)
+                step_losses.append(stats.loss)
                 bar.update(1)
                 bar.set_postfix(
                     loss=f"{stats.loss:.3f}",
@@ -290,7 +315,8 @@ class TrainingRun:
                         f"finite, update skipped ({t.skipped} so far)"
                     )
                 if (c.log_every and at % c.log_every == 0) or at == last or stats.skipped:
-                    r = self.record(stats)
+                    r = self.record(stats, step_losses)
+                    step_losses = []
                     self.metrics.log(r)
                     write(
                         f"step {at}  loss {r['loss']:.4f}  val {r['val_loss']:.4f}  "
@@ -303,7 +329,7 @@ class TrainingRun:
                     text = sample_text(
                         self.plan, t.weights, self.tokenizer, c.sample_prompt, c.sample_tokens
                     )
-                    write(f"--- sample at step {at} ---\n{text}\n---")
+                    write(f"--- sample at step {at} ---\n{escape_control(text)}\n---")
                 if (c.checkpoint_every and at % c.checkpoint_every == 0) or at == last:
                     self.checkpoint()
         return done

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,7 +31,7 @@ class PassNames:
 
 def run(args: argparse.Namespace) -> None:
     """Compile, save, and print the summary."""
-    from einplan.api import ENTRIES, TRAIN_ENTRIES, PassContext, compile_model
+    from einplan.api import ENTRIES, TRAIN_ENTRIES, PassContext, compile_model, memory_warning
     from einplan.commands.quantize import quant_options
     from einplan.formats.files import check_not_input
     from einplan.formats.peft import adapter_options
@@ -54,6 +55,9 @@ def run(args: argparse.Namespace) -> None:
     )
     plan.save(out)
     print_compile_summary(plan, args.batch, args.seq)
+    warning = memory_warning(plan, args.batch, args.seq)
+    if warning:
+        print(f"einplan: warning: {warning}", file=sys.stderr)
     print(f"wrote {out} ({out.stat().st_size / 1024:,.0f} KiB)")
 
 

@@ -28,9 +28,7 @@ def convert_gguf(path: str | os.PathLike, out_dir: str | os.PathLike, dtype: str
     write_atomic(out / "config.json", json.dumps(config, indent=2))
     write_atomic(out / "tokenizer.json", lambda tmp: model.tokenizer.save(tmp))
     write_atomic(out / "tokenizer_config.json", json.dumps(model.tokenizer_config, indent=2))
-    generation = {
-        "bos_token_id": config.get("bos_token_id"),
-        "eos_token_id": config.get("eos_token_id"),
-    }
+    special = {k: config.get(k) for k in ("bos_token_id", "eos_token_id")}
+    generation = {k: v for k, v in special.items() if v is not None}  # as transformers writes
     write_atomic(out / "generation_config.json", json.dumps(generation, indent=2))
     return out

@@ -87,6 +87,24 @@ def load_tokenizer_config(weights: Path | None) -> dict:
         raise TokenizerError(f"{path}: not valid JSON ({e})") from None
 
 
+def hf_tokenizer_config(
+    tok: Tokenizer, bos_id: int | None, eos_ids: list[int], max_length: int
+) -> dict:
+    """A Hugging Face ``tokenizer_config.json`` for ``tok`` (loaded by transformers'
+    ``AutoTokenizer`` beside tokenizer.json): its special tokens by their text, or None."""
+
+    def text(i: int | None) -> str | None:
+        return None if i is None else tok.id_to_token(i)
+
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": text(bos_id),
+        "eos_token": text(eos_ids[0] if eos_ids else None),
+        "model_max_length": max_length,
+        "clean_up_tokenization_spaces": False,
+    }
+
+
 def train_tokenizer(corpus: Path, vocab_size: int) -> Tokenizer:
     """A byte-level BPE tokenizer of ``vocab_size`` ids learned from a text file (every byte
     is in its alphabet, so any text encodes)."""

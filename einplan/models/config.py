@@ -123,6 +123,20 @@ TYPED_KEYS: dict[str, type | tuple[type, ...]] = {
     "sliding_window": (int, type(None)),
     **EINPLAN_KEYS,
 }
+# Sizes beyond any real model (Llama-3 405B: 126 layers, hidden 16384, 53248 intermediate,
+# 128 heads, 128k vocabulary and context), refused before tracing a graph or sizing a buffer.
+SIZE_LIMITS = {
+    "num_hidden_layers": 100_000,
+    "hidden_size": 1 << 20,
+    "intermediate_size": 1 << 22,
+    "num_attention_heads": 1 << 14,
+    "num_key_value_heads": 1 << 14,
+    "head_dim": 1 << 14,
+    "vocab_size": 1 << 24,
+    "max_position_embeddings": 1 << 26,
+    "max_batch": 1 << 20,
+}
+
 REQUIRED = (
     "vocab_size",
     "hidden_size",
@@ -154,6 +168,25 @@ def _check_types(raw: dict[str, Any], origin: str) -> None:
             raise ConfigError(f"{origin}: config key {key!r} must be finite, got {value}")
         if isinstance(value, int) and not isinstance(value, bool) and value < 0:
             raise ConfigError(f"{origin}: config key {key!r} must not be negative, got {value}")
+
+
+def _check_model_type(raw: dict[str, Any], origin: str) -> None:
+    model_type = raw.get("model_type", "llama")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(
+            f"{origin}: model_type {model_type!r} is not supported "
+            f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
+
+
+def _check_sizes(raw: dict[str, Any], origin: str) -> None:
+    for key, limit in SIZE_LIMITS.items():
+        value = raw.get(key)
+        if isinstance(value, int) and value > limit:
+            raise ConfigError(
+                f"{origin}: {key} {value:,} is beyond einplan's limit of {limit:,} "
+                "(far above any real model's); check the config"
+            )
 
 
 def _rope(raw: dict[str, Any], origin: str) -> tuple[float, dict[str, Any]]:
@@ -192,16 +225,14 @@ def parse_config(raw: dict[str, Any], origin: str = "config") -> ModelConfig:
     """Validate a config dict (HF or einplan layout) and normalise it."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{origin}: a config must be a JSON object")
+    if isinstance(raw.get("model_type", "llama"), str):  # before the keys: gpt2 has others
+        _check_model_type(raw, origin)
     _check_types(raw, origin)
     missing = [k for k in REQUIRED if k not in raw]
     if missing:
         raise ConfigError(f"{origin}: missing config key(s) {', '.join(missing)}")
+    _check_sizes(raw, origin)
     model_type = raw.get("model_type", "llama")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ConfigError(
-            f"{origin}: model_type {model_type!r} is not supported "
-            f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
-        )
     if raw.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"{origin}: hidden_act {raw['hidden_act']!r} is not supported (silu)")
     if raw.get("mlp_bias"):
@@ -332,6 +363,14 @@ ARCHITECTURES = {
 }
 
 
+def hf_eos(eos: list[int]) -> int | list[int] | None:
+    """``eos_token_id`` as Hugging Face writes it: one id, a list of several, or None (a byte
+    tokenizer has no end-of-sequence token; an empty list breaks transformers' generate)."""
+    if not eos:
+        return None
+    return eos[0] if len(eos) == 1 else list(eos)
+
+
 def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
     """A Hugging Face ``config.json`` for the model, written beside checkpoints so that
     transformers (and einplan) can load them."""
@@ -352,7 +391,7 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
         "rope_theta": cfg.rope_theta,
         "rope_scaling": dict(cfg.rope_scaling) or None,
         "bos_token_id": cfg.bos_token_id,
-        "eos_token_id": cfg.eos_token_id[0] if len(cfg.eos_token_id) == 1 else cfg.eos_token_id,
+        "eos_token_id": hf_eos(cfg.eos_token_id),
         "torch_dtype": "float32",
         "max_batch": cfg.max_batch,
         "name": cfg.name,
@@ -360,3 +399,10 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
     if cfg.model_type != "qwen2":
         raw["attention_bias"] = cfg.qkv_bias
     return raw
+
+
+def to_hf_generation_config(cfg: ModelConfig) -> dict[str, Any]:
+    """A Hugging Face ``generation_config.json``: the special ids transformers' ``generate``
+    reads, each left out when the model has none (as transformers writes it)."""
+    raw = {"bos_token_id": cfg.bos_token_id, "eos_token_id": hf_eos(cfg.eos_token_id)}
+    return {k: v for k, v in raw.items() if v is not None}

@@ -4,8 +4,10 @@ with NumPy by ``einplan bench machine`` and cached in ``machine.json`` in einpla
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +16,9 @@ from typing import Any
 import numpy as np
 
 from einplan.compiler.path_cache import cache_dir
+from einplan.errors import EinplanError
 from einplan.formats.files import write_atomic
+from einplan.runtime.memory_limit import check_fits
 
 
 def machine_path() -> Path:
@@ -36,6 +40,15 @@ def best_seconds(fn: Callable[[], object], reps: int) -> float:
 def measure_machine(gemm_n: int = 2048, copy_mib: int = 256, reps: int = 5) -> dict[str, Any]:
     """Measure float32 GEMM GFLOP/s (``n^3`` matmul, BLAS on every core) and memory GB/s (a
     large array copy: bytes read plus written)."""
+    for name, value in (("gemm_n", gemm_n), ("copy_mib", copy_mib), ("reps", reps)):
+        if value < 1:
+            raise EinplanError(f"bench machine: {name} must be at least 1, got {value}")
+    check_fits(
+        3 * 4 * gemm_n**2 + 2 * copy_mib * 2**20,
+        "bench machine's arrays",
+        {},
+        "lower --gemm-n or --copy-mib",
+    )
     rng = np.random.default_rng(0)
     a = rng.standard_normal((gemm_n, gemm_n), dtype=np.float32)
     b = rng.standard_normal((gemm_n, gemm_n), dtype=np.float32)
@@ -67,6 +80,19 @@ def load_machine() -> dict[str, Any] | None:
         limits = json.loads(machine_path().read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    if not {"gemm_gflops", "bandwidth_gbs"} <= set(limits):
+    if not isinstance(limits, dict) or not {"gemm_gflops", "bandwidth_gbs"} <= set(limits):
+        return None
+    bad = [k for k in ("gemm_gflops", "bandwidth_gbs") if not is_positive(limits[k])]
+    if bad:
+        print(
+            f"einplan: warning: {machine_path()}: {', '.join(f'{k} {limits[k]!r}' for k in bad)} "
+            "is not a positive number; ignoring the file (run einplan bench machine again)",
+            file=sys.stderr,
+        )
         return None
     return limits
+
+
+def is_positive(value: Any) -> bool:
+    """Whether ``value`` is a finite number above zero."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < math.inf

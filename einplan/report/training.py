@@ -30,6 +30,18 @@ def print_training_summary(records: list[dict[str, Any]], console: Console) -> N
     console.print(t)
 
 
+def every_step_loss(records: list[dict[str, Any]]) -> tuple[list[int], list[float]]:
+    """The training loss of every step the records cover (each record's ``step_losses`` end
+    at its step); a record without them gives its own step's loss only."""
+    steps: list[int] = []
+    losses: list[float] = []
+    for r in records:
+        per_step = r.get("step_losses") or [r["loss"]]
+        steps += range(r["step"] - len(per_step) + 1, r["step"] + 1)
+        losses += per_step
+    return steps, losses
+
+
 def plot_loss_curve(records: list[dict[str, Any]], path: Path) -> None:
     """Training and validation loss against step, as a PNG (needs the ``plots`` extra)."""
     try:
@@ -43,7 +55,7 @@ def plot_loss_curve(records: list[dict[str, Any]], path: Path) -> None:
         ) from None
     steps = [r["step"] for r in records]
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(steps, [r["loss"] for r in records], label="train loss")
+    ax.plot(*every_step_loss(records), label="train loss")
     ax.plot(steps, [r["val_loss"] for r in records], label="validation loss")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats per token)")

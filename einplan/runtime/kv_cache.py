@@ -7,12 +7,16 @@ import numpy as np
 
 from einplan.compiler.dtypes import to_numpy_dtype
 from einplan.compiler.ir import Graph
-from einplan.compiler.symbolic import resolve_shape
+from einplan.compiler.ops import ITEMSIZE
+from einplan.compiler.symbolic import evaluate, numel, resolve_shape
+from einplan.runtime.memory_limit import check_fits
 
 
 def allocate_states(graph: Graph, dims: dict[str, int]) -> dict[str, np.ndarray]:
     """Zeroed buffers for every state leaf of ``graph`` (KV cache, optimizer state), their
-    symbolic dims bound by ``dims``."""
+    symbolic dims bound by ``dims``; first checks that they fit in the available memory."""
+    nbytes = sum(evaluate(numel(n.shape), dims) * ITEMSIZE[n.dtype] for n in graph.states())
+    check_fits(nbytes, f"the state buffers of {graph.name} (KV cache or optimizer state)", dims)
     return {
         n.attrs["key"]: np.zeros(resolve_shape(n.shape, dims), to_numpy_dtype(n.dtype))
         for n in graph.states()

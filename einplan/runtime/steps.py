@@ -13,9 +13,10 @@ import numpy as np
 from einplan.compiler.attrs import StepSchedule
 from einplan.compiler.dtypes import to_numpy_dtype
 from einplan.compiler.ir import Graph, Node, format_type, step_bytes
-from einplan.compiler.ops import LEAVES, OPS, Op, count_flops
-from einplan.compiler.symbolic import evaluate, poly_from_json, resolve_shape
+from einplan.compiler.ops import ITEMSIZE, LEAVES, OPS, Op, count_flops
+from einplan.compiler.symbolic import evaluate, numel, poly_from_json, resolve_shape
 from einplan.runtime.kernels import Kernel, Scratch, make_kernel
+from einplan.runtime.memory_limit import check_fits
 from einplan.runtime.recorder import StepInfo
 
 # views that only look at their input: over a buffer known before the run they are made once
@@ -131,6 +132,10 @@ def step_info(
     )
 
 
+def _bound(dims: dict[str, int]) -> str:
+    return ", ".join(f"{k}={v:,}" for k, v in sorted(dims.items())) or "fixed sizes"
+
+
 @dataclass
 class Prepared:
     """Everything a run needs for one binding of the symbolic dims."""
@@ -155,6 +160,11 @@ def prepare_steps(
     as steps. ``pooled``: steps of a level may run together, each thread slot needs its own
     scratch."""
     slot_sizes = [evaluate(poly_from_json(s), dims) for s in graph.meta["memory"]["slots"]]
+    outputs = sum(
+        evaluate(numel(nodes[v].shape), dims) * ITEMSIZE[nodes[v].dtype]
+        for v in set(graph.outputs.values())
+    )
+    check_fits(sum(slot_sizes) + outputs, f"running {graph.name} ({_bound(dims)})", dims)
     arena = [np.empty(max(s, 1), np.uint8) for s in slot_sizes]
     scratch = ScratchBuffers()
     steps: list[Step] = []

@@ -84,6 +84,15 @@ def count_field(reader, key: str, default: int | None = None) -> int:
     return int(value)
 
 
+def float_field(reader, key: str) -> float:
+    """A required number metadata field, or a GGUFError naming it (llama.cpp requires it too:
+    a default would silently change every logit)."""
+    value = _field(reader, key)
+    if not isinstance(value, int | float | np.integer | np.floating):
+        raise GGUFError(f"GGUF metadata {key!r} is missing or not a number ({value!r})")
+    return float(value)
+
+
 def gguf_config(reader) -> dict[str, Any]:
     """A Hugging Face style config.json dict from a GGUF file's metadata."""
     arch = _field(reader, "general.architecture")
@@ -105,7 +114,7 @@ def gguf_config(reader) -> dict[str, Any]:
         "head_dim": count_field(reader, f"{arch}.rope.dimension_count", hidden // heads),
         "max_position_embeddings": count_field(reader, f"{arch}.context_length", 2048),
         # stored as float32 (9.99999975e-06): back to the decimal the model was made with
-        "rms_norm_eps": float(f"{_field(reader, eps_key, 1e-6):.6g}"),
+        "rms_norm_eps": float(f"{float_field(reader, eps_key):.6g}"),
         "rope_theta": float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
         "tie_word_embeddings": "output.weight" not in names,
         "hidden_act": "silu",
@@ -214,20 +223,31 @@ def read_gguf(path: str | os.PathLike) -> GGUFModel:
         raise GGUFError(f"{path}: {e}") from None
 
 
+def check_rows(name: str, w: np.ndarray, rows: int) -> np.ndarray:
+    """``w`` if it has the rows its heads need (a projection of another shape cannot be
+    unpermuted), else a GGUFError naming the tensor."""
+    if w.shape[0] != rows:
+        raise GGUFError(
+            f"GGUF tensor {name!r} has shape {list(w.shape)}; the metadata's heads need {rows} rows"
+        )
+    return w
+
+
 def read_gguf_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """A GGUF file's tensors as float32 under HF names, (out, in), Q/K rows in HF's order.
     Not cached: once bound to a plan, these copies should be freed."""
     reader = open_gguf(path)
     config = read_gguf(path).config
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    head_dim = config["head_dim"]
     permuted = config["model_type"] == "llama"  # llama.cpp permutes Q/K rows for llama only
     tensors = {}
     for t in reader.tensors:
         name = hf_tensor_name(t.name)
         w = dequantize_tensor(t)
         if permuted and ".q_proj." in name:
-            w = unpermute_qk(w, heads)
+            w = unpermute_qk(check_rows(t.name, w, heads * head_dim), heads)
         elif permuted and ".k_proj." in name:
-            w = unpermute_qk(w, kv_heads)
+            w = unpermute_qk(check_rows(t.name, w, kv_heads * head_dim), kv_heads)
         tensors[name] = w
     return tensors

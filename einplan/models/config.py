@@ -182,6 +182,8 @@ def _check_model_type(raw: dict[str, Any], origin: str) -> None:
 def _check_sizes(raw: dict[str, Any], origin: str) -> None:
     for key, limit in SIZE_LIMITS.items():
         value = raw.get(key)
+        if isinstance(value, int) and value < 1:
+            raise ConfigError(f"{origin}: {key} must be at least 1, got {value}")
         if isinstance(value, int) and value > limit:
             raise ConfigError(
                 f"{origin}: {key} {value:,} is beyond einplan's limit of {limit:,} "
@@ -260,10 +262,11 @@ def parse_config(raw: dict[str, Any], origin: str = "config") -> ModelConfig:
         max_pos = min(max_pos, window)  # within the window, sliding attention is plain causal
     theta, scaling = _rope(raw, origin)
     eps = float(raw.get("rms_norm_eps", 1e-6))
-    if not eps >= FLOAT32_TINY:  # below it, the eps is zero or subnormal in float32 arithmetic
+    # below float32's smallest normal the eps vanishes; from 1 up it swamps the mean square
+    if not FLOAT32_TINY <= eps < 1:
         raise ConfigError(
-            f"{origin}: rms_norm_eps must be at least {FLOAT32_TINY:.3g} (the smallest normal "
-            f"float32), got {eps}"
+            f"{origin}: rms_norm_eps must lie in [{FLOAT32_TINY:.3g}, 1) (models use 1e-5 or "
+            f"1e-6), got {eps}"
         )
     eos = raw.get("eos_token_id")
     return ModelConfig(

@@ -329,9 +329,16 @@ def test_a_plan_with_a_non_finite_number_is_refused(tmp_path):
         einplan.load_plan(path)
 
 
-def test_an_rms_eps_that_vanishes_in_float32_is_refused():
-    with pytest.raises(ConfigError, match="rms_norm_eps must be at least 1.18e-38"):
-        parse_config({**ONE_LAYER, "rms_norm_eps": 1e-320})
+@pytest.mark.parametrize("eps", [1e-320, 0.0, 1.0, 1e308])  # vanishes in float32; swamps x^2
+def test_an_rms_eps_outside_its_useful_range_is_refused(eps):
+    with pytest.raises(ConfigError, match=r"rms_norm_eps must lie in \[1.18e-38, 1\)"):
+        parse_config({**ONE_LAYER, "rms_norm_eps": eps})
+
+
+@pytest.mark.parametrize("key", ["max_position_embeddings", "num_hidden_layers", "vocab_size"])
+def test_a_zero_size_is_refused(key):
+    with pytest.raises(ConfigError, match=f"{key} must be at least 1, got 0"):
+        parse_config({**ONE_LAYER, key: 0})
 
 
 @pytest.mark.parametrize(
@@ -349,4 +356,13 @@ def test_gguf_tokenizer_fields_that_disagree_are_named(tmp_path, monkeypatch, pa
     monkeypatch.setattr(gguf.GGUFWriter, patch, lambda self, _: original(self, wrong))
     bad = write_gguf(FIXTURES / "llama_gqa_tied", tmp_path / "bad.gguf")
     with pytest.raises(GGUFError, match=field):
+        read_gguf(bad)
+
+
+def test_a_gguf_without_its_rms_epsilon_is_refused(tmp_path, monkeypatch):
+    import gguf
+
+    monkeypatch.setattr(gguf.GGUFWriter, "add_layer_norm_rms_eps", lambda self, eps: None)
+    bad = write_gguf(FIXTURES / "llama_gqa_tied", tmp_path / "noeps.gguf")
+    with pytest.raises(GGUFError, match="'llama.attention.layer_norm_rms_epsilon' is missing"):
         read_gguf(bad)

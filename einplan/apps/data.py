@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 from tokenizers import Tokenizer
+from tqdm import tqdm
 
 from einplan.errors import EinplanError
 from einplan.formats.files import hash_file, write_atomic
@@ -29,11 +30,13 @@ class DataError(EinplanError):
 def encode_text(text: str, tokenizer: Tokenizer) -> np.ndarray:
     """Token ids of a long text, encoded in chunks that end at line breaks."""
     parts, start = [], 0
-    while start < len(text):
-        end = text.find("\n", start + CHUNK_CHARS)
-        end = len(text) if end < 0 else end + 1
-        parts.append(np.asarray(tokenizer.encode(text[start:end]).ids, dtype=np.int64))
-        start = end
+    with tqdm(total=len(text), desc="tokenize", unit="char", unit_scale=True, delay=2) as bar:
+        while start < len(text):
+            end = text.find("\n", start + CHUNK_CHARS)
+            end = len(text) if end < 0 else end + 1
+            parts.append(np.asarray(tokenizer.encode(text[start:end]).ids, dtype=np.int64))
+            bar.update(end - start)
+            start = end
     return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
 

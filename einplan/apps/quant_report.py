@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
+from tqdm import tqdm
 
 from einplan.apps.calibration import Probe, calibrate_input_ranges
 from einplan.apps.compile import compile_model
@@ -70,7 +71,7 @@ def projection_errors(
     """Each projection's bytes and relative output error under ``quant`` on ``batches``."""
     err: dict[str, list[float]] = {}
     weights: dict[str, np.ndarray] = {}  # quantised then dequantised, per weight
-    for tokens in batches:
+    for tokens in tqdm(batches, desc="projection errors", unit="window", delay=2):
         for p, x, y in probe.run(tokens):
             if p.weight_key not in weights:
                 w = tensors[p.weight_key]
@@ -162,6 +163,6 @@ def quant_report(
     rows = projection_errors(probe, tensors, quant, batches, ranges)
     lines = [
         model_line(weights, {**tensors, **ranges}, scheme_like(name, quant), held_out, window)
-        for name in compare
+        for name in tqdm(compare, desc="evaluate schemes", unit="scheme", delay=2)
     ]
     return {"projections": rows, "models": lines, "calibration_tokens": calib_batches * window}

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+from tqdm import tqdm
 
 from einplan.errors import EinplanError
 
@@ -242,7 +243,7 @@ def read_gguf_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     head_dim = config["head_dim"]
     permuted = config["model_type"] == "llama"  # llama.cpp permutes Q/K rows for llama only
     tensors = {}
-    for t in reader.tensors:
+    for t in tqdm(reader.tensors, desc="read GGUF", unit="tensor", delay=2, leave=False):
         name = hf_tensor_name(t.name)
         w = dequantize_tensor(t)
         if permuted and ".q_proj." in name:

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tqdm import tqdm
 
 from einplan.errors import EinplanError
 
@@ -116,5 +117,7 @@ def train_tokenizer(corpus: Path, vocab_size: int) -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train([str(corpus)], trainer)
+    with open(corpus, encoding="utf-8") as f:
+        lines = tqdm(f, desc="learn tokenizer (read)", unit="line", delay=2)
+        tok.train_from_iterator(lines, trainer)
     return tok

@@ -19,6 +19,7 @@ from collections.abc import Collection, Mapping
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from einplan.compiler.attrs import INPUT_ABSMAX, PackMember, QuantPart
 from einplan.compiler.dtypes import to_numpy_dtype
@@ -219,7 +220,8 @@ def bind_params(graph: Graph, tensors: Mapping[str, np.ndarray]) -> dict[str, np
     they are), dtypes converted where they differ, the rest passed through (zero copy)."""
     out = {}
     quantized: dict[str, dict[str, np.ndarray]] = {}  # float key -> its packed parts
-    for n in graph.params():
+    # shown only past 2 s: quantising a checkpoint as it loads takes that long
+    for n in tqdm(graph.params(), desc="bind weights", unit="param", delay=2, leave=False):
         dtype = to_numpy_dtype(n.dtype)
         quant = n.attrs.get("quant")
         if "lora" in n.attrs:

@@ -135,3 +135,65 @@ def test_fixture_routing_is_uneven(case):
     _forward(case)
     loads = np.array(list(moe_kernels.LOAD.values()), dtype=float)
     assert loads.max() >= 2 * loads.min()
+
+
+def test_graph_picture_puts_a_layers_experts_side_by_side():
+    from einplan.report.dot import graph_to_dot
+
+    g = einplan.compile_model(MIXTRAL / "config.json").entry("forward")
+    source = graph_to_dot(g, g.nodes).source
+    assert source.count("subgraph experts") == 2 and source.count("rank=same") == 2
+    assert "cluster_layer0" in source and "#c8eef0" in source  # the experts' colour
+
+
+def test_profile_holds_per_expert_load_and_report_groups_by_expert(tmp_path):
+    from einplan.report.cost import cost_report
+    from einplan.report.profile import expert_load
+    from einplan.report.trace import read_trace, write_trace
+    from einplan.runtime.recorder import Recorder
+
+    folder = MIXTRAL
+    graph = einplan.compile_model(folder / "config.json").entry("forward")
+    ids = load_file(folder / "reference.safetensors")["input_ids"]
+    feed = {"tokens": ids, "positions": np.broadcast_to(np.arange(ids.shape[1]), ids.shape)}
+    rec = Recorder(debug=0)
+    ex = Executor(graph, load_weights(graph, folder))
+    for _ in range(2):
+        ex.run(feed, rec)
+    back = read_trace(write_trace(rec, tmp_path / "trace.json"))
+    assert back.loads == rec.loads and len(rec.loads) == 2 * 8
+    load = expert_load(back)
+    assert sorted(load) == [("forward", 0), ("forward", 1)]
+    assert all(sum(per.values()) == 2 * ids.size for per in load.values())
+    report = cost_report(back, "expert", warmup=0)
+    assert [r["expert"] for r in report.rows][:2] == ["layer 0 expert 0", "layer 0 expert 1"]
+    assert sum(r["tokens"] for r in report.rows) == 2 * 2 * ids.size
+
+
+def test_router_entropy_is_recorded():
+    moe_kernels.ROUTER_ENTROPY.clear()
+    _forward("mixtral_moe")
+    h = moe_kernels.router_entropy()
+    assert 0 < h < np.log(4)  # far from uniform routing: below log E
+
+
+def test_tiny_moe_trains_with_router_entropy_and_aux_loss_in_the_log(tmp_path):
+    """A micro Mixtral trains through einplan.train: the loss (with the load-balancing term)
+    falls, the log carries the routers' entropy, and a checkpoint reloads as a Mixtral."""
+    from einplan.api import TRAIN_ENTRIES
+    from einplan.apps.training_run import RunOptions, TrainingRun
+
+    corpus = FIXTURES.parent.parent / "einplan" / "data" / "shakespeare_sample.txt"
+    train = {"seq_len": 16, "micro_batch": 4, "accumulation": 1, "lr": 3e-3, "min_lr": 3e-4}
+    train |= {"warmup_steps": 2, "steps": 12, "log_every": 4, "checkpoint_every": 12}
+    train |= {"sample_every": 0, "eval_batches": 1, "tokenizer": "bytes"}
+    raw = {**_raw(), "max_position_embeddings": 64, "max_batch": 8, "train": train}
+    plan = einplan.compile_model(raw, entries=TRAIN_ENTRIES)
+    run = TrainingRun(plan, RunOptions(corpus, tmp_path / "run"))
+    stats = run.run()
+    assert stats[-1].loss < stats[0].loss
+    records = run.metrics.records
+    assert all(0 < r["router_entropy"] < np.log(4) for r in records)
+    assert "router_entropy" in (tmp_path / "run" / "metrics.csv").read_text().splitlines()[0]
+    ckpt = json.loads((run.last_checkpoint / "config.json").read_text())
+    assert ckpt["model_type"] == "mixtral" and ckpt["num_local_experts"] == 4

@@ -17,6 +17,14 @@ from einplan.compiler.ops import Op
 
 # node name -> tokens routed to that expert in the step's last run
 LOAD: dict[str, int] = {}
+# moe_topk node name -> mean entropy (nats) of the router's distribution over its tokens
+ROUTER_ENTROPY: dict[str, float] = {}
+
+
+def router_entropy() -> float | None:
+    """The mean router entropy over the MoE layers of the last run (None: no MoE run yet);
+    log E when routing is uniform, 0 when each token is sure of one expert."""
+    return sum(ROUTER_ENTROPY.values()) / len(ROUTER_ENTROPY) if ROUTER_ENTROPY else None
 
 
 def topk_indices(p2: np.ndarray, k: int) -> np.ndarray:
@@ -27,9 +35,11 @@ def topk_indices(p2: np.ndarray, k: int) -> np.ndarray:
 
 def make_moe_topk(node: Node, shapes, out_shape, scratch):
     k, norm, e = node.attrs["k"], node.attrs["norm"], out_shape[-1]
+    name = node.name
 
     def moe_topk(ins, out):
         p2, o2 = ins[0].reshape(-1, e), out.reshape(-1, e)
+        ROUTER_ENTROPY[name] = float(-np.vecdot(p2, np.log(np.maximum(p2, 1e-30))).mean())
         idx = topk_indices(p2, k)
         vals = np.take_along_axis(p2, idx, axis=-1)
         if norm:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from einplan.errors import EinplanError
+from einplan.runtime.moe import LOAD
 
 
 def debug_level() -> int:
@@ -58,6 +59,8 @@ class Recorder:
 
     raw: list[tuple[int, int, int, int, int]] = field(default_factory=list)  # run, step, ...
     runs: list[dict] = field(default_factory=list)  # per run: entry, dims, start/end ns, table
+    # (run, step) -> tokens routed to that step's expert (mixture-of-experts steps only)
+    loads: dict[tuple[int, int], int] = field(default_factory=dict)
     debug: int = field(default_factory=debug_level)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -97,6 +100,9 @@ class Recorder:
         """Record one executed step (thread-safe)."""
         with self._lock:
             self.raw.append((run, step, thread, start_ns, dur_ns))
+            info = self.runs[run]["table"][step]
+            if info.op == "moe_expert":  # its kernel counted the tokens routed to it
+                self.loads[(run, step)] = LOAD.get(info.name, 0)
             if self.debug >= 2:
                 info = self.runs[run]["table"][step]
                 rate = info.flops / dur_ns if dur_ns else 0.0  # FLOP/ns = GFLOP/s

@@ -197,3 +197,23 @@ def test_tiny_moe_trains_with_router_entropy_and_aux_loss_in_the_log(tmp_path):
     assert "router_entropy" in (tmp_path / "run" / "metrics.csv").read_text().splitlines()[0]
     ckpt = json.loads((run.last_checkpoint / "config.json").read_text())
     assert ckpt["model_type"] == "mixtral" and ckpt["num_local_experts"] == 4
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_reverse_steps_reuse_the_forward_activations(workers, monkeypatch):
+    """In a training graph the forward expert steps keep their activations (attr keep) and the
+    reverse steps multiply nothing again; sequential and pooled runs agree."""
+    folder = MIXTRAL
+    graph = einplan.compile_model(folder / "config.json", entries=("grad",)).entry("grad")
+    assert sum(1 for n in graph.nodes if n.attrs.get("keep")) == 8
+    calls = []
+    real = moe_kernels._activations
+    monkeypatch.setattr(moe_kernels, "_activations", lambda *a: calls.append(1) or real(*a))
+    ids = load_file(folder / "reference.safetensors")["input_ids"]
+    targets = np.concatenate([ids[:, 1:], np.full((len(ids), 1), -100)], axis=1)
+    feed = {"tokens": ids, "positions": np.broadcast_to(np.arange(ids.shape[1]), ids.shape)}
+    feed |= {"targets": targets, "loss_grad": np.array(1.0, np.float32)}
+    out = Executor(graph, load_weights(graph, folder), workers).run(feed)
+    assert len(calls) == 8  # once per expert and layer, in the forward steps
+    key = "grad.model.layers.1.block_sparse_moe.experts.2.w3.weight"
+    assert np.isfinite(out[key]).all() and np.abs(out[key]).max() > 0

@@ -85,16 +85,46 @@ def _sigmoid(a: np.ndarray) -> np.ndarray:
     return np.divide(1, s, out=s)
 
 
+# A training graph's forward expert step (attr ``keep``) leaves its activations here for its
+# reverse steps, keyed by node name and checked against the buffers it read: they reuse them
+# instead of multiplying again. Each forward run replaces the entry.
+STASH: dict[str, dict] = {}
+
+
+def _key(*arrays: np.ndarray) -> tuple:
+    return tuple((a.__array_interface__["data"][0], a.shape) for a in arrays)
+
+
+def _activations(x, gates, wg, wu, d, e, col):
+    """The routed rows and their activations a = x Wg^T, u = x Wu^T, s = sigmoid(a)."""
+    rows, g, xs = _routed(x, gates, d, e, col)
+    a, u = xs @ wg.T, xs @ wu.T
+    return {"rows": rows, "g": g, "xs": xs, "a": a, "u": u, "s": _sigmoid(a)}
+
+
 def make_moe_expert(node: Node, shapes, out_shape, scratch):
     col, d, e = node.attrs["expert"], out_shape[-1], shapes[1][-1]
-    name = node.name
+    name, keep = node.name, bool(node.attrs.get("keep"))
 
     def moe_expert(ins, out):
         x, gates, wg, wu, wd = ins
-        rows, g, xs = _routed(x, gates, d, e, col)
-        LOAD[name] = len(rows)
         o2 = out.reshape(-1, d)
         o2.fill(0)
+        if keep:
+            act = _activations(x, gates, wg, wu, d, e, col)
+            act["key"] = _key(x, gates, wg, wu, wd)
+            STASH[name] = act
+            rows, g = act["rows"], act["g"]
+            LOAD[name] = len(rows)
+            if len(rows):
+                h = act["a"] * act["s"]
+                h *= act["u"]
+                y = h @ wd.T
+                y *= g[:, None]
+                o2[rows] = y
+            return out
+        rows, g, xs = _routed(x, gates, d, e, col)
+        LOAD[name] = len(rows)
         if len(rows):
             a = xs @ wg.T
             h = a * _sigmoid(a)
@@ -108,41 +138,47 @@ def make_moe_expert(node: Node, shapes, out_shape, scratch):
 
 
 def make_moe_expert_grad(node: Node, shapes, out_shape, scratch):
-    """Recompute the expert's activations on its routed rows, then the gradient of one input:
-    with a = x Wg^T, u = x Wu^T, s = sigmoid(a), h = a s u, y = g (h Wd^T):
-    d g = <ct, h Wd^T>; d Wd = (g ct)^T h; d h = (g ct) Wd; d a = d h u s (1 + a (1 - s));
-    d u = d h a s; d Wg = d a^T x; d Wu = d u^T x; d x = d a Wg + d u Wu."""
+    """The gradient of one input, from the activations on the expert's routed rows (those its
+    forward step kept, else computed again): with a = x Wg^T, u = x Wu^T, s = sigmoid(a),
+    h = a s u, y = g (h Wd^T) and c = ct Wd: d g = <c, h>; d Wd = (g ct)^T h; d h = g c;
+    d a = d h u s (1 + a (1 - s)); d u = d h a s; d Wg = d a^T x; d Wu = d u^T x;
+    d x = d a Wg + d u Wu. c is computed once per run and shared by the sibling steps."""
     col, wrt = node.attrs["expert"], node.attrs["wrt"]
     d, e = shapes[0][-1], shapes[1][-1]
+    forward = node.name.rsplit(".grad", 1)[0]
 
     def moe_expert_grad(ins, out):
         x, gates, wg, wu, wd, ct = ins
-        rows, g, xs = _routed(x, gates, d, e, col)
-        if wrt in ("x", "gates"):
+        act = STASH.get(forward)
+        if act is None or act["key"] != _key(x, gates, wg, wu, wd):
+            act = _activations(x, gates, wg, wu, d, e, col)
+        rows, g = act["rows"], act["g"]
+        if wrt in ("x", "gates") or not len(rows):
             out.fill(0)
         if not len(rows):
-            out.fill(0)
             return out
-        a, u = xs @ wg.T, xs @ wu.T
-        s = _sigmoid(a)
-        h = a * s * u
-        cts = ct.reshape(-1, d)[rows]
+        a, u, s = act["a"], act["u"], act["s"]
+        ct_key = _key(ct)
+        if act.get("ct_key") != ct_key:
+            cts = ct.reshape(-1, d)[rows]
+            act["cts"], act["c"], act["ct_key"] = cts, cts @ wd, ct_key
+        cts, c = act["cts"], act["c"]
         if wrt == "gates":
-            out.reshape(-1, e)[rows, col] = np.vecdot(cts, h @ wd.T)
+            out.reshape(-1, e)[rows, col] = np.vecdot(c, a * s * u)
             return out
-        dy = cts * g[:, None]
         if wrt == "down":
-            np.matmul(dy.T, h, out=out)
+            np.matmul((cts * g[:, None]).T, a * s * u, out=out)
             return out
-        dh = dy @ wd
-        da = dh * u * s * (1 + a * (1 - s)) if wrt != "up" else None
-        du = dh * a * s if wrt != "gate" else None
+        dh = c * g[:, None]
         if wrt == "gate":
-            np.matmul(da.T, xs, out=out)
+            np.matmul((dh * u * s * (1 + a * (1 - s))).T, act["xs"], out=out)
         elif wrt == "up":
-            np.matmul(du.T, xs, out=out)
+            np.matmul((dh * a * s).T, act["xs"], out=out)
         else:
-            out.reshape(-1, d)[rows] = da @ wg + du @ wu
+            da = dh * u * s * (1 + a * (1 - s))
+            dx = da @ wg
+            dx += (dh * a * s) @ wu
+            out.reshape(-1, d)[rows] = dx
         return out
 
     return moe_expert_grad

@@ -11,7 +11,8 @@ Models: ``tiny-moe`` (hidden 256, 4 layers, 4 experts of 688, top-2) and ``smoll
 (SmolLM2-135M's attention and vocabulary, 8 experts of 1536, top-2, 4 layers rather than 30
 so that a train step with AdamW fits beside the other engine on a small machine). PyTorch uses
 transformers' MixtralForCausalLM with its "eager" experts implementation (the fastest on
-CPU; the default grouped_mm is slower) and as many threads as einplan's BLAS. Prints a table, writes JSON (--out).
+CPU; the default grouped_mm is slower) and as many threads as einplan's BLAS. Prints a table,
+writes JSON (--out).
 """
 
 from __future__ import annotations

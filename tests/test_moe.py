@@ -217,3 +217,12 @@ def test_reverse_steps_reuse_the_forward_activations(workers, monkeypatch):
     assert len(calls) == 8  # once per expert and layer, in the forward steps
     key = "grad.model.layers.1.block_sparse_moe.experts.2.w3.weight"
     assert np.isfinite(out[key]).all() and np.abs(out[key]).max() > 0
+
+
+def test_quantised_plans_keep_the_routers_float():
+    g = einplan.compile_model(MIXTRAL / "config.json", quant="w8a16").entry("forward")
+    by_name = {n.name: n for n in g.nodes}
+    assert (
+        by_name["moe_router-0.w"].dtype == "f32" and "quant" not in by_name["moe_router-0.w"].attrs
+    )
+    assert any(n.op is Op.DEQUANTIZE and n.name.startswith("attn_o-0") for n in g.nodes)

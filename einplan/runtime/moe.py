@@ -117,7 +117,7 @@ def make_moe_expert(node: Node, shapes, out_shape, scratch):
             rows, g = act["rows"], act["g"]
             LOAD[name] = len(rows)
             if len(rows):
-                h = act["a"] * act["s"]
+                h = act["h"] = act["a"] * act["s"]
                 h *= act["u"]
                 y = h @ wd.T
                 y *= g[:, None]
@@ -137,6 +137,24 @@ def make_moe_expert(node: Node, shapes, out_shape, scratch):
     return moe_expert
 
 
+def _reverse_parts(act: dict, cts: np.ndarray, wd: np.ndarray) -> dict:
+    """What every reverse step of one expert needs, from the routed rows' cotangent: c = ct Wd,
+    dy = g ct, d a and d u (and h when the forward step did not keep it)."""
+    a, u, s, g = act["a"], act["u"], act["s"], act["g"][:, None]
+    h = act.get("h")
+    if h is None:
+        h = a * s
+        h *= u
+    c = cts @ wd
+    dh = c * g
+    du = dh * a
+    du *= s
+    da = dh * u
+    da *= s
+    da *= 1 + a * (1 - s)
+    return {"h": h, "c": c, "dy": cts * g, "da": da, "du": du}
+
+
 def make_moe_expert_grad(node: Node, shapes, out_shape, scratch):
     """The gradient of one input, from the activations on the expert's routed rows (those its
     forward step kept, else computed again): with a = x Wg^T, u = x Wu^T, s = sigmoid(a),
@@ -152,32 +170,26 @@ def make_moe_expert_grad(node: Node, shapes, out_shape, scratch):
         act = STASH.get(forward)
         if act is None or act["key"] != _key(x, gates, wg, wu, wd):
             act = _activations(x, gates, wg, wu, d, e, col)
-        rows, g = act["rows"], act["g"]
+        rows = act["rows"]
         if wrt in ("x", "gates") or not len(rows):
             out.fill(0)
         if not len(rows):
             return out
-        a, u, s = act["a"], act["u"], act["s"]
         ct_key = _key(ct)
-        if act.get("ct_key") != ct_key:
-            cts = ct.reshape(-1, d)[rows]
-            act["cts"], act["c"], act["ct_key"] = cts, cts @ wd, ct_key
-        cts, c = act["cts"], act["c"]
+        if act.get("ct_key") != ct_key:  # the first sibling of this run: the shared parts
+            back = _reverse_parts(act, ct.reshape(-1, d)[rows], wd)
+            act.update(back, ct_key=ct_key)
         if wrt == "gates":
-            out.reshape(-1, e)[rows, col] = np.vecdot(c, a * s * u)
-            return out
-        if wrt == "down":
-            np.matmul((cts * g[:, None]).T, a * s * u, out=out)
-            return out
-        dh = c * g[:, None]
-        if wrt == "gate":
-            np.matmul((dh * u * s * (1 + a * (1 - s))).T, act["xs"], out=out)
+            out.reshape(-1, e)[rows, col] = np.vecdot(act["c"], act["h"])
+        elif wrt == "down":
+            np.matmul(act["dy"].T, act["h"], out=out)
+        elif wrt == "gate":
+            np.matmul(act["da"].T, act["xs"], out=out)
         elif wrt == "up":
-            np.matmul((dh * a * s).T, act["xs"], out=out)
+            np.matmul(act["du"].T, act["xs"], out=out)
         else:
-            da = dh * u * s * (1 + a * (1 - s))
-            dx = da @ wg
-            dx += (dh * a * s) @ wu
+            dx = act["da"] @ wg
+            dx += act["du"] @ wu
             out.reshape(-1, d)[rows] = dx
         return out
 

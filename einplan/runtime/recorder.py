@@ -88,6 +88,9 @@ class Recorder:
     def end_run(self, run: int) -> None:
         """Close a run, stamping its wall-clock end."""
         self.runs[run]["end_ns"] = time.perf_counter_ns()
+        for step, info in enumerate(self.runs[run]["table"]):
+            if info.op == "moe_expert":  # its kernel counted the tokens routed to it
+                self.loads[(run, step)] = LOAD.get(info.name, 0)
         if self.debug >= 1:
             r = self.runs[run]
             dims = " ".join(f"{k}={v}" for k, v in r["dims"].items())
@@ -100,9 +103,6 @@ class Recorder:
         """Record one executed step (thread-safe)."""
         with self._lock:
             self.raw.append((run, step, thread, start_ns, dur_ns))
-            info = self.runs[run]["table"][step]
-            if info.op == "moe_expert":  # its kernel counted the tokens routed to it
-                self.loads[(run, step)] = LOAD.get(info.name, 0)
             if self.debug >= 2:
                 info = self.runs[run]["table"][step]
                 rate = info.flops / dur_ns if dur_ns else 0.0  # FLOP/ns = GFLOP/s

@@ -16,7 +16,10 @@ CASES = [
     "llama3_rope_scaling",
     "mistral_head_dim",
     "qwen2_bias_mqa",
+    "mixtral_moe",
+    "qwen2_moe_shared",
 ]
+MOE_CASES = ["mixtral_moe", "qwen2_moe_shared"]
 
 ONE_LAYER = {
     "name": "one-layer",

@@ -34,7 +34,7 @@ def test_greedy_continuation_matches_transformers(case):
     assert out.tokens[0] == ref["greedy_ids"][0, len(prompt) :].tolist()
 
 
-@pytest.mark.parametrize("case", ["llama3_rope_scaling", "qwen2_bias_mqa"])
+@pytest.mark.parametrize("case", ["llama3_rope_scaling", "qwen2_bias_mqa", "qwen2_moe_shared"])
 def test_cached_decode_logits_equal_full_forward(case):
     plan, session, ref = _load(case)
     ids = ref["input_ids"]
@@ -67,7 +67,7 @@ def test_cached_decode_logits_equal_full_forward(case):
         assert np.abs(out["logits"] - full[:, t]).max() < 1e-4
 
 
-@pytest.mark.parametrize("case", ["llama_mha_untied", "mistral_head_dim"])
+@pytest.mark.parametrize("case", ["llama_mha_untied", "mistral_head_dim", "mixtral_moe"])
 def test_batched_padded_generation_equals_each_prompt_alone(case):
     plan, session, ref = _load(case)
     gen = Generator(plan, session.weights)

@@ -34,6 +34,28 @@ def test_f32_gguf_gives_transformers_logits(tmp_path, ref):
     assert np.abs(logits - ref["logits"]).max() < 1e-4
 
 
+@pytest.mark.parametrize("qtype", ["F32", "F16"])
+def test_mixtral_gguf_experts_import(tmp_path, qtype):
+    """llama.cpp's Mixtral layout: ffn_gate_inp and the stacked ffn_{gate,up,down}_exps."""
+    case = FIXTURES / "mixtral_moe"
+    path = write_gguf(case, tmp_path / "moe.gguf", qtype)
+    model = read_gguf(path)
+    assert model.config["model_type"] == "mixtral"
+    assert (model.config["num_local_experts"], model.config["num_experts_per_tok"]) == (4, 2)
+    tensors = read_gguf_tensors(path)
+    hf = load_file(case / "model.safetensors")
+    assert set(tensors) == set(hf)
+    key = "model.layers.1.block_sparse_moe.experts.3.w2.weight"
+    tol = 0 if qtype == "F32" else 0.01 * np.abs(hf[key]).max()
+    assert np.abs(tensors[key] - hf[key]).max() <= tol
+    if qtype == "F32":
+        want = load_file(case / "reference.safetensors")
+        logits = einplan.Session(einplan.compile_model(model.config), path).forward(
+            want["input_ids"]
+        )
+        assert np.abs(logits - want["logits"]).max() < 1e-4
+
+
 @pytest.mark.parametrize("qtype", ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"])
 def test_quantised_tensors_dequantise_to_llama_cpp_values(tmp_path, qtype):
     path = write_gguf(CASE, tmp_path / f"{qtype}.gguf", qtype)

@@ -54,12 +54,12 @@ def test_samples_escape_control_characters():
     assert escape_control(text) == "a\\x1b[2Jb\\rc\nd\te\\x07"
 
 
-@pytest.mark.parametrize("model_type", ["gpt2", "mixtral"])
+@pytest.mark.parametrize("model_type", ["gpt2", "deepseek_v3"])
 def test_unsupported_model_type_is_named(model_type):
     raw = {"model_type": model_type, "n_embd": 768, "n_layer": 12, "vocab_size": 50257}
     with pytest.raises(
         ConfigError,
         match=rf"model_type '{model_type}' is not supported "
-        r"\(supported: llama, mistral, qwen2\)",
+        r"\(supported: llama, mistral, qwen2, mixtral, qwen2_moe\)",
     ):
         load_config(raw)

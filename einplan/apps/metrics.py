@@ -27,6 +27,7 @@ COLUMNS = (
     "optimizer_ms",
     "peak_rss_mib",
     "skipped",
+    "router_entropy",  # mixture of experts: mean entropy of the routers (nats), else empty
 )
 
 

@@ -60,6 +60,7 @@ from einplan.models.config import ModelConfig, to_hf_config, to_hf_generation_co
 from einplan.models.train_config import parse_train_config
 from einplan.report.training import plot_loss_curve, print_training_summary
 from einplan.runtime.generate import GenerationRequest, Generator
+from einplan.runtime.moe import router_entropy
 from einplan.runtime.sampling import SamplingConfig
 from einplan.runtime.trainer import StepStats, Trainer
 
@@ -272,8 +273,10 @@ class TrainingRun:
         return self.last_checkpoint
 
     def record(self, stats: StepStats, step_losses: list[float]) -> dict[str, Any]:
-        """A log record for a step, with the validation loss of the current weights and the
-        loss of every step since the previous record (``step_losses``, ending at this one)."""
+        """A log record for a step, with the validation loss of the current weights, the loss
+        of every step since the previous record (``step_losses``, ending at this one) and, for
+        a mixture of experts, the routers' entropy on the step's last batch."""
+        entropy = router_entropy() if self.plan.config.get("num_experts") else None
         return {
             "step": stats.step,
             "loss": stats.loss,
@@ -287,6 +290,7 @@ class TrainingRun:
             "optimizer_ms": stats.phase_ms["optimizer"],
             "peak_rss_mib": peak_rss_mib(),
             "skipped": self.trainer.skipped,
+            **({} if entropy is None else {"router_entropy": entropy}),
         }
 
     def run(self, steps: int | None = None) -> list[StepStats]:
@@ -324,6 +328,11 @@ class TrainingRun:
                         f"{r['tokens_per_s']:,.0f} tok/s  fwd {r['forward_ms']:.0f} "
                         f"bwd {r['backward_ms']:.0f} opt {r['optimizer_ms']:.0f} ms  "
                         f"peak {r['peak_rss_mib']:,.0f} MiB  skipped {r['skipped']}"
+                        + (
+                            f"  router entropy {r['router_entropy']:.3f}"
+                            if "router_entropy" in r
+                            else ""
+                        )
                     )
                 if c.sample_every and at % c.sample_every == 0:
                     text = sample_text(

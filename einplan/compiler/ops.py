@@ -43,11 +43,20 @@ class Op(StrEnum):
     EXPAND = "expand"
     SCATTER_ADD = "scatter_add"
     CROSS_ENTROPY = "cross_entropy"
+    SIGMOID = "sigmoid"
+    # mixture of experts: routing, one routed expert FFN, the load-balancing loss
+    MOE_TOPK = "moe_topk"
+    MOE_EXPERT = "moe_expert"
+    MOE_AUX_LOSS = "moe_aux_loss"
     # reverse-mode ops the autodiff pass emits (compiler/vjp.py)
     CROSS_ENTROPY_GRAD = "cross_entropy_grad"
     RMS_NORM_GRAD = "rms_norm_grad"
     SOFTMAX_GRAD = "softmax_grad"
     SILU_MUL_GRAD = "silu_mul_grad"
+    SIGMOID_GRAD = "sigmoid_grad"
+    MOE_TOPK_GRAD = "moe_topk_grad"
+    MOE_EXPERT_GRAD = "moe_expert_grad"
+    MOE_AUX_LOSS_GRAD = "moe_aux_loss_grad"
     # optimizer ops the optimizer pass emits: in place on their first input
     ACC_GRAD = "acc_grad"
     GRAD_NORM = "grad_norm"
@@ -328,6 +337,53 @@ def _infer_update(shapes, dtypes, attrs):
     return tensors[0], dtypes[0]
 
 
+def _infer_moe_topk(shapes, dtypes, attrs):
+    (p,) = shapes[:1]
+    _need(dtypes[0] in FLOAT_DTYPES, f"moe_topk needs float router probabilities, got {dtypes[0]}")
+    e = p[-1]
+    _need(
+        isinstance(e, int) and 1 <= attrs["k"] <= e,
+        f"moe_topk: top-{attrs['k']} of {e} experts (experts_per_tok must not exceed experts)",
+    )
+    if len(shapes) == 2:  # the reverse op: (probs, cotangent)
+        _need(tuple(shapes[1]) == tuple(p), f"moe_topk_grad: cotangent {shapes[1]} is not {p}")
+    return p, dtypes[0]
+
+
+def _infer_moe_expert(shapes, dtypes, attrs):
+    """(x [..., d], gates [..., E], w_gate [f, d], w_up [f, d], w_down [d, f]) -> [..., d]; the
+    reverse op adds the output's cotangent and gives the shape of input ``wrt``."""
+    x, gates, wg, wu, wd = shapes[:5]
+    e = attrs["expert"]
+    _need(tuple(gates[:-1]) == tuple(x[:-1]), f"moe_expert: gates {gates} do not fit x {x}")
+    _need(isinstance(gates[-1], int) and 0 <= e < gates[-1], f"moe_expert: no expert {e}")
+    d = x[-1]
+    _need(
+        len(wg) == 2 and wg[1] == d and tuple(wu) == tuple(wg) and tuple(wd) == (d, wg[0]),
+        f"moe_expert {e}: expert weights gate {list(wg)}, up {list(wu)}, down {list(wd)} do not "
+        f"fit hidden size {d} (want [f,{d}], [f,{d}], [{d},f])",
+    )
+    _need(all(t == dtypes[0] for t in dtypes), f"moe_expert operands differ in dtype: {dtypes}")
+    if len(shapes) == 6:
+        _need(tuple(shapes[5]) == tuple(x), f"moe_expert_grad: cotangent {shapes[5]} is not {x}")
+        return shapes[MOE_EXPERT_INPUTS.index(attrs["wrt"])], dtypes[0]
+    return x, dtypes[0]
+
+
+MOE_EXPERT_INPUTS = ("x", "gates", "gate", "up", "down")  # the inputs of moe_expert, in order
+
+
+def _infer_moe_aux_loss(shapes, dtypes, attrs):
+    """Router probabilities of every MoE layer [..., E] -> the load-balancing loss (a scalar);
+    the reverse op adds the loss's cotangent and gives the probabilities of layer ``wrt``."""
+    probs = shapes if "wrt" not in attrs else shapes[:-1]
+    _need(all(tuple(p) == tuple(probs[0]) for p in probs), f"moe_aux_loss: shapes {probs} differ")
+    _need(1 <= attrs["k"] <= probs[0][-1], f"moe_aux_loss: top-{attrs['k']} of {probs[0][-1]}")
+    if "wrt" in attrs:
+        return probs[attrs["wrt"]], dtypes[0]
+    return (), dtypes[0]
+
+
 def _infer_leaf(shapes, dtypes, attrs):
     raise AssertionError("leaves carry their own shape")
 
@@ -360,10 +416,18 @@ OPS: dict[Op, OpDef] = {
     Op.EXPAND: OpDef(_infer_expand),
     Op.SCATTER_ADD: OpDef(_infer_scatter_add, 1),
     Op.CROSS_ENTROPY: OpDef(_infer_cross_entropy, 4),
+    Op.SIGMOID: OpDef(_infer_like_first, 4),
+    Op.MOE_TOPK: OpDef(_infer_moe_topk, 4),
+    Op.MOE_EXPERT: OpDef(_infer_moe_expert),
+    Op.MOE_AUX_LOSS: OpDef(_infer_moe_aux_loss, 2),
     Op.CROSS_ENTROPY_GRAD: OpDef(_infer_cross_entropy_grad, 5, inplace=True),
     Op.RMS_NORM_GRAD: OpDef(_infer_rms_norm_grad, 8),
     Op.SOFTMAX_GRAD: OpDef(_infer_like_first, 4),
     Op.SILU_MUL_GRAD: OpDef(_infer_like_first, 8),
+    Op.SIGMOID_GRAD: OpDef(_infer_like_first, 3),
+    Op.MOE_TOPK_GRAD: OpDef(_infer_moe_topk, 4),
+    Op.MOE_EXPERT_GRAD: OpDef(_infer_moe_expert),
+    Op.MOE_AUX_LOSS_GRAD: OpDef(_infer_moe_aux_loss, 2),
     Op.ACC_GRAD: OpDef(_infer_same_shapes, 1, alias=True),
     Op.GRAD_NORM: OpDef(_infer_grad_norm),
     Op.ADAMW: OpDef(_infer_update, 12, alias=True),
@@ -388,10 +452,22 @@ def einsum_flops(spec: str, shapes: list[Shape]) -> Poly:
     return scale_poly(every, 2 * (len(terms) - 1)) if contracted else every
 
 
+def moe_expert_flops(op: Op, in_shapes: list[Shape], attrs: dict) -> Poly:
+    """One routed expert's FFN over the tokens expected to reach it: top-k of E experts, so
+    ``tokens * k / E`` rows of three (d x f) products (the reverse op: by what it computes)."""
+    tokens, (f, d) = numel(in_shapes[0][:-1]), in_shapes[2]
+    k, e = attrs["k"], in_shapes[1][-1]
+    products = {"x": 5, "gates": 3, "gate": 4, "up": 4, "down": 3}.get(attrs.get("wrt"), 3)
+    per_token = 2 * products * f * d * k
+    return {m: v * per_token // e for m, v in tokens.items() if v * per_token // e}
+
+
 def count_flops(op: Op, in_shapes: list[Shape], out_shape: Shape, attrs: dict) -> Poly:
     """FLOPs one execution of the op performs, as a polynomial in the symbolic dims."""
     if op is Op.EINSUM:
         return einsum_flops(attrs["spec"], in_shapes)
+    if op in (Op.MOE_EXPERT, Op.MOE_EXPERT_GRAD):
+        return moe_expert_flops(op, in_shapes, attrs)
     if op is Op.GRAD_NORM:
         return add_polys(*(scale_poly(numel(s), 2) for s in in_shapes[1:]))
     return scale_poly(numel(out_shape), OPS[op].flops_per_element)

@@ -239,6 +239,39 @@ class Builder:
             Op.CROSS_ENTROPY, [logits, targets], {"ignore_index": ignore_index}, role
         )
 
+    def sigmoid(self, x: Value, role: str = "sigmoid") -> Value:
+        """1 / (1 + exp(-x)), elementwise (Qwen2-MoE's shared-expert gate)."""
+        return self._append(Op.SIGMOID, [x], {}, role)
+
+    def moe_topk(self, probs: Value, k: int, norm: bool, role: str = "moe_topk") -> Value:
+        """The routing weights: ``probs`` (..., E) with all but each row's ``k`` largest set to
+        zero (ties: the lower expert first), renormalised to sum 1 when ``norm``."""
+        return self._append(Op.MOE_TOPK, [probs], {"k": k, "norm": norm}, role)
+
+    def moe_expert(
+        self,
+        x: Value,
+        gates: Value,
+        w_gate: Value,
+        w_up: Value,
+        w_down: Value,
+        expert: int,
+        k: int,
+        role: str = "moe_expert",
+    ) -> Value:
+        """Expert ``expert``'s SwiGLU FFN on the tokens routed to it (their gate, column
+        ``expert`` of ``gates``, is non-zero), times that gate; zero for the other tokens. The
+        token count is known only when it runs; ``k`` (experts per token) sizes the FLOP count."""
+        attrs = {"expert": expert, "k": k}
+        return self._append(Op.MOE_EXPERT, [x, gates, w_gate, w_up, w_down], attrs, role)
+
+    def moe_aux_loss(
+        self, probs: list[Value], k: int, coef: float, role: str = "moe_aux_loss"
+    ) -> Value:
+        """``coef`` times the Switch/Mixtral load-balancing loss over the router probabilities
+        of every MoE layer: E * sum_e (share of top-k picks of e) * (mean probability of e)."""
+        return self._append(Op.MOE_AUX_LOSS, probs, {"k": k, "coef": float(coef)}, role)
+
     def backward_op(self, op: Op, inputs: list[Value], attrs: dict[str, Any], role: str) -> Value:
         """A fused reverse-mode op (``*_grad``) of the autodiff pass."""
         return self._append(op, inputs, attrs, role)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from einplan.compiler.ir import Node
-from einplan.compiler.ops import Op, ShapeError, parse_spec
+from einplan.compiler.ops import MOE_EXPERT_INPUTS, Op, ShapeError, parse_spec
 from einplan.compiler.trace import Builder, Value
 
 Rule = Callable[[Builder, Node, list[Value], Value, Value, set[int]], list[Value | None]]
@@ -149,6 +149,33 @@ def vjp_fake_quant(b, n, ins, out, ct, need):
     return [ct] + [None] * (len(ins) - 1)
 
 
+def vjp_moe_topk(b, n, ins, out, ct, need):
+    """Through the top-k selection as PyTorch's topk defines it: the picked probabilities get
+    the cotangent (through the renormalisation), the others none."""
+    attrs = {"k": n.attrs["k"], "norm": n.attrs["norm"]}
+    return [b.backward_op(Op.MOE_TOPK_GRAD, [ins[0], ct], attrs, f"{n.name}.grad0")]
+
+
+def vjp_moe_expert(b, n, ins, out, ct, need):
+    """One fused reverse op per input needed (x, gates, the three expert weights), each
+    recomputing the expert's activations on its routed tokens only."""
+    grads: list[Value | None] = [None] * len(ins)
+    for k in sorted(need):
+        attrs = {"expert": n.attrs["expert"], "k": n.attrs["k"], "wrt": MOE_EXPERT_INPUTS[k]}
+        grads[k] = b.backward_op(Op.MOE_EXPERT_GRAD, [*ins, ct], attrs, f"{n.name}.grad{k}")
+    return grads
+
+
+def vjp_moe_aux_loss(b, n, ins, out, ct, need):
+    """d probs of each layer: the loss's weight on each expert, constant in the probabilities
+    (the top-k counts get no gradient, as in transformers)."""
+    grads: list[Value | None] = [None] * len(ins)
+    for k in sorted(need):
+        attrs = {"k": n.attrs["k"], "coef": n.attrs["coef"], "wrt": k}
+        grads[k] = b.backward_op(Op.MOE_AUX_LOSS_GRAD, [*ins, ct], attrs, f"{n.name}.grad{k}")
+    return grads
+
+
 RULES: dict[Op, Rule] = {
     Op.EINSUM: vjp_einsum,
     Op.ADD: vjp_add,
@@ -171,6 +198,10 @@ RULES: dict[Op, Rule] = {
     Op.SCALE: vjp_scale,
     Op.DROPOUT: vjp_dropout,
     Op.FAKE_QUANT: vjp_fake_quant,
+    Op.SIGMOID: _fused(Op.SIGMOID_GRAD, lambda ins, out, ct: [out, ct]),
+    Op.MOE_TOPK: vjp_moe_topk,
+    Op.MOE_EXPERT: vjp_moe_expert,
+    Op.MOE_AUX_LOSS: vjp_moe_aux_loss,
 }
 
 
@@ -189,6 +220,10 @@ NOT_DIFFERENTIABLE: dict[Op, str] = {
     Op.RMS_NORM_GRAD: "reverse ops are not differentiated again",
     Op.SOFTMAX_GRAD: "reverse ops are not differentiated again",
     Op.SILU_MUL_GRAD: "reverse ops are not differentiated again",
+    Op.SIGMOID_GRAD: "reverse ops are not differentiated again",
+    Op.MOE_TOPK_GRAD: "reverse ops are not differentiated again",
+    Op.MOE_EXPERT_GRAD: "reverse ops are not differentiated again",
+    Op.MOE_AUX_LOSS_GRAD: "reverse ops are not differentiated again",
     Op.ACC_GRAD: "optimizer ops come after the reverse graph",
     Op.GRAD_NORM: "optimizer ops come after the reverse graph",
     Op.ADAMW: "optimizer ops come after the reverse graph",

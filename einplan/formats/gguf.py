@@ -32,6 +32,10 @@ LAYER_NAMES = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
 }
+# Mixtral in llama.cpp's layout (architecture llama with llama.expert_count): the router, and
+# each layer's experts stacked into one (experts, out, in) tensor per projection
+MOE_ROUTER = "ffn_gate_inp"
+EXPERT_STACKS = {"ffn_gate_exps": "w1", "ffn_up_exps": "w3", "ffn_down_exps": "w2"}
 TOP_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -59,7 +63,21 @@ def hf_tensor_name(name: str) -> str:
     parts = name.split(".")
     if len(parts) == 4 and parts[0] == "blk" and parts[2] in LAYER_NAMES:
         return f"model.layers.{parts[1]}.{LAYER_NAMES[parts[2]]}.{parts[3]}"
+    if len(parts) == 4 and parts[0] == "blk" and parts[2] == MOE_ROUTER:
+        return f"model.layers.{parts[1]}.block_sparse_moe.gate.{parts[3]}"
     raise GGUFError(f"GGUF tensor {name!r} has no Hugging Face counterpart einplan knows")
+
+
+def expert_tensors(name: str, w: np.ndarray) -> dict[str, np.ndarray] | None:
+    """A stacked expert tensor (``blk.3.ffn_gate_exps.weight``, (experts, out, in)) split into
+    Mixtral's per-expert Hugging Face tensors; None for any other tensor."""
+    parts = name.split(".")
+    if len(parts) != 4 or parts[0] != "blk" or parts[2] not in EXPERT_STACKS:
+        return None
+    if w.ndim != 3:
+        raise GGUFError(f"GGUF tensor {name} must be 3-D (experts, out, in), got {list(w.shape)}")
+    pre = f"model.layers.{parts[1]}.block_sparse_moe.experts"
+    return {f"{pre}.{e}.{EXPERT_STACKS[parts[2]]}.{parts[3]}": w[e] for e in range(len(w))}
 
 
 def unpermute_qk(w: np.ndarray, heads: int) -> np.ndarray:
@@ -121,6 +139,16 @@ def gguf_config(reader) -> dict[str, Any]:
         "hidden_act": "silu",
         "torch_dtype": "float32",
     }
+    experts = int(_field(reader, f"{arch}.expert_count", 0) or 0)
+    if experts:  # Mixtral: llama.cpp keeps the llama architecture and adds experts
+        if arch != "llama":
+            raise GGUFError(f"GGUF architecture {arch!r} with experts is not supported (Mixtral)")
+        cfg.update(
+            architectures=["MixtralForCausalLM"],
+            model_type="mixtral",
+            num_local_experts=experts,
+            num_experts_per_tok=int(_field(reader, f"{arch}.expert_used_count", 2)),
+        )
     for key, hf in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id")):
         value = _field(reader, f"tokenizer.ggml.{key}")
         if value is not None:
@@ -241,11 +269,16 @@ def read_gguf_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     config = read_gguf(path).config
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     head_dim = config["head_dim"]
-    permuted = config["model_type"] == "llama"  # llama.cpp permutes Q/K rows for llama only
+    # llama.cpp permutes Q/K rows for llama (and Mixtral, which it stores as llama) only
+    permuted = config["model_type"] in ("llama", "mixtral")
     tensors = {}
     for t in tqdm(reader.tensors, desc="read GGUF", unit="tensor", delay=2, leave=False):
-        name = hf_tensor_name(t.name)
         w = dequantize_tensor(t)
+        split = expert_tensors(t.name, w)
+        if split is not None:
+            tensors.update(split)
+            continue
+        name = hf_tensor_name(t.name)
         if permuted and ".q_proj." in name:
             w = unpermute_qk(check_rows(t.name, w, heads * head_dim), heads)
         elif permuted and ".k_proj." in name:

@@ -22,7 +22,8 @@ class ConfigError(EinplanError):
     """A config is unreadable, has an unknown key, or a value of the wrong type."""
 
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "mixtral", "qwen2_moe")
+MOE_MODEL_TYPES = ("mixtral", "qwen2_moe")
 
 # Keys of Hugging Face configs that do not change the forward computation.
 IGNORED_HF_KEYS = {
@@ -82,6 +83,24 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: list[int] = field(default_factory=list)
     name: str = ""
+    # mixture of experts (Mixtral, Qwen2-MoE); num_experts = 0 for a dense model
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE's shared expert (0: none)
+    decoder_sparse_step: int = 1
+    mlp_only_layers: list[int] = field(default_factory=list)
+    router_aux_loss_coef: float = 0.0
+    output_router_logits: bool = False  # the load-balancing loss joins the training loss
+
+    def is_moe_layer(self, i: int) -> bool:
+        """Whether decoder layer ``i`` has routed experts (else a dense SwiGLU MLP)."""
+        return (
+            self.num_experts > 0
+            and i not in self.mlp_only_layers
+            and (i + 1) % self.decoder_sparse_step == 0
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """Return the normalised config as plain data (stored in the plan file)."""
@@ -93,7 +112,7 @@ class ModelConfig:
 EINPLAN_KEYS = {
     "max_batch": int,
     "name": str,
-    "head_dim": int,
+    "head_dim": (int, type(None)),  # null in Mixtral configs
     "num_key_value_heads": int,
     "train": dict,
     "lora": (dict, str),
@@ -121,6 +140,19 @@ TYPED_KEYS: dict[str, type | tuple[type, ...]] = {
     "rope_scaling": (dict, type(None)),
     "rope_parameters": (dict, type(None)),
     "sliding_window": (int, type(None)),
+    # mixture of experts: Mixtral names the expert count num_local_experts, Qwen2-MoE num_experts
+    "num_local_experts": int,
+    "num_experts": int,
+    "num_experts_per_tok": int,
+    "moe_intermediate_size": int,
+    "shared_expert_intermediate_size": int,
+    "norm_topk_prob": bool,
+    "decoder_sparse_step": int,
+    "mlp_only_layers": list,
+    "router_aux_loss_coef": (int, float),
+    "output_router_logits": bool,
+    "router_jitter_noise": (int, float),
+    "qkv_bias": bool,
     **EINPLAN_KEYS,
 }
 # Sizes beyond any real model (Llama-3 405B: 126 layers, hidden 16384, 53248 intermediate,
@@ -135,6 +167,10 @@ SIZE_LIMITS = {
     "vocab_size": 1 << 24,
     "max_position_embeddings": 1 << 26,
     "max_batch": 1 << 20,
+    "num_local_experts": 1 << 12,  # mixture of experts: DeepSeek-V3 has 256
+    "num_experts": 1 << 12,
+    "num_experts_per_tok": 1 << 12,
+    "moe_intermediate_size": 1 << 22,
 }
 
 REQUIRED = (
@@ -269,6 +305,7 @@ def parse_config(raw: dict[str, Any], origin: str = "config") -> ModelConfig:
             f"1e-6), got {eps}"
         )
     eos = raw.get("eos_token_id")
+    moe = _moe(raw, model_type, origin)
     return ModelConfig(
         vocab_size=raw["vocab_size"],
         hidden_size=raw["hidden_size"],
@@ -280,7 +317,11 @@ def parse_config(raw: dict[str, Any], origin: str = "config") -> ModelConfig:
         rms_norm_eps=eps,
         max_position_embeddings=max_pos,
         tie_word_embeddings=raw.get("tie_word_embeddings", False),
-        qkv_bias=bool(raw.get("attention_bias", model_type == "qwen2")),
+        qkv_bias=bool(
+            raw.get("qkv_bias", True)
+            if model_type == "qwen2_moe"
+            else raw.get("attention_bias", model_type == "qwen2")
+        ),
         rope_theta=theta,
         rope_scaling=scaling,
         model_type=model_type,
@@ -288,7 +329,72 @@ def parse_config(raw: dict[str, Any], origin: str = "config") -> ModelConfig:
         bos_token_id=raw.get("bos_token_id"),
         eos_token_id=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
         name=raw.get("name", ""),
+        **moe,
     )
+
+
+def _moe(raw: dict[str, Any], model_type: str, origin: str) -> dict[str, Any]:
+    """The mixture-of-experts fields of a Mixtral or Qwen2-MoE config (none for dense)."""
+    moe_keys = [k for k in raw if k in MOE_KEYS]
+    if model_type not in MOE_MODEL_TYPES:
+        if moe_keys:
+            raise ConfigError(
+                f"{origin}: {', '.join(moe_keys)} belong to a mixture-of-experts model; "
+                f"model_type {model_type!r} is dense (MoE types: {', '.join(MOE_MODEL_TYPES)})"
+            )
+        return {}
+    count_key = "num_local_experts" if model_type == "mixtral" else "num_experts"
+    experts = raw.get(count_key, 8 if model_type == "mixtral" else 60)
+    per_tok = raw.get("num_experts_per_tok", 2 if model_type == "mixtral" else 4)
+    if experts < 1:
+        raise ConfigError(f"{origin}: {count_key} must be at least 1, got {experts}")
+    if not 1 <= per_tok <= experts:
+        raise ConfigError(
+            f"{origin}: num_experts_per_tok ({per_tok}) must lie between 1 and "
+            f"{count_key} ({experts})"
+        )
+    if raw.get("router_jitter_noise"):
+        raise ConfigError(f"{origin}: router_jitter_noise > 0 is not supported (set it to 0)")
+    layers = raw["num_hidden_layers"]
+    only = raw.get("mlp_only_layers") or []
+    if not all(isinstance(i, int) and 0 <= i < layers for i in only):
+        raise ConfigError(
+            f"{origin}: mlp_only_layers must list layer indices in [0, {layers}), got {only}"
+        )
+    step = raw.get("decoder_sparse_step", 1)
+    if step < 1:
+        raise ConfigError(f"{origin}: decoder_sparse_step must be at least 1, got {step}")
+    qwen = model_type == "qwen2_moe"
+    return dict(
+        num_experts=experts,
+        num_experts_per_tok=per_tok,
+        moe_intermediate_size=raw.get("moe_intermediate_size", 1408)
+        if qwen
+        else raw["intermediate_size"],
+        norm_topk_prob=raw.get("norm_topk_prob", False) if qwen else True,
+        shared_expert_intermediate_size=raw.get("shared_expert_intermediate_size", 5632)
+        if qwen
+        else 0,
+        decoder_sparse_step=step,
+        mlp_only_layers=sorted(only),
+        router_aux_loss_coef=float(raw.get("router_aux_loss_coef", 0.001)),
+        output_router_logits=raw.get("output_router_logits", False),
+    )
+
+
+MOE_KEYS = {
+    "num_local_experts",
+    "num_experts",
+    "num_experts_per_tok",
+    "moe_intermediate_size",
+    "shared_expert_intermediate_size",
+    "norm_topk_prob",
+    "decoder_sparse_step",
+    "mlp_only_layers",
+    "router_aux_loss_coef",
+    "output_router_logits",
+    "router_jitter_noise",
+}
 
 
 def builtin_config_dir() -> Path:
@@ -339,6 +445,13 @@ ARCHITECTURE_FIELDS = (
     "qkv_bias",
     "rope_theta",
     "rope_scaling",
+    "num_experts",
+    "num_experts_per_tok",
+    "moe_intermediate_size",
+    "norm_topk_prob",
+    "shared_expert_intermediate_size",
+    "decoder_sparse_step",
+    "mlp_only_layers",
 )
 
 
@@ -363,6 +476,8 @@ ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
 }
 
 
@@ -399,8 +514,27 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
         "max_batch": cfg.max_batch,
         "name": cfg.name,
     }
-    if cfg.model_type != "qwen2":
+    if cfg.model_type == "qwen2_moe":
+        raw["qkv_bias"] = cfg.qkv_bias
+    elif cfg.model_type != "qwen2":
         raw["attention_bias"] = cfg.qkv_bias
+    if cfg.model_type == "mixtral":
+        raw.update(num_local_experts=cfg.num_experts, num_experts_per_tok=cfg.num_experts_per_tok)
+    elif cfg.model_type == "qwen2_moe":
+        raw.update(
+            num_experts=cfg.num_experts,
+            num_experts_per_tok=cfg.num_experts_per_tok,
+            moe_intermediate_size=cfg.moe_intermediate_size,
+            norm_topk_prob=cfg.norm_topk_prob,
+            shared_expert_intermediate_size=cfg.shared_expert_intermediate_size,
+            decoder_sparse_step=cfg.decoder_sparse_step,
+            mlp_only_layers=list(cfg.mlp_only_layers),
+        )
+    if cfg.num_experts:
+        raw.update(
+            router_aux_loss_coef=cfg.router_aux_loss_coef,
+            output_router_logits=cfg.output_router_logits,
+        )
     return raw
 
 

@@ -6,7 +6,7 @@ names follow ``role-layer`` (``attn_q-3``) so graphs and reports speak the
 model's language. Weights keep Hugging Face's names and (out, in) layout.
 
 Dims: b batch, s (query) sequence, t key sequence, d hidden, n KV heads,
-g query heads per KV head, h head dim, f MLP width, v vocabulary.
+g query heads per KV head, h head dim, f MLP width, v vocabulary, E experts (MoE).
 """
 
 from __future__ import annotations
@@ -127,6 +127,62 @@ def mlp(b: Builder, x: Value, st: Step, i: int) -> Value:
     return linear(b, act, "ffn_down", f"{pre}.down_proj", cfg.hidden_size, False, wdt)
 
 
+EXPERT_WEIGHTS = {  # checkpoint names of an expert's gate, up and down projections
+    "mixtral": ("w1", "w3", "w2"),
+    "qwen2_moe": ("gate_proj", "up_proj", "down_proj"),
+}
+
+
+def moe_prefix(cfg: ModelConfig, i: int) -> str:
+    """The checkpoint prefix of layer ``i``'s sparse MoE block."""
+    block = "block_sparse_moe" if cfg.model_type == "mixtral" else "mlp"
+    return f"model.layers.{i}.{block}"
+
+
+def expert_param(
+    b: Builder, role: str, key: str, shape: tuple[int, int], wdt: str, cdt: str
+) -> Value:
+    w = b.param(f"{role}.w", f"{key}.weight", shape, wdt)
+    return w if wdt == cdt else b.cast(w, cdt, role=f"{role}.cast")
+
+
+def moe(b: Builder, x: Value, st: Step, i: int) -> tuple[Value, Value]:
+    """Sparse mixture of experts: a router picks the top-k of E SwiGLU experts per token, each
+    expert computes only the tokens routed to it, and their outputs are summed weighted by the
+    routing weights (plus Qwen2-MoE's sigmoid-gated shared expert). Returns the block's output
+    and the router probabilities (for the load-balancing loss)."""
+    cfg, wdt = st.cfg, st.weight_dtype
+    n_exp, k, d = cfg.num_experts, cfg.num_experts_per_tok, x.shape[-1]
+    f = cfg.moe_intermediate_size
+    pre = moe_prefix(cfg, i)
+    # (b, s, d) x (E, d) -> (b, s, E)
+    logits = linear(b, x, "moe_router", f"{pre}.gate", n_exp, False, wdt)
+    probs = b.softmax(logits, role="moe_probs")  # over all E experts
+    gates = b.moe_topk(probs, k, cfg.norm_topk_prob, role="moe_topk")  # (b, s, E), k non-zero
+    names = EXPERT_WEIGHTS[cfg.model_type]
+    y = None
+    for e in range(n_exp):
+        role, key = f"moe_expert.{e}", f"{pre}.experts.{e}"
+        wg = expert_param(b, f"{role}.gate", f"{key}.{names[0]}", (f, d), wdt, x.dtype)
+        wu = expert_param(b, f"{role}.up", f"{key}.{names[1]}", (f, d), wdt, x.dtype)
+        wd = expert_param(b, f"{role}.down", f"{key}.{names[2]}", (d, f), wdt, x.dtype)
+        # gates[..., e] * down(silu(gate(x)) * up(x)) on the tokens routed to e, else 0
+        ye = b.moe_expert(x, gates, wg, wu, wd, e, k, role=role)  # (b, s, d)
+        y = ye if y is None else b.add(y, ye, role=f"moe_combine.{e}")
+    assert y is not None
+    if cfg.shared_expert_intermediate_size:
+        fs, key = cfg.shared_expert_intermediate_size, f"{pre}.shared_expert"
+        gate = linear(b, x, "moe_shared_gate", f"{key}.gate_proj", fs, False, wdt)
+        up = linear(b, x, "moe_shared_up", f"{key}.up_proj", fs, False, wdt)
+        act = b.silu_mul(gate, up, role="moe_shared_act")
+        shared = linear(b, act, "moe_shared_down", f"{key}.down_proj", d, False, wdt)
+        # (b, s, d) x (1, d) -> (b, s, 1): how much of the shared expert each token takes
+        weight = linear(b, x, "moe_shared_router", f"{pre}.shared_expert_gate", 1, False, wdt)
+        shared = b.mul(shared, b.sigmoid(weight, role="moe_shared_router.sigmoid"), "moe_shared")
+        y = b.add(y, shared, role="moe_combine.shared")
+    return y, probs
+
+
 def build_graph(
     cfg: ModelConfig, entry: str = "forward", weight_dtype: str = "f32", compute_dtype: str = "f32"
 ) -> Graph:
@@ -161,6 +217,7 @@ def build_graph(
     embed = b.param("embed.w", "model.embed_tokens.weight", (cfg.vocab_size, d), weight_dtype)
     x = b.gather(embed, tokens, cdt, role="embed")  # (b, s) -> (b, s, d)
     rope = b.rope_table(positions, rope_inv_freq(cfg, cdt), cdt)
+    router_probs: list[Value] = []
     for i in range(cfg.num_hidden_layers):
         with b.layer(i):
             ln1 = b.param("attn_norm.w", f"model.layers.{i}.input_layernorm.weight", (d,), cdt)
@@ -168,7 +225,12 @@ def build_graph(
             x = b.add(x, h, role="attn_residual")
             key = f"model.layers.{i}.post_attention_layernorm.weight"
             ln2 = b.param("ffn_norm.w", key, (d,), cdt)
-            h = mlp(b, b.rms_norm(x, ln2, cfg.rms_norm_eps, role="ffn_norm"), st, i)
+            h = b.rms_norm(x, ln2, cfg.rms_norm_eps, role="ffn_norm")
+            if cfg.is_moe_layer(i):
+                h, probs = moe(b, h, st, i)
+                router_probs.append(probs)
+            else:
+                h = mlp(b, h, st, i)
             x = b.add(x, h, role="ffn_residual")
     if cached:  # generation needs only the last position's logits
         x = b.slice_last(x)  # (b, s, d) -> (b, d)
@@ -183,7 +245,12 @@ def build_graph(
         logits = linear(b, x, "output", "lm_head", cfg.vocab_size, False, weight_dtype)
     if entry == "loss":
         targets = b.input("targets", ("batch", "seq"), "i64")
-        b.output("loss", b.cross_entropy(logits, targets))
+        loss = b.cross_entropy(logits, targets)
+        if cfg.output_router_logits and router_probs:  # transformers adds it when asked to
+            k, coef = cfg.num_experts_per_tok, cfg.router_aux_loss_coef
+            aux = b.moe_aux_loss(router_probs, k, coef, role="moe_aux_loss")
+            loss = b.add(loss, aux, role="loss_total")
+        b.output("loss", loss)
     else:
         b.output("logits", logits)
     return b.graph

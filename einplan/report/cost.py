@@ -4,6 +4,7 @@ GFLOP/s and GB/s, and whether it is compute- or memory-bound against this machin
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,7 +15,14 @@ from einplan.errors import EinplanError
 from einplan.report.phases import layer_of, phase_of, phase_rank, role_of, stage_of
 from einplan.runtime.recorder import Recorder, StepRecord
 
-GROUPINGS = ("node", "op", "layer", "phase", "stage")
+GROUPINGS = ("node", "op", "layer", "phase", "stage", "expert")
+EXPERT = re.compile(r"moe_expert-(\d+)\.(\d+)(?:\.|$)")  # moe_expert-3.5[.grad2]: layer 3, expert 5
+
+
+def expert_of(name: str) -> str | None:
+    """``layer 3 expert 5`` for a routed expert's step (forward or reverse), else None."""
+    m = EXPERT.match(name)
+    return f"layer {m.group(1)} expert {m.group(2)}" if m else None
 
 
 @dataclass
@@ -57,6 +65,8 @@ def group_of(r: StepRecord, by: str) -> str:
         return f"layer {layer}" if layer is not None else role_of(r.name).split(".")[0]
     if by == "phase":
         return phase_of(r.name, r.tags)
+    if by == "expert":
+        return expert_of(r.name) or ""
     return stage_of(r.tags)
 
 
@@ -94,10 +104,15 @@ def cost_report(
     # (entry, group) -> per run: [ns, flops, bytes]; plus op/shapes of node rows
     sums: dict[tuple[str, str], dict[int, list[int]]] = defaultdict(dict)
     meta: dict[tuple[str, str], dict[str, str]] = {}
+    tokens: dict[tuple[str, str], int] = defaultdict(int)  # by expert: tokens routed, all runs
     for i in runs:
         entry = rec.runs[i]["entry"]
         for r in rec.records(i):
             group = group_of(r, by)
+            if by == "expert":
+                if not group:  # not an expert's step
+                    continue
+                tokens[(entry, group)] += rec.loads.get((i, r.step), 0)
             key = (entry, group)
             acc = sums[key].setdefault(i, [0, 0, 0])
             acc[0] += r.dur_ns
@@ -117,6 +132,8 @@ def cost_report(
         if by == "node":
             row["op"] = meta[(entry, group)]["op"]
             row["shapes"] = meta[(entry, group)]["shapes"]
+        if by == "expert":
+            row["tokens"] = tokens[(entry, group)] / len(ns)  # per run
         row |= {
             "runs": len(ns),
             "p50_ms": float(np.percentile(ns, 50)) / 1e6,
@@ -133,6 +150,12 @@ def cost_report(
     else:
         rows = [row for _, row in sorted(placed, key=lambda p: p[0])]
     notes = []
+    if by == "expert" and not rows:
+        raise EinplanError(
+            "the profile holds no routed-expert step (not a mixture-of-experts plan)"
+        )
+    if by == "expert":
+        notes.append("tokens: routed to the expert per run (its forward step)")
     if machine is None:
         notes.append("no roofs for this machine yet: run `einplan bench machine` for the bound")
     return CostReport(by, rows, run_summary(rec, runs, excluded), machine, notes)

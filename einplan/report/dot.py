@@ -1,5 +1,6 @@
 """The graph as a Graphviz picture: one cluster per layer, a node per value labelled
-``name | op | type``, coloured by kind, edges labelled with the input slot they feed.
+``name | op | type``, coloured by kind, edges labelled with the input slot they feed; a
+layer's routed experts (mixture of experts) side by side in one row.
 
 DOT is written with the ``graphviz`` package and laid out by Graphviz's ``dot`` program.
 """
@@ -21,6 +22,7 @@ COLORS = {
     "optimizer": "#d9c8f5",
     "reverse": "#f6c6c6",
     "lora": "#f8d3ee",
+    "expert": "#c8eef0",
     "quant": "#fff0a8",
     "param": "#cfe2f7",
     "input": "#fcd9b6",
@@ -29,6 +31,7 @@ COLORS = {
     "outside": "#eeeeee",  # a value from outside the selection
 }
 QUANT_OPS = ("quantize", "dequantize")
+EXPERT_OPS = (Op.MOE_EXPERT, Op.MOE_TOPK)
 INSTALL_HINT = (
     "install Graphviz: apt-get install graphviz (Debian/Ubuntu), brew install graphviz "
     "(macOS) or conda install graphviz; --format text and --format dot need no Graphviz"
@@ -44,6 +47,8 @@ def node_kind(n: Node) -> str:
     for tag in (Tag.OPTIMIZER, Tag.REVERSE, Tag.LORA):
         if tag in n.tags:
             return tag.value
+    if n.op in EXPERT_OPS:
+        return "expert"
     if Tag.QUANT in n.tags or n.op.value in QUANT_OPS:
         return "quant"
     if n.op is Op.PARAM:
@@ -112,6 +117,7 @@ def graph_to_dot(graph: Graph, nodes: list[Node], title: str = "") -> graphviz.D
                     boxes.append((src, everything[i], "outside", layer[n.id]))
             dot.edge(src, f"v{n.id}", label=str(slot) if len(n.inputs) > 1 else None)
     clusters: dict[int, graphviz.Digraph] = {}
+    experts: dict[int, graphviz.Digraph] = {}  # per layer: its expert steps, one rank
     for key, n, kind, cluster in boxes:
         target = dot
         if cluster is not None:
@@ -119,9 +125,15 @@ def graph_to_dot(graph: Graph, nodes: list[Node], title: str = "") -> graphviz.D
                 clusters[cluster] = graphviz.Digraph(f"cluster_layer{cluster}")
                 clusters[cluster].attr(label=f"layer {cluster}", style="rounded", color="#888888")
             target = clusters[cluster]
+            if n.op is Op.MOE_EXPERT and kind != "outside":
+                target = experts.setdefault(
+                    cluster, graphviz.Digraph(f"experts{cluster}", graph_attr={"rank": "same"})
+                )
         tip = graph.format_line(n, everything) if kind != "outside" else f"from elsewhere: {n.name}"
         target.node(key, node_label(n, kind), id=key, tooltip=tip)
-    for sub in clusters.values():
+    for layer_index, sub in clusters.items():
+        if layer_index in experts:
+            sub.subgraph(experts[layer_index])
         dot.subgraph(sub)
     dot.node("legend", legend_label({b[2] for b in boxes}), id="legend")
     return dot

@@ -7,7 +7,7 @@ from collections import Counter
 from rich.console import Console
 from rich.table import Table
 
-from einplan.compiler.ops import count_flops
+from einplan.compiler.ops import Op, count_flops
 from einplan.compiler.passes.memory import estimate_memory
 from einplan.compiler.plan import Plan
 from einplan.compiler.symbolic import evaluate
@@ -23,6 +23,22 @@ def flops_per_token(plan: Plan, seq: int, entry: str = "forward") -> float:
         for n in g.nodes
     )
     return total / seq
+
+
+def moe_summary(plan: Plan, seq: int) -> str:
+    """Top-k of E: the routed expert FFNs cost k/E of running every expert on every token."""
+    cfg, g = plan.config, plan.entry("forward")
+    k, e = cfg["num_experts_per_tok"], cfg["num_experts"]
+    nodes, dims = g.by_id(), {"batch": 1, "seq": seq}
+    experts = sum(
+        evaluate(count_flops(n.op, [nodes[i].shape for i in n.inputs], n.shape, n.attrs), dims)
+        for n in g.nodes
+        if n.op is Op.MOE_EXPERT
+    )
+    return (
+        f"top-{k} of {e} per token: expert FFN FLOPs {experts / seq / 1e6:,.2f} MFLOP per token "
+        f"= {k}/{e} ({k / e:.0%}) of all {e} experts on every token"
+    )
 
 
 def mib(n: int) -> str:
@@ -59,6 +75,8 @@ def print_compile_summary(plan: Plan, batch: int, seq: int, console: Console | N
             + (f", dropout {lora['dropout']:g}" if lora["dropout"] else ""),
         )
     s.add_row("forward FLOPs per token", f"{flops_per_token(plan, seq) / 1e6:,.1f} MFLOP")
+    if plan.config.get("num_experts"):
+        s.add_row("routed experts", moe_summary(plan, seq))
     s.add_row("weights", mib(mem["weights_bytes"]))
     s.add_row("activation buffers (arena)", mib(mem["arena_bytes"]))
     s.add_row("outputs", mib(mem["outputs_bytes"]))

@@ -73,6 +73,7 @@ def chrome_trace(rec: Recorder) -> dict[str, Any]:
                     "flops": info.flops,
                     "bytes": info.bytes,
                     "tags": list(info.tags),
+                    **({"tokens": rec.loads[(run, step)]} if (run, step) in rec.loads else {}),
                 },
             }
         )
@@ -128,6 +129,8 @@ def read_trace(path: str | Path) -> Recorder:
         info = StepInfo(e["name"], a["op"], a["flops"], a["bytes"], a["shapes"], tuple(a["tags"]))
         tables[a["run"]][a["step"]] = info
         rec.raw.append((a["run"], a["step"], e["tid"], start, round(e["dur"] * 1000)))
+        if "tokens" in a:
+            rec.loads[(a["run"], a["step"])] = a["tokens"]
     for run, table in zip(rec.runs, tables, strict=True):
         run["table"] = [table[k] for k in sorted(table)]
     return rec

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from einplan.errors import EinplanError
+from einplan.runtime.moe import LOAD
 
 
 def debug_level() -> int:
@@ -58,6 +59,8 @@ class Recorder:
 
     raw: list[tuple[int, int, int, int, int]] = field(default_factory=list)  # run, step, ...
     runs: list[dict] = field(default_factory=list)  # per run: entry, dims, start/end ns, table
+    # (run, step) -> tokens routed to that step's expert (mixture-of-experts steps only)
+    loads: dict[tuple[int, int], int] = field(default_factory=dict)
     debug: int = field(default_factory=debug_level)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -85,6 +88,9 @@ class Recorder:
     def end_run(self, run: int) -> None:
         """Close a run, stamping its wall-clock end."""
         self.runs[run]["end_ns"] = time.perf_counter_ns()
+        for step, info in enumerate(self.runs[run]["table"]):
+            if info.op == "moe_expert":  # its kernel counted the tokens routed to it
+                self.loads[(run, step)] = LOAD.get(info.name, 0)
         if self.debug >= 1:
             r = self.runs[run]
             dims = " ".join(f"{k}={v}" for k, v in r["dims"].items())

@@ -63,6 +63,13 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
             for k, g in enumerate(apply_rule(b, n, ins, ct, want)):
                 if k in want:
                     cts.setdefault(n.inputs[k], []).append(g)
+    # forward steps whose activations their reverse steps reuse (runtime/moe.py keeps them)
+    differentiated = {n.id for n in b.graph.nodes if n.op is Op.MOE_EXPERT_GRAD}
+    keep = _forward_of(b.graph, differentiated)
+    if keep:
+        b.graph = b.graph.replace_nodes(
+            [n.with_(attrs={**n.attrs, "keep": True}) if n.id in keep else n for n in b.graph.nodes]
+        )
     missing = [
         n.attrs["key"] for n in graph.params() if trainable(n) and n.attrs["key"] not in grads
     ]
@@ -71,3 +78,10 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
     for key, g in grads.items():
         b.output(grad_key(key), g)
     return b.graph
+
+
+def _forward_of(graph: Graph, grad_ids: set[int]) -> set[int]:
+    """The forward moe_expert steps of these reverse steps (which read the same inputs)."""
+    by_inputs = {n.inputs: n.id for n in graph.nodes if n.op is Op.MOE_EXPERT}
+    nodes = graph.by_id()
+    return {by_inputs[nodes[i].inputs[:5]] for i in grad_ids if nodes[i].inputs[:5] in by_inputs}

@@ -2,7 +2,8 @@
 (params of their own) with a ``dequantize`` before the einsum; for WxA8/WxA4 schemes the
 einsum's input is fake-quantised (rounded to the activation grid and back).
 
-The weights found are those of einsums tagged ``linear`` (models/llama.py ``linear()``, and
+The weights found are those of einsums tagged ``linear`` (models/llama.py ``linear()``, but
+not the MoE routers, and
 the tied output head, which reads the embedding: the embedding lookup then reads the same
 dequantized table, one row at a time). LoRA branches (tag ``lora``) are left in float.
 
@@ -31,7 +32,10 @@ from einplan.compiler.tags import Tag
 
 QUANT = frozenset({Tag.QUANT})
 QUANT_PARAM = frozenset({Tag.QUANT, Tag.FROZEN})  # quantised weights (and scales) never train
-SUFFIX = {"q": "q", "scale": "s", "zero_point": "z"}  # attn_q-3.w -> attn_q-3.wq, .ws, .wz
+SUFFIX = {"q": "q", "scale": "s", "zero_point": "z"}
+# MoE routers stay float (as llama.cpp keeps ffn_gate_inp): rounding them would move tokens
+# between experts. Routed experts (moe_expert steps, not einsums) are not quantised either.
+FLOAT_ROLES = ("moe_router-", "moe_shared_router-")  # attn_q-3.w -> attn_q-3.wq, .ws, .wz
 
 
 def _weight_params(graph: Graph, nodes: dict[int, Node]) -> dict[int, Node]:
@@ -39,6 +43,8 @@ def _weight_params(graph: Graph, nodes: dict[int, Node]) -> dict[int, Node]:
     found = {}
     for n in graph.nodes:
         if n.op is Op.EINSUM and Tag.LINEAR in n.tags and len(n.inputs) == 2:
+            if n.name.startswith(FLOAT_ROLES):
+                continue
             w = nodes[n.inputs[1]]
             if w.op is Op.CAST:
                 raise QuantError(

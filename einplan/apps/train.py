@@ -53,11 +53,13 @@ def train(
     tokenizer: str | None = None,
     workers: int = 0,
     profile: str | os.PathLike | None = None,
+    kernels: str | None = None,
 ) -> TrainResult:
     """Train on the text file ``data`` in the run folder ``out`` until step ``steps``
     (default: the train settings'), with the train settings changed by ``overrides``;
     ``resume`` continues from the folder's latest checkpoint. ``profile`` (a folder) records
-    every step and writes its trace there, as ``einplan train --profile``."""
+    every step and writes its trace there, as ``einplan train --profile``. ``kernels``: the
+    kernels backend, ``"numpy"`` or ``"numba"`` (None: the fastest installed)."""
     out = Path(out)
     options = RunOptions(
         corpus=Path(data),
@@ -68,6 +70,7 @@ def train(
         tokenizer=tokenizer,
         overrides=overrides or {},
         workers=workers,
+        kernels=kernels,
     )
     training = TrainingRun(open_or_compile(config_or_plan, out), options)
     if profile:

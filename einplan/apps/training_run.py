@@ -63,6 +63,7 @@ class RunOptions:
     tokenizer: str | None = None  # overrides the settings' tokenizer
     overrides: dict[str, Any] | None = None  # train settings changed for this run
     workers: int = 0
+    kernels: str | None = None  # kernels backend (None: the fastest installed)
 
 
 def peak_rss_mib() -> float:
@@ -160,7 +161,9 @@ class TrainingRun:
         self.val_batches = [
             np.stack(val[i : i + cfg.micro_batch]) for i in range(0, len(val), cfg.micro_batch)
         ]
-        self.trainer = Trainer(plan, initial_weights(plan, options, cfg.seed), cfg, options.workers)
+        self.trainer = Trainer(
+            plan, initial_weights(plan, options, cfg.seed), cfg, options.workers, options.kernels
+        )
         if ckpt is not None:
             if ckpt.state["data"]["key"] != key:
                 raise CheckpointError(

@@ -6,7 +6,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from einplan.commands.eval import add_profile_argument, add_weights_arguments, open_session
+from einplan.commands.eval import (
+    add_kernels_argument,
+    add_profile_argument,
+    add_weights_arguments,
+    open_session,
+)
 from einplan.errors import EinplanError
 
 
@@ -77,6 +82,19 @@ def generate_prompts(args: argparse.Namespace, generate) -> None:
             for prompt, text, why in zip(chunk, result.texts, result.stop_reasons, strict=True):
                 print(f"{prompt}{text}\n[stopped: {why}]\n")
         print_phase_table(result.stats)
+        if args.stats_json:
+            write_stats_json(args.stats_json, result.stats)
+
+
+def write_stats_json(path: str, stats) -> None:
+    """The phase table of the last batch as JSON, written atomically."""
+    import json
+    import os
+
+    out = Path(path)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(stats.to_json(), indent=2) + "\n")
+    os.replace(tmp, out)
 
 
 def run_chat(session, generate) -> None:
@@ -121,4 +139,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--batch-size", type=int, default=8, help="prompts per batch (--prompts-file)")
     r.add_argument("--ctx", type=int, help="KV cache length (default: prompt + new tokens)")
     r.add_argument("--workers", type=int, default=0, help="thread-pool workers (0: sequential)")
+    add_kernels_argument(r)
+    r.add_argument(
+        "--stats-json",
+        metavar="FILE",
+        help="write the phase table (TTFT, tok/s, p50/p99, memory, backend) as JSON",
+    )
     r.set_defaults(func=run)

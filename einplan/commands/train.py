@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from einplan.commands.eval import add_profile_argument
+from einplan.commands.eval import add_kernels_argument, add_profile_argument
 from einplan.errors import EinplanError
 
 
@@ -39,6 +39,7 @@ def run(args: argparse.Namespace) -> None:
         tokenizer=args.tokenizer,
         workers=args.workers,
         profile=args.profile,
+        kernels=args.kernels,
     )
 
 
@@ -64,5 +65,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="change a train setting for this run (micro_batch=8, lr=1e-3, ...)",
     )
     t.add_argument("--workers", type=int, default=0, help="thread-pool workers (0: sequential)")
+    add_kernels_argument(t)
     add_profile_argument(t)
     t.set_defaults(func=run)

@@ -59,6 +59,17 @@ def memory_breakdown(graph: Graph, arrays: dict[int, np.ndarray]) -> dict[str, i
     return out
 
 
+@functools.cache
+def missing_numba_hint() -> None:
+    """Say once that quantised plans run faster with numba installed."""
+    import sys
+
+    sys.stderr.write(
+        "einplan: quantised weights run on numpy kernels; pip install 'einplan[numba]' for "
+        "compiled ones\n"
+    )
+
+
 class Executor:
     """Runs one entry point of a plan over bound parameters."""
 
@@ -91,6 +102,8 @@ class Executor:
         self._blas_threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None
         self._small = graph.meta.get("schedule", {}).get("blas_threads") == 1
         self.memory = memory_breakdown(graph, self.params)
+        if kernels is None and self._quantized and self.backend.name == "numpy":
+            missing_numba_hint()
 
     def _check_leaf(self, n, arr: np.ndarray) -> np.ndarray:
         """Check a weight or state array against its leaf; bind the state's symbolic dims."""

@@ -41,26 +41,36 @@ def rss_kib() -> int:
     return 0
 
 
-def run_case_here(scheme: str, weights: str, prompt: int, new: int, reps: int) -> dict:
-    """Decode with one scheme in this process."""
+def run_case_here(
+    scheme: str, weights: str, prompt: int, new: int, reps: int, kernels: str = "numpy"
+) -> dict:
+    """Decode with one scheme and kernels backend in this process (``weights`` "random":
+    seeded random weights of configs/smollm2-135m.json, quantised when bound)."""
     import numpy as np
 
     from einplan.api import compile_model, plan_config
-    from einplan.formats.weights import load_weights
-    from einplan.runtime.generate import Generator
+    from einplan.formats.weights import load_weights, random_weights
+    from einplan.runtime.generate import GenerationRequest, Generator
     from einplan.runtime.sampling import SamplingConfig
 
-    plan = compile_model(weights, quant=SCHEMES[scheme], entries=("prefill", "decode"))
+    source = str(ROOT / "configs" / "smollm2-135m.json") if weights == "random" else weights
+    plan = compile_model(source, quant=SCHEMES[scheme], entries=("prefill", "decode"))
     before = rss_kib()
-    tied = plan_config(plan).tie_word_embeddings
-    gen = Generator(plan, load_weights(plan.entry("decode"), weights, tied=tied))
+    if weights == "random":
+        arrays = random_weights(plan.entry("decode"), 0)
+    else:
+        tied = plan_config(plan).tie_word_embeddings
+        arrays = load_weights(plan.entry("decode"), weights, tied=tied)
+    gen = Generator(plan, arrays, kernels=kernels)
     prompts = [np.random.default_rng(1).integers(1, 49152, prompt).tolist()]
-    gen.generate(prompts, 8, SamplingConfig())  # warm-up: kernels and buffers
+    gen.generate(GenerationRequest(prompts, 8, SamplingConfig()))  # warm-up: kernels, buffers
     bound = rss_kib()
-    runs = [gen.generate(prompts, new, SamplingConfig()).stats for _ in range(reps)]
+    runs = [gen.generate(GenerationRequest(prompts, new)).stats for _ in range(reps)]
     steps = [s for r in runs for s in r.decode_step_s]
     p50 = statistics.median(steps)
     return {
+        "kernels": kernels,
+        "decode_steps_by_backend": runs[0].decode_steps_by_backend,
         "decode_step_ms_p50": p50 * 1e3,
         "decode_step_ms_p99": statistics.quantiles(steps, n=100)[98] * 1e3,
         "tokens_per_s": 1 / p50,
@@ -85,7 +95,15 @@ def quantize_once(weights: str, scheme: str, work: Path) -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--weights", required=True, help="SmolLM2-135M HF folder (float weights)")
+    ap.add_argument(
+        "--weights",
+        required=True,
+        help="SmolLM2-135M HF folder (float weights), or 'random' (seeded random weights)",
+    )
+    ap.add_argument("--kernels", default="numpy,numba", help="kernels backends to compare")
+    ap.add_argument(
+        "--rounds", type=int, default=1, help="run every case this many times, interleaved"
+    )
     cache = Path(os.environ.get("EINPLAN_CACHE_DIR", Path.home() / ".cache" / "einplan"))
     ap.add_argument(
         "--work", default=str(cache / "quant-weights"), help="where the quantised weights go"
@@ -99,12 +117,16 @@ def main() -> None:
     )
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "quant.json"))
     ap.add_argument("--case", help=argparse.SUPPRESS)
+    ap.add_argument("--case-kernels", default="numpy", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.case == "bandwidth":
         print(json.dumps(measure_bandwidth()))
         return
     if args.case:
-        print(json.dumps(run_case_here(args.case, args.weights, args.prompt, args.new, args.reps)))
+        r = run_case_here(
+            args.case, args.weights, args.prompt, args.new, args.reps, args.case_kernels
+        )
+        print(json.dumps(r))
         return
 
     work = Path(args.work)
@@ -115,35 +137,59 @@ def main() -> None:
         me = ["taskset", "-c", f"0-{args.cores - 1}", *me]
     bw = subprocess_json([*me, "--weights", args.weights, "--case", "bandwidth"])
     results = [{"engine": "machine", "kind": "bandwidth", **bw}]
-    for scheme in args.schemes.split(","):
-        folder = (
-            args.weights if scheme == "fp32" else str(quantize_once(args.weights, scheme, work))
-        )
-        r = subprocess_json([*me, "--weights", folder, "--case", scheme])
-        r.update(engine="einplan", kind="decode", scheme=scheme, weights=folder)
-        r["file_bytes"] = sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
+    cases = [(s, k) for s in args.schemes.split(",") for k in args.kernels.split(",")]
+    rounds: dict[tuple[str, str], list[dict]] = {c: [] for c in cases}
+    for _ in range(args.rounds):  # A, B, C, A, B, C, ...: drift on a shared host hits all
+        for scheme, kernels in cases:
+            if args.weights == "random" or scheme == "fp32":
+                folder = args.weights
+            else:
+                folder = str(quantize_once(args.weights, scheme, work))
+            cmd = [*me, "--weights", folder, "--case", scheme, "--case-kernels", kernels]
+            r = subprocess_json(cmd)
+            r.update(engine="einplan", kind="decode", scheme=scheme, weights=folder)
+            r.setdefault("kernels", kernels)
+            r["file_bytes"] = sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
+            rounds[(scheme, kernels)].append(r)
+            tps = r.get("tokens_per_s", 0)
+            print(f"{scheme} {kernels}: {tps:.1f} tok/s", file=sys.stderr)
+    for case in cases:
+        runs = [r for r in rounds[case] if "tokens_per_s" in r]
+        r = dict(rounds[case][0]) if not runs else dict(runs[0])
+        if runs:
+            r["tokens_per_s_rounds"] = [x["tokens_per_s"] for x in runs]
+            r["tokens_per_s"] = statistics.median(r["tokens_per_s_rounds"])
+            r["decode_step_ms_p50"] = 1e3 / r["tokens_per_s"]
         if "tokens_per_s" in r and "copy_gbs" in bw:
             r["bandwidth_limit_tokens_per_s"] = bw["copy_gbs"] * 1e9 / r["weights_bytes"]
             r["share_of_bandwidth_limit"] = r["tokens_per_s"] / r["bandwidth_limit_tokens_per_s"]
         results.append(r)
-        print(f"{scheme}: {r.get('tokens_per_s', 0):.1f} tok/s", file=sys.stderr)
+    # fp32 runs the same (numpy) kernels under every backend: its rounds are pooled
+    fp32 = [t for c in cases if c[0] == "fp32" for r in rounds[c] for t in [r.get("tokens_per_s")]]
+    base = statistics.median([t for t in fp32 if t]) if any(fp32) else None
+    for r in results[1:]:
+        if base and "tokens_per_s" in r:
+            r["speedup_vs_fp32"] = r["tokens_per_s"] / base
 
     from rich.console import Console
     from rich.table import Table
 
     cores = args.cores or len(os.sched_getaffinity(0))
     t = Table(title=f"SmolLM2-135M decode, batch 1, prompt {args.prompt} ({cores} cores)")
-    cols = ("scheme", "decode tok/s", "p50 / p99 ms", "weights MiB", "file MiB")
+    cols = ("scheme", "kernels", "decode tok/s", "x fp32", "p50 / p99 ms", "weights MiB")
+    cols += ("file MiB",)
     cols += ("bandwidth limit tok/s", "share", "weights RSS MiB", "peak RSS MiB")
     for col in cols:
         t.add_column(col, justify="left" if col == "scheme" else "right")
     for r in results[1:]:
         if "error" in r:
-            t.add_row(r["scheme"], "error: " + r["error"][-60:])
+            t.add_row(r["scheme"], r.get("kernels", ""), "error: " + r["error"][-60:])
             continue
         t.add_row(
             r["scheme"],
+            r["kernels"],
             f"{r['tokens_per_s']:.1f}",
+            f"{r.get('speedup_vs_fp32', 0):.2f}",
             f"{r['decode_step_ms_p50']:.1f} / {r['decode_step_ms_p99']:.1f}",
             f"{r['weights_bytes'] / 2**20:.0f}",
             f"{r['file_bytes'] / 2**20:.0f}",

@@ -14,6 +14,7 @@ from einplan.apps.compile import (
     parameter_count,
 )
 from einplan.apps.evaluate import evaluate_text
+from einplan.apps.kernel_bench import bench_kernels
 from einplan.apps.quant_report import quant_report
 from einplan.apps.quantize_checkpoint import quantize_checkpoint
 from einplan.apps.session import Session, check_weights_config, load_plan, plan_config
@@ -39,6 +40,7 @@ __all__ = [
     "Recorder",
     "Session",
     "TrainResult",
+    "bench_kernels",
     "check_weights_config",
     "compile_model",
     "evaluate_text",

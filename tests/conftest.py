@@ -7,6 +7,24 @@ from pathlib import Path
 
 import pytest
 
+from einplan.runtime.backends import available_backends
+
+# compiled kernels are cached once per machine, not per test session (whose EINPLAN_CACHE_DIR
+# is a fresh temporary folder): the JIT is paid by the first run only
+os.environ.setdefault(
+    "NUMBA_CACHE_DIR",
+    os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "einplan-test-numba"),
+)
+
+BACKENDS = available_backends()  # the kernels backends this machine can run
+
+
+@pytest.fixture(params=BACKENDS)
+def kernels(request) -> str:
+    """Each installed kernels backend in turn (numpy always; numba when installed)."""
+    return request.param
+
+
 TESTS = Path(__file__).parent
 FIXTURES = TESTS / "fixtures"
 GOLDEN = TESTS / "golden"

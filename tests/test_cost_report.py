@@ -124,7 +124,7 @@ def test_profile_then_report_end_to_end(tmp_path, capsys):
     assert any(r["op"] == "einsum" and r["bound"] for r in doc["rows"])
     assert main(["report", str(prof), "--by", "layer", "--format", "csv"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("layer,runs,p50_ms,p99_ms") and len(lines) == 1 + 8
+    assert lines[0].startswith("layer,kernels,runs,p50_ms,p99_ms") and len(lines) == 1 + 8
     assert (
         main(
             ["report", str(prof / "trace.json"), "--format", "html", "-o", str(tmp_path / "r.html")]

@@ -27,10 +27,11 @@ def _load(case):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_greedy_continuation_matches_transformers(case):
+def test_greedy_continuation_matches_transformers(case, kernels):
     plan, session, ref = _load(case)
     prompt = ref["prompt_ids"][0].tolist()
-    out = Generator(plan, session.weights).generate(GenerationRequest([prompt], 16, GREEDY))
+    gen = Generator(plan, session.weights, kernels=kernels)
+    out = gen.generate(GenerationRequest([prompt], 16, GREEDY))
     assert out.tokens[0] == ref["greedy_ids"][0, len(prompt) :].tolist()
 
 

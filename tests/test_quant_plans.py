@@ -58,9 +58,10 @@ def test_graph_has_packed_params_and_a_dequantize_per_weight():
 
 
 @pytest.mark.parametrize("scheme", list(BOUNDS))
-def test_logits_stay_near_float32(reference, scheme):
+def test_logits_stay_near_float32(reference, scheme, kernels):
     quant = {"scheme": scheme, "group_size": 32}
-    logits = einplan.Session(einplan.compile_model(CASE, quant=quant), CASE).forward(_ids((2, 24)))
+    plan = einplan.compile_model(CASE, quant=quant)
+    logits = einplan.Session(plan, CASE, kernels=kernels).forward(_ids((2, 24)))
     assert _rel(logits, reference) < BOUNDS[scheme]
     assert _rel(logits, reference) > 1e-6  # the weights really were rounded
 
@@ -69,11 +70,14 @@ def test_logits_stay_near_float32(reference, scheme):
     "scheme, symmetric, bound",
     [("w8a16", False, 0.02), ("w4a16", False, 0.25), ("w4a16", True, 0.25)],
 )
-def test_untied_head_and_asymmetric_weights(scheme, symmetric, bound):
+def test_untied_head_and_asymmetric_weights(scheme, symmetric, bound, kernels):
     quant = {"scheme": scheme, "group_size": 32, "symmetric": symmetric}
-    ref = einplan.Session(einplan.compile_model(UNTIED), UNTIED).forward(_ids((1, 20)))
-    got = einplan.Session(einplan.compile_model(UNTIED, quant=quant), UNTIED).forward(_ids((1, 20)))
+    ref = einplan.Session(einplan.compile_model(UNTIED), UNTIED).forward(_ids((1, 12)))
+    plan = einplan.compile_model(UNTIED, quant=quant)
+    got = einplan.Session(plan, UNTIED, kernels=kernels).forward(_ids((1, 12)))
     assert 1e-6 < _rel(got, ref) < bound
+    numpy = einplan.Session(plan, UNTIED, kernels="numpy").forward(_ids((1, 12)))
+    assert _rel(got, numpy) < 1e-5  # any backend: the numpy kernels' numbers to f32 rounding
 
 
 def test_no_float_copy_of_a_weight_is_made(monkeypatch):
@@ -94,11 +98,13 @@ def test_no_float_copy_of_a_weight_is_made(monkeypatch):
     assert len(matrices) == 9 and all(a.dtype == np.uint8 for a in matrices)  # 4 packed per layer
 
 
-def test_decode_matches_forward_with_quantised_weights():
-    plan = einplan.compile_model(CASE, quant={"scheme": "w4a16", "group_size": 32})
-    session = einplan.Session(plan, CASE)
+@pytest.mark.parametrize("scheme", ["w4a16", "w8a16"])
+def test_decode_matches_forward_with_quantised_weights(scheme, kernels):
+    plan = einplan.compile_model(CASE, quant={"scheme": scheme, "group_size": 32})
+    session = einplan.Session(plan, CASE, kernels=kernels)
     prompt = _ids(10).tolist()
-    gen = Generator(plan, session.weights).generate(GenerationRequest([prompt], 6))
+    gen = Generator(plan, session.weights, kernels=kernels)
+    gen = gen.generate(GenerationRequest([prompt], 6))
     ids = list(prompt)
     for _ in range(6):  # greedy by full forward passes
         ids.append(int(session.forward(np.array([ids]))[0, -1].argmax()))
@@ -119,7 +125,11 @@ def test_quantised_checkpoint_gives_the_same_logits(tmp_path, capsys):
     on_load = einplan.Session(plan, CASE).forward(_ids((1, 16)))
     stored = einplan.Session(plan, out)
     assert stored.weights["model.layers.0.mlp.down_proj.weight"].dtype == np.uint8
-    np.testing.assert_array_equal(stored.forward(_ids((1, 16))), on_load)
+    got = stored.forward(_ids((1, 16)))
+    if stored.kernels.name == "numpy":
+        np.testing.assert_array_equal(got, on_load)
+    else:  # compiled kernels specialise on read-only (stored) arrays: same to f32 rounding
+        np.testing.assert_allclose(got, on_load, rtol=1e-5, atol=1e-6)
     static = einplan.compile_model(
         CASE, quant={"scheme": "w4a4", "group_size": 32, "activations": "static"}
     )

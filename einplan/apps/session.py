@@ -25,6 +25,7 @@ from einplan.formats.weights import (
     weights_config,
 )
 from einplan.models.config import ModelConfig, config_differences, parse_config
+from einplan.runtime.backends import get_backend
 from einplan.runtime.executor import Executor, InputError
 from einplan.runtime.generate import Generation, GenerationRequest, Generator
 from einplan.runtime.recorder import Recorder
@@ -79,6 +80,7 @@ class Session:
         adapter: str | os.PathLike | None = None,
         lora_seed: int = 0,
         tokenizer: str | os.PathLike | Tokenizer | None = None,
+        kernels: str | None = None,
     ) -> None:
         """Bind ``weights`` (HF folder, safetensors file, hub id, GGUF file, or a dict of
         arrays under Hugging Face names), or
@@ -87,10 +89,13 @@ class Session:
         ``adapter`` (a PEFT folder made for these weights) or, without one, fresh ones
         (``lora_seed``; B is zero, so the logits are the base model's). ``tokenizer``
         (tokenizer.json or its folder, ``"bytes"``, or a Tokenizer) defaults to the one that
-        came with the weights; ``self.tokenizer`` is None when there is none."""
+        came with the weights; ``self.tokenizer`` is None when there is none. ``kernels``
+        picks the kernels backend, ``"numpy"`` or ``"numba"`` (None: the fastest installed);
+        the plan is the same whichever runs it."""
         self.plan = plan if isinstance(plan, Plan) else load_plan(plan)
         self.config = plan_config(self.plan)
         self.workers = workers
+        self.kernels = get_backend(kernels)
         graph = self.plan.entry("forward")
         if (weights is None) == (random_seed is None):
             raise ValueError(
@@ -111,7 +116,7 @@ class Session:
         else:
             arrays.update(init_lora(graph, lora_seed))
         self.weights = arrays
-        self.executor = Executor(graph, arrays, workers)
+        self.executor = Executor(graph, arrays, workers, self.kernels)
         if isinstance(tokenizer, Tokenizer):
             self.tokenizer: Tokenizer | None = tokenizer
         elif tokenizer is not None:
@@ -137,14 +142,14 @@ class Session:
         """The prefill and decode entries over these weights."""
         how = "einplan.compile_model(config) (its default entries) or einplan compile CONFIG"
         require_entries(self.plan, ("prefill", "decode"), "generate", how)
-        return Generator(self.plan, self.weights, self.workers)
+        return Generator(self.plan, self.weights, self.workers, self.kernels)
 
     @cached_property
     def grad_executor(self) -> Executor:
         """The ``grad`` entry over these weights."""
         how = 'einplan.compile_model(config, entries=("forward", "grad"))'
         require_entries(self.plan, ("grad",), "loss_and_grads", how)
-        return Executor(self.plan.entry("grad"), self.weights, self.workers)
+        return Executor(self.plan.entry("grad"), self.weights, self.workers, self.kernels)
 
     def check_tokens(self, tokens: np.ndarray) -> np.ndarray:
         """Token ids as ``(batch, seq)`` integers in the vocabulary (one row may be 1-D)."""

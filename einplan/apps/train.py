@@ -87,12 +87,14 @@ def train(
     tokenizer: str | None = None,
     workers: int = 0,
     profile: str | os.PathLike | None = None,
+    kernels: str | None = None,
 ) -> TrainResult:
     """Train on the text file ``data`` in the run folder ``out`` until step ``steps``
     (default: the train settings'), with the train settings changed by ``overrides``;
     ``resume`` continues from the folder's latest checkpoint; a folder that holds a run is
     refused without ``resume``, or cleared first with ``overwrite``. ``profile`` (a folder) records
-    every step and writes its trace there, as ``einplan train --profile``."""
+    every step and writes its trace there, as ``einplan train --profile``. ``kernels``: the
+    kernels backend, ``"numpy"`` or ``"numba"`` (None: the fastest installed)."""
     if steps is not None and steps < 1:
         raise EinplanError(f"steps must be at least 1, got {steps}")
     if workers < 0:
@@ -111,6 +113,7 @@ def train(
         tokenizer=tokenizer,
         overrides=overrides or {},
         workers=workers,
+        kernels=kernels,
     )
     training = TrainingRun(open_or_compile(config_or_plan, out), options)
     if profile:

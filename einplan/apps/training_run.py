@@ -94,6 +94,7 @@ class RunOptions:
     tokenizer: str | None = None  # overrides the settings' tokenizer
     overrides: dict[str, Any] | None = None  # train settings changed for this run
     workers: int = 0
+    kernels: str | None = None  # kernels backend (None: the fastest installed)
 
 
 def peak_rss_mib() -> float:
@@ -207,7 +208,9 @@ class TrainingRun:
         self.val_batches = [
             np.stack(val[i : i + cfg.micro_batch]) for i in range(0, len(val), cfg.micro_batch)
         ]
-        self.trainer = Trainer(plan, initial_weights(plan, options, cfg.seed), cfg, options.workers)
+        self.trainer = Trainer(
+            plan, initial_weights(plan, options, cfg.seed), cfg, options.workers, options.kernels
+        )
         self.base_stamp = base_fingerprint(self.trainer.weights) if plan.meta.get("lora") else ""
         if ckpt is not None:
             self.check_base(ckpt)

@@ -71,6 +71,17 @@ def open_session(plan, args: argparse.Namespace, tokenizer):
         workers=args.workers,
         adapter=args.adapter,
         tokenizer=tokenizer,
+        kernels=args.kernels,
+    )
+
+
+def add_kernels_argument(p: argparse.ArgumentParser) -> None:
+    """``--kernels numpy|numba``: the backend that runs the steps (the plan is unchanged)."""
+    p.add_argument(
+        "--kernels",
+        choices=["numpy", "numba"],
+        help="kernels backend (default: numba when installed, else numpy); the plan and "
+        "its results are the same to float32 rounding",
     )
 
 
@@ -130,5 +141,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=0,
         help="thread-pool workers for independent steps (0: sequential)",
     )
+    add_kernels_argument(e)
     add_profile_argument(e)
     e.set_defaults(func=run)

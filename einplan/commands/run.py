@@ -15,6 +15,7 @@ from einplan.commands.arguments import (
     probability,
 )
 from einplan.commands.eval import (
+    add_kernels_argument,
     add_profile_argument,
     add_weights_arguments,
     check_profile,
@@ -92,6 +93,19 @@ def generate_prompts(args: argparse.Namespace, generate) -> None:
             for prompt, text, why in zip(chunk, result.texts, result.stop_reasons, strict=True):
                 print(f"{prompt}{text}\n[stopped: {why}]\n", file=args.stdout)
         print_phase_table(result.stats)
+        if args.stats_json:
+            write_stats_json(args.stats_json, result.stats)
+
+
+def write_stats_json(path: str, stats) -> None:
+    """The phase table of the last batch as JSON, written atomically."""
+    import json
+    import os
+
+    out = Path(path)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(stats.to_json(), indent=2) + "\n")
+    os.replace(tmp, out)
 
 
 def run_chat(session, generate, out: TextIO) -> None:
@@ -145,5 +159,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     r.add_argument(
         "--workers", type=non_negative_int, default=0, help="thread-pool workers (0: sequential)"
+    )
+    add_kernels_argument(r)
+    r.add_argument(
+        "--stats-json",
+        metavar="FILE",
+        help="write the phase table (TTFT, tok/s, p50/p99, memory, backend) as JSON",
     )
     r.set_defaults(func=run)

@@ -7,7 +7,7 @@ import argparse
 import json
 
 from einplan.commands.arguments import non_negative_int, positive_int
-from einplan.commands.eval import add_profile_argument, check_profile
+from einplan.commands.eval import add_kernels_argument, add_profile_argument, check_profile
 from einplan.errors import EinplanError
 
 
@@ -42,6 +42,7 @@ def run(args: argparse.Namespace) -> None:
         tokenizer=args.tokenizer,
         workers=args.workers,
         profile=args.profile,
+        kernels=args.kernels,
     )
 
 
@@ -77,5 +78,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument(
         "--workers", type=non_negative_int, default=0, help="thread-pool workers (0: sequential)"
     )
+    add_kernels_argument(t)
     add_profile_argument(t)
     t.set_defaults(func=run)

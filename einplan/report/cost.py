@@ -120,7 +120,8 @@ def cost_report(
             acc[2] += r.bytes
             if key not in meta:  # the first step of a group places it in model order
                 order = phase_rank(group) if by == "phase" else (r.step,)
-                meta[key] = {"op": r.op, "shapes": r.shapes, "order": order}
+                meta[key] = {"op": r.op, "shapes": r.shapes, "order": order, "kernels": set()}
+            meta[key]["kernels"].add(r.backend)
     placed = []  # (model order, row)
     for (entry, group), per_run in sums.items():
         ns = np.array([v[0] for v in per_run.values()], dtype=np.float64)
@@ -134,6 +135,7 @@ def cost_report(
             row["shapes"] = meta[(entry, group)]["shapes"]
         if by == "expert":
             row["tokens"] = tokens[(entry, group)] / len(ns)  # per run
+        row["kernels"] = "+".join(sorted(meta[(entry, group)]["kernels"]))
         row |= {
             "runs": len(ns),
             "p50_ms": float(np.percentile(ns, 50)) / 1e6,

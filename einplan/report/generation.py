@@ -31,4 +31,6 @@ def print_phase_table(stats: PhaseStats, console: Console | None = None) -> None
     t.add_row("weights", mib(stats.weights_bytes))
     t.add_row("KV cache", mib(stats.kv_cache_bytes))
     t.add_row("activations (buffers)", mib(stats.activations_bytes))
+    by = ", ".join(f"{k} {v}" for k, v in sorted(stats.decode_steps_by_backend.items()))
+    t.add_row("kernels", f"{stats.backend}" + (f" (decode steps: {by})" if by else ""))
     console.print(t)

@@ -45,6 +45,25 @@ def mib(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
 
+def kernels_line(plan: Plan) -> str:
+    """Which kernels backend would run what: chosen when the plan is bound, not stored."""
+    from einplan.runtime.backends import available_backends, default_backend
+
+    g = plan.entry("decode") if "decode" in plan.entries else plan.entry("forward")
+    compiled = sum(
+        1
+        for n in g.nodes
+        if n.op.value == "einsum" and type(n.attrs.get("recipe")).__name__ == "QMatmulRecipe"
+    )
+    installed = ", ".join(available_backends())
+    what = (
+        f"numba compiles {compiled} quantised products of {g.name} (<= 16 rows), numpy the rest"
+        if compiled
+        else "no step has a compiled kernel: all numpy"
+    )
+    return f"{default_backend()} by default (installed: {installed}; --kernels); {what}"
+
+
 def print_compile_summary(plan: Plan, batch: int, seq: int, console: Console | None = None) -> None:
     """Print what a compiled plan holds and costs."""
     console = console or Console()
@@ -81,6 +100,7 @@ def print_compile_summary(plan: Plan, batch: int, seq: int, console: Console | N
     s.add_row("activation buffers (arena)", mib(mem["arena_bytes"]))
     s.add_row("outputs", mib(mem["outputs_bytes"]))
     s.add_row("estimated peak", mib(mem["peak_bytes"]))
+    s.add_row("kernels", kernels_line(plan))
     sched = g.meta.get("schedule", {})
     s.add_row(
         "dependency levels",

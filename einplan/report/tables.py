@@ -68,7 +68,7 @@ def render_rich(report: CostReport, top: int | None, console: Console) -> None:
         t = Table(title=title)
         cols = columns(table_rows)
         for c in cols:
-            left = c in ("shapes", "entry", "op", report.by)
+            left = c in ("shapes", "entry", "op", "kernels", report.by)
             t.add_column(HEADINGS.get(c, c), justify="left" if left else "right", no_wrap=True)
         for r in table_rows:
             t.add_row(*(format_cell(r.get(c)) for c in cols))

@@ -73,6 +73,7 @@ def chrome_trace(rec: Recorder) -> dict[str, Any]:
                     "flops": info.flops,
                     "bytes": info.bytes,
                     "tags": list(info.tags),
+                    "backend": info.backend,
                     **({"tokens": rec.loads[(run, step)]} if (run, step) in rec.loads else {}),
                 },
             }
@@ -126,7 +127,15 @@ def read_trace(path: str | Path) -> Recorder:
             )
             tables.append({})
             continue
-        info = StepInfo(e["name"], a["op"], a["flops"], a["bytes"], a["shapes"], tuple(a["tags"]))
+        info = StepInfo(
+            e["name"],
+            a["op"],
+            a["flops"],
+            a["bytes"],
+            a["shapes"],
+            tuple(a["tags"]),
+            a.get("backend", "numpy"),  # traces written before backends ran numpy
+        )
         tables[a["run"]][a["step"]] = info
         rec.raw.append((a["run"], a["step"], e["tid"], start, round(e["dur"] * 1000)))
         if "tokens" in a:

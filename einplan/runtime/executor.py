@@ -21,6 +21,7 @@ from einplan.compiler.ir import Graph
 from einplan.compiler.names import CACHE_PREFIX, GRAD_PREFIX
 from einplan.compiler.ops import Op
 from einplan.errors import EinplanError
+from einplan.runtime.backends import Backend, get_backend
 from einplan.runtime.recorder import Recorder, debug_level
 from einplan.runtime.steps import OutputRing, Prepared, Step, prepare_steps
 
@@ -58,12 +59,32 @@ def memory_breakdown(graph: Graph, arrays: dict[int, np.ndarray]) -> dict[str, i
     return out
 
 
+@functools.cache
+def missing_numba_hint() -> None:
+    """Say once that quantised plans run faster with numba installed."""
+    import sys
+
+    sys.stderr.write(
+        "einplan: quantised weights run on numpy kernels; pip install 'einplan[numba]' for "
+        "compiled ones\n"
+    )
+
+
 class Executor:
     """Runs one entry point of a plan over bound parameters."""
 
-    def __init__(self, graph: Graph, params: dict[str, np.ndarray], workers: int = 0) -> None:
+    def __init__(
+        self,
+        graph: Graph,
+        params: dict[str, np.ndarray],
+        workers: int = 0,
+        kernels: str | Backend | None = None,
+    ) -> None:
         """``params`` maps checkpoint keys to arrays; ``workers`` > 1 runs independent steps of
-        a level on a thread pool (BLAS threads capped so workers x BLAS threads <= cores)."""
+        a level on a thread pool (BLAS threads capped so workers x BLAS threads <= cores);
+        ``kernels`` names the backend of the steps' kernels (runtime/backends; None: the
+        fastest installed)."""
+        self.backend = get_backend(kernels)
         self.graph = graph
         self.nodes = graph.by_id()
         self.workers = workers
@@ -81,6 +102,8 @@ class Executor:
         self._blas_threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None
         self._small = graph.meta.get("schedule", {}).get("blas_threads") == 1
         self.memory = memory_breakdown(graph, self.params)
+        if kernels is None and self._quantized and self.backend.name == "numpy":
+            missing_numba_hint()
 
     def _check_leaf(self, n, arr: np.ndarray) -> np.ndarray:
         """Check a weight or state array against its leaf; bind the state's symbolic dims."""
@@ -136,7 +159,9 @@ class Executor:
         if key in self._prepared:
             self._prepared.move_to_end(key)
             return self._prepared[key]
-        prepared = prepare_steps(self.graph, self.nodes, self.params, dims, self._pool is not None)
+        prepared = prepare_steps(
+            self.graph, self.nodes, self.params, dims, self._pool is not None, self.backend
+        )
         self._prepared[key] = prepared
         while len(self._prepared) > 2:
             self._prepared.popitem(last=False)
@@ -223,6 +248,16 @@ class Executor:
             for i in level:
                 for f in steps[i].free:
                     del env[f]
+
+    def steps_by_backend(self) -> dict[str, int]:
+        """Steps per kernels backend in the binding prepared last (``{"numba": 121, ...}``)."""
+        if not self._prepared:
+            return {}
+        table = next(reversed(self._prepared.values())).table
+        out: dict[str, int] = {}
+        for info in table:
+            out[info.backend] = out.get(info.backend, 0) + 1
+        return out
 
     def activation_bytes(self) -> int:
         """Bytes of the largest arena (buffers and scratch) prepared so far: the activations

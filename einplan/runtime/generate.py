@@ -19,6 +19,7 @@ import numpy as np
 
 from einplan.compiler.plan import Plan
 from einplan.errors import EinplanError
+from einplan.runtime.backends import get_backend
 from einplan.runtime.executor import Executor
 from einplan.runtime.kv_cache import allocate_cache, cache_bytes
 from einplan.runtime.recorder import Recorder
@@ -41,6 +42,28 @@ class PhaseStats:
     kv_cache_bytes: int = 0
     weights_bytes: int = 0
     activations_bytes: int = 0
+    backend: str = "numpy"  # the kernels backend asked for
+    decode_steps_by_backend: dict[str, int] = field(default_factory=dict)  # who ran them
+
+    def to_json(self) -> dict:
+        """The phase table as plain numbers (``einplan run --stats-json``)."""
+        return {
+            "batch": self.batch,
+            "prompt_tokens": self.prompt_tokens,
+            "ttft_ms": self.ttft_s * 1e3,
+            "prefill_tokens_per_s": self.prefill_tokens_per_s,
+            "decode_tokens_per_s": self.decode_tokens_per_s,
+            "decode_ms_p50": self.decode_ms(0.5),
+            "decode_ms_p99": self.decode_ms(0.99),
+            "decode_steps": len(self.decode_step_s),
+            "memory_bytes": {
+                "weights": self.weights_bytes,
+                "kv_cache": self.kv_cache_bytes,
+                "activations": self.activations_bytes,
+            },
+            "backend": self.backend,
+            "decode_steps_by_backend": dict(self.decode_steps_by_backend),
+        }
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -258,9 +281,17 @@ class Rows:
 class Generator:
     """Prefill and decode entry points of a plan bound to weights, sharing one KV cache."""
 
-    def __init__(self, plan: Plan, weights: dict[str, np.ndarray], workers: int = 0) -> None:
-        """``weights`` maps checkpoint keys to arrays (as :class:`einplan.Session` binds)."""
+    def __init__(
+        self,
+        plan: Plan,
+        weights: dict[str, np.ndarray],
+        workers: int = 0,
+        kernels: str | None = None,
+    ) -> None:
+        """``weights`` maps checkpoint keys to arrays (as :class:`einplan.Session` binds);
+        ``kernels``: the kernels backend (runtime/backends; None: the fastest installed)."""
         self.plan, self.weights, self.workers = plan, weights, workers
+        self.kernels = get_backend(kernels)
         self.prefill_graph = plan.entry("prefill")
         self.decode_graph = plan.entry("decode")
         self.limit = self.prefill_graph.dims["ctx"]
@@ -271,8 +302,8 @@ class Generator:
         if self._bound is None or self._bound[0] != (batch, ctx):
             cache = allocate_cache(self.prefill_graph, batch, ctx)
             arrays = {**self.weights, **cache}
-            pre = Executor(self.prefill_graph, arrays, self.workers)
-            dec = Executor(self.decode_graph, arrays, self.workers)
+            pre = Executor(self.prefill_graph, arrays, self.workers, self.kernels)
+            dec = Executor(self.decode_graph, arrays, self.workers, self.kernels)
             self._bound = ((batch, ctx), pre, dec, cache)
         else:
             for a in self._bound[3].values():
@@ -317,4 +348,6 @@ class Generator:
             if rows.done.all():
                 break
         stats.activations_bytes = max(pre.activation_bytes(), dec.activation_bytes())
+        stats.backend = self.kernels.name
+        stats.decode_steps_by_backend = dec.steps_by_backend()
         return Generation(rows.new, rows.texts(), rows.reasons, stats)

@@ -102,6 +102,16 @@ class QuantizedMatrix:
         self.zero = zero
         self.scaled_zero = None if zero is None else (scale * zero).astype(np.float32)
         self.block_rows = block_rows(self.rows, self.cols)
+        self._zero_f32: np.ndarray | None = None
+
+    @property
+    def zero_f32(self) -> np.ndarray:
+        """Zero points as float32 (rows, groups), zeros for symmetric int8 (compiled kernels
+        take one layout for every scheme)."""
+        if self._zero_f32 is None:
+            z = self.zero if self.zero is not None else np.zeros(self.scale.shape, np.uint8)
+            self._zero_f32 = z.astype(np.float32)
+        return self._zero_f32
 
     def unpack(
         self, start: int, stop: int, out: np.ndarray, work: np.ndarray | None = None

@@ -34,6 +34,7 @@ class StepInfo(NamedTuple):
     bytes: int
     shapes: str = ""  # "f32[1,256,576], f32[576,576] -> f32[1,256,576]"
     tags: tuple[str, ...] = ()
+    backend: str = "numpy"  # the kernels backend that made the step's kernel
 
 
 @dataclass
@@ -50,6 +51,7 @@ class StepRecord:
     bytes: int
     shapes: str = ""
     tags: tuple[str, ...] = ()
+    backend: str = "numpy"
 
 
 @dataclass
@@ -108,7 +110,7 @@ class Recorder:
                 rate = info.flops / dur_ns if dur_ns else 0.0  # FLOP/ns = GFLOP/s
                 sys.stderr.write(
                     f"einplan: {step:5d} {info.name:<24} {info.op:<10} {dur_ns / 1e6:9.3f} ms "
-                    f"{rate:8.1f} GFLOP/s  t{thread}\n"
+                    f"{rate:8.1f} GFLOP/s  t{thread} {info.backend}\n"
                 )
 
     def records(self, run: int | None = None) -> list[StepRecord]:
@@ -130,6 +132,7 @@ class Recorder:
                     info.bytes,
                     info.shapes,
                     info.tags,
+                    info.backend,
                 )
             )
         return out

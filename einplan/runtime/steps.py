@@ -15,7 +15,8 @@ from einplan.compiler.dtypes import to_numpy_dtype
 from einplan.compiler.ir import Graph, Node, format_type, step_bytes
 from einplan.compiler.ops import ITEMSIZE, LEAVES, OPS, Op, count_flops
 from einplan.compiler.symbolic import evaluate, numel, poly_from_json, resolve_shape
-from einplan.runtime.kernels import Kernel, Scratch, make_kernel
+from einplan.runtime.backends import NUMPY, Backend
+from einplan.runtime.kernels import Kernel, Scratch
 from einplan.runtime.memory_limit import check_fits
 from einplan.runtime.recorder import StepInfo
 
@@ -116,9 +117,10 @@ def step_info(
     ins: list[tuple[int, ...]],
     shape: tuple[int, ...],
     dims: dict[str, int],
+    backend: str = "numpy",
 ) -> StepInfo:
     """The recorder's row for a step: name, op, FLOPs and bytes at these dims, the bound
-    shapes of its inputs and output, its tags."""
+    shapes of its inputs and output, its tags, the backend of its kernel."""
     in_nodes = [nodes[i] for i in n.inputs]
     flops = count_flops(n.op, [x.shape for x in in_nodes], n.shape, n.attrs)
     types = ", ".join(format_type(s, x.dtype) for s, x in zip(ins, in_nodes, strict=True))
@@ -129,6 +131,7 @@ def step_info(
         evaluate(step_bytes(n, nodes), dims),
         f"{types} -> {format_type(shape, n.dtype)}",
         tuple(sorted(n.tags)),
+        backend,
     )
 
 
@@ -154,11 +157,12 @@ def prepare_steps(
     params: dict[int, np.ndarray],
     dims: dict[str, int],
     pooled: bool,
+    backend: Backend = NUMPY,
 ) -> Prepared:
     """Make every step of ``graph`` for these dims: its kernel, its output buffer in the arena, its
     recorder row; views of arrays known before the run (``params``) are made here once, not
     as steps. ``pooled``: steps of a level may run together, each thread slot needs its own
-    scratch."""
+    scratch. ``backend`` gives each step's kernel (runtime/backends)."""
     slot_sizes = [evaluate(poly_from_json(s), dims) for s in graph.meta["memory"]["slots"]]
     outputs = sum(
         evaluate(numel(nodes[v].shape), dims) * ITEMSIZE[nodes[v].dtype]
@@ -183,7 +187,8 @@ def prepare_steps(
         thread = ann.thread if pooled else 0
         shape = resolve_shape(n.shape, dims)
         ins = [resolve_shape(nodes[i].shape, dims) for i in n.inputs]
-        kernel = make_kernel(n, ins, shape, scratch.for_thread(thread))
+        in_nodes = [nodes[i] for i in n.inputs]
+        kernel, made_by = backend.kernel_for(n, ins, shape, scratch.for_thread(thread), in_nodes)
         view = fixed_view(n, kernel, fixed)
         if view is not None:
             fixed[n.id] = static[n.id] = view
@@ -196,7 +201,7 @@ def prepare_steps(
         carried_free = []
         steps.append(step)
         levels.setdefault(ann.level, []).append(step.index)
-        table.append(step_info(n, nodes, ins, shape, dims))
+        table.append(step_info(n, nodes, ins, shape, dims, made_by))
     # scratch for one binding is sized by the kernels built above
     arena_bytes = sum(slot_sizes) + scratch.nbytes()
     return Prepared(

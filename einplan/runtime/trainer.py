@@ -60,16 +60,21 @@ class Trainer:
     """Runs optimizer steps of a training plan over weights it updates in place."""
 
     def __init__(
-        self, plan: Plan, weights: dict[str, np.ndarray], cfg: TrainConfig, workers: int = 0
+        self,
+        plan: Plan,
+        weights: dict[str, np.ndarray],
+        cfg: TrainConfig,
+        workers: int = 0,
+        kernels: str | None = None,
     ) -> None:
         """``weights`` (checkpoint key -> writable array) are trained in place; the optimizer
-        state starts at zero."""
+        state starts at zero; ``kernels``: the kernels backend (runtime/backends)."""
         graph = plan.entry("train_step")
         self.plan, self.cfg, self.weights = plan, cfg, weights
         self.state = allocate_states(graph, {})
         self.trained = [n.attrs["key"] for n in graph.params() if trainable(n)]
-        self.executor = Executor(graph, {**weights, **self.state}, workers)
-        self.loss_executor = Executor(plan.entry("loss"), weights, workers)
+        self.executor = Executor(graph, {**weights, **self.state}, workers, kernels)
+        self.loss_executor = Executor(plan.entry("loss"), weights, workers, kernels)
         self.profile: Recorder | None = None  # set to keep every step's timing (--profile)
         self.step = 0  # steps taken (the schedule's clock)
         self.updates = 0  # updates applied (the optimizer's bias-correction clock)

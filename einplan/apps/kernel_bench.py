@@ -1,0 +1,112 @@
+"""``einplan bench kernels``: what the compiled kernels cost to get (JIT on a machine's first
+run, loading from the on-disk cache after) and what they gain per call on SmolLM2-135M's
+decode shapes, against numpy's kernels."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+# name, (out, in), bits, group, symmetric: SmolLM2-135M's decode products
+SHAPES = [
+    ("w8 mlp up+gate 3072x576", (3072, 576), 8, 576, True),
+    ("w4 g64 mlp up+gate 3072x576", (3072, 576), 4, 64, True),
+    ("w4 g64 mlp down 576x1536", (576, 1536), 4, 64, True),
+]
+
+
+def _first_calls() -> dict:
+    """In a fresh process: numba's import, then each kernel's first call (JIT or cache)."""
+    t0 = time.perf_counter()
+    from einplan.runtime.backends import numba_kernels as nk
+
+    out = {"import_s": time.perf_counter() - t0}
+    x = np.ones((1, 128), np.float32)
+    for name, bits, k_in, kernel in [
+        ("q8_matmul", 8, 128, nk.q8_matmul),
+        ("q4_matmul_64", 4, 128, nk.q4_matmul_64),
+        ("q4_matmul_32", 4, 64, nk.q4_matmul_32),
+    ]:
+        q = np.zeros((4, k_in if bits == 8 else k_in // 2), np.int8 if bits == 8 else np.uint8)
+        s = np.ones((4, 1 if bits == 8 else k_in // 64), np.float32)
+        o = np.empty((1, 4), np.float32)
+        t0 = time.perf_counter()
+        if bits == 8:
+            kernel(x[:, :k_in], q, s, s * 0, o)
+        else:
+            kernel(np.ascontiguousarray(x[:, :k_in]), q, s, s * 0, 64 if k_in == 128 else 32, o)
+        out[name] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    nk.q_take_rows(
+        np.zeros(2, np.int64),
+        np.zeros((4, 8), np.uint8),
+        np.ones((4, 1), np.float32),
+        np.zeros((4, 1), np.float32),
+        8,
+        8,
+        np.empty((2, 8), np.float32),
+    )
+    out["q_take_rows"] = time.perf_counter() - t0
+    return out
+
+
+def _best(fn, reps: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def speed(reps: int = 50) -> list[dict]:
+    """Per decode shape: numpy's kernel and the compiled one, µs per call (best of reps)."""
+    from einplan.runtime.backends import numba_kernels as nk
+    from einplan.runtime.qmatmul import THREADS, QuantizedMatrix, scratch_shapes
+    from einplan.runtime.quantize import quantize_weight
+
+    rows_out = []
+    rng = np.random.default_rng(0)
+    for name, (rows, cols), bits, group, sym in SHAPES:
+        p = quantize_weight(rng.standard_normal((rows, cols), np.float32), bits, group, sym)
+        w = QuantizedMatrix(p["q"], p["scale"], p.get("zero_point"), bits, group)
+        x = rng.standard_normal((1, cols), np.float32)
+        out = np.empty((1, rows), np.float32)
+        sh = scratch_shapes(rows, cols, group, 1)
+        bufs = [{k: np.empty(s, np.float32) for k, s in sh.items()} for _ in range(THREADS)]
+        kern = nk.q8_matmul if bits == 8 else nk.q4_kernel(group, cols // 2)
+        args = (
+            (x, w.q, w.scale, w.zero_f32, out)
+            if bits == 8
+            else (x, w.q, w.scale, w.zero_f32, group, out)
+        )
+        t_np = _best(lambda w=w, x=x, out=out, bufs=bufs: w.matmul(x, out, bufs), reps)
+        t_nb = _best(lambda kern=kern, args=args: kern(*args), reps)
+        rows_out.append({"shape": name, "numpy_us": t_np * 1e6, "numba_us": t_nb * 1e6})
+    return rows_out
+
+
+def bench_kernels(reps: int = 50) -> dict:
+    """First-call cost of each compiled kernel with a cold cache and a warm one (each in a
+    fresh process), and per-call speed against numpy's kernels."""
+    code = (
+        "import json; from einplan.apps.kernel_bench import _first_calls as f; "
+        "print(json.dumps(f()))"
+    )
+    result = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        env = dict(os.environ, NUMBA_CACHE_DIR=tmp)
+        for phase in ("cold", "cached"):
+            p = subprocess.run(
+                [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+            )
+            result[phase] = json.loads(p.stdout.strip().splitlines()[-1])
+    result["speed"] = speed(reps)
+    return result

@@ -1,0 +1,68 @@
+"""``einplan serve``: an OpenAI-compatible HTTP server over a plan, with continuous batching
+(``/v1/completions``, ``/v1/chat/completions``, ``/v1/models``, ``/health``, ``/metrics``)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from einplan.commands.eval import add_weights_arguments, open_session
+from einplan.errors import EinplanError
+
+
+def run(args: argparse.Namespace) -> None:
+    """Load plan, weights and tokenizer; serve until interrupted."""
+    from einplan.api import create_server, load_plan, run_server
+    from einplan.formats.tokenizer import load_tokenizer
+    from einplan.formats.weights import resolve_weights_dir
+
+    for name in ("port", "max_batch", "max_queue", "chunk"):
+        value = getattr(args, name)
+        if value < (0 if name == "port" else 1) or (name == "port" and value > 65535):
+            raise EinplanError(f"--{name.replace('_', '-')} out of range: {value}")
+    if args.draft or args.draft_weights:
+        raise EinplanError("--draft (speculative decoding) is not available in the server yet")
+    plan = load_plan(args.plan)
+    weights = resolve_weights_dir(args.weights) if args.weights else None
+    session = open_session(plan, args, load_tokenizer(args.tokenizer, weights))
+    model = args.model_name or Path(args.plan).stem
+    api_key = args.api_key or os.environ.get("EINPLAN_API_KEY") or None
+    app, engine = create_server(
+        session,
+        model,
+        max_batch=args.max_batch,
+        ctx=args.ctx,
+        max_queue=args.max_queue,
+        api_key=api_key,
+        chunk=args.chunk,
+    )
+    try:
+        print(
+            f"einplan: serving {model!r} on http://{args.host}:{args.port}/v1 "
+            f"(max batch {args.max_batch}, context {engine.ctx})",
+            flush=True,
+        )
+        run_server(app, args.host, args.port, args.log_level)
+    finally:
+        engine.stop()
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``serve`` parser."""
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching)")
+    s.add_argument("plan", help="plan file from einplan compile")
+    add_weights_arguments(s)
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--model-name", help="the model id clients give (default: the plan's name)")
+    s.add_argument("--max-batch", type=int, default=8, help="rows decoded together")
+    s.add_argument("--max-queue", type=int, default=64, help="waiting requests before 503")
+    s.add_argument("--ctx", type=int, help="KV cache slots per row (default: the plan's limit)")
+    s.add_argument("--chunk", type=int, default=256, help="prompt tokens prefilled per step")
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or EINPLAN_API_KEY)")
+    s.add_argument("--workers", type=int, default=0, help="thread-pool workers (0: sequential)")
+    s.add_argument("--draft", help="draft plan for speculative decoding (not yet in the server)")
+    s.add_argument("--draft-weights", help="weights of the draft plan")
+    s.add_argument("--log-level", default="warning", help="uvicorn log level")
+    s.set_defaults(func=run)

@@ -1,0 +1,303 @@
+"""Continuous batching over a plan's prefill and decode entries: sequences join and leave the
+running decode batch between steps, each in its own lane of one KV cache.
+
+Design (no change to the plan): the decode entry writes every row's new key/value at one
+shared cache slot (``write_pos``), the *cursor*, which advances by one each decode step. A
+row's keys live at whatever slots it wrote and its mask row lets it see exactly those
+(attention does not care where a slot is: RoPE was applied by position before the write).
+So each lane keeps a ``visible`` set of slots; a free lane's old slots are simply hidden.
+
+A new prompt is prefilled alone (batch 1, its own small cache) in chunks of
+``chunk`` tokens, one chunk between two decode steps, so a long prompt never stalls the
+running rows for long; its keys are then copied into a free lane just below the cursor.
+When the cursor reaches the end of the cache, every lane's visible slots are packed to the
+front (``compact``). The decode step runs over the lowest ``b`` lanes only (``b`` a power of
+two covering the highest busy lane; the executors bind views of the cache), so a lone
+request pays for a batch of one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from collections.abc import Collection
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from einplan.compiler.plan import Plan
+from einplan.errors import EinplanError
+from einplan.runtime.executor import Executor
+from einplan.runtime.generate import MASKED, bucket
+from einplan.runtime.kv_cache import allocate_cache
+from einplan.runtime.sampling import Sampler, SamplingConfig
+
+_ids = itertools.count()
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Log-probabilities of one row of logits (float64 for exact sums)."""
+    x = logits.astype(np.float64)
+    x = x - x.max()
+    return x - np.log(np.exp(x).sum())
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request in flight: its prompt, how to sample, its new tokens, why it stopped."""
+
+    prompt: list[int]
+    max_new_tokens: int
+    sampling: SamplingConfig = SamplingConfig()
+    eos_ids: Collection[int] = ()
+    logprobs: int | None = None  # top-n log-probabilities wanted per token (0: just its own)
+    id: int = field(default_factory=lambda: next(_ids))
+    new: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "eos", "length", "context", "stop", "cancelled"
+    lane: int = -1
+    prefilled: int = 0  # prompt tokens written into the prefill cache so far
+    submitted_s: float = field(default_factory=time.perf_counter)
+    first_token_s: float | None = None
+
+    def __post_init__(self) -> None:
+        self.sampler = Sampler(self.sampling)
+        self.seen = list(self.prompt)
+        self.eos = set(self.eos_ids)
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class TokenEvent:
+    """A token a sequence produced (``token`` None when it only finished), its log-probability
+    and the top alternatives when asked, and its finish reason once it ends."""
+
+    seq: Sequence
+    token: int | None
+    logprob: float | None = None
+    top: list[tuple[int, float]] | None = None
+    finish_reason: str | None = None
+
+
+@dataclass
+class StepStats:
+    """What one engine step did."""
+
+    prefill_tokens: int = 0
+    decode_rows: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+
+
+class BatchEngine:
+    """Sequences in lanes of one KV cache, decoded together; not thread-safe (one thread
+    owns it and calls :meth:`add`, :meth:`cancel` and :meth:`step`)."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        weights: dict[str, np.ndarray],
+        max_batch: int = 8,
+        ctx: int | None = None,
+        workers: int = 0,
+        chunk: int = 256,
+    ) -> None:
+        self.prefill_graph = plan.entry("prefill")
+        self.decode_graph = plan.entry("decode")
+        limit = self.prefill_graph.dims["ctx"]
+        self.ctx = min(ctx or limit, limit)
+        if self.ctx < 2:
+            raise EinplanError(f"context must be >= 2 tokens, got {self.ctx}")
+        batch_limit = self.decode_graph.dims.get("batch", max_batch)
+        if not 1 <= max_batch <= batch_limit:
+            raise EinplanError(f"max batch must lie in 1..{batch_limit}, got {max_batch}")
+        self.max_batch, self.workers, self.chunk = max_batch, workers, chunk
+        self.weights = weights
+        self.cache = allocate_cache(self.prefill_graph, max_batch, self.ctx)
+        self.prompt_cache = allocate_cache(self.prefill_graph, 1, self.ctx)
+        self.prefiller = Executor(self.prefill_graph, {**weights, **self.prompt_cache}, workers)
+        self._decoders: dict[int, Executor] = {}
+        self.visible = np.zeros((max_batch, self.ctx), bool)
+        self.cursor = 0
+        self.lanes: list[Sequence | None] = [None] * max_batch
+        self.waiting: deque[Sequence] = deque()
+        self.prefilling: Sequence | None = None
+        self.pending: list[TokenEvent] = []  # events made outside step (cancel)
+
+    # -- requests -------------------------------------------------------------------------
+    def check(self, seq: Sequence) -> None:
+        """Refuse a sequence that cannot run here (empty, or no room to generate)."""
+        if not seq.prompt:
+            raise EinplanError("empty prompt: give at least one token of prompt text")
+        if len(seq.prompt) >= self.ctx:
+            raise EinplanError(
+                f"prompt of {len(seq.prompt)} tokens leaves no room to generate in a context "
+                f"of {self.ctx}; shorten the prompt"
+            )
+        if seq.max_new_tokens < 1:
+            raise EinplanError(f"max new tokens must be >= 1, got {seq.max_new_tokens}")
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a sequence; it is prefilled once a lane is free."""
+        self.check(seq)
+        self.waiting.append(seq)
+
+    def cancel(self, seq: Sequence, reason: str = "cancelled") -> None:
+        """Stop a sequence now and free its lane (or drop it from the queue)."""
+        if seq.done:
+            return
+        seq.finish_reason = reason
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        if self.prefilling is seq:
+            self.prefilling = None
+        self._free(seq)
+
+    @property
+    def running(self) -> int:
+        """Sequences in lanes or being prefilled."""
+        return sum(s is not None for s in self.lanes) + (self.prefilling is not None)
+
+    @property
+    def idle(self) -> bool:
+        return not self.waiting and self.running == 0
+
+    def _free(self, seq: Sequence) -> None:
+        if 0 <= seq.lane < self.max_batch and self.lanes[seq.lane] is seq:
+            self.lanes[seq.lane] = None
+            self.visible[seq.lane] = False
+        seq.lane = -1
+        if all(s is None for s in self.lanes):
+            self.cursor = 0
+
+    # -- one step -------------------------------------------------------------------------
+    def step(self) -> tuple[list[TokenEvent], StepStats]:
+        """One chunk of prefill (when a prompt waits and a lane is free), then one decode step
+        of every running lane. Returns the tokens made, in order."""
+        events, stats = self.pending, StepStats()
+        self.pending = []
+        if self.prefilling is None and self.waiting and None in self.lanes:
+            self.prefilling = self.waiting.popleft()
+            self.prefilling.prefilled = 0
+        decoding = [s for s in self.lanes if s is not None]
+        if self.prefilling is not None:
+            t0 = time.perf_counter()
+            stats.prefill_tokens = self._prefill_chunk(self.prefilling, events)
+            stats.prefill_s = time.perf_counter() - t0
+        if decoding:
+            t0 = time.perf_counter()
+            self._decode(decoding, events)
+            stats.decode_rows, stats.decode_s = len(decoding), time.perf_counter() - t0
+        return events, stats
+
+    def _prefill_chunk(self, seq: Sequence, events: list[TokenEvent]) -> int:
+        start, length = seq.prefilled, len(seq.prompt)
+        end = min(length, start + self.chunk)
+        kv = bucket(end, self.ctx)
+        slots = np.arange(kv)
+        own = start + np.arange(end - start)
+        mask = np.where(slots[None, None, :] <= own[None, :, None], np.float32(0), MASKED)
+        logits = self.prefiller.run(
+            {
+                "tokens": np.array([seq.prompt[start:end]], np.int64),
+                "positions": own[None, :].astype(np.int64),
+                "mask": mask.astype(np.float32),
+                "write_pos": np.array([start]),
+            }
+        )["logits"]
+        seq.prefilled = end
+        if end == length:
+            self.prefilling = None
+            self._place(seq)
+            self._accept(seq, logits[0], events)
+        return end - start
+
+    def _place(self, seq: Sequence) -> None:
+        """Copy a prefilled prompt's keys into a free lane, just below the cursor."""
+        lane = self.lanes.index(None)
+        n = len(seq.prompt)
+        if self.cursor + 1 > self.ctx:
+            self._compact()
+        if self.cursor < n:
+            self.cursor = n  # the other lanes skip these slots (hidden from them)
+        at = self.cursor - n
+        for key, arr in self.cache.items():
+            arr[lane, :, at : at + n] = self.prompt_cache[key][0, :, :n]
+        self.visible[lane] = False
+        self.visible[lane, at : at + n] = True
+        self.lanes[lane], seq.lane = seq, lane
+
+    def _compact(self) -> None:
+        """Pack every lane's visible slots to the front of the cache; the cursor follows."""
+        top = 0
+        for lane, seq in enumerate(self.lanes):
+            if seq is None:
+                continue
+            idx = np.flatnonzero(self.visible[lane])
+            m = len(idx)
+            if m and idx[-1] != m - 1:
+                for arr in self.cache.values():
+                    arr[lane, :, :m] = arr[lane][:, idx]
+            self.visible[lane] = False
+            self.visible[lane, :m] = True
+            top = max(top, m)
+        self.cursor = top
+
+    def _decoder(self, b: int) -> Executor:
+        if b not in self._decoders:
+            views = {k: v[:b] for k, v in self.cache.items()}
+            self._decoders[b] = Executor(self.decode_graph, {**self.weights, **views}, self.workers)
+        return self._decoders[b]
+
+    def _decode(self, running: list[Sequence], events: list[TokenEvent]) -> None:
+        if self.cursor >= self.ctx:
+            self._compact()
+        top = max(s.lane for s in running) + 1
+        b = min(self.max_batch, 1 << (top - 1).bit_length())
+        t = self.cursor
+        kv = bucket(t + 1, self.ctx)
+        tokens = np.zeros((b, 1), np.int64)
+        positions = np.zeros((b, 1), np.int64)
+        see = self.visible[:b, :kv].copy()
+        see[:, t] = True
+        for s in running:
+            tokens[s.lane, 0] = s.seen[-1]
+            positions[s.lane, 0] = len(s.seen) - 1
+        mask = np.where(see, np.float32(0), MASKED).astype(np.float32)[:, None, :]
+        logits = self._decoder(b).run(
+            {"tokens": tokens, "positions": positions, "mask": mask, "write_pos": np.array([t])}
+        )["logits"]
+        self.cursor = t + 1
+        for s in running:
+            self.visible[s.lane, t] = True
+            self._accept(s, logits[s.lane], events)
+
+    def _accept(self, seq: Sequence, logits: np.ndarray, events: list[TokenEvent]) -> None:
+        """Sample the sequence's next token from its logits row and decide whether it ends."""
+        tok = int(seq.sampler.pick(logits[None, :], [seq.seen])[0])
+        if seq.first_token_s is None:
+            seq.first_token_s = time.perf_counter()
+        event = TokenEvent(seq, tok)
+        if seq.logprobs is not None:
+            lp = log_softmax(logits)
+            event.logprob = float(lp[tok])
+            if seq.logprobs:
+                best = np.argsort(-lp, kind="stable")[: seq.logprobs]
+                event.top = [(int(i), float(lp[i])) for i in best]
+        seq.seen.append(tok)
+        if tok in seq.eos:
+            event.token, event.logprob, event.top = None, None, None
+            seq.finish_reason = "eos"
+        else:
+            seq.new.append(tok)
+            if len(seq.new) >= seq.max_new_tokens:
+                seq.finish_reason = "length"
+            elif len(seq.seen) >= self.ctx:
+                seq.finish_reason = "context"
+        event.finish_reason = seq.finish_reason
+        if seq.done:
+            self._free(seq)
+        events.append(event)

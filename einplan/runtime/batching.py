@@ -7,9 +7,11 @@ row's keys live at whatever slots it wrote and its mask row lets it see exactly 
 (attention does not care where a slot is: RoPE was applied by position before the write).
 So each lane keeps a ``visible`` set of slots; a free lane's old slots are simply hidden.
 
-A new prompt is prefilled alone (batch 1, its own small cache) in chunks of
-``chunk`` tokens, one chunk between two decode steps, so a long prompt never stalls the
-running rows for long; its keys are then copied into a free lane just below the cursor.
+New prompts are prefilled in their own small cache, in chunks of ``chunk`` tokens, one
+chunk between two decode steps, so a long prompt never stalls the running rows for long;
+short prompts that wait together are prefilled together (left-padded, up to
+``prefill_batch`` of them); each prompt's keys are then copied into a free lane just below
+the cursor.
 When the cursor reaches the end of the cache, every lane's visible slots are packed to the
 front (``compact``). The decode step runs over the lowest ``b`` lanes only (``b`` a power of
 two covering the highest busy lane; the executors bind views of the cache), so a lone
@@ -29,7 +31,7 @@ import numpy as np
 from einplan.compiler.plan import Plan
 from einplan.errors import EinplanError
 from einplan.runtime.executor import Executor
-from einplan.runtime.generate import MASKED, bucket
+from einplan.runtime.generate import MASKED, PromptBatch, attention_mask, bucket
 from einplan.runtime.kv_cache import allocate_cache
 from einplan.runtime.sampling import Sampler, SamplingConfig
 
@@ -56,7 +58,6 @@ class Sequence:
     new: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "eos", "length", "context", "stop", "cancelled"
     lane: int = -1
-    prefilled: int = 0  # prompt tokens written into the prefill cache so far
     submitted_s: float = field(default_factory=time.perf_counter)
     first_token_s: float | None = None
 
@@ -104,6 +105,7 @@ class BatchEngine:
         ctx: int | None = None,
         workers: int = 0,
         chunk: int = 256,
+        prefill_batch: int = 8,
     ) -> None:
         self.prefill_graph = plan.entry("prefill")
         self.decode_graph = plan.entry("decode")
@@ -117,14 +119,17 @@ class BatchEngine:
         self.max_batch, self.workers, self.chunk = max_batch, workers, chunk
         self.weights = weights
         self.cache = allocate_cache(self.prefill_graph, max_batch, self.ctx)
-        self.prompt_cache = allocate_cache(self.prefill_graph, 1, self.ctx)
-        self.prefiller = Executor(self.prefill_graph, {**weights, **self.prompt_cache}, workers)
+        self.prefill_batch = min(max_batch, prefill_batch)
+        self.prompt_cache = allocate_cache(self.prefill_graph, self.prefill_batch, self.ctx)
+        self._prefillers: dict[int, Executor] = {}
         self._decoders: dict[int, Executor] = {}
         self.visible = np.zeros((max_batch, self.ctx), bool)
         self.cursor = 0
         self.lanes: list[Sequence | None] = [None] * max_batch
         self.waiting: deque[Sequence] = deque()
-        self.prefilling: Sequence | None = None
+        self.prefilling: list[Sequence] = []  # prompts prefilled together, left-padded
+        self._group: PromptBatch | None = None
+        self._group_done = 0  # slots of the group prefilled so far
         self.pending: list[TokenEvent] = []  # events made outside step (cancel)
 
     # -- requests -------------------------------------------------------------------------
@@ -152,14 +157,14 @@ class BatchEngine:
         seq.finish_reason = reason
         if seq in self.waiting:
             self.waiting.remove(seq)
-        if self.prefilling is seq:
-            self.prefilling = None
+        if seq in self.prefilling:  # its row runs on to the group's end, then is dropped
+            self.prefilling[self.prefilling.index(seq)] = None
         self._free(seq)
 
     @property
     def running(self) -> int:
         """Sequences in lanes or being prefilled."""
-        return sum(s is not None for s in self.lanes) + (self.prefilling is not None)
+        return sum(s is not None for s in self.lanes) + sum(s is not None for s in self.prefilling)
 
     @property
     def idle(self) -> bool:
@@ -179,13 +184,12 @@ class BatchEngine:
         of every running lane. Returns the tokens made, in order."""
         events, stats = self.pending, StepStats()
         self.pending = []
-        if self.prefilling is None and self.waiting and None in self.lanes:
-            self.prefilling = self.waiting.popleft()
-            self.prefilling.prefilled = 0
+        if not self.prefilling and self.waiting and None in self.lanes:
+            self._start_group()
         decoding = [s for s in self.lanes if s is not None]
-        if self.prefilling is not None:
+        if self.prefilling:
             t0 = time.perf_counter()
-            stats.prefill_tokens = self._prefill_chunk(self.prefilling, events)
+            stats.prefill_tokens = self._prefill_chunk(events)
             stats.prefill_s = time.perf_counter() - t0
         if decoding:
             t0 = time.perf_counter()
@@ -193,39 +197,61 @@ class BatchEngine:
             stats.decode_rows, stats.decode_s = len(decoding), time.perf_counter() - t0
         return events, stats
 
-    def _prefill_chunk(self, seq: Sequence, events: list[TokenEvent]) -> int:
-        start, length = seq.prefilled, len(seq.prompt)
-        end = min(length, start + self.chunk)
-        kv = bucket(end, self.ctx)
-        slots = np.arange(kv)
-        own = start + np.arange(end - start)
-        mask = np.where(slots[None, None, :] <= own[None, :, None], np.float32(0), MASKED)
-        logits = self.prefiller.run(
+    def _start_group(self) -> None:
+        """Take the next prompts to prefill: one long prompt alone, or short ones (up to a
+        chunk each) together, as many as there are free lanes."""
+        free = self.lanes.count(None)
+        group = [self.waiting.popleft()]
+        if len(group[0].prompt) <= self.chunk:
+            while (
+                self.waiting
+                and len(group) < min(free, self.prefill_batch)
+                and len(self.waiting[0].prompt) <= self.chunk
+            ):
+                group.append(self.waiting.popleft())
+        self.prefilling = group
+        self._group = PromptBatch.build([s.prompt for s in group], 0)
+        self._group_done = 0
+
+    def _prefiller(self, b: int) -> Executor:
+        if b not in self._prefillers:
+            views = {k: v[:b] for k, v in self.prompt_cache.items()}
+            arrays = {**self.weights, **views}
+            self._prefillers[b] = Executor(self.prefill_graph, arrays, self.workers)
+        return self._prefillers[b]
+
+    def _prefill_chunk(self, events: list[TokenEvent]) -> int:
+        group, start = self._group, self._group_done
+        end = min(group.length, start + self.chunk)
+        logits = self._prefiller(len(self.prefilling)).run(
             {
-                "tokens": np.array([seq.prompt[start:end]], np.int64),
-                "positions": own[None, :].astype(np.int64),
-                "mask": mask.astype(np.float32),
+                "tokens": group.tokens[:, start:end],
+                "positions": group.positions[:, start:end],
+                "mask": attention_mask(group.pads, start, end - start, bucket(end, self.ctx)),
                 "write_pos": np.array([start]),
             }
         )["logits"]
-        seq.prefilled = end
-        if end == length:
-            self.prefilling = None
-            self._place(seq)
-            self._accept(seq, logits[0], events)
-        return end - start
-
-    def _place(self, seq: Sequence) -> None:
-        """Copy a prefilled prompt's keys into a free lane, just below the cursor."""
-        lane = self.lanes.index(None)
-        n = len(seq.prompt)
+        self._group_done = end
+        if end < group.length:
+            return len(self.prefilling) * (end - start)
+        seqs, self.prefilling, self._group = self.prefilling, [], None
+        live = [(row, s) for row, s in enumerate(seqs) if s is not None and not s.done]
         if self.cursor + 1 > self.ctx:
             self._compact()
-        if self.cursor < n:
-            self.cursor = n  # the other lanes skip these slots (hidden from them)
+        self.cursor = max([self.cursor] + [len(s.prompt) for _, s in live])
+        for row, seq in live:
+            self._place(seq, row, int(group.pads[row]), group.length)
+            self._accept(seq, logits[row], events)
+        return len(seqs) * (end - start)
+
+    def _place(self, seq: Sequence, row: int, pad: int, length: int) -> None:
+        """Copy a prefilled prompt's keys (``row`` of the prompt cache, slots pad..length)
+        into a free lane, just below the cursor."""
+        lane = self.lanes.index(None)
+        n = len(seq.prompt)
         at = self.cursor - n
         for key, arr in self.cache.items():
-            arr[lane, :, at : at + n] = self.prompt_cache[key][0, :, :n]
+            arr[lane, :, at : at + n] = self.prompt_cache[key][row, :, pad:length]
         self.visible[lane] = False
         self.visible[lane, at : at + n] = True
         self.lanes[lane], seq.lane = seq, lane

@@ -41,6 +41,13 @@ class PhaseStats:
     kv_cache_bytes: int = 0
     weights_bytes: int = 0
     activations_bytes: int = 0
+    draft_tokens: int = 0  # speculative decoding: tokens the draft proposed
+    accepted_tokens: int = 0  # ... and the target kept
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Share of drafted tokens the target kept (speculative decoding)."""
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
 
     @property
     def prefill_tokens_per_s(self) -> float:

@@ -110,3 +110,20 @@ def test_errors(models):
         target.generate([1, 2], 4, draft=bigger)
     with pytest.raises(EinplanError, match="repetition penalty"):
         target.generate("x", 4, draft=draft, repetition_penalty=1.2)
+
+
+def test_run_cli_with_draft(tmp_path, capsys):
+    from einplan.cli import main
+
+    target, draft = tmp_path / "t.plan", tmp_path / "d.plan"
+    assert main(["compile", "tiny", "--speculative", "-o", str(target)]) == 0
+    assert main(["compile", "tiny", "-o", str(draft)]) == 0
+    capsys.readouterr()
+    args = ["run", str(target), "--random-weights", "0", "--tokenizer", "bytes"]
+    args += ["--prompt", "Hi", "--max-new-tokens", "12"]
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert main([*args, "--draft", str(draft), "--draft-random-weights", "1"]) == 0
+    assert capsys.readouterr().out == plain
+    assert main([*args, "--draft", str(draft)]) == 2
+    assert "--draft-weights" in capsys.readouterr().err

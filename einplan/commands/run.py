@@ -34,6 +34,7 @@ def run(args: argparse.Namespace) -> None:
     weights = resolve_weights_dir(args.weights) if args.weights else None
     session = open_session(plan, args, load_tokenizer(args.tokenizer, weights))
     recorder = Recorder() if args.profile else None
+    draft = open_draft(args, session.tokenizer)
 
     def generate(prompts: list[str] | list[list[int]], stream: bool):
         on_text = (lambda _, piece: print(piece, end="", flush=True)) if stream else None
@@ -49,6 +50,7 @@ def run(args: argparse.Namespace) -> None:
             stream=on_text,
             ctx=args.ctx,
             recorder=recorder,
+            **({"draft": draft, "draft_tokens": args.draft_tokens} if draft else {}),
         )
 
     if args.chat:
@@ -57,6 +59,27 @@ def run(args: argparse.Namespace) -> None:
         generate_prompts(args, generate)
     if recorder is not None:
         write_profile(recorder, args.profile)
+
+
+def open_draft(args: argparse.Namespace, tokenizer):
+    """The draft session of --draft (speculative decoding), or None."""
+    from einplan.api import Session, load_plan
+
+    if not args.draft:
+        if args.draft_weights is not None or args.draft_random_weights is not None:
+            raise EinplanError("--draft-weights needs --draft PLAN")
+        return None
+    if (args.draft_weights is None) == (args.draft_random_weights is None):
+        raise EinplanError("--draft needs --draft-weights DIR or --draft-random-weights SEED")
+    if args.draft_tokens < 1:
+        raise EinplanError(f"--draft-tokens must be >= 1, got {args.draft_tokens}")
+    return Session(
+        load_plan(args.draft),
+        args.draft_weights,
+        random_seed=args.draft_random_weights,
+        workers=args.workers,
+        tokenizer=tokenizer,
+    )
 
 
 def generate_prompts(args: argparse.Namespace, generate) -> None:
@@ -121,4 +144,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--batch-size", type=int, default=8, help="prompts per batch (--prompts-file)")
     r.add_argument("--ctx", type=int, help="KV cache length (default: prompt + new tokens)")
     r.add_argument("--workers", type=int, default=0, help="thread-pool workers (0: sequential)")
+    r.add_argument(
+        "--draft",
+        metavar="PLAN",
+        help="speculative decoding: a small draft plan of the same tokenizer proposes tokens "
+        "(the target plan needs einplan compile --speculative)",
+    )
+    r.add_argument("--draft-weights", help="weights of the draft plan")
+    r.add_argument("--draft-random-weights", type=int, metavar="SEED", help="random draft weights")
+    r.add_argument("--draft-tokens", type=int, default=4, help="tokens drafted per step")
     r.set_defaults(func=run)

@@ -282,3 +282,40 @@ def test_batch_engine_lanes_match_generate_with_compaction(session):
             p, 20 + 9 * i, temperature=0.8 if i % 2 else 0.0, top_p=0.9, seed=i, ctx=80
         )
         assert (s.new, s.finish_reason) == (g.tokens[0], g.stop_reasons[0])
+
+
+def test_speculative_server_greedy_equals_plain(session):
+    """--draft: lanes draft and verify together; greedy text is plain decoding's."""
+    from einplan.api import ENTRIES
+
+    target = einplan.Session(
+        einplan.compile_model("tiny", entries=(*ENTRIES, "verify")),
+        random_seed=0,
+        tokenizer="bytes",
+    )
+    draft = einplan.Session(einplan.compile_model("tiny"), random_seed=1, tokenizer="bytes")
+    app, engine = einplan.api.create_server(
+        target, "tiny", max_batch=2, ctx=96, chunk=16, draft=draft, draft_tokens=3
+    )
+    server = LiveServer(app)
+    try:
+        url = server.url + "/v1/completions"
+        prompts = ["one two three", "four", "a much longer prompt than the others, surely", "z"]
+        results: dict[int, str] = {}
+
+        def ask(i):
+            body = {"prompt": prompts[i], "max_tokens": 10 + 7 * i, "temperature": 0}
+            results[i] = httpx.post(url, json=body, timeout=120).json()["choices"][0]["text"]
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for i, p in enumerate(prompts):
+            assert results[i] == session.generate(p, 10 + 7 * i, ctx=96).texts[0]
+        text = httpx.get(server.url + "/metrics").text
+        assert "einplan_spec_acceptance_rate" in text and engine.batch.drafted > 0
+    finally:
+        server.close()
+        engine.stop()

@@ -127,3 +127,27 @@ def test_run_cli_with_draft(tmp_path, capsys):
     assert capsys.readouterr().out == plain
     assert main([*args, "--draft", str(draft)]) == 2
     assert "--draft-weights" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_speculative_lanes_greedy_equal_plain(models, k):
+    """Continuous batching with drafts: rows join and leave, the caches are compacted, and
+    every row's tokens are plain greedy decoding's."""
+    from einplan.runtime.batching import Sequence
+    from einplan.runtime.spec_batching import SpecBatchEngine
+
+    target, _, draft = models
+    engine = SpecBatchEngine(
+        target.plan, target.weights, draft.plan, draft.weights, k, max_batch=3, ctx=80, chunk=16
+    )
+    prompts = ["Hello world, a longer prompt here.", "Hi", "abc def", "x" * 40, "fox"]
+    seqs = []
+    for i, p in enumerate(prompts):
+        seqs.append(Sequence(target.tokenizer.encode(p).ids, 20 + 9 * i))
+        engine.add(seqs[-1])
+    while not engine.idle:
+        engine.step()
+    for i, (p, s) in enumerate(zip(prompts, seqs, strict=True)):
+        g = target.generate(p, 20 + 9 * i, ctx=80)
+        assert (s.new, s.finish_reason) == (g.tokens[0], g.stop_reasons[0])
+    assert engine.drafted > 0

@@ -110,6 +110,21 @@ class PromMetrics(Metrics):
             buckets=(0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28),
         )
         self.batch_g = Gauge("einplan_decode_batch", "Rows in the last decode step", registry=r)
+        self.drafted = Counter(
+            "einplan_spec_draft_tokens", "Speculative decoding: tokens drafted", registry=r
+        )
+        self.accepted = Counter(
+            "einplan_spec_accepted_tokens", "Speculative decoding: drafts kept", registry=r
+        )
+        self.acceptance = Gauge(
+            "einplan_spec_acceptance_rate", "Share of drafted tokens kept, so far", registry=r
+        )
+        self.tokens_per_step = Gauge(
+            "einplan_spec_tokens_per_step",
+            "Tokens per target step per row, so far (the speed-up before the draft's cost)",
+            registry=r,
+        )
+        self._rounds = 0
         queue = Gauge("einplan_queue_length", "Requests waiting for a lane", registry=r)
         running = Gauge("einplan_running_requests", "Requests in lanes or prefill", registry=r)
         queue.set_function(lambda: engine_ref[0].queue_length if engine_ref else 0)
@@ -130,6 +145,13 @@ class PromMetrics(Metrics):
         if stats.decode_rows:
             self.step_h.observe(stats.decode_s)
             self.batch_g.set(stats.decode_rows)
+        if stats.drafted:
+            self.drafted.inc(stats.drafted)
+            self.accepted.inc(stats.accepted)
+            self._rounds += stats.decode_rows
+            drafted, kept = self.drafted._value.get(), self.accepted._value.get()
+            self.acceptance.set(kept / drafted)
+            self.tokens_per_step.set((kept + self._rounds) / self._rounds)
 
 
 # -- request parsing ----------------------------------------------------------------------
@@ -521,11 +543,14 @@ def create_app(
     max_queue: int = 64,
     api_key: str | None = None,
     chunk: int = 256,
+    draft=None,
+    draft_tokens: int = 4,
 ) -> tuple[FastAPI, ServingEngine]:
-    """The app and its engine (started) for a session; stop the engine when done."""
+    """The app and its engine (started) for a session (and a ``draft`` session for
+    speculative decoding); stop the engine when done."""
     ref: list = []
     metrics = PromMetrics(ref)
-    engine = ServingEngine(session, max_batch, ctx, max_queue, chunk, metrics)
+    engine = ServingEngine(session, max_batch, ctx, max_queue, chunk, metrics, draft, draft_tokens)
     ref.append(engine)
     server = Server(engine.start(), model, api_key)
     return server.app, engine

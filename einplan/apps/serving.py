@@ -13,11 +13,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from einplan.apps.session import Session
+from einplan.apps.session import Session, check_same_tokenizer
 from einplan.errors import EinplanError
 from einplan.runtime.batching import BatchEngine, StepStats, TokenEvent
 from einplan.runtime.batching import Sequence as Seq
 from einplan.runtime.sampling import SamplingConfig
+from einplan.runtime.spec_batching import SpecBatchEngine
 
 log = logging.getLogger("einplan.serve")
 
@@ -124,11 +125,29 @@ class ServingEngine:
         max_queue: int = 64,
         chunk: int = 256,
         metrics: Metrics | None = None,
+        draft: Session | None = None,
+        draft_tokens: int = 4,
     ) -> None:
+        """``draft``: a small session of the same tokenizer for speculative decoding (the
+        session's plan needs the verify entry), proposing ``draft_tokens`` a step."""
         self.session = session
-        self.batch = BatchEngine(
-            session.plan, session.weights, max_batch, ctx, session.workers, chunk
-        )
+        if draft is not None:
+            check_same_tokenizer(session, draft)
+            self.batch: BatchEngine = SpecBatchEngine(
+                session.plan,
+                session.weights,
+                draft.plan,
+                draft.weights,
+                draft_tokens,
+                max_batch=max_batch,
+                ctx=ctx,
+                workers=session.workers,
+                chunk=chunk,
+            )
+        else:
+            self.batch = BatchEngine(
+                session.plan, session.weights, max_batch, ctx, session.workers, chunk
+            )
         self.ctx = self.batch.ctx
         self.max_queue = max_queue
         self.metrics = metrics or Metrics()

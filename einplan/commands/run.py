@@ -144,13 +144,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--batch-size", type=int, default=8, help="prompts per batch (--prompts-file)")
     r.add_argument("--ctx", type=int, help="KV cache length (default: prompt + new tokens)")
     r.add_argument("--workers", type=int, default=0, help="thread-pool workers (0: sequential)")
-    r.add_argument(
+    add_draft_arguments(r)
+    r.set_defaults(func=run)
+
+
+def add_draft_arguments(p: argparse.ArgumentParser) -> None:
+    """``--draft PLAN`` with ``--draft-weights`` or ``--draft-random-weights``, and
+    ``--draft-tokens``: speculative decoding."""
+    p.add_argument(
         "--draft",
         metavar="PLAN",
         help="speculative decoding: a small draft plan of the same tokenizer proposes tokens "
         "(the target plan needs einplan compile --speculative)",
     )
-    r.add_argument("--draft-weights", help="weights of the draft plan")
-    r.add_argument("--draft-random-weights", type=int, metavar="SEED", help="random draft weights")
-    r.add_argument("--draft-tokens", type=int, default=4, help="tokens drafted per step")
-    r.set_defaults(func=run)
+    p.add_argument("--draft-weights", help="weights of the draft plan")
+    p.add_argument("--draft-random-weights", type=int, metavar="SEED", help="random draft weights")
+    p.add_argument("--draft-tokens", type=int, default=4, help="tokens drafted per step")

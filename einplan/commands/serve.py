@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from einplan.commands.eval import add_weights_arguments, open_session
+from einplan.commands.run import add_draft_arguments, open_draft
 from einplan.errors import EinplanError
 
 
@@ -21,11 +22,10 @@ def run(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value < (0 if name == "port" else 1) or (name == "port" and value > 65535):
             raise EinplanError(f"--{name.replace('_', '-')} out of range: {value}")
-    if args.draft or args.draft_weights:
-        raise EinplanError("--draft (speculative decoding) is not available in the server yet")
     plan = load_plan(args.plan)
     weights = resolve_weights_dir(args.weights) if args.weights else None
     session = open_session(plan, args, load_tokenizer(args.tokenizer, weights))
+    draft = open_draft(args, session.tokenizer)
     model = args.model_name or Path(args.plan).stem
     api_key = args.api_key or os.environ.get("EINPLAN_API_KEY") or None
     app, engine = create_server(
@@ -36,6 +36,8 @@ def run(args: argparse.Namespace) -> None:
         max_queue=args.max_queue,
         api_key=api_key,
         chunk=args.chunk,
+        draft=draft,
+        draft_tokens=args.draft_tokens,
     )
     try:
         print(
@@ -62,7 +64,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--chunk", type=int, default=256, help="prompt tokens prefilled per step")
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or EINPLAN_API_KEY)")
     s.add_argument("--workers", type=int, default=0, help="thread-pool workers (0: sequential)")
-    s.add_argument("--draft", help="draft plan for speculative decoding (not yet in the server)")
-    s.add_argument("--draft-weights", help="weights of the draft plan")
+    add_draft_arguments(s)
     s.add_argument("--log-level", default="warning", help="uvicorn log level")
     s.set_defaults(func=run)

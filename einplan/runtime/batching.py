@@ -91,6 +91,8 @@ class StepStats:
     decode_rows: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0
+    drafted: int = 0  # speculative decoding: tokens proposed by the draft
+    accepted: int = 0  # ... and kept by the target
 
 
 class BatchEngine:
@@ -193,7 +195,7 @@ class BatchEngine:
             stats.prefill_s = time.perf_counter() - t0
         if decoding:
             t0 = time.perf_counter()
-            self._decode(decoding, events)
+            self._decode(decoding, events, stats)
             stats.decode_rows, stats.decode_s = len(decoding), time.perf_counter() - t0
         return events, stats
 
@@ -220,7 +222,8 @@ class BatchEngine:
             self._prefillers[b] = Executor(self.prefill_graph, arrays, self.workers)
         return self._prefillers[b]
 
-    def _prefill_chunk(self, events: list[TokenEvent]) -> int:
+    def _run_group_chunk(self) -> tuple[np.ndarray, int, int]:
+        """Prefill the group's next chunk; its logits and slots start..end."""
         group, start = self._group, self._group_done
         end = min(group.length, start + self.chunk)
         logits = self._prefiller(len(self.prefilling)).run(
@@ -232,6 +235,17 @@ class BatchEngine:
             }
         )["logits"]
         self._group_done = end
+        return logits, start, end
+
+    def _prefill_chunk_only(self) -> None:
+        """Prefill the group's next chunk into the prompt cache, placing nothing."""
+        self._run_group_chunk()
+        if self._group_done == self._group.length:
+            self._group, self.prefilling = None, []
+
+    def _prefill_chunk(self, events: list[TokenEvent]) -> int:
+        group = self._group
+        logits, start, end = self._run_group_chunk()
         if end < group.length:
             return len(self.prefilling) * (end - start)
         seqs, self.prefilling, self._group = self.prefilling, [], None
@@ -278,7 +292,9 @@ class BatchEngine:
             self._decoders[b] = Executor(self.decode_graph, {**self.weights, **views}, self.workers)
         return self._decoders[b]
 
-    def _decode(self, running: list[Sequence], events: list[TokenEvent]) -> None:
+    def _decode(
+        self, running: list[Sequence], events: list[TokenEvent], stats: StepStats | None = None
+    ) -> None:
         if self.cursor >= self.ctx:
             self._compact()
         top = max(s.lane for s in running) + 1
@@ -303,7 +319,10 @@ class BatchEngine:
 
     def _accept(self, seq: Sequence, logits: np.ndarray, events: list[TokenEvent]) -> None:
         """Sample the sequence's next token from its logits row and decide whether it ends."""
-        tok = int(seq.sampler.pick(logits[None, :], [seq.seen])[0])
+        self._take(seq, int(seq.sampler.pick(logits[None, :], [seq.seen])[0]), logits, events)
+
+    def _take(self, seq: Sequence, tok: int, logits: np.ndarray, events: list[TokenEvent]) -> None:
+        """Append the token picked from ``logits`` and decide whether the sequence ends."""
         if seq.first_token_s is None:
             seq.first_token_s = time.perf_counter()
         event = TokenEvent(seq, tok)

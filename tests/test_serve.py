@@ -319,3 +319,24 @@ def test_speculative_server_greedy_equals_plain(session):
     finally:
         server.close()
         engine.stop()
+
+
+def test_long_prompt_does_not_block_short_ones(session):
+    """A long prompt is prefilled a chunk a step; a short one that comes after it gets its
+    first token in its first step, and rows decode meanwhile. Cancelling frees everything."""
+    engine = BatchEngine(session.plan, session.weights, max_batch=4, ctx=256, chunk=16)
+    long = Sequence(list(range(1, 150)), 5)
+    short = Sequence([5, 6, 7], 5)
+    engine.add(long)
+    engine.step()  # the long prompt's first chunk
+    engine.add(short)
+    events, stats = engine.step()
+    assert [e.seq for e in events] == [short] and long.new == []
+    events, stats = engine.step()
+    assert stats.decode_rows == 1 and len(short.new) == 2
+    engine.cancel(long)
+    assert engine.long_job is None
+    while not engine.idle:
+        engine.step()
+    assert short.finish_reason == "length" and long.finish_reason == "cancelled"
+    assert engine.running == 0 and engine.cursor == 0

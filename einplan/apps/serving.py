@@ -174,6 +174,18 @@ class ServingEngine:
             self._thread = None
 
     @property
+    def cache_bytes(self) -> int:
+        """Bytes of the KV caches (lanes and prompt caches, the draft's too)."""
+        engines = [self.batch, getattr(self.batch, "draft", None)]
+        return sum(
+            a.nbytes
+            for e in engines
+            if e is not None
+            for c in (e.cache, e.short_cache, e.long_cache)
+            for a in c.values()
+        )
+
+    @property
     def queue_length(self) -> int:
         """Requests waiting for a lane."""
         return len(self._inbox) + len(self.batch.waiting)

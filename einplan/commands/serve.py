@@ -18,7 +18,7 @@ def run(args: argparse.Namespace) -> None:
     from einplan.formats.tokenizer import load_tokenizer
     from einplan.formats.weights import resolve_weights_dir
 
-    for name in ("port", "max_batch", "max_queue", "chunk"):
+    for name in ("port", "max_batch", "max_queue", "chunk", "ctx"):
         value = getattr(args, name)
         if value < (0 if name == "port" else 1) or (name == "port" and value > 65535):
             raise EinplanError(f"--{name.replace('_', '-')} out of range: {value}")
@@ -42,7 +42,8 @@ def run(args: argparse.Namespace) -> None:
     try:
         print(
             f"einplan: serving {model!r} on http://{args.host}:{args.port}/v1 "
-            f"(max batch {args.max_batch}, context {engine.ctx})",
+            f"(max batch {args.max_batch}, context {engine.ctx}, KV cache "
+            f"{engine.cache_bytes / 2**20:,.0f} MiB)",
             flush=True,
         )
         run_server(app, args.host, args.port, args.log_level)
@@ -60,7 +61,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--model-name", help="the model id clients give (default: the plan's name)")
     s.add_argument("--max-batch", type=int, default=8, help="rows decoded together")
     s.add_argument("--max-queue", type=int, default=64, help="waiting requests before 503")
-    s.add_argument("--ctx", type=int, help="KV cache slots per row (default: the plan's limit)")
+    s.add_argument(
+        "--ctx",
+        type=int,
+        default=2048,
+        help="KV cache slots per row: the longest prompt + completion (default 2048, at most "
+        "the plan's limit)",
+    )
     s.add_argument("--chunk", type=int, default=256, help="prompt tokens prefilled per step")
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or EINPLAN_API_KEY)")
     s.add_argument("--workers", type=int, default=0, help="thread-pool workers (0: sequential)")

@@ -7,11 +7,11 @@ row's keys live at whatever slots it wrote and its mask row lets it see exactly 
 (attention does not care where a slot is: RoPE was applied by position before the write).
 So each lane keeps a ``visible`` set of slots; a free lane's old slots are simply hidden.
 
-New prompts are prefilled in their own small cache, in chunks of ``chunk`` tokens, one
-chunk between two decode steps, so a long prompt never stalls the running rows for long;
-short prompts that wait together are prefilled together (left-padded, up to
-``prefill_batch`` of them); each prompt's keys are then copied into a free lane just below
-the cursor.
+New prompts are prefilled in their own small caches between decode steps: the short ones
+(up to ``chunk`` tokens) that wait, together (left-padded, up to ``prefill_batch`` of them),
+in the step they arrive; a long one alone, one ``chunk`` a step, so it never stalls the
+running rows or the short prompts behind it for long. Each prompt's keys are then copied into
+a free lane just below the cursor.
 When the cursor reaches the end of the cache, every lane's visible slots are packed to the
 front (``compact``). The decode step runs over the lowest ``b`` lanes only (``b`` a power of
 two covering the highest busy lane; the executors bind views of the cache), so a lone
@@ -95,6 +95,19 @@ class StepStats:
     accepted: int = 0  # ... and kept by the target
 
 
+class PrefillJob:
+    """Prompts prefilled together (left-padded) into a prompt cache of ``ctx`` slots."""
+
+    def __init__(self, seqs: list[Sequence], cache: dict[str, np.ndarray], ctx: int) -> None:
+        self.seqs, self.cache, self.ctx = seqs, cache, ctx
+        self.batch = PromptBatch.build([s.prompt for s in seqs], 0)
+        self.done = 0  # slots prefilled so far
+
+    @property
+    def finished(self) -> bool:
+        return self.done == self.batch.length
+
+
 class BatchEngine:
     """Sequences in lanes of one KV cache, decoded together; not thread-safe (one thread
     owns it and calls :meth:`add`, :meth:`cancel` and :meth:`step`)."""
@@ -122,16 +135,19 @@ class BatchEngine:
         self.weights = weights
         self.cache = allocate_cache(self.prefill_graph, max_batch, self.ctx)
         self.prefill_batch = min(max_batch, prefill_batch)
-        self.prompt_cache = allocate_cache(self.prefill_graph, self.prefill_batch, self.ctx)
-        self._prefillers: dict[int, Executor] = {}
+        # short prompts (up to a chunk) are prefilled together in a small cache; a long one
+        # alone, a chunk a step, in a cache of the full context
+        self.short_cache = allocate_cache(
+            self.prefill_graph, self.prefill_batch, min(chunk, self.ctx)
+        )
+        self.long_cache = allocate_cache(self.prefill_graph, 1, self.ctx)
+        self._prefillers: dict[tuple[int, int], Executor] = {}
         self._decoders: dict[int, Executor] = {}
         self.visible = np.zeros((max_batch, self.ctx), bool)
         self.cursor = 0
         self.lanes: list[Sequence | None] = [None] * max_batch
         self.waiting: deque[Sequence] = deque()
-        self.prefilling: list[Sequence] = []  # prompts prefilled together, left-padded
-        self._group: PromptBatch | None = None
-        self._group_done = 0  # slots of the group prefilled so far
+        self.long_job: PrefillJob | None = None  # a long prompt, prefilled a chunk a step
         self.pending: list[TokenEvent] = []  # events made outside step (cancel)
 
     # -- requests -------------------------------------------------------------------------
@@ -159,14 +175,14 @@ class BatchEngine:
         seq.finish_reason = reason
         if seq in self.waiting:
             self.waiting.remove(seq)
-        if seq in self.prefilling:  # its row runs on to the group's end, then is dropped
-            self.prefilling[self.prefilling.index(seq)] = None
+        if self.long_job is not None and seq in self.long_job.seqs:
+            self.long_job = None
         self._free(seq)
 
     @property
     def running(self) -> int:
         """Sequences in lanes or being prefilled."""
-        return sum(s is not None for s in self.lanes) + sum(s is not None for s in self.prefilling)
+        return sum(s is not None for s in self.lanes) + (self.long_job is not None)
 
     @property
     def idle(self) -> bool:
@@ -182,90 +198,91 @@ class BatchEngine:
 
     # -- one step -------------------------------------------------------------------------
     def step(self) -> tuple[list[TokenEvent], StepStats]:
-        """One chunk of prefill (when a prompt waits and a lane is free), then one decode step
-        of every running lane. Returns the tokens made, in order."""
+        """Prefill (all waiting short prompts that have a lane, together; and a chunk of a
+        long prompt), then one decode step of every running lane. Returns the tokens made."""
         events, stats = self.pending, StepStats()
         self.pending = []
-        if not self.prefilling and self.waiting and None in self.lanes:
-            self._start_group()
         decoding = [s for s in self.lanes if s is not None]
-        if self.prefilling:
-            t0 = time.perf_counter()
-            stats.prefill_tokens = self._prefill_chunk(events)
-            stats.prefill_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        free = self.lanes.count(None) - (self.long_job is not None)
+        if self.long_job is None and free > 0:
+            long = next((s for s in self.waiting if len(s.prompt) > self.chunk), None)
+            if long is not None:
+                self.waiting.remove(long)
+                self.long_job = PrefillJob([long], self.long_cache, self.ctx)
+                free -= 1
+        shorts = [s for s in self.waiting if len(s.prompt) <= self.chunk]
+        shorts = shorts[: min(free, self.prefill_batch)]
+        if shorts:
+            for seq in shorts:
+                self.waiting.remove(seq)
+            job = PrefillJob(shorts, self.short_cache, min(self.chunk, self.ctx))
+            stats.prefill_tokens += self._run_job(job, events)
+        if self.long_job is not None:
+            job = self.long_job
+            stats.prefill_tokens += self._run_job(job, events)
+            if job.finished:
+                self.long_job = None
+        stats.prefill_s = time.perf_counter() - t0
         if decoding:
             t0 = time.perf_counter()
             self._decode(decoding, events, stats)
             stats.decode_rows, stats.decode_s = len(decoding), time.perf_counter() - t0
         return events, stats
 
-    def _start_group(self) -> None:
-        """Take the next prompts to prefill: one long prompt alone, or short ones (up to a
-        chunk each) together, as many as there are free lanes."""
-        free = self.lanes.count(None)
-        group = [self.waiting.popleft()]
-        if len(group[0].prompt) <= self.chunk:
-            while (
-                self.waiting
-                and len(group) < min(free, self.prefill_batch)
-                and len(self.waiting[0].prompt) <= self.chunk
-            ):
-                group.append(self.waiting.popleft())
-        self.prefilling = group
-        self._group = PromptBatch.build([s.prompt for s in group], 0)
-        self._group_done = 0
-
-    def _prefiller(self, b: int) -> Executor:
-        if b not in self._prefillers:
-            views = {k: v[:b] for k, v in self.prompt_cache.items()}
+    def _prefiller(self, job: PrefillJob) -> Executor:
+        """The prefill executor over the first rows of a job's prompt cache."""
+        b = len(job.seqs)
+        key = (id(job.cache), b)
+        if key not in self._prefillers:
+            views = {k: v[:b] for k, v in job.cache.items()}
             arrays = {**self.weights, **views}
-            self._prefillers[b] = Executor(self.prefill_graph, arrays, self.workers)
-        return self._prefillers[b]
+            self._prefillers[key] = Executor(self.prefill_graph, arrays, self.workers)
+        return self._prefillers[key]
 
-    def _run_group_chunk(self) -> tuple[np.ndarray, int, int]:
-        """Prefill the group's next chunk; its logits and slots start..end."""
-        group, start = self._group, self._group_done
+    def _run_chunk(self, job: PrefillJob) -> np.ndarray:
+        """Prefill the job's next chunk; its logits (rows, vocab)."""
+        group, start = job.batch, job.done
         end = min(group.length, start + self.chunk)
-        logits = self._prefiller(len(self.prefilling)).run(
+        logits = self._prefiller(job).run(
             {
                 "tokens": group.tokens[:, start:end],
                 "positions": group.positions[:, start:end],
-                "mask": attention_mask(group.pads, start, end - start, bucket(end, self.ctx)),
+                "mask": attention_mask(group.pads, start, end - start, bucket(end, job.ctx)),
                 "write_pos": np.array([start]),
             }
         )["logits"]
-        self._group_done = end
-        return logits, start, end
+        job.done = end
+        return logits
 
-    def _prefill_chunk_only(self) -> None:
-        """Prefill the group's next chunk into the prompt cache, placing nothing."""
-        self._run_group_chunk()
-        if self._group_done == self._group.length:
-            self._group, self.prefilling = None, []
+    def _run_job(self, job: PrefillJob, events: list[TokenEvent]) -> int:
+        """One chunk of a job; once it is whole, its prompts take lanes. Tokens prefilled."""
+        start = job.done
+        logits = self._run_chunk(job)
+        if job.finished:
+            self._finish_job(job, logits, events)
+        return len(job.seqs) * (job.done - start)
 
-    def _prefill_chunk(self, events: list[TokenEvent]) -> int:
-        group = self._group
-        logits, start, end = self._run_group_chunk()
-        if end < group.length:
-            return len(self.prefilling) * (end - start)
-        seqs, self.prefilling, self._group = self.prefilling, [], None
-        live = [(row, s) for row, s in enumerate(seqs) if s is not None and not s.done]
+    def _finish_job(self, job: PrefillJob, logits: np.ndarray, events: list[TokenEvent]) -> None:
+        """Copy a prefilled job's prompts into free lanes and pick their first tokens."""
+        live = [(row, s) for row, s in enumerate(job.seqs) if not s.done]
         if self.cursor + 1 > self.ctx:
             self._compact()
         self.cursor = max([self.cursor] + [len(s.prompt) for _, s in live])
         for row, seq in live:
-            self._place(seq, row, int(group.pads[row]), group.length)
+            self._place(seq, job, row)
             self._accept(seq, logits[row], events)
-        return len(seqs) * (end - start)
 
-    def _place(self, seq: Sequence, row: int, pad: int, length: int) -> None:
-        """Copy a prefilled prompt's keys (``row`` of the prompt cache, slots pad..length)
-        into a free lane, just below the cursor."""
+    def _place(self, seq: Sequence, job: PrefillJob, row: int) -> None:
+        """Copy a prefilled prompt's keys (``row`` of the job's cache) into a free lane, just
+        below the cursor."""
         lane = self.lanes.index(None)
         n = len(seq.prompt)
         at = self.cursor - n
         for key, arr in self.cache.items():
-            arr[lane, :, at : at + n] = self.prompt_cache[key][row, :, pad:length]
+            arr[lane, :, at : at + n] = job.cache[key][
+                row, :, job.batch.pads[row] : job.batch.length
+            ]
         self.visible[lane] = False
         self.visible[lane, at : at + n] = True
         self.lanes[lane], seq.lane = seq, lane

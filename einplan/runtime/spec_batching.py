@@ -4,9 +4,9 @@ in one ``verify`` step, and each lane keeps what rejection sampling accepts (see
 :mod:`einplan.runtime.speculative`).
 
 The draft's cache follows the same shared-cursor scheme as the target's: at the start of a
-round each lane feeds the draft the tokens it has not seen (1 or 2 after a round, the prompt
-after joining: those are prefilled with the group), right-aligned so the last column holds
-every lane's newest token; then k-1 draft decode steps; the verify step writes
+round each lane feeds the draft the tokens it has not seen (1 or 2 after a round; prompts
+are prefilled into the draft when the target's prefill of them ends), right-aligned so the
+last column holds every lane's newest token; then k-1 draft decode steps; the verify step writes
 ``[last token, x_1..x_k]`` of every lane at the target's cursor, each query seeing its lane's
 slots and the round's slots up to its own. Kept slots become visible; the rest stay hidden.
 """
@@ -17,7 +17,7 @@ import numpy as np
 
 from einplan.compiler.plan import Plan
 from einplan.errors import EinplanError
-from einplan.runtime.batching import BatchEngine, Sequence, StepStats, TokenEvent
+from einplan.runtime.batching import BatchEngine, PrefillJob, Sequence, StepStats, TokenEvent
 from einplan.runtime.executor import Executor
 from einplan.runtime.generate import MASKED, bucket
 from einplan.runtime.speculative import accept_drafts, distribution, draw
@@ -58,6 +58,7 @@ class SpecBatchEngine(BatchEngine):
         self._draft_prefill: dict[int, Executor] = {}
         self.in_draft: dict[int, int] = {}  # sequence id -> its tokens in the draft's cache
         self.drafted = self.accepted = 0
+        self._draft_job: PrefillJob | None = None
 
     # -- lanes ----------------------------------------------------------------------------
     def _free(self, seq: Sequence) -> None:
@@ -70,29 +71,31 @@ class SpecBatchEngine(BatchEngine):
         if all(s is None for s in self.draft.lanes):
             self.draft.cursor = 0
 
-    def _place(self, seq: Sequence, row: int, pad: int, length: int) -> None:
-        super()._place(seq, row, pad, length)
-        d, n = self.draft, len(seq.prompt)
+    def _place(self, seq: Sequence, job: PrefillJob, row: int) -> None:
+        super()._place(seq, job, row)
+        d, n, dj = self.draft, len(seq.prompt), self._draft_job
         at = d.cursor - n
+        pad = dj.batch.pads[row]
         for key, arr in d.cache.items():
-            arr[seq.lane, :, at : at + n] = d.prompt_cache[key][row, :, pad:length]
+            arr[seq.lane, :, at : at + n] = dj.cache[key][row, :, pad : dj.batch.length]
         d.visible[seq.lane] = False
         d.visible[seq.lane, at : at + n] = True
         d.lanes[seq.lane] = seq
         self.in_draft[seq.id] = n
 
-    def _prefill_chunk(self, events: list[TokenEvent]) -> int:
-        group = self._group
-        if self._group_done + self.chunk >= group.length:  # the last chunk: the draft too
-            d = self.draft
-            d.prefilling, d._group, d._group_done = list(self.prefilling), group, 0
-            while d._group is not None:
-                d._prefill_chunk_only()
-            if d.cursor + 1 > d.ctx:
-                d._compact()
-            live = [s for s in self.prefilling if s is not None and not s.done]
-            d.cursor = max([d.cursor] + [len(s.prompt) for s in live])
-        return super()._prefill_chunk(events)
+    def _finish_job(self, job: PrefillJob, logits: np.ndarray, events: list[TokenEvent]) -> None:
+        """Prefill the draft with the same prompts, then place both."""
+        d = self.draft
+        cache = d.long_cache if job.cache is self.long_cache else d.short_cache
+        self._draft_job = PrefillJob(job.seqs, cache, job.ctx)
+        while not self._draft_job.finished:
+            d._run_chunk(self._draft_job)
+        if d.cursor + 1 > d.ctx:
+            d._compact()
+        live = [s for s in job.seqs if not s.done]
+        d.cursor = max([d.cursor] + [len(s.prompt) for s in live])
+        super()._finish_job(job, logits, events)
+        self._draft_job = None
 
     # -- executors ------------------------------------------------------------------------
     def _verifier(self, b: int) -> Executor:

@@ -98,6 +98,11 @@ def test_seeded_sampling_equals_session_generate(session, client):
     assert r.choices[0].text == reference(session, "abc", 10, **kw)[0]
 
 
+def test_negative_seed_and_defaults(client):
+    r = client.completions.create(model="tiny", prompt="s", max_tokens=3, seed=-5)
+    assert r.usage.completion_tokens == 3 and r.choices[0].finish_reason == "length"
+
+
 def test_streaming_completion(session, client):
     chunks = list(
         client.completions.create(

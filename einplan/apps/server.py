@@ -223,7 +223,6 @@ class Server:
             max_tokens = default_max or room
         else:
             max_tokens = _num({"max_tokens": max_tokens}, "max_tokens", None, 1, 2**31, True)
-        logprobs = None
         return GenParams(
             max_tokens=int(max_tokens),
             temperature=float(_num(body, "temperature", 1.0, 0.0, 2.0)),
@@ -231,7 +230,6 @@ class Server:
             top_k=int(_num(body, "top_k", 0, 0, 2**31, True)),
             seed=_num(body, "seed", None, -(2**63), 2**64, True),
             stop=_stops(body),
-            logprobs=logprobs,
             ignore_eos=bool(body.get("ignore_eos", False)),
         )
 

@@ -211,7 +211,7 @@ class ServingEngine:
     ) -> Request:
         """Queue a request (EinplanError when it cannot run, QueueFull when too many wait);
         ``on_output`` is called on the engine thread with each piece of its result."""
-        seed = params.seed if params.seed is not None else random.getrandbits(31)
+        seed = params.seed % 2**64 if params.seed is not None else random.getrandbits(63)
         sampling = SamplingConfig(params.temperature, params.top_k, params.top_p, 1.0, seed)
         eos = () if params.ignore_eos else self.session.eos_ids
         seq = Seq(ids, params.max_tokens, sampling, eos, params.logprobs)

@@ -210,6 +210,11 @@ def test_errors_are_openai_json(live, body, status, fragment):
     assert fragment in err["message"] and {"type", "param", "code"} <= set(err)
 
 
+def test_body_over_the_limit_is_413(live):
+    r = httpx.post(live[0].url + "/v1/completions", content=b" " * (9 * 2**20), timeout=60)
+    assert r.status_code == 413 and "over" in r.json()["error"]["message"]
+
+
 def test_context_error_through_client(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model="tiny", prompt="y" * 400, max_tokens=2)

@@ -31,7 +31,7 @@ import numpy as np
 from einplan.compiler.plan import Plan
 from einplan.errors import EinplanError
 from einplan.runtime.executor import Executor
-from einplan.runtime.generate import MASKED, PromptBatch, attention_mask, bucket
+from einplan.runtime.generate import KV_BUCKET, MASKED, PromptBatch, attention_mask, bucket
 from einplan.runtime.kv_cache import allocate_cache
 from einplan.runtime.sampling import Sampler, SamplingConfig
 
@@ -211,8 +211,13 @@ class BatchEngine:
                 self.waiting.remove(long)
                 self.long_job = PrefillJob([long], self.long_cache, self.ctx)
                 free -= 1
-        shorts = [s for s in self.waiting if len(s.prompt) <= self.chunk]
-        shorts = shorts[: min(free, self.prefill_batch)]
+        shorts, budget = [], self.chunk  # prompt tokens per step, so decode never stalls long
+        for s in self.waiting:
+            if len(shorts) >= min(free, self.prefill_batch):
+                break
+            if len(s.prompt) <= self.chunk and (not shorts or len(s.prompt) <= budget):
+                shorts.append(s)
+                budget -= len(s.prompt)
         if shorts:
             for seq in shorts:
                 self.waiting.remove(seq)
@@ -306,7 +311,9 @@ class BatchEngine:
     def _decoder(self, b: int) -> Executor:
         if b not in self._decoders:
             views = {k: v[:b] for k, v in self.cache.items()}
-            self._decoders[b] = Executor(self.decode_graph, {**self.weights, **views}, self.workers)
+            ex = Executor(self.decode_graph, {**self.weights, **views}, self.workers)
+            ex.max_prepared = -(-self.ctx // KV_BUCKET)  # every kv bucket: arenas are small
+            self._decoders[b] = ex
         return self._decoders[b]
 
     def _decode(

@@ -198,8 +198,10 @@ class BatchEngine:
 
     # -- one step -------------------------------------------------------------------------
     def step(self) -> tuple[list[TokenEvent], StepStats]:
-        """Prefill (all waiting short prompts that have a lane, together; and a chunk of a
-        long prompt), then one decode step of every running lane. Returns the tokens made."""
+        """Either prefill the waiting short prompts that have a lane (together, up to a
+        chunk of tokens), so that their first tokens go out at once; or a chunk of a long
+        prompt (if one waits) and one decode step of every running lane. Returns the tokens
+        made."""
         events, stats = self.pending, StepStats()
         self.pending = []
         decoding = [s for s in self.lanes if s is not None]
@@ -223,6 +225,8 @@ class BatchEngine:
                 self.waiting.remove(seq)
             job = PrefillJob(shorts, self.short_cache, min(self.chunk, self.ctx))
             stats.prefill_tokens += self._run_job(job, events)
+            stats.prefill_s = time.perf_counter() - t0
+            return events, stats  # their first tokens go out now; the others decode next
         if self.long_job is not None:
             job = self.long_job
             stats.prefill_tokens += self._run_job(job, events)

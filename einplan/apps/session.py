@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Sequence
 from functools import cached_property
@@ -64,6 +65,24 @@ def require_entries(plan: Plan, entries: tuple[str, ...], call: str, how: str) -
             f"{call} needs the plan's {' and '.join(entries)} "
             f"entr{'y' if len(entries) == 1 else 'ies'}; this plan has "
             f"{', '.join(plan.entries)}: compile it with {how}"
+        )
+
+
+def check_same_tokenizer(target: Session, draft: Session) -> None:
+    """Refuse a draft model whose token ids mean other text than the target's."""
+    why = None
+    if draft.config.vocab_size != target.config.vocab_size:
+        why = f"vocabularies of {draft.config.vocab_size} and {target.config.vocab_size} tokens"
+    elif (draft.tokenizer is None) != (target.tokenizer is None):
+        why = "one of them has no tokenizer"
+    elif draft.tokenizer is not None and (
+        draft.tokenizer.get_vocab() != target.tokenizer.get_vocab()
+    ):
+        why = "their tokenizers map text to different ids"
+    if why:
+        raise EinplanError(
+            f"the draft model's tokenizer differs from the target's ({why}): speculative "
+            "decoding needs a draft of the same tokenizer (e.g. a smaller model of the family)"
         )
 
 
@@ -197,13 +216,19 @@ class Session:
         stream: Callable[[int, str], None] | None = None,
         ctx: int | None = None,
         recorder: Recorder | None = None,
+        draft: Session | None = None,
+        draft_tokens: int = 4,
     ) -> Generation:
         """Continue each prompt (text, or token ids; one, or a list of them) by up to
         ``max_new_tokens`` tokens, greedy unless ``temperature`` > 0. A row stops at an EOS
         id (unless ``ignore_eos``), once its text holds a ``stop`` string, at the token limit,
         or when the ``ctx``-slot cache is full. ``stream(row, piece)`` is called with each
         piece of text as it is made. Text (prompts, texts, stop, stream) needs the session's
-        tokenizer; without one, the result's texts are empty."""
+        tokenizer; without one, the result's texts are empty. With a ``draft`` session (a
+        small model of the same tokenizer), decoding is speculative: the draft proposes
+        ``draft_tokens`` tokens a step and the target (whose plan needs the ``verify`` entry)
+        keeps them by rejection sampling, so the output follows the target's distribution
+        (greedy: the same tokens); one prompt at a time."""
         ids = encode_prompts(prompts, self.tokenizer, self.config.vocab_size)
         stop = [stop] if isinstance(stop, str) else list(stop)
         if self.tokenizer is None and (stop or stream):
@@ -215,7 +240,43 @@ class Session:
         eos = () if ignore_eos else self.eos_ids
         request = GenerationRequest(ids, max_new_tokens, sampling, eos, stop, ctx)
         decode = self.decode if self.tokenizer is not None else None
+        if draft is not None:
+            return self._speculate(draft, draft_tokens, request, decode, stream, recorder)
         return self.generator.generate(request, decode, stream, recorder)
+
+    def _speculate(self, draft, k, request, decode, stream, recorder) -> Generation:
+        from einplan.runtime.speculative import speculative_generate
+
+        check_same_tokenizer(self, draft)
+        rows = []
+        for r, prompt in enumerate(request.prompts):  # one prompt at a time
+            one = dataclasses.replace(request, prompts=[prompt])
+            on_text = (lambda _, piece, r=r: stream(r, piece)) if stream else None
+            rows.append(
+                speculative_generate(
+                    (self.plan, self.weights),
+                    (draft.plan, draft.weights),
+                    one,
+                    k,
+                    self.workers,
+                    decode,
+                    on_text,
+                    recorder,
+                )
+            )
+        if len(rows) == 1:
+            return rows[0]
+        stats = rows[0].stats
+        for g in rows[1:]:
+            stats.decode_step_s += g.stats.decode_step_s
+            stats.draft_tokens += g.stats.draft_tokens
+            stats.accepted_tokens += g.stats.accepted_tokens
+        return Generation(
+            [g.tokens[0] for g in rows],
+            [g.texts[0] for g in rows],
+            [g.stop_reasons[0] for g in rows],
+            stats,
+        )
 
     def decode(self, ids: list[int]) -> str:
         """The text of token ids (special tokens left out)."""

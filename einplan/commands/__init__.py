@@ -13,4 +13,5 @@ COMMANDS = [
     "graph",
     "report",
     "bench",
+    "serve",
 ]

@@ -48,7 +48,8 @@ def run(args: argparse.Namespace) -> None:
         args.config,
         weight_dtype=args.weight_dtype,
         compute_dtype=args.compute_dtype,
-        entries=TRAIN_ENTRIES if args.train else ENTRIES,
+        entries=(TRAIN_ENTRIES if args.train else ENTRIES)
+        + (("verify",) if args.speculative else ()),
         ctx=ctx,
         lora=adapter_options(args.lora) if args.lora and Path(args.lora).is_dir() else args.lora,
         quant=quant_options(args),
@@ -95,6 +96,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="also compile train_step (forward, backward, optimizer) and loss entries, with "
         "the config's train settings",
+    )
+    c.add_argument(
+        "--speculative",
+        action="store_true",
+        help="also compile the verify entry, so the plan can be the target of speculative "
+        "decoding (einplan run --draft)",
     )
     c.add_argument("--batch", type=positive_int, default=1, help="batch for the memory estimate")
     c.add_argument(

@@ -50,6 +50,7 @@ def run(args: argparse.Namespace) -> None:
     weights = resolve_weights_dir(args.weights) if args.weights else None
     session = open_session(plan, args, load_tokenizer(args.tokenizer, weights))
     recorder = Recorder() if args.profile else None
+    draft = open_draft(args, session.tokenizer)
 
     def generate(prompts: list[str] | list[list[int]], stream: bool):
         on_text = (lambda _, piece: print(piece, end="", flush=True, file=out)) if stream else None
@@ -65,6 +66,7 @@ def run(args: argparse.Namespace) -> None:
             stream=on_text,
             ctx=args.ctx,
             recorder=recorder,
+            **({"draft": draft, "draft_tokens": args.draft_tokens} if draft else {}),
         )
 
     if args.chat:
@@ -73,6 +75,27 @@ def run(args: argparse.Namespace) -> None:
         generate_prompts(args, generate)
     if recorder is not None:
         write_profile(recorder, args.profile)
+
+
+def open_draft(args: argparse.Namespace, tokenizer):
+    """The draft session of --draft (speculative decoding), or None."""
+    from einplan.api import Session, load_plan
+
+    if not args.draft:
+        if args.draft_weights is not None or args.draft_random_weights is not None:
+            raise EinplanError("--draft-weights needs --draft PLAN")
+        return None
+    if (args.draft_weights is None) == (args.draft_random_weights is None):
+        raise EinplanError("--draft needs --draft-weights DIR or --draft-random-weights SEED")
+    if args.draft_tokens < 1:
+        raise EinplanError(f"--draft-tokens must be >= 1, got {args.draft_tokens}")
+    return Session(
+        load_plan(args.draft),
+        args.draft_weights,
+        random_seed=args.draft_random_weights,
+        workers=args.workers,
+        tokenizer=tokenizer,
+    )
 
 
 def generate_prompts(args: argparse.Namespace, generate) -> None:
@@ -166,4 +189,21 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="FILE",
         help="write the phase table (TTFT, tok/s, p50/p99, memory, backend) as JSON",
     )
+    add_draft_arguments(r)
     r.set_defaults(func=run)
+
+
+def add_draft_arguments(p: argparse.ArgumentParser) -> None:
+    """``--draft PLAN`` with ``--draft-weights`` or ``--draft-random-weights``, and
+    ``--draft-tokens``: speculative decoding."""
+    p.add_argument(
+        "--draft",
+        metavar="PLAN",
+        help="speculative decoding: a small draft plan of the same tokenizer proposes tokens "
+        "(the target plan needs einplan compile --speculative)",
+    )
+    p.add_argument("--draft-weights", help="weights of the draft plan")
+    p.add_argument(
+        "--draft-random-weights", type=non_negative_int, metavar="SEED", help="random draft weights"
+    )
+    p.add_argument("--draft-tokens", type=positive_int, default=4, help="tokens drafted per step")

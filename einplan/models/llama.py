@@ -47,7 +47,10 @@ def rope_inv_freq(cfg: ModelConfig, dtype: str = "f32") -> list[float]:
 
 
 ENTRIES = ("forward", "prefill", "decode")
-TRACED = (*ENTRIES, "loss")  # loss: forward + mean next-token cross entropy against targets
+# loss: forward + mean next-token cross entropy against targets; verify: prefill with the
+# logits of every position (speculative decoding checks k drafted tokens in one step),
+# compiled on request: entries=(*ENTRIES, "verify")
+TRACED = (*ENTRIES, "verify", "loss")
 
 
 @dataclass(frozen=True)
@@ -192,7 +195,8 @@ def build_graph(
     ``forward``: logits for every position, no cache. ``prefill``: ``seq`` prompt tokens
     written into the KV cache at slot ``write_pos``, attending over its first ``kv`` slots as
     the additive ``mask`` (batch, seq, kv) allows; logits of the last position. ``decode``: the
-    same for one token per sequence, so its shapes stay fixed from token to token. ``loss``:
+    same for one token per sequence, so its shapes stay fixed from token to token.
+    ``verify``: prefill with the logits of every position (speculative decoding). ``loss``:
     the forward pass scored against ``targets`` (batch, seq) by mean cross entropy (targets
     of -100 are ignored), the graph the autodiff pass differentiates.
     """
@@ -200,7 +204,7 @@ def build_graph(
         raise ValueError(f"unknown entry point {entry!r} (known: {', '.join(TRACED)})")
     limit = cfg.max_position_embeddings
     dims = {"batch": cfg.max_batch, "seq": limit}
-    cached = entry in ("prefill", "decode")
+    cached = entry in ("prefill", "decode", "verify")
     if cached:
         dims.update(kv=limit, ctx=limit)
     b = Builder(dims, entry)
@@ -232,7 +236,7 @@ def build_graph(
             else:
                 h = mlp(b, h, st, i)
             x = b.add(x, h, role="ffn_residual")
-    if cached:  # generation needs only the last position's logits
+    if cached and entry != "verify":  # generation needs only the last position's logits
         x = b.slice_last(x)  # (b, s, d) -> (b, d)
     norm = b.param("output_norm.w", "model.norm.weight", (d,), cdt)
     x = b.rms_norm(x, norm, cfg.rms_norm_eps, role="output_norm")

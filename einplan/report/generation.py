@@ -28,6 +28,11 @@ def print_phase_table(stats: PhaseStats, console: Console | None = None) -> None
         f"{stats.decode_ms(0.5):,.2f} / {stats.decode_ms(0.99):,.2f} ms",
     )
     t.add_row("decode steps", str(len(stats.decode_step_s)))
+    if stats.draft_tokens:
+        t.add_row(
+            "draft tokens accepted",
+            f"{stats.accepted_tokens:,} / {stats.draft_tokens:,} ({stats.acceptance_rate:.1%})",
+        )
     t.add_row("weights", mib(stats.weights_bytes))
     t.add_row("KV cache", mib(stats.kv_cache_bytes))
     t.add_row("activations (buffers)", mib(stats.activations_bytes))

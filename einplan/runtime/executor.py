@@ -97,6 +97,7 @@ class Executor:
                     raise InputError(f"no array bound for {n.op.value} {key}")
                 self.params[n.id] = self._check_leaf(n, params[key])
         self._prepared: OrderedDict[tuple, Prepared] = OrderedDict()
+        self.max_prepared = 2  # sets of sizes kept prepared (arenas and kernels)
         self._pool = ThreadPoolExecutor(workers) if workers > 1 else None
         self._quantized = any(n.op is Op.DEQUANTIZE for n in graph.nodes)
         self._blas_threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None
@@ -163,7 +164,7 @@ class Executor:
             self.graph, self.nodes, self.params, dims, self._pool is not None, self.backend
         )
         self._prepared[key] = prepared
-        while len(self._prepared) > 2:
+        while len(self._prepared) > self.max_prepared:
             self._prepared.popitem(last=False)
         return prepared
 

@@ -44,6 +44,13 @@ class PhaseStats:
     activations_bytes: int = 0
     backend: str = "numpy"  # the kernels backend asked for
     decode_steps_by_backend: dict[str, int] = field(default_factory=dict)  # who ran them
+    draft_tokens: int = 0  # speculative decoding: tokens the draft proposed
+    accepted_tokens: int = 0  # ... and the target kept
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Share of drafted tokens the target kept (speculative decoding)."""
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
 
     def to_json(self) -> dict:
         """The phase table as plain numbers (``einplan run --stats-json``)."""
@@ -63,6 +70,8 @@ class PhaseStats:
             },
             "backend": self.backend,
             "decode_steps_by_backend": dict(self.decode_steps_by_backend),
+            "draft_tokens": self.draft_tokens,
+            "acceptance_rate": self.acceptance_rate,
         }
 
     @property

@@ -1241,20 +1241,33 @@ def _ck_latest(rng, case):
     root = case.workdir / "run" / "checkpoints"
     latest = root / "latest"
     target = os.readlink(latest)
-    kind = rng.choice(["missing", "dangling", "to_file", "to_older", "real_dir", "loop"])
+    kind = rng.choice(["missing", "dangling", "to_file", "real_dir", "loop"])
     latest.unlink()
     if kind == "dangling":
         latest.symlink_to("step-000099")
     elif kind == "to_file":
         latest.symlink_to(f"{target}/trainer.json")
-    elif kind == "to_older":
-        older = sorted(p.name for p in root.glob("step-*") if p.name != target)
-        latest.symlink_to(older[0] if older else "step-000099")
     elif kind == "real_dir":
         shutil.copytree(root / target, latest)
     elif kind == "loop":
         latest.symlink_to("latest")
     return f"latest: {kind}"
+
+
+def _ck_latest_older(rng, case):
+    """``latest`` pointing at an older step than the newest folder. Not damage: ``latest`` is
+    the record of the newest complete checkpoint (a run killed after renaming a new step
+    folder into place but before moving the link leaves exactly this, and the next save
+    replaces that folder), and a user may point it back to resume from an earlier step. So
+    resuming from where it points is right, and the losses legitimately differ from the
+    pristine resume (expect "any": finite, no traceback, inputs kept on failure)."""
+    root = case.workdir / "run" / "checkpoints"
+    latest = root / "latest"
+    target = os.readlink(latest)
+    older = sorted(p.name for p in root.glob("step-*") if p.name != target)
+    latest.unlink()
+    latest.symlink_to(older[0] if older else "step-000099")
+    return f"latest: to_older ({older[0] if older else 'none'})"
 
 
 def _ck_file(rng, case):
@@ -1345,6 +1358,7 @@ CKPT_MUTATORS = [
     Mutator("torn_file_resigned", "reject", _ck_torn_resigned),
     Mutator("safetensors_resigned", "reject", _ck_st_resigned),
     Mutator("config_resigned", "reject", _ck_config_resigned),
+    Mutator("latest_older", "any", _ck_latest_older),
 ]
 
 

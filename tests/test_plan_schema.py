@@ -19,6 +19,7 @@ from einplan.api import TRAIN_ENTRIES
 from einplan.compiler.plan import PlanError
 from einplan.formats.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from einplan.formats.weights import WeightsError, load_weights
+from einplan.models.config import ConfigError, parse_config
 
 
 @pytest.fixture(scope="module")
@@ -198,3 +199,10 @@ def test_a_latest_that_is_a_folder_is_refused_before_anything_is_written(
     with pytest.raises(CheckpointError, match="latest is a folder"):
         save_checkpoint(root, 99, {}, {"x": b""}, {}, keep=3)
     assert sorted(p.name for p in root.iterdir()) == before
+
+
+@pytest.mark.parametrize("theta", [1e308, 1e-300])
+def test_a_rope_theta_whose_frequencies_vanish_in_float32_is_refused(theta):
+    with pytest.raises(ConfigError, match="rope_theta .* vanish or overflow in float32"):
+        parse_config({**ONE_LAYER, "rope_theta": theta})
+    parse_config({**ONE_LAYER, "rope_theta": 1e7})

@@ -18,6 +18,7 @@ import einplan
 from einplan.api import TRAIN_ENTRIES
 from einplan.compiler.plan import PlanError
 from einplan.formats.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from einplan.formats.gguf import GGUFError, read_gguf
 from einplan.formats.weights import WeightsError, load_weights
 from einplan.models.config import ConfigError, parse_config
 
@@ -206,3 +207,17 @@ def test_a_rope_theta_whose_frequencies_vanish_in_float32_is_refused(theta):
     with pytest.raises(ConfigError, match="rope_theta .* vanish or overflow in float32"):
         parse_config({**ONE_LAYER, "rope_theta": theta})
     parse_config({**ONE_LAYER, "rope_theta": 1e7})
+
+
+@pytest.mark.parametrize("count", [2**63, 10**9])
+def test_a_gguf_array_longer_than_the_file_is_refused_at_once(tmp_path, count):
+    """gguf's reader would loop over the claimed length (hours) instead of failing."""
+    from fuzz_inputs import build_gguf, gguf_layout
+
+    path = build_gguf(tmp_path / "m.gguf")
+    at = gguf_layout(path)["kvs"]["tokenizer.ggml.token_type"][4][0]  # the array's length
+    data = bytearray(path.read_bytes())
+    data[at : at + 8] = struct.pack("<Q", count)
+    path.write_bytes(bytes(data))
+    with pytest.raises(GGUFError, match=f"{path}: metadata 'tokenizer.ggml.token_type'.*past"):
+        read_gguf(path)

@@ -219,7 +219,7 @@ def node_from_json(d: dict[str, Any]) -> Node:
         attrs_from_json(expect(d.get("attrs", {}), dict, f"{where} attrs")),
         shape,
         expect(d["dtype"], str, f"{where} dtype"),
-        expect(d.get("name", ""), str, f"{where} name"),
+        expect(d["name"], str, f"{where} name"),
         frozenset(Tag(t) for t in tags),
     )
 

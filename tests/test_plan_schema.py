@@ -16,9 +16,10 @@ from test_train import plan  # noqa: F401
 
 import einplan
 from einplan.api import TRAIN_ENTRIES
+from einplan.cli import main
 from einplan.compiler.plan import PlanError
 from einplan.formats.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from einplan.formats.gguf import GGUFError, read_gguf
+from einplan.formats.gguf import GGUFError, read_gguf, read_gguf_tensors
 from einplan.formats.weights import WeightsError, load_weights
 from einplan.models.config import ConfigError, parse_config
 
@@ -221,3 +222,16 @@ def test_a_gguf_array_longer_than_the_file_is_refused_at_once(tmp_path, count):
     path.write_bytes(bytes(data))
     with pytest.raises(GGUFError, match=f"{path}: metadata 'tokenizer.ggml.token_type'.*past"):
         read_gguf(path)
+
+
+@pytest.mark.parametrize("blocks", [1, 3, 1000])
+def test_a_gguf_whose_block_count_is_not_its_layers_is_refused(tmp_path, blocks):
+    """Converted as it was, the folder's config would not fit its weights (and a claimed
+    1000 layers would take minutes to compile before saying so)."""
+    from fuzz_inputs import build_gguf
+
+    path = build_gguf(tmp_path / "m.gguf", meta={"llama.block_count": ("UINT32", blocks)})
+    with pytest.raises(GGUFError, match=f"block_count is {blocks}, but the tensors are of"):
+        read_gguf_tensors(path)
+    assert main(["convert", str(path), "-o", str(tmp_path / "hf")]) == 2
+    assert not (tmp_path / "hf").exists()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import mmap
 import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,6 +202,7 @@ def dequantize_tensor(t) -> np.ndarray:
 # bool, uint64, int64, float64), and the string and array types
 SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 STRING, ARRAY = 8, 9
+LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.")
 
 
 def check_metadata_lengths(path: Path) -> None:
@@ -327,4 +329,11 @@ def read_gguf_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
         elif permuted and ".k_proj." in name:
             w = unpermute_qk(check_rows(t.name, w, kv_heads * head_dim), kv_heads)
         tensors[name] = w
+    layers = sorted({int(m.group(1)) for k in tensors if (m := LAYER_KEY.match(k))})
+    if layers != list(range(config["num_hidden_layers"])):
+        held = f"layers {layers[0]}..{layers[-1]} ({len(layers)} in all)" if layers else "none"
+        raise GGUFError(
+            f"{path}: the metadata's block_count is {config['num_hidden_layers']}, but the "
+            f"tensors are of {held}; the file is damaged or incomplete"
+        )
     return tensors

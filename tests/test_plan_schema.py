@@ -224,7 +224,7 @@ def test_a_gguf_array_longer_than_the_file_is_refused_at_once(tmp_path, count):
         read_gguf(path)
 
 
-@pytest.mark.parametrize("blocks", [1, 3, 1000])
+@pytest.mark.parametrize("blocks", [1, 3, 1000, 2**32 - 1])
 def test_a_gguf_whose_block_count_is_not_its_layers_is_refused(tmp_path, blocks):
     """Converted as it was, the folder's config would not fit its weights (and a claimed
     1000 layers would take minutes to compile before saying so)."""

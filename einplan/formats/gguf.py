@@ -330,10 +330,11 @@ def read_gguf_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
             w = unpermute_qk(check_rows(t.name, w, kv_heads * head_dim), kv_heads)
         tensors[name] = w
     layers = sorted({int(m.group(1)) for k in tensors if (m := LAYER_KEY.match(k))})
-    if layers != list(range(config["num_hidden_layers"])):
+    n = config["num_hidden_layers"]
+    if len(layers) != n or (layers and layers[-1] != n - 1):  # not 0..n-1 (n may be 2^32)
         held = f"layers {layers[0]}..{layers[-1]} ({len(layers)} in all)" if layers else "none"
         raise GGUFError(
-            f"{path}: the metadata's block_count is {config['num_hidden_layers']}, but the "
+            f"{path}: the metadata's block_count is {n}, but the "
             f"tensors are of {held}; the file is damaged or incomplete"
         )
     return tensors

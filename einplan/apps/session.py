@@ -13,7 +13,7 @@ from tokenizers import Tokenizer
 
 from einplan.apps.gradients import check_targets, loss_feed, named_grads, shifted_targets
 from einplan.apps.prompts import Prompts, collect_eos_ids, encode_prompts
-from einplan.compiler.plan import Plan
+from einplan.compiler.plan import Plan, PlanError
 from einplan.errors import EinplanError
 from einplan.formats.checkpoint import verified_source, verified_weights
 from einplan.formats.peft import init_lora, load_adapter
@@ -26,6 +26,7 @@ from einplan.formats.weights import (
     weights_config,
 )
 from einplan.models.config import ModelConfig, config_differences, parse_config
+from einplan.models.llama import dim_limits
 from einplan.runtime.backends import get_backend
 from einplan.runtime.executor import Executor, InputError
 from einplan.runtime.generate import Generation, GenerationRequest, Generator
@@ -34,8 +35,29 @@ from einplan.runtime.sampling import SamplingConfig
 
 
 def load_plan(path: str | Path) -> Plan:
-    """Read a plan file (clear errors for foreign, damaged or other-version files)."""
-    return Plan.load(path)
+    """Read a plan file (clear errors for foreign, damaged or other-version files), and check
+    its entries' dim limits against the config it was compiled from."""
+    plan = Plan.load(path)
+    check_dim_limits(plan, path)
+    return plan
+
+
+def check_dim_limits(plan: Plan, path: str | Path) -> None:
+    """Every entry declares a dim's limit as its config sets it (max_batch,
+    max_position_embeddings): a larger one would let inputs past what the model serves (rotary
+    positions, the KV cache), a smaller one refuse sizes it serves."""
+    batch, positions = plan.config.get("max_batch"), plan.config.get("max_position_embeddings")
+    if type(batch) is not int or type(positions) is not int:
+        return  # a damaged config is refused where it is read, by name
+    limits = dim_limits(batch, positions)
+    for name, graph in plan.entries.items():
+        for dim, size in graph.dims.items():
+            if dim in limits and size != limits[dim]:
+                raise PlanError(
+                    f"{path}: entry {name!r}: dims.{dim} is {size}, but the plan's config "
+                    f"makes it {limits[dim]} (max_batch {batch}, max_position_embeddings "
+                    f"{positions}); recompile it"
+                )
 
 
 def plan_config(plan: Plan) -> ModelConfig:

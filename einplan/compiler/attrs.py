@@ -6,6 +6,7 @@ file's JSON and back.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 INPUT_ABSMAX = "input_absmax"  # the QuantPart of a static activation scale
@@ -98,3 +99,56 @@ class StepSchedule:
     thread: int
     slot: int | None = None  # None: an output or a view, no buffer of the arena
     free_after: tuple[int, ...] | None = None
+
+
+# What is wrong with a typed attr (None: nothing), for the op table's attr checks
+# (compiler/ops.py), which Graph.verify runs on every node of a compiled or loaded graph.
+
+
+def _is_int(v: object, least: int = 0) -> bool:
+    return type(v) is int and v >= least
+
+
+def quant_problem(q: object) -> str | None:
+    if not isinstance(q, QuantPart):
+        return "must be a quantised part"
+    if q.part not in ("q", "scale", "zero_point", INPUT_ABSMAX) or q.bits not in (4, 8):
+        return "names an unknown part or bit width"
+    if type(q.of) is not str or type(q.bits) is not int:
+        return "must name its float weight (of) and bits as an integer"
+    if q.part == INPUT_ABSMAX:
+        return None
+    ok_shape = isinstance(q.shape, tuple) and len(q.shape) == 2
+    if not (_is_int(q.group, 1) and type(q.symmetric) is bool and ok_shape):
+        return "must have a positive group, symmetric true/false and a 2-D shape"
+    if not all(_is_int(d, 1) for d in q.shape):
+        return "must have a 2-D shape of positive sizes"
+    return None
+
+
+def lora_problem(lo: object) -> str | None:
+    if not isinstance(lo, LoraPart):
+        return "must be a LoRA part"
+    if not (_is_int(lo.r, 1) and _is_int(lo.fan_in, 1)):
+        return "must have a positive rank r and fan_in"
+    if type(lo.alpha) not in (int, float) or not math.isfinite(lo.alpha):
+        return "must have a finite alpha"
+    if not all(type(v) is str for v in (lo.module, lo.role, lo.part)):
+        return "must name its module, role and part as strings"
+    return None
+
+
+def pack_problem(pack: object) -> str | None:
+    ok = isinstance(pack, tuple | list) and len(pack) > 0
+    if not ok or not all(isinstance(m, PackMember) for m in pack):
+        return "must be a non-empty list of [key, rows] or [key, rows, of]"
+    for m in pack:
+        if type(m.key) is not str or not _is_int(m.rows, 1):
+            return "members must be [key, rows] with a positive number of rows"
+        if m.of is not None and type(m.of) is not str:
+            return "member's float weight (of) must be a string"
+    return None
+
+
+def recipe_problem(r: object) -> str | None:
+    return None if isinstance(r, UnaryRecipe | MatmulRecipe | QMatmulRecipe) else "must be a recipe"

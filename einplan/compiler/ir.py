@@ -170,7 +170,9 @@ class Graph:
         return self.format()
 
     def verify(self) -> None:
-        """Check SSA order, unique names of leaves, and re-infer every shape and dtype.
+        """Check SSA order, unique names of leaves, each op's number of inputs (none for a
+        leaf) and the types of the attrs it reads (compiler/ops.py), every dim declared, and
+        re-infer every shape and dtype.
 
         Raises :class:`ShapeError` naming the first node that breaks an invariant.
         """
@@ -183,12 +185,16 @@ class Graph:
             for i in n.inputs:
                 if i not in seen:
                     raise ShapeError(f"{where}: input %{i} used before it is defined")
+            try:
+                OPS[n.op].check(len(n.inputs), n.attrs)
+            except ShapeError as e:
+                raise ShapeError(f"{where}: op {n.op.value} {e}") from None
+            for d in n.shape:
+                check_dim(d, self.dims, where)
             if n.op in LEAVES:
                 if n.name in leaf_names:
                     raise ShapeError(f"{where}: two leaves named {n.name!r}")
                 leaf_names.add(n.name)
-                for d in n.shape:
-                    check_dim(d, self.dims, where)
             else:
                 ins = [seen[i] for i in n.inputs]
                 try:

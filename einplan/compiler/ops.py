@@ -1,16 +1,19 @@
 """The op set: for every op its shape/dtype inference, FLOP count and print rule.
 
 One table, keyed by :class:`Op`, so that adding an op means adding one entry
-here, one kernel in ``runtime/kernels.py`` and (for training) one VJP rule.
+here (its inference, its number of inputs and the attributes it reads), one kernel in
+``runtime/kernels.py`` and (for training) one VJP rule.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from einplan.compiler.attrs import lora_problem, pack_problem, quant_problem, recipe_problem
 from einplan.compiler.symbolic import Dim, Poly, Shape, add_polys, numel, scale_poly
 from einplan.errors import EinplanError
 
@@ -76,6 +79,55 @@ Infer = Callable[[list[Shape], list[str], dict[str, Any]], tuple[Shape, str]]
 
 
 @dataclass(frozen=True)
+class Attr:
+    """One attribute an op reads: ``problem`` says what is wrong with a value (None: fine)."""
+
+    problem: Callable[[Any], str | None]
+    required: bool = True
+
+    def optional(self) -> Attr:
+        return Attr(self.problem, False)
+
+
+def _is_int(v: Any) -> bool:
+    return type(v) is int
+
+
+def _is_num(v: Any) -> bool:
+    return type(v) in (int, float) and math.isfinite(v)
+
+
+def _kind(test: Callable[[Any], bool], wanted: str) -> Attr:
+    return Attr(lambda v: None if test(v) else f"must be {wanted}")
+
+
+STR = _kind(lambda v: type(v) is str, "a string")
+BOOL = _kind(lambda v: type(v) is bool, "true or false")
+INT = _kind(_is_int, "an integer")
+NAT = _kind(lambda v: _is_int(v) and v >= 0, "an integer >= 0")
+NUMBER = _kind(_is_num, "a finite number")
+POSITIVE = _kind(lambda v: _is_num(v) and v > 0, "a positive number")
+NON_NEGATIVE = _kind(lambda v: _is_num(v) and v >= 0, "a number >= 0")
+FRACTION = _kind(lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)")
+BITS = _kind(lambda v: _is_int(v) and v in (4, 8), "4 or 8")
+GROUP = _kind(lambda v: _is_int(v) and v >= 1, "a positive integer")
+DIM = _kind(lambda v: type(v) is str or (_is_int(v) and v >= 1), "a size >= 1 or a dim name")
+INTS = _kind(lambda v: type(v) in (list, tuple) and all(_is_int(x) for x in v), "integers")
+DIMS = _kind(
+    lambda v: type(v) in (list, tuple) and all(type(d) is str or _is_int(d) for d in v),
+    "a list of sizes and dim names",
+)
+FREQS = _kind(
+    lambda v: type(v) in (list, tuple) and len(v) > 0 and all(_is_num(x) for x in v),
+    "a non-empty list of finite numbers",
+)
+
+
+def _one_of(*values: str) -> Attr:
+    return _kind(lambda v: type(v) is str and v in values, " or ".join(map(repr, values)))
+
+
+@dataclass(frozen=True)
 class OpDef:
     """How the compiler reasons about one op."""
 
@@ -84,6 +136,31 @@ class OpDef:
     alias: bool = False  # output is a view of input 0: no buffer, no copy
     inplace: bool = False  # the kernel may write its output over input 0 (same size)
     hidden_attrs: tuple[str, ...] = ()  # attrs left out of the printed graph
+    arity: tuple[int, int | None] = (1, 1)  # least and most inputs (None: any number)
+    # the attrs the op reads and what each must be; None: not declared, not checked
+    attrs: dict[str, Attr] | None = field(default_factory=dict)
+
+    def check(self, n_inputs: int, attrs: dict[str, Any]) -> None:
+        """Raise :class:`ShapeError` when a node of this op has the wrong number of inputs,
+        lacks an attr it reads, has one it does not read, or one of the wrong type."""
+        least, most = self.arity
+        if n_inputs < least or (most is not None and n_inputs > most):
+            wanted = f"{least}" if least == most else f"{least}..{most if most else ''}"
+            raise ShapeError(f"takes {wanted} input(s), has {n_inputs}")
+        if self.attrs is None:
+            return
+        for name, spec in self.attrs.items():
+            if name not in attrs:
+                if spec.required:
+                    raise ShapeError(f"attr {name!r} is missing")
+                continue
+            why = spec.problem(attrs[name])
+            if why:
+                raise ShapeError(f"attr {name!r} {why}, got {attrs[name]!r:.60}")
+        unknown = [k for k in attrs if k not in self.attrs]
+        if unknown:
+            known = ", ".join(self.attrs) or "none"
+            raise ShapeError(f"unknown attr(s) {', '.join(map(repr, unknown))} (known: {known})")
 
 
 def _need(cond: bool, msg: str) -> None:
@@ -388,50 +465,116 @@ def _infer_leaf(shapes, dtypes, attrs):
     raise AssertionError("leaves carry their own shape")
 
 
+FLOAT_DTYPE = _one_of(*sorted(FLOAT_DTYPES))
+DTYPE = _one_of(*sorted(ITEMSIZE))
+QUANT = Attr(quant_problem, False)
+EPS = {"eps": POSITIVE}
+MOE_AUX = {"k": GROUP, "coef": NUMBER}
+UPDATE = {"weight_decay": NON_NEGATIVE, "max_norm": NON_NEGATIVE}
+
 OPS: dict[Op, OpDef] = {
-    Op.PARAM: OpDef(_infer_leaf, hidden_attrs=("quant", "lora")),
-    Op.INPUT: OpDef(_infer_leaf),
-    Op.STATE: OpDef(_infer_leaf),
-    Op.KV_APPEND: OpDef(_infer_kv_append, alias=True),
+    Op.PARAM: OpDef(
+        _infer_leaf,
+        hidden_attrs=("quant", "lora"),
+        arity=(0, 0),
+        attrs={
+            "key": STR,
+            "quant": QUANT,
+            "lora": Attr(lora_problem, False),
+            "pack": Attr(pack_problem, False),
+        },
+    ),
+    Op.INPUT: OpDef(_infer_leaf, arity=(0, 0)),
+    Op.STATE: OpDef(_infer_leaf, arity=(0, 0), attrs={"key": STR}),
+    Op.KV_APPEND: OpDef(_infer_kv_append, alias=True, arity=(3, 3), attrs={"length": DIM}),
     Op.SLICE_LAST: OpDef(_infer_slice_last),
-    Op.SPLIT: OpDef(_infer_split, alias=True),
-    Op.EINSUM: OpDef(_infer_einsum, hidden_attrs=("recipe",)),
-    Op.ADD: OpDef(_infer_binary, 1, inplace=True),
-    Op.MUL: OpDef(_infer_binary, 1, inplace=True),
-    Op.GATHER: OpDef(_infer_gather),
-    Op.RMS_NORM: OpDef(_infer_rms_norm, 4),
-    Op.ROPE_TABLE: OpDef(_infer_rope_table, 2, hidden_attrs=("inv_freq",)),
-    Op.ROPE: OpDef(_infer_rope, 3),
-    Op.SOFTMAX: OpDef(_infer_softmax, 5, inplace=True),
-    Op.SILU_MUL: OpDef(_infer_silu_mul, 5),
-    Op.RESHAPE: OpDef(_infer_reshape, alias=True),
-    Op.TRANSPOSE: OpDef(_infer_transpose),
-    Op.CAST: OpDef(_infer_cast, 1),
+    Op.SPLIT: OpDef(_infer_split, alias=True, attrs={"start": NAT, "stop": NAT}),
+    Op.EINSUM: OpDef(
+        _infer_einsum,
+        hidden_attrs=("recipe",),
+        arity=(1, None),
+        attrs={"spec": STR, "recipe": Attr(recipe_problem, False)},
+    ),
+    Op.ADD: OpDef(_infer_binary, 1, inplace=True, arity=(2, 2)),
+    Op.MUL: OpDef(_infer_binary, 1, inplace=True, arity=(2, 2)),
+    Op.GATHER: OpDef(
+        _infer_gather,
+        arity=(2, 2),
+        attrs={"transposed": BOOL.optional(), "dtype": FLOAT_DTYPE.optional()},
+    ),
+    Op.RMS_NORM: OpDef(_infer_rms_norm, 4, arity=(2, 2), attrs=EPS),
+    Op.ROPE_TABLE: OpDef(
+        _infer_rope_table,
+        2,
+        hidden_attrs=("inv_freq",),
+        attrs={"inv_freq": FREQS, "dtype": FLOAT_DTYPE.optional()},
+    ),
+    Op.ROPE: OpDef(
+        _infer_rope,
+        3,
+        arity=(2, 2),
+        attrs={"scale": NUMBER.optional(), "inverse": BOOL.optional()},
+    ),
+    Op.SOFTMAX: OpDef(
+        _infer_softmax,
+        5,
+        inplace=True,
+        arity=(1, 2),
+        attrs={"causal": BOOL.optional(), "scale": NUMBER.optional()},
+    ),
+    Op.SILU_MUL: OpDef(_infer_silu_mul, 5, arity=(2, 2)),
+    Op.RESHAPE: OpDef(_infer_reshape, alias=True, attrs={"shape": DIMS}),
+    Op.TRANSPOSE: OpDef(_infer_transpose, attrs={"perm": INTS}),
+    Op.CAST: OpDef(_infer_cast, 1, attrs={"dtype": DTYPE}),
     # the runtime never materialises a dequantized weight: the einsum or gather reading it
     # dequantizes blocks of rows into a small scratch (runtime/qmatmul.py), hence a view
-    Op.DEQUANTIZE: OpDef(_infer_dequantize, alias=True),
-    Op.FAKE_QUANT: OpDef(_infer_fake_quant, 5),
-    Op.SCALE: OpDef(_infer_scale, 1),
-    Op.DROPOUT: OpDef(_infer_dropout, 2),
-    Op.EXPAND: OpDef(_infer_expand),
-    Op.SCATTER_ADD: OpDef(_infer_scatter_add, 1),
-    Op.CROSS_ENTROPY: OpDef(_infer_cross_entropy, 4),
+    Op.DEQUANTIZE: OpDef(
+        _infer_dequantize, alias=True, arity=(2, 3), attrs={"bits": BITS, "group": GROUP}
+    ),
+    Op.FAKE_QUANT: OpDef(_infer_fake_quant, 5, arity=(1, 2), attrs={"bits": BITS}),
+    Op.SCALE: OpDef(_infer_scale, 1, attrs={"factor": NUMBER}),
+    Op.DROPOUT: OpDef(_infer_dropout, 2, arity=(2, 2), attrs={"p": NUMBER, "stream": INT}),
+    Op.EXPAND: OpDef(_infer_expand, attrs={"shape": DIMS, "axes": INTS}),
+    Op.SCATTER_ADD: OpDef(_infer_scatter_add, 1, arity=(2, 2), attrs={"rows": DIM}),
+    Op.CROSS_ENTROPY: OpDef(_infer_cross_entropy, 4, arity=(2, 2), attrs={"ignore_index": INT}),
     Op.SIGMOID: OpDef(_infer_like_first, 4),
-    Op.MOE_TOPK: OpDef(_infer_moe_topk, 4),
-    Op.MOE_EXPERT: OpDef(_infer_moe_expert),
-    Op.MOE_AUX_LOSS: OpDef(_infer_moe_aux_loss, 2),
-    Op.CROSS_ENTROPY_GRAD: OpDef(_infer_cross_entropy_grad, 5, inplace=True),
-    Op.RMS_NORM_GRAD: OpDef(_infer_rms_norm_grad, 8),
-    Op.SOFTMAX_GRAD: OpDef(_infer_like_first, 4),
-    Op.SILU_MUL_GRAD: OpDef(_infer_like_first, 8),
-    Op.SIGMOID_GRAD: OpDef(_infer_like_first, 3),
-    Op.MOE_TOPK_GRAD: OpDef(_infer_moe_topk, 4),
-    Op.MOE_EXPERT_GRAD: OpDef(_infer_moe_expert),
-    Op.MOE_AUX_LOSS_GRAD: OpDef(_infer_moe_aux_loss, 2),
-    Op.ACC_GRAD: OpDef(_infer_same_shapes, 1, alias=True),
-    Op.GRAD_NORM: OpDef(_infer_grad_norm),
-    Op.ADAMW: OpDef(_infer_update, 12, alias=True),
-    Op.SGD: OpDef(_infer_update, 5, alias=True),
+    Op.MOE_TOPK: OpDef(_infer_moe_topk, 4, attrs={"k": GROUP, "norm": BOOL}),
+    Op.MOE_EXPERT: OpDef(
+        _infer_moe_expert, arity=(5, 5), attrs={"expert": NAT, "k": GROUP, "keep": BOOL.optional()}
+    ),
+    Op.MOE_AUX_LOSS: OpDef(_infer_moe_aux_loss, 2, arity=(1, None), attrs=MOE_AUX),
+    Op.CROSS_ENTROPY_GRAD: OpDef(
+        _infer_cross_entropy_grad, 5, inplace=True, arity=(3, 3), attrs={"ignore_index": INT}
+    ),
+    Op.RMS_NORM_GRAD: OpDef(
+        _infer_rms_norm_grad, 8, arity=(3, 3), attrs={**EPS, "wrt": _one_of("x", "w")}
+    ),
+    Op.SOFTMAX_GRAD: OpDef(_infer_like_first, 4, arity=(2, 2), attrs={"scale": NUMBER.optional()}),
+    Op.SILU_MUL_GRAD: OpDef(
+        _infer_like_first, 8, arity=(3, 3), attrs={"wrt": _one_of("gate", "up")}
+    ),
+    Op.SIGMOID_GRAD: OpDef(_infer_like_first, 3, arity=(2, 2)),
+    Op.MOE_TOPK_GRAD: OpDef(_infer_moe_topk, 4, arity=(2, 2), attrs={"k": GROUP, "norm": BOOL}),
+    Op.MOE_EXPERT_GRAD: OpDef(
+        _infer_moe_expert,
+        arity=(6, 6),
+        attrs={"expert": NAT, "k": GROUP, "wrt": _one_of(*MOE_EXPERT_INPUTS)},
+    ),
+    Op.MOE_AUX_LOSS_GRAD: OpDef(
+        _infer_moe_aux_loss, 2, arity=(2, None), attrs={**MOE_AUX, "wrt": NAT}
+    ),
+    Op.ACC_GRAD: OpDef(_infer_same_shapes, 1, alias=True, arity=(2, 2)),
+    Op.GRAD_NORM: OpDef(_infer_grad_norm, arity=(1, None)),
+    Op.ADAMW: OpDef(
+        _infer_update,
+        12,
+        alias=True,
+        arity=(7, 7),
+        attrs={**UPDATE, "beta1": FRACTION, "beta2": FRACTION, **EPS},
+    ),
+    Op.SGD: OpDef(
+        _infer_update, 5, alias=True, arity=(6, 6), attrs={**UPDATE, "momentum": NON_NEGATIVE}
+    ),
 }
 
 

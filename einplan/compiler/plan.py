@@ -31,7 +31,8 @@ from einplan.compiler.attrs import (
     UnaryRecipe,
 )
 from einplan.compiler.ir import Graph, Node
-from einplan.compiler.ops import Op
+from einplan.compiler.ops import ITEMSIZE, LEAVES, OPS, Op
+from einplan.compiler.symbolic import numel, scale_poly
 from einplan.compiler.tags import Tag
 from einplan.errors import EinplanError
 
@@ -172,6 +173,8 @@ def load_entry(path: Path, name: str, raw: Any) -> Graph:
     try:
         graph = graph_from_json(expect(raw, dict, "the entry"))
         graph.verify()
+        check_lowering(graph)
+        check_schedule(graph)
     except KeyError as e:
         raise PlanError(f"{path}: entry {name!r}: missing field {e}; recompile it") from None
     except (TypeError, ValueError) as e:  # PlanError and ShapeError among them
@@ -181,6 +184,8 @@ def load_entry(path: Path, name: str, raw: Any) -> Graph:
 
 def expect(value: Any, types: type | tuple[type, ...], what: str) -> Any:
     """``value`` when it has one of the JSON ``types`` (a bool is no int), else a PlanError."""
+    if type(value) is types:  # the common case, fast
+        return value
     wanted = types if isinstance(types, tuple) else (types,)
     if not isinstance(value, wanted) or (isinstance(value, bool) and bool not in wanted):
         names = " or ".join(t.__name__ for t in wanted)
@@ -190,6 +195,8 @@ def expect(value: Any, types: type | tuple[type, ...], what: str) -> Any:
 
 def expect_ids(values: Any, what: str) -> tuple[int, ...]:
     """A JSON list of value ids as a tuple of ints."""
+    if type(values) is list and all(type(v) is int for v in values):
+        return tuple(values)
     return tuple(expect(v, int, what) for v in expect(values, list, what))
 
 
@@ -212,7 +219,7 @@ def node_from_json(d: dict[str, Any]) -> Node:
         attrs_from_json(expect(d.get("attrs", {}), dict, f"{where} attrs")),
         shape,
         expect(d["dtype"], str, f"{where} dtype"),
-        expect(d.get("name", ""), str, f"{where} name"),
+        expect(d["name"], str, f"{where} name"),
         frozenset(Tag(t) for t in tags),
     )
 
@@ -244,14 +251,18 @@ def attrs_from_json(d: dict[str, Any]) -> dict[str, Any]:
     """Read attrs written by :func:`attrs_to_json`."""
     out = dict(d)
     if "quant" in d:
-        out["quant"] = quant_from_json(d["quant"])
+        out["quant"] = quant_from_json(expect(d["quant"], dict, "attrs.quant"))
     if "lora" in d:
-        out["lora"] = LoraPart(**d["lora"])
+        out["lora"] = LoraPart(**expect(d["lora"], dict, "attrs.lora"))
     if "pack" in d:
-        out["pack"] = tuple(PackMember(*m) for m in d["pack"])
+        members = expect(d["pack"], list, "attrs.pack")
+        out["pack"] = tuple(PackMember(*expect(m, list, "attrs.pack member")) for m in members)
     if "recipe" in d:
-        fields = dict(d["recipe"])
-        out["recipe"] = RECIPE_KINDS[fields.pop("kind")](**fields)
+        fields = dict(expect(d["recipe"], dict, "attrs.recipe"))
+        kind = fields.pop("kind", None)
+        if kind not in RECIPE_KINDS:
+            raise PlanError(f"attrs.recipe kind {kind!r:.40} is not one of {sorted(RECIPE_KINDS)}")
+        out["recipe"] = RECIPE_KINDS[kind](**fields)
     return out
 
 
@@ -271,7 +282,7 @@ def quant_to_json(q: QuantPart) -> dict[str, Any]:
 
 def quant_from_json(d: dict[str, Any]) -> QuantPart:
     """Read a part written by :func:`quant_to_json`."""
-    shape = tuple(d["shape"]) if "shape" in d else None
+    shape = tuple(expect(d["shape"], list, "attrs.quant.shape")) if "shape" in d else None
     return QuantPart(d["part"], d["bits"], d["of"], d.get("group"), d.get("symmetric"), shape)
 
 
@@ -288,11 +299,23 @@ def schedule_to_json(a: StepSchedule) -> dict[str, Any]:
     return d
 
 
-def schedule_from_json(d: dict[str, Any]) -> StepSchedule:
-    """Read a schedule written by :func:`schedule_to_json`."""
-    free = d.get("free_after")
-    free_after = None if free is None else tuple(free)
-    return StepSchedule(d["level"], d["thread"], d.get("slot"), free_after)
+SCHEDULE_FIELDS = frozenset({"level", "thread", "slot", "free_after"})
+
+
+def schedule_from_json(d: dict[str, Any], what: str = "an annotation") -> StepSchedule:
+    """Read a schedule written by :func:`schedule_to_json`, checking its JSON types."""
+    expect(d, dict, what)
+    if not SCHEDULE_FIELDS.issuperset(d):
+        raise PlanError(f"{what}: unknown field(s) {sorted(set(d) - SCHEDULE_FIELDS)}")
+    level, thread = (
+        expect(d["level"], int, f"{what} level"),
+        expect(d["thread"], int, f"{what} thread"),
+    )
+    slot, free = d.get("slot"), d.get("free_after")
+    if slot is not None:
+        expect(slot, int, f"{what} slot")
+    free_after = None if free is None else expect_ids(free, f"{what} free_after")
+    return StepSchedule(level, thread, slot, free_after)
 
 
 def graph_to_json(g: Graph) -> dict[str, Any]:
@@ -311,15 +334,160 @@ def graph_to_json(g: Graph) -> dict[str, Any]:
 def graph_from_json(d: dict[str, Any]) -> Graph:
     """Read a graph written by :func:`graph_to_json`."""
     outputs = expect(d["outputs"], dict, "outputs")
+    dims = expect(d["dims"], dict, "dims")
+    for k, v in dims.items():
+        if expect(v, int, f"dims.{k}") < 1:
+            raise PlanError(f"dims.{k} must be at least 1 (the largest {k} it serves), got {v}")
+    annotations = {}
+    for k, v in expect(d["annotations"], dict, "annotations").items():
+        if not k.lstrip("-").isdigit():
+            raise PlanError(f"annotations: key {k!r:.40} is not a node id")
+        annotations[int(k)] = schedule_from_json(v, f"annotations.{k}")
     return Graph(
         [node_from_json(n) for n in expect(d["nodes"], list, "nodes")],
         {k: expect(v, int, f"output {k!r}") for k, v in outputs.items()},
-        dict(expect(d["dims"], dict, "dims")),
-        d["name"],
-        {
-            int(k): schedule_from_json(v)
-            for k, v in expect(d["annotations"], dict, "annotations").items()
-        },
+        dict(dims),
+        expect(d["name"], str, "name"),
+        annotations,
         expect(d["meta"], dict, "meta"),
         list(expect_ids(d.get("effects", []), "effects")),
     )
+
+
+def check_lowering(g: Graph) -> None:
+    """Every einsum of a compiled entry carries the recipe its spec lowers to (the recipe
+    depends only on the spec, and on a dequantized operand: compiler/passes/contract.py); the
+    runtime follows the recipe, so any other one would multiply the wrong axes."""
+    from einplan.compiler.passes.contract import lower_dequantized, lower_einsum
+
+    nodes, lowered = None, {}
+    for n in g.nodes:
+        if n.op is not Op.EINSUM:
+            continue
+        where = f"node %{n.id} ({n.name or n.op.value})"
+        if "recipe" not in n.attrs:
+            raise PlanError(f"{where}: einsum has no lowering recipe")
+        if nodes is None:
+            nodes = g.by_id()
+        deq = [nodes[i] for i in n.inputs if nodes[i].op is Op.DEQUANTIZE]
+        spec = n.attrs["spec"]
+        if deq:
+            want = repr(lower_dequantized(n, deq[0]))
+        elif spec in lowered:
+            want = lowered[spec]
+        else:
+            want = lowered[spec] = repr(lower_einsum(spec))
+        if repr(n.attrs["recipe"]) != want:  # repr: 1 is not True, 8.0 is not 8
+            raise PlanError(
+                f"{where}: recipe {n.attrs['recipe']} is not the lowering of einsum "
+                f"{spec!r} ({want})"
+            )
+
+
+def slot_sizes(g: Graph) -> list[str]:
+    """The size (a polynomial, as a comparable string) of each arena slot of ``meta.memory``."""
+    memory = expect(g.meta.get("memory"), dict, "meta.memory")
+    sizes = []
+    for k, raw in enumerate(expect(memory.get("slots"), list, "meta.memory.slots")):
+        what = f"meta.memory.slots.{k}"
+        poly = {}
+        for term in expect(raw, list, what):
+            coef, names = expect(term, list, what)
+            if expect(coef, int, what) < 1:
+                raise PlanError(f"{what}: coefficient {coef} must be positive")
+            for name in expect(names, list, what):
+                if name not in g.dims:
+                    raise PlanError(f"{what}: dim {name!r:.40} is not declared")
+            poly[tuple(names)] = coef
+        sizes.append(repr(sorted(poly.items())))
+    schedule = expect(g.meta.get("schedule", {}), dict, "meta.schedule")
+    if schedule.get("blas_threads") is not None:
+        expect(schedule["blas_threads"], int, "meta.schedule.blas_threads")
+    return sizes
+
+
+def check_schedule(g: Graph) -> None:
+    """Check the schedule and memory annotations of a compiled entry against its graph, so
+    that the runtime can trust them: every step has one; levels rise along every edge and
+    in step order, threads of a level differ; a buffer (``slot``) of the right size for each
+    step that needs one (none for views and outputs), never taken while its value is live
+    (but by an in-place step over the input dying there) nor within the level that freed it;
+    each value of ``free_after`` computed, freed once, at or after its last use (its views'
+    too), and never an output."""
+    steps = [n for n in g.nodes if n.op not in LEAVES]
+    ann = g.annotations
+    step_ids = {n.id for n in steps}
+    if set(ann) != step_ids:
+        odd = sorted(set(ann) ^ step_ids)[:5]
+        raise PlanError(f"annotations must be those of the computed nodes (not so for {odd})")
+    sizes = slot_sizes(g)
+    order = {n.id: k for k, n in enumerate(g.nodes)}
+    root: dict[int, int] = {}
+    last_use: dict[int, int] = {}  # root value -> the last step reading it or a view of it
+    readers: dict[int, list[int]] = {}
+    for k, n in enumerate(g.nodes):
+        root[n.id] = root[n.inputs[0]] if OPS[n.op].alias else n.id
+        for i in n.inputs:
+            last_use[root[i]] = k
+            readers.setdefault(root[i], []).append(n.id)
+    outputs = set(g.outputs.values())
+    output_roots = {root[v] for v in outputs}
+    holder: dict[int, int] = {}  # slot -> the live value in it
+    freed_level: dict[int, int] = {}  # slot -> level of the step that freed its last value
+    slot_of: dict[int, int] = {}
+    freed: dict[int, int] = {}  # value -> step that freed it
+    threads: set[tuple[int, int]] = set()
+    prev_level = 0
+    for n in steps:
+        k, a = order[n.id], ann[n.id]
+        where = f"node %{n.id} ({n.name or n.op.value}) annotation"
+        if a.level < 0 or a.thread < 0 or a.level < prev_level:
+            raise PlanError(
+                f"{where}: level {a.level}, thread {a.thread} (must be >= 0, levels in step order)"
+            )
+        prev_level = a.level
+        for i in n.inputs:
+            if i in ann and ann[i].level >= a.level:
+                raise PlanError(f"{where}: level {a.level} is not above its input %{i}'s")
+        if (a.level, a.thread) in threads:
+            raise PlanError(f"{where}: thread {a.thread} of level {a.level} is taken twice")
+        threads.add((a.level, a.thread))
+        if a.free_after is None:
+            raise PlanError(f"{where}: no free_after (memory pass annotations missing)")
+        frees = set(a.free_after)
+        if OPS[n.op].alias or n.id in output_roots:
+            if a.slot is not None:
+                raise PlanError(f"{where}: slot {a.slot} for a view or output (must be null)")
+        else:
+            s = a.slot
+            if s is None or not 0 <= s < len(sizes):
+                raise PlanError(f"{where}: slot {s!r} is not one of the {len(sizes)} buffers")
+            size = repr(sorted(scale_poly(numel(n.shape), ITEMSIZE[n.dtype]).items()))
+            if sizes[s] != size:
+                raise PlanError(f"{where}: slot {s} is not the size of its value")
+            if s in holder:
+                first = root[n.inputs[0]] if n.inputs else None
+                donated = (
+                    OPS[n.op].inplace
+                    and holder[s] == first
+                    and first in frees
+                    and all(ann[r].level < a.level for r in readers[first] if r != n.id)
+                )
+                if not donated:
+                    raise PlanError(f"{where}: slot {s} still holds live value %{holder[s]}")
+            elif freed_level.get(s, -1) >= a.level:
+                raise PlanError(f"{where}: slot {s} reused in the level that frees it")
+            holder[s] = n.id
+            slot_of[n.id] = s
+        for v in a.free_after:
+            if v not in step_ids or order[v] > k:
+                raise PlanError(f"{where}: free_after %{v} is not a value computed by then")
+            if v in freed:
+                raise PlanError(f"{where}: free_after %{v}, already freed after %{freed[v]}")
+            if v in outputs or last_use.get(root[v], -1) > k:
+                raise PlanError(f"{where}: free_after %{v}, which is read later")
+            freed[v] = n.id
+            s = slot_of.get(v)
+            if s is not None and holder.get(s) == v:
+                del holder[s]
+                freed_level[s] = a.level

@@ -101,6 +101,7 @@ def save_checkpoint(
     ``files`` and ``state`` as the checkpoint of ``step`` under ``root``, point ``latest`` at
     it, and keep only the ``keep`` newest."""
     check_finite(step, tensors)
+    check_latest_link(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_name(step)
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
@@ -132,6 +133,19 @@ def save_checkpoint(
     return final
 
 
+def check_latest_link(root: Path) -> None:
+    """Refuse a checkpoints root whose ``latest`` is not the symlink einplan writes (a copied
+    folder, a file): saving the next checkpoint could not move it, so a resumed run would
+    fail only after writing a checkpoint into the folder."""
+    latest = root / LATEST
+    if (latest.exists() or latest.is_symlink()) and not latest.is_symlink():
+        kind = "a folder" if latest.is_dir() else "a file"
+        raise CheckpointError(
+            f"{latest} is {kind}, not the symlink einplan keeps to the newest checkpoint; "
+            f"move it away and link the checkpoint to resume from (ln -s step-NNNNNN {latest})"
+        )
+
+
 def prune(root: Path, keep: int) -> None:
     """Delete all but the ``keep`` newest step folders (never latest's) and stale temps."""
     target = (root / LATEST).resolve()
@@ -147,6 +161,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
     """Open a checkpoint folder (or a run's checkpoint root, meaning its ``latest``), checking
     every file against the manifest; a missing, truncated or altered file is named."""
     if (path / LATEST).exists() or (path / LATEST).is_symlink():
+        check_latest_link(path)
         path = path / LATEST
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path} (nothing to resume)")

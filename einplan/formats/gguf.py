@@ -5,7 +5,10 @@ tokenizer rebuilt from the file's vocabulary and merges; also writes an HF-layou
 from __future__ import annotations
 
 import functools
+import mmap
 import os
+import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -224,6 +227,78 @@ def dequantize_tensor(t) -> np.ndarray:
     return np.ascontiguousarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
 
 
+# bytes of each GGUF metadata scalar type (uint8, int8, uint16, int16, uint32, int32, float32,
+# bool, uint64, int64, float64), and the string and array types
+SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+STRING, ARRAY = 8, 9
+LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def check_metadata_lengths(path: Path) -> None:
+    """Walk a GGUF file's metadata checking every string and array length against the bytes
+    left in the file. (gguf's reader loops over an array's claimed length even past the end
+    of the file, so a damaged length of 2^63 would never finish.) Files this does not
+    understand (no GGUF magic, another version, an unknown type) are left to the reader."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 24:
+            return
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            if buf[:4] != b"GGUF" or struct.unpack_from("<I", buf, 4)[0] not in (2, 3):
+                return
+            (kv_count,) = struct.unpack_from("<Q", buf, 16)
+            off, key = 24, "the metadata"
+
+            def need(n: int, what: str) -> None:
+                if n > size - off:
+                    raise GGUFError(
+                        f"{path}: {key}: {what} of {n} bytes runs past the end of the file "
+                        f"({size} bytes); the file is truncated or damaged"
+                    )
+
+            def length() -> int:
+                nonlocal off
+                need(8, "a length")
+                (n,) = struct.unpack_from("<Q", buf, off)
+                off += 8
+                return n
+
+            def skip(kind: int) -> bool:
+                nonlocal off
+                if kind in SCALAR_BYTES:
+                    need(SCALAR_BYTES[kind], "a value")
+                    off += SCALAR_BYTES[kind]
+                elif kind == STRING:
+                    n = length()
+                    need(n, "a string")
+                    off += n
+                elif kind == ARRAY:
+                    need(4, "an array type")
+                    (item,) = struct.unpack_from("<I", buf, off)
+                    off += 4
+                    count = length()
+                    if item in SCALAR_BYTES:
+                        need(count * SCALAR_BYTES[item], f"an array of {count} values")
+                        off += count * SCALAR_BYTES[item]
+                        return True
+                    need(count * 8, f"an array of {count} items")  # each at least 8 bytes
+                    return all(skip(item) for _ in range(count))
+                else:
+                    return False  # an unknown type: the reader names it
+                return True
+
+            for _ in range(kv_count):
+                n = length()
+                need(n, "a key")
+                key = f"metadata {bytes(buf[off : off + n]).decode('utf-8', 'replace')!r:.80}"
+                off += n
+                need(4, "a value type")
+                (kind,) = struct.unpack_from("<I", buf, off)
+                off += 4
+                if not skip(kind):
+                    return
+
+
 def open_gguf(path: str | os.PathLike):
     """A ``gguf.GGUFReader`` over the file (memory-mapped), or a clear error."""
     from gguf import GGUFReader
@@ -231,6 +306,10 @@ def open_gguf(path: str | os.PathLike):
     path = Path(path)
     if not path.is_file():
         raise GGUFError(f"GGUF file {str(path)!r} not found")
+    try:
+        check_metadata_lengths(path)
+    except OSError as e:
+        raise GGUFError(f"{path}: cannot read it ({e.strerror or e})") from None
     try:
         return GGUFReader(path)
     except (ValueError, OSError, KeyError, IndexError) as e:
@@ -284,4 +363,12 @@ def read_gguf_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
         elif permuted and ".k_proj." in name:
             w = unpermute_qk(check_rows(t.name, w, kv_heads * head_dim), kv_heads)
         tensors[name] = w
+    layers = sorted({int(m.group(1)) for k in tensors if (m := LAYER_KEY.match(k))})
+    n = config["num_hidden_layers"]
+    if len(layers) != n or (layers and layers[-1] != n - 1):  # not 0..n-1 (n may be 2^32)
+        held = f"layers {layers[0]}..{layers[-1]} ({len(layers)} in all)" if layers else "none"
+        raise GGUFError(
+            f"{path}: the metadata's block_count is {n}, but the "
+            f"tensors are of {held}; the file is damaged or incomplete"
+        )
     return tensors

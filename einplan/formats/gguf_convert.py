@@ -17,9 +17,9 @@ def convert_gguf(path: str | os.PathLike, out_dir: str | os.PathLike, dtype: str
     tokenizer_config.json, generation_config.json) from a GGUF file."""
     model = read_gguf(path)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     np_dtype = to_numpy_dtype(dtype)
     tensors = {k: v.astype(np_dtype) for k, v in read_gguf_tensors(path).items()}
+    out.mkdir(parents=True, exist_ok=True)
     config = {
         **model.config,
         "torch_dtype": {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}[dtype],

@@ -203,6 +203,25 @@ def checkpoint_shapes(graph: Graph, stored: Collection[str] = ()) -> dict[str, t
     return out
 
 
+def float_tensors(graph: Graph, stored: Collection[str] = ()) -> dict[str, str]:
+    """The checkpoint tensors bound to float params (converted to the param's dtype, or
+    quantised from float), with that dtype: an integer tensor there is damage, never a
+    weight (only the stored parts of quantised weights, ``stored``, are integers)."""
+    out = {}
+    for n in graph.params():
+        quant = n.attrs.get("quant")
+        if "lora" in n.attrs:
+            continue
+        if quant and quant.part != INPUT_ABSMAX:
+            if quant.part == "q":
+                out.update({m.of: "f32" for m in quant_members(n) if m.of not in stored})
+        elif "pack" in n.attrs:
+            out.update({m.key: n.dtype for m in n.attrs["pack"]})
+        else:
+            out[n.attrs["key"]] = n.dtype
+    return out
+
+
 def stored_quantized(graph: Graph, tensors: Mapping[str, np.ndarray]) -> set[str]:
     """The quantised weights a checkpoint already holds as integers (``einplan quantize``)."""
     return {
@@ -259,7 +278,8 @@ def load_weights(
     else:
         tensors = {k: a for k, (a, _) in open_checkpoint(source).items()}
         origin = str(source)
-    want = checkpoint_shapes(graph, stored_quantized(graph, tensors))
+    stored = stored_quantized(graph, tensors)
+    want = checkpoint_shapes(graph, stored)
     missing = sorted(set(want) - set(tensors))
     extra = sorted(
         k
@@ -268,6 +288,12 @@ def load_weights(
     )
     bad_keys = [k for k in sorted(set(want) & set(tensors)) if tuple(tensors[k].shape) != want[k]]
     bad = [f"{k}: checkpoint {list(tensors[k].shape)}, plan {list(want[k])}" for k in bad_keys]
+    floats = float_tensors(graph, stored)
+    bad_dtypes = [
+        f"{k}: checkpoint {tensors[k].dtype}, plan {floats[k]}"
+        for k in sorted(set(floats) & set(tensors))
+        if tensors[k].dtype.kind in "biu"
+    ]
     problems = quantization_hints(graph, [*missing, *extra, *bad_keys])
     if missing:
         problems.append(f"missing tensors: {shorten(missing, ', ')}")
@@ -275,6 +301,11 @@ def load_weights(
         problems.append(f"unexpected tensors: {shorten(extra, ', ')}")
     if bad:
         problems.append(f"shape mismatches: {shorten(bad, '; ')}")
+    if bad_dtypes:
+        problems.append(
+            f"integer tensors for float weights (damaged or mislabelled dtype): "
+            f"{shorten(bad_dtypes, '; ')}"
+        )
     if problems:
         raise WeightsError(f"weights {origin} do not fit this plan: " + " | ".join(problems))
     bound = bind_params(graph, {k: tensors[k] for k in want})

@@ -297,6 +297,14 @@ def parse_config(raw: dict[str, Any], origin: str = "config") -> ModelConfig:
     if model_type == "mistral" and window:
         max_pos = min(max_pos, window)  # within the window, sliding attention is plain causal
     theta, scaling = _rope(raw, origin)
+    # the slowest rotary frequency, theta^-(head_dim-2)/head_dim, must be a normal float32:
+    # below, those dims never rotate (1e308 with head_dim 8 gives 1e-231: zero in float32)
+    slowest = theta ** (-(head_dim - 2) / head_dim) if head_dim > 2 else 1.0
+    if not FLOAT32_TINY <= slowest <= 1 / FLOAT32_TINY:
+        raise ConfigError(
+            f"{origin}: rope_theta {theta:g} makes the rotary frequencies of head_dim "
+            f"{head_dim} vanish or overflow in float32 (models use 1e4 to 1e7)"
+        )
     eps = float(raw.get("rms_norm_eps", 1e-6))
     # below float32's smallest normal the eps vanishes; from 1 up it swamps the mean square
     if not FLOAT32_TINY <= eps < 1:

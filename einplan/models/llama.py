@@ -65,6 +65,13 @@ class Step:
     write_pos: Value | None = None
 
 
+def dim_limits(max_batch: int, max_positions: int) -> dict[str, int]:
+    """The largest size of each symbolic dim an entry can declare: ``batch`` the config's
+    max_batch, ``seq`` (tokens), ``kv`` (keys attended) and ``ctx`` (cache length) its
+    max_position_embeddings."""
+    return {"batch": max_batch, "seq": max_positions, "kv": max_positions, "ctx": max_positions}
+
+
 def linear(
     b: Builder, x: Value, role: str, key: str, n_out: int, bias: bool = False, dtype: str = "f32"
 ) -> Value:
@@ -202,11 +209,9 @@ def build_graph(
     """
     if entry not in TRACED:
         raise ValueError(f"unknown entry point {entry!r} (known: {', '.join(TRACED)})")
-    limit = cfg.max_position_embeddings
-    dims = {"batch": cfg.max_batch, "seq": limit}
+    limits = dim_limits(cfg.max_batch, cfg.max_position_embeddings)
     cached = entry in ("prefill", "decode", "verify")
-    if cached:
-        dims.update(kv=limit, ctx=limit)
+    dims = {k: v for k, v in limits.items() if cached or k in ("batch", "seq")}
     b = Builder(dims, entry)
     seq = 1 if entry == "decode" else "seq"
     d, cdt = cfg.hidden_size, compute_dtype

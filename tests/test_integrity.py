@@ -366,3 +366,14 @@ def test_a_gguf_without_its_rms_epsilon_is_refused(tmp_path, monkeypatch):
     bad = write_gguf(FIXTURES / "llama_gqa_tied", tmp_path / "noeps.gguf")
     with pytest.raises(GGUFError, match="'llama.attention.layer_norm_rms_epsilon' is missing"):
         read_gguf(bad)
+
+
+@pytest.mark.parametrize(
+    "key, value", [("vocab_size", "8"), ("rms_norm_eps", -1.0), ("hidden_size", 0), ("bogus", 1)]
+)
+def test_a_plan_whose_model_config_was_edited_is_refused(tmp_path, key, value):
+    path = tmp_path / "p.plan"
+    einplan.compile_model(ONE_LAYER).save(path)
+    rewrite_plan(path, lambda body: body["config"].__setitem__(key, value))
+    with pytest.raises(PlanError, match="the plan's model config is damaged"):
+        einplan.Session(path, random_seed=0)

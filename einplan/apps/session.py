@@ -25,7 +25,7 @@ from einplan.formats.weights import (
     resolve_weights_dir,
     weights_config,
 )
-from einplan.models.config import ModelConfig, config_differences, parse_config
+from einplan.models.config import ModelConfig, config_differences, parse_config, to_hf_config
 from einplan.models.llama import dim_limits
 from einplan.runtime.backends import get_backend
 from einplan.runtime.executor import Executor, InputError
@@ -61,9 +61,17 @@ def check_dim_limits(plan: Plan, path: str | Path) -> None:
 
 
 def plan_config(plan: Plan) -> ModelConfig:
-    """The normalised model config a plan was compiled from."""
+    """The normalised model config a plan was compiled from, checked as a config.json would be
+    (its types, sizes and values): a plan file's checksum does not vouch for what wrote it."""
     raw = dict(plan.config)
-    return ModelConfig(**raw) if raw else parse_config(raw)
+    if not raw:
+        return parse_config(raw)
+    try:
+        cfg = ModelConfig(**raw)
+        parse_config(to_hf_config(cfg), "the plan's model config")
+    except (TypeError, KeyError, ValueError, AttributeError) as e:
+        raise PlanError(f"the plan's model config is damaged ({e}); recompile the plan") from None
+    return cfg
 
 
 def check_weights_config(config: ModelConfig, weights: str | os.PathLike) -> None:

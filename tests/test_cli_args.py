@@ -80,3 +80,15 @@ def test_short_flags_and_quiet_print_only_the_generated_text(tmp_path, capsys):
     assert capsys.readouterr() == ("", "") and out.exists()
     assert main(["-q", "compile", str(tmp_path / "missing.json")]) == 2
     assert "missing.json" in capsys.readouterr().err  # errors are never silenced
+
+
+@pytest.mark.parametrize("command", ["eval", "run", "serve"])
+def test_every_command_that_opens_a_session_parses_what_it_reads(command):
+    """open_session reads the weights, adapter, tokenizer and kernels options: each command
+    that calls it must define them all (``einplan serve`` once lacked ``--kernels``)."""
+    from einplan.cli import build_parser
+
+    extra = {"run": ["-p", "x"]}.get(command, [])
+    args = build_parser().parse_args([command, "p.plan", "--random-weights", "0", *extra])
+    for name in ("weights", "random_weights", "adapter", "tokenizer", "kernels"):
+        assert hasattr(args, name), f"einplan {command} has no --{name.replace('_', '-')}"

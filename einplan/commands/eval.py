@@ -86,7 +86,8 @@ def add_kernels_argument(p: argparse.ArgumentParser) -> None:
 
 
 def add_weights_arguments(p: argparse.ArgumentParser) -> None:
-    """``--weights`` or ``--random-weights SEED`` (one required) and ``--tokenizer``."""
+    """``--weights`` or ``--random-weights SEED`` (one required), ``--adapter``, ``--tokenizer``
+    and ``--kernels``: everything :func:`open_session` reads."""
     w = p.add_mutually_exclusive_group(required=True)
     w.add_argument("-m", "--weights", help="HF-layout folder, .safetensors file, or hub id")
     w.add_argument(
@@ -101,6 +102,7 @@ def add_weights_arguments(p: argparse.ArgumentParser) -> None:
         help="tokenizer.json (or folder), or 'bytes' for byte ids "
         "(default: the weights folder's tokenizer.json)",
     )
+    add_kernels_argument(p)
 
 
 def check_profile(args: argparse.Namespace, *inputs: str | None) -> None:
@@ -141,6 +143,5 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=0,
         help="thread-pool workers for independent steps (0: sequential)",
     )
-    add_kernels_argument(e)
     add_profile_argument(e)
     e.set_defaults(func=run)

@@ -15,7 +15,6 @@ from einplan.commands.arguments import (
     probability,
 )
 from einplan.commands.eval import (
-    add_kernels_argument,
     add_profile_argument,
     add_weights_arguments,
     check_profile,
@@ -183,7 +182,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument(
         "--workers", type=non_negative_int, default=0, help="thread-pool workers (0: sequential)"
     )
-    add_kernels_argument(r)
     r.add_argument(
         "--stats-json",
         metavar="FILE",

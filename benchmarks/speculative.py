@@ -6,6 +6,11 @@ costs that decide the acceptance rate needed for a given speed-up:
     E[tokens per round] = (1 - a^(k+1)) / (1 - a)   (a: acceptance rate per drafted token)
 
     python benchmarks/speculative.py --layers 2 4 --k 2 4 --new 48 --out results/spec.json
+    python benchmarks/speculative.py --weights DIR   # real weights, a Shakespeare prompt
+
+Random weights (the default) make a truncated draft disagree with the target on almost every
+token; ``--weights`` (an HF folder, e.g. ``einplan convert`` of SmolLM2-135M-Instruct's GGUF)
+measures the acceptance a real model gives.
 """
 
 from __future__ import annotations
@@ -54,12 +59,20 @@ def main() -> None:
     p.add_argument("--new", type=int, default=48)
     p.add_argument("--ctx", type=int, default=256)
     p.add_argument("--out")
+    p.add_argument("--weights", help="HF folder of real weights (default: random weights)")
     args = p.parse_args()
-    cfg = json.loads(CONFIG.read_text())
-    target = einplan.Session(
-        einplan.compile_model(CONFIG, entries=(*ENTRIES, "verify")), random_seed=0
-    )
-    prompt = list(range(1000, 1032))
+    if args.weights:
+        config = Path(args.weights) / "config.json"
+        cfg = json.loads(config.read_text())
+        plan = einplan.compile_model(config, entries=(*ENTRIES, "verify"))
+        target = einplan.Session(plan, args.weights)
+        text = (Path(einplan.__file__).parent / "data" / "shakespeare_sample.txt").read_text()
+        prompt = target.tokenizer.encode(text[5000:6000]).ids[:32]
+    else:
+        cfg = json.loads(CONFIG.read_text())
+        plan = einplan.compile_model(CONFIG, entries=(*ENTRIES, "verify"))
+        target = einplan.Session(plan, random_seed=0)
+        prompt = list(range(1000, 1032))
     t0 = time.perf_counter()
     plain = target.generate(prompt, args.new, ctx=args.ctx, ignore_eos=True)
     plain_s = time.perf_counter() - t0

@@ -95,6 +95,12 @@ def rope_to_param(body):
     n.update(op="param", attrs={"key": "x"}, name="x")
 
 
+def param_to_state(body):
+    """A plain param (only a key) turned into a state leaf: the same attrs, another role."""
+    n = next(n for n in nodes(body) if n["op"] == "param" and list(n["attrs"]) == ["key"])
+    n["op"] = "state"
+
+
 def level_below_input(body):
     n, a = steps(body)[-1]
     a["level"] = 0
@@ -119,6 +125,8 @@ def level_below_input(body):
         (rope_to_param, "op param takes 0 input"),
         (lambda b: node(b, "add")["in"].append(node(b, "add")["in"][0]), "takes 2 input"),
         (wrong_recipe, "is not the lowering"),
+        (lambda b: ann(b, node(b, "rms_norm")["id"]).update(thread=10**6), "numbered 0, 1"),
+        (param_to_state, "state with key"),
         (
             lambda b: node(b, "einsum")["attrs"]["recipe"].update(kind="bogus"),
             "recipe kind 'bogus'",
@@ -141,6 +149,8 @@ def level_below_input(body):
         "leaf-with-inputs",
         "arity",
         "recipe",
+        "thread-number",
+        "param-as-state",
         "recipe-kind",
     ],
 )

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from einplan.compiler.attrs import StepSchedule
+from einplan.compiler.names import STATE_PREFIXES
 from einplan.compiler.ops import ITEMSIZE, LEAVES, OPS, Op, ShapeError, count_bytes
 from einplan.compiler.symbolic import Dim, Poly, Shape, add_polys, numel, scale_poly
 from einplan.compiler.tags import Tag
@@ -195,6 +196,8 @@ class Graph:
                 if n.name in leaf_names:
                     raise ShapeError(f"{where}: two leaves named {n.name!r}")
                 leaf_names.add(n.name)
+                if n.op is not Op.INPUT:
+                    check_leaf_key(n, where)
             else:
                 ins = [seen[i] for i in n.inputs]
                 try:
@@ -217,6 +220,16 @@ class Graph:
         for v in self.effects:
             if v not in seen:
                 raise ShapeError(f"effect step %{v} is not defined")
+
+
+def check_leaf_key(n: Node, where: str) -> None:
+    """A state's key names its role (KV cache, gradient accumulator, optimizer moment), a
+    param's a checkpoint tensor: a leaf whose key says the other is not one the runtime can
+    bind."""
+    is_state_key = n.attrs["key"].startswith(STATE_PREFIXES)
+    if is_state_key != (n.op is Op.STATE):
+        kind = "state" if n.op is Op.STATE else "param"
+        raise ShapeError(f"{where}: {kind} with key {n.attrs['key']!r}")
 
 
 def check_dim(d: Dim, dims: dict[str, int], where: str) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 GRAD_PREFIX = "grad."  # gradient outputs and their accumulators
 CACHE_PREFIX = "cache."  # the KV cache
 OPTIM_PREFIX = "optim."  # optimizer moments
+STATE_PREFIXES = (GRAD_PREFIX, CACHE_PREFIX, OPTIM_PREFIX)  # every state leaf's key, no param's
 
 
 def grad_key(key: str) -> str:

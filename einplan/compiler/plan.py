@@ -436,7 +436,7 @@ def check_schedule(g: Graph) -> None:
     freed_level: dict[int, int] = {}  # slot -> level of the step that freed its last value
     slot_of: dict[int, int] = {}
     freed: dict[int, int] = {}  # value -> step that freed it
-    threads: set[tuple[int, int]] = set()
+    threads: dict[int, int] = {}  # level -> the next thread number
     prev_level = 0
     for n in steps:
         k, a = order[n.id], ann[n.id]
@@ -449,9 +449,12 @@ def check_schedule(g: Graph) -> None:
         for i in n.inputs:
             if i in ann and ann[i].level >= a.level:
                 raise PlanError(f"{where}: level {a.level} is not above its input %{i}'s")
-        if (a.level, a.thread) in threads:
-            raise PlanError(f"{where}: thread {a.thread} of level {a.level} is taken twice")
-        threads.add((a.level, a.thread))
+        if a.thread != threads.get(a.level, 0):  # the schedule pass numbers them in step order
+            raise PlanError(
+                f"{where}: thread {a.thread} of level {a.level} (the level's threads are "
+                f"numbered 0, 1, ... in step order: expected {threads.get(a.level, 0)})"
+            )
+        threads[a.level] = a.thread + 1
         if a.free_after is None:
             raise PlanError(f"{where}: no free_after (memory pass annotations missing)")
         frees = set(a.free_after)

@@ -18,10 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
-import einplan
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import timed  # noqa: E402
+
+import einplan  # noqa: E402
 from einplan.api import ENTRIES
 from einplan.runtime.generate import GenerationRequest
 from einplan.runtime.speculative import Model, speculative_generate
@@ -30,13 +34,8 @@ CONFIG = Path(einplan.__file__).parent / "configs" / "smollm2-135m.json"
 
 
 def median_time(fn, reps: int = 7) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    """Median seconds of ``reps`` calls after one warm-up (benchmarks/common.py's timer)."""
+    return statistics.median(timed(fn, 1, reps, 0.0))
 
 
 def needed_acceptance(k: int, t_dec: float, t_draft: float, t_ver: float, goal: float) -> float:

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from test_train import MICRO as TRAIN_MICRO
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -52,33 +53,11 @@ CLASSES = ("plan", "safetensors", "gguf", "checkpoint", "config")
 OUTCOMES = ("ok", "clear_error", "traceback", "hang", "silent_wrong", "data_loss")
 BAD = ("traceback", "hang", "silent_wrong", "data_loss")
 
-# A two-layer model small enough that a compile, an eval or a resumed train step takes
-# a fraction of a second.
+# test_train's two-layer model (a compile, an eval or a resumed train step takes a fraction of
+# a second), logging and checkpointing every step or two so that a short run has them to damage
 MICRO = {
-    "name": "micro",
-    "vocab_size": 256,
-    "hidden_size": 32,
-    "intermediate_size": 48,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 64,
-    "tie_word_embeddings": True,
-    "max_batch": 8,
-    "train": {
-        "seq_len": 16,
-        "micro_batch": 2,
-        "accumulation": 1,
-        "lr": 3e-3,
-        "min_lr": 3e-4,
-        "warmup_steps": 2,
-        "steps": 8,
-        "log_every": 1,
-        "checkpoint_every": 2,
-        "sample_every": 0,
-        "eval_batches": 1,
-        "tokenizer": "bytes",
-    },
+    **TRAIN_MICRO,
+    "train": {**TRAIN_MICRO["train"], "accumulation": 1, "log_every": 1, "checkpoint_every": 2},
 }
 EVAL = ["--tokenizer", "bytes", "--max-tokens", "32", "--window", "16"]
 

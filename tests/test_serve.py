@@ -32,6 +32,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for(condition, polls: int = 1000) -> bool:
+    """Poll ``condition`` (every 20 ms, a bounded number of times) until it holds: waiting on
+    another thread's state, not a claim about speed."""
+    for _ in range(polls):
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
+
+
 class LiveServer:
     """uvicorn serving an app in a thread."""
 
@@ -41,10 +51,7 @@ class LiveServer:
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
-        deadline = time.time() + 20
-        while not self.server.started:
-            assert time.time() < deadline, "server did not start"
-            time.sleep(0.02)
+        assert wait_for(lambda: self.server.started), "server did not start"
         self.url = f"http://127.0.0.1:{self.port}"
 
     def close(self) -> None:
@@ -253,9 +260,7 @@ def test_disconnect_frees_the_lane(live):
     with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as r:
         lines = r.iter_lines()
         assert next(lines).startswith("data: ")
-    deadline = time.time() + 5
-    while engine.running and time.time() < deadline:
-        time.sleep(0.02)
+    wait_for(lambda: not engine.running)
     assert engine.running == 0 and engine.queue_length == 0
     # and the server keeps serving
     r = httpx.post(server.url + "/v1/completions", json={"prompt": "ok", "max_tokens": 2})

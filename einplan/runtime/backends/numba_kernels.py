@@ -55,68 +55,46 @@ def q8_matmul(x, q, scale, zero, out):  # pragma: no cover - compiled
             out[i, o] = acc * s
 
 
-@njit(parallel=True, **OPTIONS)
-def q4_matmul_32(x, q, scale, zero, group, out):  # pragma: no cover - compiled
-    """``out[i, o] = sum_g s[o, g] sum_{k in g} x[i, k] (u[o, k] - z[o, g])`` with u the
-    nibbles of q (out, in/2) u8; scale and zero (out, in/group) f32; parallel over rows.
-    Byte j holds elements j (low nibble) and j + in/2 (high), read in segments of 32 bytes
-    within which both lie in one group each (32 must divide the group and in/2)."""
-    m = x.shape[0]
-    half = q.shape[1]
-    h = uint64(half)
-    for o in prange(q.shape[0]):
-        for i in range(m):
-            total = np.float32(0)
-            for c in range(half // 32):
-                j0 = c * 32
-                g_lo = j0 // group
-                g_hi = (j0 + half) // group
-                z_lo = zero[o, g_lo]
-                z_hi = zero[o, g_hi]
-                lo = np.float32(0)
-                hi = np.float32(0)
-                b = uint64(j0)
-                for t in range(32):  # a constant count of unsigned indices: vectorised
-                    j = b + uint64(t)
-                    f = np.float32(q[o, j])  # the byte as a float: nibbles exactly by floor
-                    f_hi = np.floor(f * np.float32(0.0625))
-                    f_lo = f - f_hi * np.float32(16)
-                    lo += x[i, j] * (f_lo - z_lo)
-                    hi += x[i, j + h] * (f_hi - z_hi)
-                total += lo * scale[o, g_lo] + hi * scale[o, g_hi]
-            out[i, o] = total
+def make_q4_matmul(seg: int):
+    """A compiled ``out[i, o] = sum_g s[o, g] sum_{k in g} x[i, k] (u[o, k] - z[o, g])``
+    with u the nibbles of q (out, in/2) u8; scale and zero (out, in/group) f32; parallel
+    over rows. Byte j holds elements j (low nibble) and j + in/2 (high), read in segments of
+    ``seg`` bytes within which both lie in one group each (seg must divide the group and
+    in/2). ``seg`` is a constant of the compiled code: the inner loop's fixed trip count over
+    unsigned indices is what lets LLVM vectorise it."""
+
+    @njit(parallel=True, **OPTIONS)
+    def q4_matmul(x, q, scale, zero, group, out):  # pragma: no cover - compiled
+        m = x.shape[0]
+        half = q.shape[1]
+        h = uint64(half)
+        for o in prange(q.shape[0]):
+            for i in range(m):
+                total = np.float32(0)
+                for c in range(half // seg):
+                    j0 = c * seg
+                    g_lo = j0 // group
+                    g_hi = (j0 + half) // group
+                    z_lo = zero[o, g_lo]
+                    z_hi = zero[o, g_hi]
+                    lo = np.float32(0)
+                    hi = np.float32(0)
+                    b = uint64(j0)
+                    for t in range(seg):
+                        j = b + uint64(t)
+                        f = np.float32(q[o, j])  # the byte as a float: nibbles exactly by floor
+                        f_hi = np.floor(f * np.float32(0.0625))
+                        f_lo = f - f_hi * np.float32(16)
+                        lo += x[i, j] * (f_lo - z_lo)
+                        hi += x[i, j + h] * (f_hi - z_hi)
+                    total += lo * scale[o, g_lo] + hi * scale[o, g_hi]
+                out[i, o] = total
+
+    return q4_matmul
 
 
-@njit(parallel=True, **OPTIONS)
-def q4_matmul_64(x, q, scale, zero, group, out):  # pragma: no cover - compiled
-    """``out[i, o] = sum_g s[o, g] sum_{k in g} x[i, k] (u[o, k] - z[o, g])`` with u the
-    nibbles of q (out, in/2) u8; scale and zero (out, in/group) f32; parallel over rows.
-    Byte j holds elements j (low nibble) and j + in/2 (high), read in segments of 64 bytes
-    within which both lie in one group each (64 must divide the group and in/2)."""
-    m = x.shape[0]
-    half = q.shape[1]
-    h = uint64(half)
-    for o in prange(q.shape[0]):
-        for i in range(m):
-            total = np.float32(0)
-            for c in range(half // 64):
-                j0 = c * 64
-                g_lo = j0 // group
-                g_hi = (j0 + half) // group
-                z_lo = zero[o, g_lo]
-                z_hi = zero[o, g_hi]
-                lo = np.float32(0)
-                hi = np.float32(0)
-                b = uint64(j0)
-                for t in range(64):  # a constant count of unsigned indices: vectorised
-                    j = b + uint64(t)
-                    f = np.float32(q[o, j])  # the byte as a float: nibbles exactly by floor
-                    f_hi = np.floor(f * np.float32(0.0625))
-                    f_lo = f - f_hi * np.float32(16)
-                    lo += x[i, j] * (f_lo - z_lo)
-                    hi += x[i, j + h] * (f_hi - z_hi)
-                total += lo * scale[o, g_lo] + hi * scale[o, g_hi]
-            out[i, o] = total
+q4_matmul_32 = make_q4_matmul(32)
+q4_matmul_64 = make_q4_matmul(64)
 
 
 @njit(parallel=True, **OPTIONS)
@@ -155,7 +133,7 @@ def q4_kernel(group: int, half: int):
 
 
 def q4_matmul(x, q, scale, zero, group, out):
-    """``x . W^T`` of an int4 weight into ``out`` (see q4_matmul_32)."""
+    """``x . W^T`` of an int4 weight into ``out`` (see make_q4_matmul)."""
     q4_kernel(group, q.shape[1])(x, q, scale, zero, group, out)
 
 

@@ -377,3 +377,17 @@ def test_a_plan_whose_model_config_was_edited_is_refused(tmp_path, key, value):
     rewrite_plan(path, lambda body: body["config"].__setitem__(key, value))
     with pytest.raises(PlanError, match="the plan's model config is damaged"):
         einplan.Session(path, random_seed=0)
+
+
+def test_train_reads_a_plan_rewritten_with_whitespace_and_checks_its_config(tmp_path, capsys):
+    from einplan.api import TRAIN_ENTRIES
+    from einplan.compiler.plan import is_plan_file
+
+    path = tmp_path / "t.plan"
+    einplan.compile_model(ONE_LAYER, entries=TRAIN_ENTRIES).save(path)
+    rewrite_plan(path, lambda body: body["config"].__setitem__("vocab_size", "8"))
+    assert path.read_text().startswith('{"magic": ')  # json.dumps' spacing, not Plan.save's
+    assert is_plan_file(path) and not is_plan_file(FIXTURES / "llama_gqa_tied" / "config.json")
+    data = str(FIXTURES.parent.parent / "einplan" / "data" / "shakespeare_sample.txt")
+    assert main(["train", str(path), "--data", data, "--out", str(tmp_path / "r")]) == 2
+    assert "the plan's model config is damaged" in capsys.readouterr().err

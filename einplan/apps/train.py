@@ -13,13 +13,12 @@ from typing import Any
 from einplan.apps.compile import TRAIN_ENTRIES, compile_model
 from einplan.apps.session import load_plan
 from einplan.apps.training_run import RUN_HISTORY, RunOptions, TrainingRun
-from einplan.compiler.plan import Plan
+from einplan.compiler.plan import Plan, is_plan_file
 from einplan.errors import EinplanError
 from einplan.formats.files import check_not_input
 from einplan.report.profile import write_profile
 from einplan.runtime.recorder import Recorder
 
-PLAN_PREFIX = b'{"magic":"einplan-plan"'
 PLAN_NAME = "model.plan"  # a config's plan, compiled into the run folder
 
 
@@ -37,9 +36,8 @@ def open_or_compile(source: str | os.PathLike | dict | Plan, out: Path) -> Plan:
     if isinstance(source, Plan):
         return source
     if not isinstance(source, dict):
-        path = Path(source)
-        if path.is_file() and path.read_bytes()[: len(PLAN_PREFIX)] == PLAN_PREFIX:
-            return load_plan(path)
+        if is_plan_file(source):
+            return load_plan(source)
     plan = compile_model(source, entries=TRAIN_ENTRIES)
     out.mkdir(parents=True, exist_ok=True)
     plan.save(out / PLAN_NAME)

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from einplan.apps.data import BatchSampler, TokenSplits, tokenize_corpus, validation_windows
 from einplan.apps.metrics import MetricsLog
+from einplan.apps.session import plan_config
 from einplan.compiler.lora_spec import parse_lora
 from einplan.compiler.passes.autodiff import trainable
 from einplan.compiler.plan import Plan, hash_config
@@ -56,7 +57,7 @@ from einplan.formats.weights import (
     resolve_weights_dir,
     safetensors_metadata,
 )
-from einplan.models.config import ModelConfig, to_hf_config, to_hf_generation_config
+from einplan.models.config import to_hf_config, to_hf_generation_config
 from einplan.models.train_config import parse_train_config
 from einplan.report.training import plot_loss_curve, print_training_summary
 from einplan.runtime.generate import GenerationRequest, Generator
@@ -179,6 +180,7 @@ class TrainingRun:
         if "train_step" not in plan.entries:
             raise EinplanError("plan has no train_step entry: compile it with --train")
         self.plan, self.options, self.console = plan, options, console or Console()
+        self.config = plan_config(plan)  # checked, as for every plan a run binds
         out = options.out
         self.ckpt_root = out / "checkpoints"
         ckpt = load_checkpoint(self.ckpt_root) if options.resume else None
@@ -241,7 +243,7 @@ class TrainingRun:
     def checkpoint(self) -> Path:
         """Save the run's state after the current step."""
         t = self.trainer
-        cfg = ModelConfig(**self.plan.config)
+        cfg = self.config
         tk_cfg = hf_tokenizer_config(
             self.tokenizer, cfg.bos_token_id, cfg.eos_token_id, cfg.max_position_embeddings
         )

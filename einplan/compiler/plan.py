@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,6 +133,18 @@ class Plan:
     def parameters(self) -> int:
         """Parameters of the model (as ``einplan compile`` prints them)."""
         return self.meta["parameters"]
+
+
+def is_plan_file(path: str | Path) -> bool:
+    """Whether ``path`` is a file that starts as a plan does (its magic in the first key), so
+    that a command taking "a plan or a config" can tell them apart without parsing either;
+    whitespace is allowed, as any JSON writer may add it."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        head = f.read(256)
+    return re.match(rb'\s*\{\s*"magic"\s*:\s*"' + MAGIC.encode() + b'"', head) is not None
 
 
 def refuse_non_finite(name: str) -> float:

@@ -41,17 +41,19 @@ def _operand_view(
     role: str,
     scratch: Scratch,
     dtype: np.dtype,
+    convert: bool = False,
 ) -> Callable[[np.ndarray], np.ndarray]:
     """How to present one operand to matmul as ``[batch,] rows x cols`` without a copy when
-    the stored layout allows (identity, or a plain 2-D transpose BLAS reads directly)."""
+    the stored layout allows (identity, or a plain 2-D transpose BLAS reads directly);
+    ``convert``: the operand is stored in another dtype (16-bit), copied into ``dtype``."""
     t = [shape[p] for p in perm]
     batch, rows, cols = _prod(t[:nb]), _prod(t[nb : nb + n1]), _prod(t[nb + n1 :])
     mat = (batch, rows, cols) if nb else (rows, cols)
-    if perm == sorted(perm):
+    if perm == sorted(perm) and not convert:
         return lambda x: x.reshape(mat)
     c = len(perm) - nb - n1  # axes in the cols group
     swapped = list(range(nb)) + list(range(nb + c, len(perm))) + list(range(nb, nb + c))
-    if perm == swapped:
+    if perm == swapped and not convert:
         # stored as ([batch,] cols, rows): a transposed view, read by BLAS with its trans flag
         if nb == 0:
             return lambda x: x.reshape(cols, rows).T
@@ -67,9 +69,15 @@ def _operand_view(
 
 
 def make_einsum(
-    node: Node, shapes: list[tuple[int, ...]], out_shape: tuple[int, ...], scratch: Scratch
+    node: Node,
+    shapes: list[tuple[int, ...]],
+    out_shape: tuple[int, ...],
+    scratch: Scratch,
+    convert: tuple[bool, bool, bool] = (False, False, False),
 ) -> Kernel:
-    """A pairwise contraction as permute/reshape + one ``np.matmul`` into the output buffer."""
+    """A pairwise contraction as permute/reshape + one ``np.matmul`` into the output buffer.
+    ``convert`` (operand a, operand b, output): stored in 16 bits, so each is copied into
+    (or out of) a scratch block of the node's dtype, laid out for matmul on the way."""
     r = node.attrs["recipe"]
     if isinstance(r, QMatmulRecipe):
         return make_qmatmul(node, shapes, out_shape, scratch)
@@ -86,28 +94,28 @@ def make_einsum(
     b_shape = tuple(d for i, d in enumerate(shapes[1]) if i not in r.b_sum)
     nb, na, nk, nn = r.groups
     dtype = to_numpy_dtype(node.dtype)
-    a_view = _operand_view(a_shape, r.a_perm, nb, na, "a", scratch, dtype)
-    b_view = _operand_view(b_shape, r.b_perm, nb, nk, "b", scratch, dtype)
+    a_view = _operand_view(a_shape, r.a_perm, nb, na, "a", scratch, dtype, convert[0])
+    b_view = _operand_view(b_shape, r.b_perm, nb, nk, "b", scratch, dtype, convert[1])
     at = [a_shape[p] for p in r.a_perm]
     bt = [b_shape[p] for p in r.b_perm]
     logical = tuple(at[: nb + na]) + tuple(bt[nb + nk :])
     mm = ((_prod(at[:nb]),) if nb else ()) + (_prod(at[nb : nb + na]), _prod(bt[nb + nk :]))
     a_sum, b_sum = tuple(r.a_sum), tuple(r.b_sum)
     out_perm = r.out_perm
-    direct = out_perm == sorted(out_perm)
+    direct = out_perm == sorted(out_perm) and not convert[2]
     c_buf = None if direct else scratch("c", mm, dtype)
 
     def matmul(ins, out):
         a, b = ins
         if a_sum:
-            a = a.sum(axis=a_sum)
+            a = a.sum(axis=a_sum, dtype=dtype)
         if b_sum:
-            b = b.sum(axis=b_sum)
+            b = b.sum(axis=b_sum, dtype=dtype)
         if direct:
             np.matmul(a_view(a), b_view(b), out=out.reshape(mm))
         else:
             np.matmul(a_view(a), b_view(b), out=c_buf)
-            np.copyto(out, c_buf.reshape(logical).transpose(out_perm))
+            np.copyto(out, c_buf.reshape(logical).transpose(out_perm), casting="unsafe")
         return out
 
     return matmul
@@ -426,7 +434,8 @@ def _ce_blocks(shapes, dtype, scratch):
 
 
 def make_cross_entropy(node, shapes, out_shape, scratch) -> Kernel:
-    """Mean over non-ignored rows of logsumexp(logits) - logits[target], in blocks of rows."""
+    """Mean over non-ignored rows of logsumexp(logits) - logits[target], in blocks of rows
+    (16-bit logits are upcast block by block: the loss is float32)."""
     dtype = to_numpy_dtype(node.dtype)
     vocab, rows, block, buf = _ce_blocks(shapes, dtype, scratch)
     ignore = node.attrs["ignore_index"]
@@ -437,6 +446,7 @@ def make_cross_entropy(node, shapes, out_shape, scratch) -> Kernel:
         total = dtype.type(0)
         for r0 in range(0, rows, block):
             x, t, ok = logits[r0 : r0 + block], targets[r0 : r0 + block], valid[r0 : r0 + block]
+            x = x if x.dtype == dtype else x.astype(dtype)
             e = buf[: len(x)]
             top = x.max(axis=-1, keepdims=True)
             np.subtract(x, top, out=e)
@@ -450,10 +460,11 @@ def make_cross_entropy(node, shapes, out_shape, scratch) -> Kernel:
     return cross_entropy
 
 
-def make_cross_entropy_grad(node, shapes, out_shape, scratch) -> Kernel:
-    """(softmax(logits) - onehot(target)) * ct / count on non-ignored rows, zero elsewhere."""
+def make_cross_entropy_grad(node, shapes, out_shape, scratch, low: bool = False) -> Kernel:
+    """(softmax(logits) - onehot(target)) * ct / count on non-ignored rows, zero elsewhere;
+    ``low``: logits and gradient are stored in 16 bits, each block computed in ``dtype``."""
     dtype = to_numpy_dtype(node.dtype)
-    vocab, rows, block, _ = _ce_blocks(shapes, dtype, scratch)
+    vocab, rows, block, buf = _ce_blocks(shapes, dtype, scratch)
     ignore = node.attrs["ignore_index"]
 
     def cross_entropy_grad(ins, out):
@@ -463,12 +474,19 @@ def make_cross_entropy_grad(node, shapes, out_shape, scratch) -> Kernel:
         scale = ct / max(1, int(valid.sum()))
         for r0 in range(0, rows, block):
             x, e = logits[r0 : r0 + block], o[r0 : r0 + block]
+            if low:  # upcast the block into the scratch block, compute there
+                e = buf[: len(x)]
+                np.copyto(e, x)
+                x = e
             np.subtract(x, x.max(axis=-1, keepdims=True), out=e)
             np.exp(e, out=e)
             e *= scale / e.sum(axis=-1, keepdims=True)
-        hit = np.flatnonzero(valid)
-        o[hit, targets[hit]] -= scale
-        o[~valid] = 0
+            t, ok = targets[r0 : r0 + block], valid[r0 : r0 + block]
+            hit = np.flatnonzero(ok)
+            e[hit, t[hit]] -= scale
+            e[~ok] = 0
+            if low:
+                np.copyto(o[r0 : r0 + block], e, casting="unsafe")
         return out
 
     return cross_entropy_grad

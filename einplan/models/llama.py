@@ -118,8 +118,10 @@ def attention(b: Builder, x: Value, rope: Value, st: Step, i: int) -> Value:
         ctx = b.einsum("bngst,btnh->bsngh", probs, v, role="attn_ctx")
     else:  # write into the cache (head-major, so attention reads it without a copy) ...
         shape, pos = (bs, n, "ctx", hd), st.write_pos
-        k = b.kv_append(b.state("k_cache", cache_key(i, "k"), shape), k, pos, "kv", "attn_k.cache")
-        v = b.kv_append(b.state("v_cache", cache_key(i, "v"), shape), v, pos, "kv", "attn_v.cache")
+        k_cache = b.state("k_cache", cache_key(i, "k"), shape, k.dtype)
+        v_cache = b.state("v_cache", cache_key(i, "v"), shape, v.dtype)
+        k = b.kv_append(k_cache, k, pos, "kv", "attn_k.cache")
+        v = b.kv_append(v_cache, v, pos, "kv", "attn_v.cache")
         # ... and attend over its first kv slots: (b, s, n, g, h) x (b, n, t, h) -> (b, n, g, s, t)
         scores = b.einsum("bsngh,bnth->bngst", q, k, role="attn_scores")
         # the mask holds causality, padding and slots not written yet

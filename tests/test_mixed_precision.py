@@ -19,7 +19,7 @@ from einplan.compiler.plan import Plan
 from einplan.compiler.tags import Tag
 from einplan.errors import EinplanError
 from einplan.formats.checkpoint import load_checkpoint
-from einplan.formats.weights import random_weights
+from einplan.formats.weights import load_weights, random_weights
 from einplan.models.config import ConfigError
 from einplan.models.train_config import parse_train_config
 from einplan.runtime import upcast
@@ -210,7 +210,9 @@ def test_plans_and_checkpoints_round_trip(bf16_plan, tmp_path):
     # a float32 session reads the checkpoint as any other model folder
     f32 = einplan.compile_model(MICRO, entries=("forward",))
     g = f32.entry("forward")
-    Executor(g, final).run({k: v for k, v in feed().items() if k in ("tokens", "positions")})
+    inputs = {k: v for k, v in feed().items() if k in ("tokens", "positions")}
+    logits = Executor(g, load_weights(g, final, tied=True)).run(inputs)["logits"]
+    assert logits.dtype == np.float32 and np.isfinite(logits).all()
 
 
 def test_bad_dtype_names_are_rejected_clearly(tmp_path):

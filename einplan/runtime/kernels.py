@@ -41,19 +41,17 @@ def _operand_view(
     role: str,
     scratch: Scratch,
     dtype: np.dtype,
-    convert: bool = False,
 ) -> Callable[[np.ndarray], np.ndarray]:
     """How to present one operand to matmul as ``[batch,] rows x cols`` without a copy when
-    the stored layout allows (identity, or a plain 2-D transpose BLAS reads directly);
-    ``convert``: the operand is stored in another dtype (16-bit), copied into ``dtype``."""
+    the stored layout allows (identity, or a plain 2-D transpose BLAS reads directly)."""
     t = [shape[p] for p in perm]
     batch, rows, cols = _prod(t[:nb]), _prod(t[nb : nb + n1]), _prod(t[nb + n1 :])
     mat = (batch, rows, cols) if nb else (rows, cols)
-    if perm == sorted(perm) and not convert:
+    if perm == sorted(perm):
         return lambda x: x.reshape(mat)
     c = len(perm) - nb - n1  # axes in the cols group
     swapped = list(range(nb)) + list(range(nb + c, len(perm))) + list(range(nb, nb + c))
-    if perm == swapped and not convert:
+    if perm == swapped:
         # stored as ([batch,] cols, rows): a transposed view, read by BLAS with its trans flag
         if nb == 0:
             return lambda x: x.reshape(cols, rows).T
@@ -73,11 +71,8 @@ def make_einsum(
     shapes: list[tuple[int, ...]],
     out_shape: tuple[int, ...],
     scratch: Scratch,
-    convert: tuple[bool, bool, bool] = (False, False, False),
 ) -> Kernel:
-    """A pairwise contraction as permute/reshape + one ``np.matmul`` into the output buffer.
-    ``convert`` (operand a, operand b, output): stored in 16 bits, so each is copied into
-    (or out of) a scratch block of the node's dtype, laid out for matmul on the way."""
+    """A pairwise contraction as permute/reshape + one ``np.matmul`` into the output buffer."""
     r = node.attrs["recipe"]
     if isinstance(r, QMatmulRecipe):
         return make_qmatmul(node, shapes, out_shape, scratch)
@@ -94,28 +89,28 @@ def make_einsum(
     b_shape = tuple(d for i, d in enumerate(shapes[1]) if i not in r.b_sum)
     nb, na, nk, nn = r.groups
     dtype = to_numpy_dtype(node.dtype)
-    a_view = _operand_view(a_shape, r.a_perm, nb, na, "a", scratch, dtype, convert[0])
-    b_view = _operand_view(b_shape, r.b_perm, nb, nk, "b", scratch, dtype, convert[1])
+    a_view = _operand_view(a_shape, r.a_perm, nb, na, "a", scratch, dtype)
+    b_view = _operand_view(b_shape, r.b_perm, nb, nk, "b", scratch, dtype)
     at = [a_shape[p] for p in r.a_perm]
     bt = [b_shape[p] for p in r.b_perm]
     logical = tuple(at[: nb + na]) + tuple(bt[nb + nk :])
     mm = ((_prod(at[:nb]),) if nb else ()) + (_prod(at[nb : nb + na]), _prod(bt[nb + nk :]))
     a_sum, b_sum = tuple(r.a_sum), tuple(r.b_sum)
     out_perm = r.out_perm
-    direct = out_perm == sorted(out_perm) and not convert[2]
+    direct = out_perm == sorted(out_perm)
     c_buf = None if direct else scratch("c", mm, dtype)
 
     def matmul(ins, out):
         a, b = ins
         if a_sum:
-            a = a.sum(axis=a_sum, dtype=dtype)
+            a = a.sum(axis=a_sum)
         if b_sum:
-            b = b.sum(axis=b_sum, dtype=dtype)
+            b = b.sum(axis=b_sum)
         if direct:
             np.matmul(a_view(a), b_view(b), out=out.reshape(mm))
         else:
             np.matmul(a_view(a), b_view(b), out=c_buf)
-            np.copyto(out, c_buf.reshape(logical).transpose(out_perm), casting="unsafe")
+            np.copyto(out, c_buf.reshape(logical).transpose(out_perm))
         return out
 
     return matmul
@@ -423,21 +418,26 @@ def make_scatter_add(node, shapes, out_shape, scratch) -> Kernel:
 
 
 CE_BLOCK_BYTES = 1 << 22  # rows of logits per block of the cross-entropy kernels
+# 16-bit logits are upcast into a second block: smaller blocks keep mixed precision's scratch
+LOW_CE_BLOCK_BYTES = 1 << 20
 
 
-def _ce_blocks(shapes, dtype, scratch):
-    """Rows (all but the vocab axis) in blocks, with a scratch block and the targets' mask."""
+def _ce_blocks(shapes, dtype, scratch, low: bool = False):
+    """Rows (all but the vocab axis) in blocks, with a scratch block (``low``: of the size for
+    16-bit logits)."""
     vocab = shapes[0][-1]
     rows = _prod(shapes[0][:-1])
-    block = max(1, min(rows, CE_BLOCK_BYTES // (vocab * dtype.itemsize)))
+    limit = LOW_CE_BLOCK_BYTES if low else CE_BLOCK_BYTES
+    block = max(1, min(rows, limit // (vocab * dtype.itemsize)))
     return vocab, rows, block, scratch("ce", (block, vocab), dtype)
 
 
-def make_cross_entropy(node, shapes, out_shape, scratch) -> Kernel:
-    """Mean over non-ignored rows of logsumexp(logits) - logits[target], in blocks of rows
-    (16-bit logits are upcast block by block: the loss is float32)."""
+def make_cross_entropy(node, shapes, out_shape, scratch, low: bool = False) -> Kernel:
+    """Mean over non-ignored rows of logsumexp(logits) - logits[target], in blocks of rows;
+    ``low``: 16-bit logits, upcast a block at a time (the loss is float32)."""
     dtype = to_numpy_dtype(node.dtype)
-    vocab, rows, block, buf = _ce_blocks(shapes, dtype, scratch)
+    vocab, rows, block, buf = _ce_blocks(shapes, dtype, scratch, low)
+    upcast = scratch("ce.x", (block, vocab), dtype) if low else None
     ignore = node.attrs["ignore_index"]
 
     def cross_entropy(ins, out):
@@ -446,7 +446,9 @@ def make_cross_entropy(node, shapes, out_shape, scratch) -> Kernel:
         total = dtype.type(0)
         for r0 in range(0, rows, block):
             x, t, ok = logits[r0 : r0 + block], targets[r0 : r0 + block], valid[r0 : r0 + block]
-            x = x if x.dtype == dtype else x.astype(dtype)
+            if upcast is not None:
+                np.copyto(upcast[: len(x)], x)
+                x = upcast[: len(x)]
             e = buf[: len(x)]
             top = x.max(axis=-1, keepdims=True)
             np.subtract(x, top, out=e)
@@ -464,7 +466,7 @@ def make_cross_entropy_grad(node, shapes, out_shape, scratch, low: bool = False)
     """(softmax(logits) - onehot(target)) * ct / count on non-ignored rows, zero elsewhere;
     ``low``: logits and gradient are stored in 16 bits, each block computed in ``dtype``."""
     dtype = to_numpy_dtype(node.dtype)
-    vocab, rows, block, buf = _ce_blocks(shapes, dtype, scratch)
+    vocab, rows, block, buf = _ce_blocks(shapes, dtype, scratch, low)
     ignore = node.attrs["ignore_index"]
 
     def cross_entropy_grad(ins, out):

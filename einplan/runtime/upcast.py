@@ -3,10 +3,11 @@ done in float32. NumPy's BLAS has no bf16 or f16 product, and float32 sums are w
 precision asks for, so the step's 16-bit inputs are copied into float32 blocks, the float32
 kernel of the op runs on them, and its output is rounded once into the 16-bit buffer.
 
-The blocks stay small: products convert their operands while laying them out for matmul (a
-copy the float32 kernel often makes anyway), the cross-entropy kernels convert a block of rows
-at a time, and ops that treat the leading axis row by row run in chunks of rows of at most
-``BLOCK_BYTES`` of float32. Any other op converts whole inputs.
+The blocks stay small: products convert block by block while laying their operands out for
+matmul (runtime/upcast_matmul.py), the cross-entropy kernels convert a block of rows at a
+time, ops that treat the leading axis row by row run in chunks of rows of at most
+``BLOCK_BYTES`` of float32 (and the norm's weight gradient sums such chunks in float32). Any
+other op converts whole inputs.
 """
 
 from __future__ import annotations
@@ -20,10 +21,16 @@ from einplan.compiler.attrs import MatmulRecipe
 from einplan.compiler.dtypes import LOW_PRECISION
 from einplan.compiler.ir import Node
 from einplan.compiler.ops import Op
-from einplan.runtime.kernels import Kernel, Scratch, make_cross_entropy_grad, make_einsum
+from einplan.runtime.kernels import (
+    Kernel,
+    Scratch,
+    make_cross_entropy,
+    make_cross_entropy_grad,
+)
+from einplan.runtime.upcast_matmul import make_upcast_matmul
 
 F32 = np.dtype(np.float32)
-BLOCK_BYTES = 1 << 20  # float32 bytes of one chunk of rows
+BLOCK_BYTES = 1 << 18  # float32 bytes of one chunk of rows (at least one row)
 # ops whose output row i (leading axis) depends only on row i of the inputs of its rank
 ROW_WISE = frozenset(
     {
@@ -47,7 +54,8 @@ def as_float32(n: Node) -> Node:
 
 
 def row_wise(n: Node) -> bool:
-    """Whether a node's output rows (leading axis) can be computed chunk by chunk."""
+    """Whether a node's output rows (leading axis) can be computed chunk by chunk (the norm's
+    weight gradient, a sum over rows, is summed chunk by chunk instead)."""
     return n.op in ROW_WISE or (n.op is Op.RMS_NORM_GRAD and n.attrs["wrt"] == "x")
 
 
@@ -63,29 +71,33 @@ def make_upcast(
     inputs)`` builds float32 kernels, which get float32 copies of the 16-bit inputs."""
     low = [x.dtype in LOW_PRECISION for x in inputs]
     twin = as_float32(node)
-    if node.op is Op.EINSUM and isinstance(node.attrs["recipe"], MatmulRecipe):
-        convert = (low[0], low[1], node.dtype in LOW_PRECISION)
-        return make_einsum(twin, shapes, out_shape, scratch, convert)
+    recipe = node.attrs.get("recipe")
+    if isinstance(recipe, MatmulRecipe) and all(low) and node.dtype in LOW_PRECISION:
+        return make_upcast_matmul(recipe, shapes, out_shape, scratch)
     if node.op is Op.CROSS_ENTROPY:  # reads 16-bit logits a block at a time
-        return make(twin, shapes, out_shape, scratch, inputs)
+        return make_cross_entropy(twin, shapes, out_shape, scratch, low=True)
     if node.op is Op.CROSS_ENTROPY_GRAD:
         return make_cross_entropy_grad(twin, shapes, out_shape, scratch, low=True)
-    rows = out_shape[0] if out_shape and row_wise(node) else 1
-    chunk = max(1, BLOCK_BYTES // (4 * math.prod(out_shape[1:]))) if rows > 1 else 1
-    chunk = min(chunk, rows) if rows > 1 else 1
+    # chunks of rows: of the output (row-wise ops), or of input 0 summed into the output
+    summed = node.op is Op.RMS_NORM_GRAD and node.attrs["wrt"] == "w"
+    lead = shapes[0] if summed else out_shape
+    rows = lead[0] if len(lead) > 1 and (summed or row_wise(node)) else 1
+    chunk = min(rows, max(1, BLOCK_BYTES // (4 * math.prod(lead[1:])))) if rows > 1 else 1
     sliced = [
         rows > 1
         and len(s) >= 1
         and s[0] == rows
-        and (len(s) == len(out_shape) or (node.op is Op.SOFTMAX and k == 1))
+        and (len(s) == len(lead) or (node.op is Op.SOFTMAX and k == 1))
         for k, s in enumerate(shapes)
     ]
+    chunked_out = rows > 1 and not summed
+    total = scratch("upcast.sum", tuple(out_shape), F32) if summed and chunk < rows else None
 
     def part(n_rows: int) -> tuple[Kernel, list[np.ndarray | None], np.ndarray | None]:
         """A float32 kernel for ``n_rows`` rows (all of them when not chunked), with its
         input blocks (None: not 16-bit) and output block (None: a float32 output)."""
         ins = [(n_rows, *s[1:]) if sl else tuple(s) for s, sl in zip(shapes, sliced, strict=True)]
-        out = (n_rows, *out_shape[1:]) if rows > 1 else tuple(out_shape)
+        out = (n_rows, *out_shape[1:]) if chunked_out else tuple(out_shape)
         kernel = make(twin, ins, out, scratch, [as_float32(x) for x in inputs])
         blocks = [
             scratch(f"upcast.{k}", s, F32) if lo else None
@@ -107,11 +119,20 @@ def make_upcast(
                     np.copyto(block, x)
                     x = block
                 args.append(x)
-            dest = out[r0 : r0 + n] if rows > 1 else out
+            if total is not None:  # a partial sum over these rows, added up in float32
+                y = kernel(args, result)
+                if r0:
+                    np.add(total, y, out=total)
+                else:
+                    np.copyto(total, y)
+                continue
+            dest = out[r0 : r0 + n] if chunked_out else out
             if result is None:
                 kernel(args, dest)
             else:
                 np.copyto(dest, kernel(args, result), casting="unsafe")
+        if total is not None:
+            np.copyto(out, total, casting="unsafe")
         return out
 
     return upcast

@@ -230,3 +230,26 @@ def test_bad_dtype_names_are_rejected_clearly(tmp_path):
     cli = [sys.executable, "-m", "einplan", "compile", "tiny", "--compute-dtype", "bfloat16"]
     p = subprocess.run(cli, capture_output=True, text=True, cwd=tmp_path)
     assert p.returncode == 2 and "invalid choice: 'bfloat16'" in p.stderr
+
+
+@pytest.mark.parametrize("config, lora", [(MICRO, "r=4,targets=q,v"), ("tiny-moe", None)])
+def test_lora_and_mixture_of_experts_train_in_bf16(config, lora):
+    grads = {}
+    for d in ("f32", "bf16"):
+        plan = einplan.compile_model(config, entries=("grad",), compute_dtype=d, lora=lora)
+        g = plan.entry("grad")
+        assert d == "f32" or audit_precision(g, "bf16") == []
+        rng = np.random.default_rng(1)
+        adapters = {
+            n.attrs["key"]: (0.1 * rng.standard_normal(n.shape)).astype(np.float32)
+            for n in g.params()
+            if Tag.LORA in n.tags
+        }
+        weights = {**random_weights(g, 0, std=0.1), **adapters}
+        grads[d] = Executor(g, weights).run(feed())
+    names = [k for k in grads["f32"] if k.startswith("grad.")]
+    assert names and all(("lora" in k) == bool(lora) for k in names)
+    for key in names:
+        ref = grads["f32"][key]
+        err = np.linalg.norm(grads["bf16"][key] - ref) / np.linalg.norm(ref)
+        assert err < 0.05, (key, err)

@@ -64,7 +64,8 @@ class ScratchBuffers:
     """Scratch arrays the kernels of one binding ask for, one per (thread slot, role, dtype),
     each as large as the largest request."""
 
-    def __init__(self) -> None:
+    def __init__(self, xp=np) -> None:
+        self.xp = xp  # the array module the buffers are allocated by (numpy, cupy)
         self.buffers: dict[tuple[int, str, str], np.ndarray] = {}
 
     def for_thread(self, thread: int) -> Scratch:
@@ -75,7 +76,7 @@ class ScratchBuffers:
             key = (thread, role, np.dtype(dtype).str)
             buf = self.buffers.get(key)
             if buf is None or buf.size < size:
-                buf = self.buffers[key] = np.empty(size, dtype)
+                buf = self.buffers[key] = self.xp.empty(size, dtype)
             return buf[:size].reshape(mat)
 
         return scratch
@@ -100,13 +101,15 @@ def output_buffer(
     dtype: np.dtype,
     arena: list[np.ndarray],
     alias: bool,
+    xp=np,
 ) -> np.ndarray | OutputRing | None:
     """Where a step writes: its slot of the arena, a ring of fresh arrays for a graph output
-    (no slot), or nothing for a view (``alias``)."""
+    (no slot; on a device, one fixed buffer that the run copies back to the host), or nothing
+    for a view (``alias``)."""
     if alias:
         return None
     if ann.slot is None:  # an output, or the buffer an output is a view of
-        return OutputRing(shape, dtype)
+        return OutputRing(shape, dtype) if xp is np else xp.empty(shape, dtype)
     nbytes = int(np.prod(shape)) * dtype.itemsize
     return arena[ann.slot][:nbytes].view(dtype).reshape(shape)
 
@@ -149,6 +152,7 @@ class Prepared:
     table: list[StepInfo]  # per step: name, op, FLOPs, bytes, shapes, tags
     arena_bytes: int
     static: dict[int, np.ndarray]  # views fixed at prepare time (reshape, split of buffers)
+    device_state: object = None  # a device's per-binding state (runtime/cuda: CUDA graph)
 
 
 def prepare_steps(
@@ -168,9 +172,11 @@ def prepare_steps(
         evaluate(numel(nodes[v].shape), dims) * ITEMSIZE[nodes[v].dtype]
         for v in set(graph.outputs.values())
     )
-    check_fits(sum(slot_sizes) + outputs, f"running {graph.name} ({_bound(dims)})", dims)
-    arena = [np.empty(max(s, 1), np.uint8) for s in slot_sizes]
-    scratch = ScratchBuffers()
+    xp = backend.xp
+    if xp is np:  # a device's memory is its own; CuPy reports running out of it
+        check_fits(sum(slot_sizes) + outputs, f"running {graph.name} ({_bound(dims)})", dims)
+    arena = [xp.empty(max(s, 1), np.uint8) for s in slot_sizes]
+    scratch = ScratchBuffers(xp)
     steps: list[Step] = []
     table: list[StepInfo] = []
     levels: dict[int, list[int]] = {}
@@ -194,8 +200,8 @@ def prepare_steps(
             fixed[n.id] = static[n.id] = view
             carried_free += ann.free_after
             continue
-        out = output_buffer(ann, shape, to_numpy_dtype(n.dtype), arena, OPS[n.op].alias)
-        if isinstance(out, np.ndarray):
+        out = output_buffer(ann, shape, to_numpy_dtype(n.dtype), arena, OPS[n.op].alias, xp)
+        if out is not None and not isinstance(out, OutputRing):
             fixed[n.id] = out
         step = Step(len(steps), n.id, kernel, n.inputs, out, [*carried_free, *ann.free_after])
         carried_free = []

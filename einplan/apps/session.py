@@ -285,6 +285,8 @@ class Session:
     def _speculate(self, draft, k, request, decode, stream, recorder) -> Generation:
         from einplan.runtime.speculative import speculative_generate
 
+        if self.kernels.device != "cpu" or draft.kernels.device != "cpu":
+            raise EinplanError("speculative decoding runs on the cpu for now; use --device cpu")
         check_same_tokenizer(self, draft)
         rows = []
         for r, prompt in enumerate(request.prompts):  # one prompt at a time

@@ -18,12 +18,13 @@ import numpy as np
 from einplan.compiler.path_cache import cache_dir
 from einplan.errors import EinplanError
 from einplan.formats.files import write_atomic
+from einplan.runtime.device import check_device
 from einplan.runtime.memory_limit import check_fits
 
 
-def machine_path() -> Path:
-    """Where the measured limits are cached."""
-    return cache_dir() / "machine.json"
+def machine_path(device: str = "cpu") -> Path:
+    """Where the measured limits of ``device`` are cached (machine.json, machine-cuda.json)."""
+    return cache_dir() / ("machine.json" if device == "cpu" else f"machine-{device}.json")
 
 
 def best_seconds(fn: Callable[[], object], reps: int) -> float:
@@ -37,12 +38,19 @@ def best_seconds(fn: Callable[[], object], reps: int) -> float:
     return min(times)
 
 
-def measure_machine(gemm_n: int = 2048, copy_mib: int = 256, reps: int = 5) -> dict[str, Any]:
+def measure_machine(
+    gemm_n: int = 2048, copy_mib: int = 256, reps: int = 5, device: str = "cpu"
+) -> dict[str, Any]:
     """Measure float32 GEMM GFLOP/s (``n^3`` matmul, BLAS on every core) and memory GB/s (a
-    large array copy: bytes read plus written)."""
+    large array copy: bytes read plus written); ``device="cuda"``: the GPU's (cuBLAS, also
+    with TF32; device memory), timed by CUDA events."""
     for name, value in (("gemm_n", gemm_n), ("copy_mib", copy_mib), ("reps", reps)):
         if value < 1:
             raise EinplanError(f"bench machine: {name} must be at least 1, got {value}")
+    if check_device(device) == "cuda":
+        from einplan.runtime.cuda.machine import measure_gpu
+
+        return measure_gpu(gemm_n, copy_mib, reps)
     check_fits(
         3 * 4 * gemm_n**2 + 2 * copy_mib * 2**20,
         "bench machine's arrays",
@@ -69,9 +77,9 @@ def measure_machine(gemm_n: int = 2048, copy_mib: int = 256, reps: int = 5) -> d
     }
 
 
-def save_machine(limits: dict[str, Any]) -> Path:
-    """Cache the measured limits; returns the file written."""
-    return write_atomic(machine_path(), json.dumps(limits, indent=1))
+def save_machine(limits: dict[str, Any], device: str = "cpu") -> Path:
+    """Cache the measured limits of ``device``; returns the file written."""
+    return write_atomic(machine_path(device), json.dumps(limits, indent=1))
 
 
 def load_machine() -> dict[str, Any] | None:

@@ -1,0 +1,223 @@
+"""einplan on one CUDA GPU (issue #18): SmolLM2-135M's shape with random weights, float32,
+each case with CUDA graph replay, without it (``--no-cuda-graph``) and with TF32 products.
+
+    python benchmarks/gpu.py [--out benchmarks/results/gpu-h200.json] [--torch TORCH.json]
+
+Cases: decode batch 1 (32-token prompt, 64 new tokens, greedy; tokens/s at the median step),
+forward 1x256 (logits copied back to the host included), train step 4x256 and 16x1024
+(AdamW; forward, backward, update and the loss read back). ``--torch`` is the JSON written by
+../shared/perf/peer/torch_gpu_baselines.py in the same device call: its numbers are put beside
+ours as ratios. Also measured: the GPU's float32/TF32 GEMM peak and bandwidth (``einplan bench
+machine --device cuda``) and the cost per kernel of a replayed CUDA graph, from which the
+decode step's launch floor and bandwidth floor follow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import ROOT, timed, write_results  # noqa: E402
+
+CONFIG = ROOT / "configs" / "smollm2-135m.json"
+TRAIN = {"optimizer": "adamw", "weight_decay": 0.01, "grad_clip": 1.0, "beta2": 0.999}
+VARIANTS = {  # name: (cuda_graph, tf32)
+    "graph": (True, False),
+    "eager": (False, False),
+    "graph-tf32": (True, True),
+}
+TORCH_KEYS = {
+    "decode b1": ["decode fp32 b1 generate", "decode bf16 b1 generate static-cache"],
+    "forward 1x256": ["forward fp32 1x256"],
+    "train 4x256": ["train fp32 4x256"],
+    "train 16x1024": ["train fp32 16x1024", "train bf16-autocast 16x1024"],
+}
+
+
+def sync() -> None:
+    import cupy
+
+    cupy.cuda.Device().synchronize()
+
+
+def graph_us_per_kernel(n: int = 600, reps: int = 50) -> float:
+    """Microseconds per kernel of a replayed CUDA graph of ``n`` tiny dependent kernels (the
+    launch floor a decode step of that many steps cannot beat)."""
+    import cupy as cp
+
+    x = cp.ones((1, 576), cp.float32)
+    s = cp.cuda.Stream(non_blocking=True)
+    with s:
+        for _ in range(2):  # fill the memory pool so that capture allocates nothing
+            y = x
+            for _ in range(n):
+                y = y * 1.0001
+        s.begin_capture()
+        y = x
+        for _ in range(n):
+            y = y * 1.0001
+        g = s.end_capture()
+    g.launch(s)
+    s.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        g.launch(s)
+    s.synchronize()
+    return (time.perf_counter() - t0) / reps / n * 1e6
+
+
+def decode_case(plan, variant: str, reps: int) -> dict:
+    import numpy as np
+
+    import einplan
+
+    graph, tf32 = VARIANTS[variant]
+    session = einplan.Session(plan, random_seed=0, device="cuda", cuda_graph=graph, tf32=tf32)
+    prompt = np.random.default_rng(1).integers(1, plan.config["vocab_size"], 32).tolist()
+    gen = session.generate([prompt], 64, ignore_eos=True)  # warm-up: kernels, graphs
+    rates, ttft = [], []
+    for _ in range(reps):
+        gen = session.generate([prompt], 64, ignore_eos=True)
+        rates.append(gen.stats.decode_tokens_per_s)
+        ttft.append(gen.stats.ttft_s * 1e3)
+    steps = sum(session.generator.bind(1, 96)[1].steps_by_backend().values())
+    return {
+        "tok_s": statistics.median(rates),
+        "tok_s_samples": rates,
+        "ttft_ms": statistics.median(ttft),
+        "decode_ms_p50": gen.stats.decode_ms(0.5),
+        "decode_ms_p99": gen.stats.decode_ms(0.99),
+        "steps_per_token": steps,
+        "weights_bytes": gen.stats.weights_bytes,
+        "tokens": gen.tokens[0][:8],
+    }
+
+
+def forward_case(plan, variant: str, reps: int) -> dict:
+    import numpy as np
+
+    import einplan
+
+    graph, tf32 = VARIANTS[variant]
+    session = einplan.Session(plan, random_seed=0, device="cuda", cuda_graph=graph, tf32=tf32)
+    ids = np.random.default_rng(1).integers(1, plan.config["vocab_size"], (1, 256))
+    samples = timed(lambda: session.forward(ids), 3, reps, 0)
+    med = statistics.median(samples)
+    return {"tok_s": 256 / med, "ms": med * 1e3, "samples_s": samples}
+
+
+def train_case(plan, cfg, batch: int, seq: int, variant: str, reps: int) -> dict:
+    import numpy as np
+
+    from einplan.formats.weights import random_weights
+    from einplan.runtime.backends import get_backend
+    from einplan.runtime.trainer import Trainer
+
+    graph, tf32 = VARIANTS[variant]
+    backend = get_backend(None, "cuda", graph, tf32)
+    trainer = Trainer(plan, random_weights(plan.entry("train_step"), 0), cfg, kernels=backend)
+    ids = np.random.default_rng(1).integers(1, plan.config["vocab_size"], (batch, seq + 1))
+    stats = []
+    samples = timed(lambda: stats.append(trainer.run_step([ids])), 2, reps, 0)
+    med = statistics.median(samples)
+    out = {
+        "tok_s": batch * seq / med,
+        "step_ms": med * 1e3,
+        "samples_s": samples,
+        "loss_first_last": (stats[0].loss, stats[-1].loss),
+    }
+    return out
+
+
+def free_device_memory() -> None:
+    """Give the memory of the sessions and trainers dropped so far back to the device."""
+    import gc
+
+    import cupy
+
+    gc.collect()
+    cupy.get_default_memory_pool().free_all_blocks()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu-h200.json"))
+    ap.add_argument("--torch", help="torch_gpu_baselines.py's JSON from the same machine")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--cases", default="machine,decode,forward,train")
+    args = ap.parse_args()
+
+    import einplan
+    from einplan.models.train_config import parse_train_config
+    from einplan.report.machine import measure_machine
+
+    wanted = args.cases.split(",")
+    results: dict = {}
+    if "machine" in wanted:
+        results["machine"] = measure_machine(8192, 2048, 5, "cuda")
+        results["machine"]["graph_us_per_kernel"] = graph_us_per_kernel()
+        print("machine", json.dumps(results["machine"]), flush=True)
+    plan = einplan.compile_model(CONFIG)
+    for variant in VARIANTS:
+        if "decode" in wanted:
+            results[f"decode b1 {variant}"] = decode_case(plan, variant, args.reps)
+            print(f"decode b1 {variant}", json.dumps(results[f"decode b1 {variant}"]), flush=True)
+        if "forward" in wanted:
+            results[f"forward 1x256 {variant}"] = forward_case(plan, variant, args.reps)
+            print(f"forward 1x256 {variant}", results[f"forward 1x256 {variant}"], flush=True)
+    if "train" in wanted:
+        cfg = parse_train_config({**TRAIN, "micro_batch": 16, "seq_len": 1024, "lr": 1e-4})
+        train_plan = einplan.compile_model(CONFIG, entries=("train_step", "loss"), train=cfg)
+        for batch, seq in ((4, 256), (16, 1024)):
+            for variant in VARIANTS:
+                key = f"train {batch}x{seq} {variant}"
+                results[key] = train_case(train_plan, cfg, batch, seq, variant, args.reps)
+                free_device_memory()
+                print(key, json.dumps(results[key]), flush=True)
+    torch = json.loads(Path(args.torch).read_text()) if args.torch else {}
+    results["torch"] = {k: v for k, v in torch.items() if isinstance(v, dict)}
+    rows = []
+    for key, r in results.items():
+        if key in ("machine", "torch"):
+            continue
+        case = " ".join(key.split()[:2])
+        peers = {
+            t: torch[t]["tok_s"] for t in TORCH_KEYS.get(case, []) if "tok_s" in torch.get(t, {})
+        }
+        r["vs_torch"] = {t: r["tok_s"] / v for t, v in peers.items()}
+        rows.append((key, r["tok_s"], r["vs_torch"]))
+    m = results.get("machine")
+    d = results.get("decode b1 graph")
+    if m and d:
+        floor_ms = d["steps_per_token"] * m["graph_us_per_kernel"] / 1e3
+        bw_ms = d["weights_bytes"] / (m["bandwidth_gbs"] * 1e9) * 1e3
+        d["launch_floor_ms"], d["bandwidth_floor_ms"] = floor_ms, bw_ms
+        d["share_of_launch_floor"] = floor_ms / d["decode_ms_p50"]
+        d["share_of_bandwidth_floor"] = bw_ms / d["decode_ms_p50"]
+    write_results(args.out, [results])
+    print(f"\n{'case':<28} {'tok/s':>10}  vs PyTorch (same call)")
+    for key, tok_s, vs in rows:
+        ratios = ", ".join(f"{v:.2f}x {t}" for t, v in vs.items())
+        print(f"{key:<28} {tok_s:10,.0f}  {ratios}")
+    if m:
+        print(
+            f"GPU: fp32 GEMM {m['gemm_gflops'] / 1e3:.1f} TFLOP/s, TF32 "
+            f"{m['gemm_tf32_gflops'] / 1e3:.1f} TFLOP/s, copy {m['bandwidth_gbs']:.0f} GB/s, "
+            f"graph replay {m['graph_us_per_kernel']:.2f} us/kernel"
+        )
+    if m and d:
+        print(
+            f"decode step p50 {d['decode_ms_p50']:.3f} ms: launch floor "
+            f"{d['launch_floor_ms']:.3f} ms ({d['steps_per_token']} kernels), bandwidth floor "
+            f"{d['bandwidth_floor_ms']:.3f} ms"
+        )
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

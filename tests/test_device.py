@@ -1,0 +1,146 @@
+"""The device choice on a machine without a GPU: clear errors (exit 2 at the command line)
+without CuPy or without a CUDA device, and the cuda device's array-module-generic kernels
+run with NumPy as their array module."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from einplan.cli import main
+from einplan.compiler.ir import Node
+from einplan.compiler.ops import Op
+from einplan.runtime import device
+from einplan.runtime.backends import BackendError, get_backend
+from einplan.runtime.cuda.portable import hashed_uniform, make_dropout
+from einplan.runtime.device import DeviceError, check_device
+
+
+@pytest.fixture
+def no_cupy(monkeypatch):
+    """A machine where CuPy is not installed."""
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "cupy" else real(name, *a)
+    )
+    device.cupy_module.cache_clear()
+    yield
+    device.cupy_module.cache_clear()
+
+
+@pytest.fixture
+def no_gpu(monkeypatch):
+    """A machine where CuPy imports but the CUDA runtime finds no device."""
+    fake = types.ModuleType("cupy")
+
+    def no_device():
+        raise RuntimeError("cudaErrorNoDevice: no CUDA-capable device is detected")
+
+    fake.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=no_device))
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: types.SimpleNamespace() if name == "cupy" else real(name, *a),
+    )
+    device.cupy_module.cache_clear()
+    yield
+    device.cupy_module.cache_clear()
+
+
+def test_cuda_without_cupy_says_how_to_install(no_cupy):
+    with pytest.raises(DeviceError, match=r"einplan\[cuda12\]"):
+        check_device("cuda")
+    with pytest.raises(DeviceError, match="CuPy"):
+        get_backend(None, "cuda")
+
+
+def test_cuda_without_gpu_is_refused(no_gpu):
+    with pytest.raises(DeviceError, match="no usable CUDA GPU.*cudaErrorNoDevice"):
+        check_device("cuda")
+
+
+def test_unknown_device_and_cuda_options_on_cpu():
+    with pytest.raises(DeviceError, match="unknown device 'tpu'"):
+        check_device("tpu")
+    assert check_device(None) == "cpu"
+    with pytest.raises(BackendError, match="--tf32"):
+        get_backend("numpy", "cpu", tf32=True)
+    with pytest.raises(BackendError, match="--no-cuda-graph"):
+        get_backend(None, None, cuda_graph=False)
+
+
+def test_cli_device_cuda_without_cupy_exits_2(no_cupy, tmp_path, capsys):
+    plan = tmp_path / "t.plan"
+    assert main(["compile", "tiny", "-o", str(plan), "-q"]) in (0, None)
+    code = main(
+        [
+            "run",
+            str(plan),
+            "--random-weights",
+            "0",
+            "--tokenizer",
+            "bytes",
+            "-p",
+            "Hi",
+            "--device",
+            "cuda",
+        ]
+    )
+    assert code == 2
+    assert "einplan[cuda12]" in capsys.readouterr().err
+
+
+def test_cli_tf32_needs_cuda(tmp_path, capsys):
+    plan = tmp_path / "t.plan"
+    main(["compile", "tiny", "-o", str(plan), "-q"])
+    code = main(
+        [
+            "run",
+            str(plan),
+            "--random-weights",
+            "0",
+            "--tokenizer",
+            "bytes",
+            "-p",
+            "Hi",
+            "--tf32",
+        ]
+    )
+    assert code == 2
+    assert "--device cuda" in capsys.readouterr().err
+
+
+def dropout_node(p: float, stream: int) -> Node:
+    return Node(0, Op.DROPOUT, (1, 2), {"p": p, "stream": stream}, (64, 256), "f32", "drop")
+
+
+def test_hashed_dropout_with_numpy_as_xp():
+    """The cuda device's dropout (masks hashed from seed, stream and element, no host state):
+    keeps 1 - p of the elements, scales them by 1/(1 - p), and draws the same mask for the same
+    seed and stream, another for another."""
+    x = np.random.default_rng(0).standard_normal((64, 256)).astype(np.float32)
+    p = 0.25
+    kernel = make_dropout(dropout_node(p, 3), [x.shape, ()], x.shape, None, xp=np)
+    out = np.empty_like(x)
+    a = kernel([x, np.array(7)], out).copy()
+    assert a.dtype == np.float32
+    kept = a != 0
+    assert abs(kept.mean() - (1 - p)) < 0.02
+    np.testing.assert_allclose(a[kept], x[kept] / (1 - p), rtol=1e-6)
+    assert np.array_equal(kernel([x, np.array(7)], out), a)
+    assert not np.array_equal(kernel([x, np.array(8)], out) != 0, kept)
+    other = make_dropout(dropout_node(p, 4), [x.shape, ()], x.shape, None, xp=np)
+    assert not np.array_equal(other([x, np.array(7)], out) != 0, kept)
+
+
+def test_hashed_uniform_is_uniform():
+    u = hashed_uniform(np, np.array(123), 0, 1 << 16)
+    assert u.dtype == np.float32 and u.min() >= 0 and u.max() < 1
+    counts = np.histogram(u, bins=16, range=(0, 1))[0]
+    assert counts.min() > 0.9 * len(u) / 16 and counts.max() < 1.1 * len(u) / 16

@@ -73,9 +73,10 @@ def make_einsum(
     out_shape: tuple[int, ...],
     scratch: Scratch,
     xp=np,
+    matmul=None,
 ) -> Kernel:
-    """A pairwise contraction as permute/reshape + one ``matmul`` of the array module ``xp``
-    (numpy: BLAS; cupy: cuBLAS) into the output buffer."""
+    """A pairwise contraction as permute/reshape + one ``matmul(a, b, out=)`` (default: the
+    array module ``xp``'s; numpy: BLAS) into the output buffer."""
     r = node.attrs["recipe"]
     if isinstance(r, QMatmulRecipe):
         return make_qmatmul(node, shapes, out_shape, scratch)
@@ -102,6 +103,7 @@ def make_einsum(
     out_perm = r.out_perm
     direct = out_perm == sorted(out_perm)
     c_buf = None if direct else scratch("c", mm, dtype)
+    product = matmul or xp.matmul
 
     def matmul(ins, out):
         a, b = ins
@@ -110,9 +112,9 @@ def make_einsum(
         if b_sum:
             b = b.sum(axis=b_sum)
         if direct:
-            xp.matmul(a_view(a), b_view(b), out=out.reshape(mm))
+            product(a_view(a), b_view(b), out=out.reshape(mm))
         else:
-            xp.matmul(a_view(a), b_view(b), out=c_buf)
+            product(a_view(a), b_view(b), out=c_buf)
             xp.copyto(out, c_buf.reshape(logical).transpose(out_perm))
         return out
 
@@ -574,18 +576,20 @@ def make_acc_grad(node, shapes, out_shape, scratch, xp=np) -> Kernel:
     return acc_grad
 
 
-def make_grad_norm(node, shapes, out_shape, scratch, xp=np) -> Kernel:
-    """sqrt of the sum of squares of every gradient, accumulated in their dtype; NaN when the
-    loss (input 0) is not finite. Reads nothing back to the host (a device runs it in a graph)."""
+def make_grad_norm(node, shapes, out_shape, scratch, xp=np, dot=None) -> Kernel:
+    """sqrt of the sum of squares of every gradient (``dot(g, g)``, default ``xp.dot``),
+    accumulated in their dtype; NaN when the loss (input 0) is not finite. Reads nothing back
+    to the host (a device runs it in a graph)."""
     nan = scalar_type(node)(np.nan)
     total = scratch("norm", (), to_numpy_dtype(node.dtype))
+    dot = dot or xp.dot
 
     def grad_norm(ins, out):
         loss, *grads = ins
         total.fill(0)
         for g in grads:
             flat = g.reshape(-1)
-            xp.add(total, xp.dot(flat, flat), out=total)
+            xp.add(total, dot(flat, flat), out=total)
         xp.sqrt(total, out=out)
         out[...] = xp.where(xp.isfinite(loss), out, nan)
         return out

@@ -4,6 +4,7 @@ launch replaces several or a scalar must stay on the device."""
 
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
@@ -12,7 +13,7 @@ from einplan.compiler.attrs import QMatmulRecipe
 from einplan.compiler.ops import Op
 from einplan.runtime import kernels as numpy_kernels
 from einplan.runtime.backends.base import Backend, Factory
-from einplan.runtime.cuda import kernels, portable
+from einplan.runtime.cuda import blas, kernels, portable
 from einplan.runtime.device import cupy_module
 
 # ops whose runtime/kernels.py factory takes ``xp`` and reads nothing back to the host
@@ -32,7 +33,6 @@ SHARED = (
     Op.SOFTMAX_GRAD,
     Op.SILU_MUL_GRAD,
     Op.ACC_GRAD,
-    Op.GRAD_NORM,
 )
 
 
@@ -56,6 +56,7 @@ def set_tf32(enabled: bool) -> None:
     import cupy._core._routines_linalg as linalg
 
     os.environ["CUPY_TF32"] = "1" if enabled else "0"
+    blas.TF32["on"] = enabled
     kind = "COMPUTE_TYPE_TF32" if enabled else "COMPUTE_TYPE_DEFAULT"
     linalg.set_compute_type(np.float32, getattr(linalg, kind, 7 if enabled else 1))
 
@@ -68,7 +69,12 @@ def cuda_backend(cuda_graph: bool = True, tf32: bool = False) -> Backend:
     table: dict[Op, Factory] = {op: on_device(numpy_kernels.KERNELS[op]) for op in SHARED}
     table.update(
         {
-            Op.EINSUM: on_device(numpy_kernels.make_einsum, float_only=True),
+            Op.EINSUM: on_device(
+                functools.partial(numpy_kernels.make_einsum, matmul=blas.matmul), float_only=True
+            ),
+            Op.GRAD_NORM: on_device(
+                functools.partial(numpy_kernels.make_grad_norm, dot=kernels.sum_squares)
+            ),
             Op.GATHER: on_device(numpy_kernels.make_gather, float_only=True),
             Op.DROPOUT: on_device(portable.make_dropout),
             Op.RMS_NORM: kernels.make_rms_norm,

@@ -61,6 +61,20 @@ def contiguous(a):
     return a if a.flags.c_contiguous else cupy_module().ascontiguousarray(a)
 
 
+@functools.cache
+def sum_squares_kernel():
+    """A one-launch reduction ``sum(x * x)`` (CuPy's ``dot`` is cuBLAS, which CuPy will not
+    call while a graph is captured)."""
+    return cupy_module().ReductionKernel(
+        "T x", "T y", "x * x", "a + b", "y = a", "0", "einplan_sum_squares"
+    )
+
+
+def sum_squares(a, b):
+    """``dot(a, a)`` of a flat array (``b`` is ``a``: the grad_norm kernel's ``dot``)."""
+    return sum_squares_kernel()(a)
+
+
 def make_rms_norm(node, shapes, out_shape, scratch, inputs=()) -> Kernel:
     """x / sqrt(mean(x^2) + eps) * w in one pass per row."""
     check_float32(node)

@@ -85,8 +85,10 @@ def decode_case(plan, variant: str, reps: int) -> dict:
         gen = session.generate([prompt], 64, ignore_eos=True)
         rates.append(gen.stats.decode_tokens_per_s)
         ttft.append(gen.stats.ttft_s * 1e3)
-    steps = sum(session.generator.bind(1, 96)[1].steps_by_backend().values())
+    dec = session.generator.bind(1, 96)[1]
+    steps = sum(dec.steps_by_backend().values())
     return {
+        "graph_replay_ms": replay_ms(dec),
         "tok_s": statistics.median(rates),
         "tok_s_samples": rates,
         "ttft_ms": statistics.median(ttft),
@@ -96,6 +98,26 @@ def decode_case(plan, variant: str, reps: int) -> dict:
         "weights_bytes": gen.stats.weights_bytes,
         "tokens": gen.tokens[0][:8],
     }
+
+
+def replay_ms(executor, reps: int = 200) -> float | None:
+    """Device time of one replay of the graph an executor captured last (None: no graph)."""
+    import cupy
+
+    from einplan.runtime.cuda.runner import device_stream
+
+    state = next(reversed(executor._prepared.values())).device_state
+    if state is None or state.graph is None:
+        return None
+    s = device_stream()
+    start, end = cupy.cuda.Event(), cupy.cuda.Event()
+    state.graph.launch(s)
+    start.record(s)
+    for _ in range(reps):
+        state.graph.launch(s)
+    end.record(s)
+    end.synchronize()
+    return cupy.cuda.get_elapsed_time(start, end) / reps
 
 
 def forward_case(plan, variant: str, reps: int) -> dict:
@@ -108,7 +130,8 @@ def forward_case(plan, variant: str, reps: int) -> dict:
     ids = np.random.default_rng(1).integers(1, plan.config["vocab_size"], (1, 256))
     samples = timed(lambda: session.forward(ids), 3, reps, 0)
     med = statistics.median(samples)
-    return {"tok_s": 256 / med, "ms": med * 1e3, "samples_s": samples}
+    graph_ms = replay_ms(session.executor)
+    return {"tok_s": 256 / med, "ms": med * 1e3, "samples_s": samples, "graph_replay_ms": graph_ms}
 
 
 def train_case(plan, cfg, batch: int, seq: int, variant: str, reps: int) -> dict:

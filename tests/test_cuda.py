@@ -119,9 +119,10 @@ def test_train_run_checkpoints_and_resumes(tmp_path):
     """einplan.train on the GPU writes checkpoints from device memory and resumes from them."""
     data = tmp_path / "corpus.txt"
     data.write_text("To be, or not to be, that is the question. " * 200)
-    kw = {"data": data, "overrides": {"sample_every": 0}, "device": "cuda"}
-    full = einplan.train("tiny", out=tmp_path / "full", steps=4, **kw)
-    einplan.train("tiny", out=tmp_path / "part", steps=2, **kw)
+    kw = {"data": data, "device": "cuda"}
+    settings = {"sample_every": 0}
+    full = einplan.train("tiny", out=tmp_path / "full", steps=4, overrides=settings, **kw)
+    einplan.train("tiny", out=tmp_path / "part", steps=2, overrides=settings, **kw)
     resumed = einplan.train("tiny", out=tmp_path / "part", steps=4, resume=True, **kw)
     assert resumed.checkpoint is not None and (resumed.checkpoint / "model.safetensors").exists()
     want = full.history[-1]["loss"]

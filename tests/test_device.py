@@ -144,3 +144,28 @@ def test_hashed_uniform_is_uniform():
     assert u.dtype == np.float32 and u.min() >= 0 and u.max() < 1
     counts = np.histogram(u, bins=16, range=(0, 1))[0]
     assert counts.min() > 0.9 * len(u) / 16 and counts.max() < 1.1 * len(u) / 16
+
+
+def test_strided_rows_reads_views_of_fused_products_in_place():
+    """Views of part of each row of a fused product (q of qkv, gate of gate+up) are read
+    through their row stride; other strided views are copied."""
+    from einplan.runtime.cuda.kernels import strided_rows
+
+    qkv = np.arange(2 * 3 * 20, dtype=np.float32).reshape(2, 3, 20)
+    q = qkv[..., 4:12].reshape(2, 3, 2, 4)  # (batch, seq, heads, head_dim) inside rows of 20
+    same, stride = strided_rows(q, 2)
+    assert same is q and stride == 20
+    flat = qkv.reshape(-1)[4:]
+    for b, s in np.ndindex(2, 3):
+        row = (b * 3 + s) * stride
+        assert np.array_equal(flat[row : row + 8], q[b, s].ravel())
+    gate = qkv[..., :10]
+    assert strided_rows(gate, 2) == (gate, 20)
+    dense = np.zeros((4, 5), np.float32)
+    assert strided_rows(dense, 1)[1] == 5
+    t = qkv.transpose(1, 0, 2)  # (seq, batch, 20): pairs do not collapse into one axis
+    copied, stride = strided_rows(t, 2)
+    assert copied is not t and copied.flags.c_contiguous and stride == 20
+    assert np.array_equal(copied, t)
+    cols = qkv[..., ::2]  # rows not contiguous: copied
+    assert strided_rows(cols, 2)[0].flags.c_contiguous

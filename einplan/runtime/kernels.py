@@ -61,7 +61,10 @@ def _operand_view(
     tshape = tuple(t)
 
     def copy(x: np.ndarray) -> np.ndarray:
-        xp.copyto(buf.reshape(tshape), x.transpose(perm))
+        moved = x.transpose(perm)
+        if moved.flags.c_contiguous:  # the permutation only moves axes of size 1 (decode)
+            return moved.reshape(mat)
+        xp.copyto(buf.reshape(tshape), moved)
         return buf
 
     return copy
@@ -103,6 +106,7 @@ def make_einsum(
     out_perm = r.out_perm
     direct = out_perm == sorted(out_perm)
     c_buf = None if direct else scratch("c", mm, dtype)
+    in_order = tuple(int(i) for i in np.argsort(out_perm))  # out's axes in the product's order
     product = matmul or xp.matmul
 
     def matmul(ins, out):
@@ -113,6 +117,8 @@ def make_einsum(
             b = b.sum(axis=b_sum)
         if direct:
             product(a_view(a), b_view(b), out=out.reshape(mm))
+        elif (target := out.transpose(in_order)).flags.c_contiguous:  # moves size-1 axes only
+            product(a_view(a), b_view(b), out=target.reshape(mm))
         else:
             product(a_view(a), b_view(b), out=c_buf)
             xp.copyto(out, c_buf.reshape(logical).transpose(out_perm))

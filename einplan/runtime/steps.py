@@ -32,8 +32,11 @@ class OutputRing:
     reused only when nothing outside this ring refers to it (no variable, no view).
     """
 
-    def __init__(self, shape: tuple[int, ...], dtype: np.dtype, keep: int = 2) -> None:
-        self.shape, self.dtype, self.keep = shape, dtype, keep
+    def __init__(
+        self, shape: tuple[int, ...], dtype: np.dtype, keep: int = 2, empty=np.empty
+    ) -> None:
+        """``empty(shape, dtype)`` allocates a buffer (a GPU run: pinned host memory)."""
+        self.shape, self.dtype, self.keep, self.empty = shape, dtype, keep, empty
         self.arrays: list[np.ndarray] = []
 
     def take(self) -> np.ndarray:
@@ -41,7 +44,7 @@ class OutputRing:
         for arr in self.arrays:
             if sys.getrefcount(arr) == 3:  # the list, the loop variable, the call's argument
                 return arr
-        arr = np.empty(self.shape, self.dtype)
+        arr = self.empty(self.shape, self.dtype)
         if len(self.arrays) < self.keep:
             self.arrays.append(arr)
         return arr

@@ -57,8 +57,32 @@ def row_threads(width: int) -> tuple[int]:
 
 
 def contiguous(a):
-    """``a`` as a C-contiguous device array (copied only when it is a strided view)."""
-    return a if a.flags.c_contiguous else cupy_module().ascontiguousarray(a)
+    """``a`` as a C-contiguous array (copied only when it is a strided view)."""
+    if a.flags.c_contiguous:
+        return a
+    xp = np if isinstance(a, np.ndarray) else cupy_module()
+    return xp.ascontiguousarray(a)
+
+
+def strided_rows(x, lead: int) -> tuple[object, int]:
+    """``x`` and the elements between consecutive index tuples of its first ``lead`` axes,
+    when those collapse into one axis and the rest of each is one contiguous block (a view of
+    part of a fused product's rows); else a contiguous copy and the block's size."""
+    block = math.prod(x.shape[lead:])
+    expect = x.itemsize
+    compact = True
+    for n, s in zip(reversed(x.shape[lead:]), reversed(x.strides[lead:]), strict=True):
+        compact = compact and (n == 1 or s == expect)
+        expect *= n
+    outer = [(n, s) for n, s in zip(x.shape[:lead], x.strides[:lead], strict=True) if n > 1]
+    if compact and not outer:
+        return x, block
+    pairs = zip(outer, outer[1:], strict=False)
+    if compact and all(s == s_in * n_in for (_, s), (n_in, s_in) in pairs):
+        step = outer[-1][1]
+        if step % x.itemsize == 0 and step >= block * x.itemsize:
+            return x, step // x.itemsize
+    return contiguous(x), block
 
 
 @functools.cache
@@ -104,8 +128,9 @@ def make_rope(node, shapes, out_shape, scratch, inputs=()) -> Kernel:
 
     def rope(ins, out):
         x, table = ins
-        args = (contiguous(x), contiguous(table), out, np.int64(n), np.int32(half))
-        fn(grid(n), (THREADS,), (*args, np.int32(heads), np.int64(pairs), sign, scale))
+        x, xs = strided_rows(x, 2)
+        args = (x, contiguous(table), out, np.int64(n), np.int32(half), np.int32(heads))
+        fn(grid(n), (THREADS,), (*args, np.int64(pairs), sign, scale, np.int64(xs)))
         return out
 
     return rope
@@ -136,12 +161,14 @@ def make_softmax(node, shapes, out_shape, scratch, inputs=()) -> Kernel:
 def make_silu_mul(node, shapes, out_shape, scratch, inputs=()) -> Kernel:
     """silu(gate) * up in one pass."""
     check_float32(node)
-    n = math.prod(out_shape)
+    n, width = math.prod(out_shape), out_shape[-1]
+    lead = len(out_shape) - 1
     fn = function("silu_mul")
 
     def silu_mul(ins, out):
-        g, u = ins
-        fn(grid(n), (THREADS,), (contiguous(g), contiguous(u), out, np.int64(n)))
+        (g, gs), (u, us) = strided_rows(ins[0], lead), strided_rows(ins[1], lead)
+        args = (g, u, out, np.int64(n), np.int32(width), np.int64(gs), np.int64(us))
+        fn(grid(n), (THREADS,), args)
         return out
 
     return silu_mul
@@ -157,8 +184,9 @@ def make_kv_append(node, shapes, out_shape, scratch, inputs=()) -> Kernel:
 
     def kv_append(ins, out):
         cache, new, pos = ins
-        args = (cache, contiguous(new), pos, np.int64(total), np.int32(s), np.int32(n))
-        fn(grid(total), (THREADS,), (*args, np.int32(h), np.int64(ctx)))
+        new, fs = strided_rows(new, 2)
+        args = (cache, new, pos, np.int64(total), np.int32(s), np.int32(n), np.int32(h))
+        fn(grid(total), (THREADS,), (*args, np.int64(ctx), np.int64(fs)))
         return cache[:, :, :kv]
 
     return kv_append

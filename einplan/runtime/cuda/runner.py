@@ -22,7 +22,9 @@ from einplan.compiler.ops import Op
 from einplan.compiler.symbolic import resolve_shape
 from einplan.runtime.device import DeviceError, cupy_module
 from einplan.runtime.recorder import Recorder
-from einplan.runtime.steps import Prepared
+from einplan.runtime.steps import OutputRing, Prepared
+
+ALIGN = 256  # bytes between the inputs in their staging buffers
 
 
 @functools.cache
@@ -34,9 +36,14 @@ def device_stream():
 
 @dataclass
 class BindingState:
-    """A binding's device side: input buffers, private memory pool, captured graph."""
+    """A binding's device side: input buffers (one pinned host block copied to one device
+    block per run), output rings of pinned host arrays, private memory pool, captured graph."""
 
-    inputs: dict[int, object]  # input node id -> fixed device buffer
+    host: object  # pinned host block of every input
+    device: object  # device block of every input
+    host_inputs: dict[str, np.ndarray]  # input name -> view of ``host``
+    inputs: dict[int, object]  # input node id -> view of ``device`` (fixed for the graph)
+    rings: dict[str, OutputRing]  # output name -> pinned host arrays it is copied into
     pool: object  # cupy.cuda.MemoryPool of the kernels' temporaries
     runs: int = 0
     graph: object = None  # cupy.cuda.graph.Graph once captured
@@ -81,16 +88,13 @@ class CudaRunner:
         self.check_slots(feeds, prepared.dims)
         state = prepared.device_state
         if state is None:
-            buffers = {
-                n.id: cp.empty(feeds[n.name].shape, feeds[n.name].dtype)
-                for n in self.graph.inputs()
-            }
-            state = prepared.device_state = BindingState(buffers, cp.cuda.MemoryPool())
+            state = prepared.device_state = self._bind(feeds)
+        for name, view in state.host_inputs.items():
+            np.copyto(view, feeds[name])
         # work queued on the default stream (uploads, a cache zeroed) comes first
         self.stream.wait_event(cp.cuda.Stream.null.record())
         with self.stream:
-            for n in self.graph.inputs():
-                state.inputs[n.id].set(feeds[n.name], self.stream)
+            state.device.set(state.host, self.stream)
             env = {**params, **prepared.static, **state.inputs}
             if recorder is not None:
                 outputs = self._timed(prepared, env, state, recorder, run)
@@ -102,9 +106,38 @@ class CudaRunner:
                 state.graph.launch(self.stream)
                 outputs = state.outputs
             state.runs += 1
-            host = {k: v.get(stream=self.stream) for k, v in outputs.items()}
+            host = {}
+            for k, v in outputs.items():
+                ring = state.rings.get(k)
+                if ring is None or ring.shape != v.shape or ring.dtype != v.dtype:
+                    ring = state.rings[k] = OutputRing(v.shape, v.dtype, empty=self.pinned)
+                host[k] = v.get(stream=self.stream, out=ring.take(), blocking=False)
         self.stream.synchronize()
         return host
+
+    def pinned(self, shape, dtype) -> np.ndarray:
+        """A NumPy array in page-locked host memory (copied to and from at full speed)."""
+        import cupyx
+
+        return cupyx.empty_pinned(shape, dtype)
+
+    def _bind(self, feeds: dict[str, np.ndarray]) -> BindingState:
+        """The device side of a new binding: input blocks laid out for these feeds."""
+        cp = self.cp
+        offsets, total = {}, 0
+        for n in self.graph.inputs():
+            offsets[n.name] = total
+            total += -(-max(feeds[n.name].nbytes, 1) // ALIGN) * ALIGN
+        host, device = self.pinned(total, np.uint8), cp.empty(total, np.uint8)
+
+        def view(block, name):
+            f, o = feeds[name], offsets[name]
+            return block[o : o + f.nbytes].view(f.dtype).reshape(f.shape)
+
+        names = {n.id: n.name for n in self.graph.inputs()}
+        host_inputs = {name: view(host, name) for name in names.values()}
+        inputs = {i: view(device, name) for i, name in names.items()}
+        return BindingState(host, device, host_inputs, inputs, {}, cp.cuda.MemoryPool())
 
     def _launch(self, prepared: Prepared, env: dict, state: BindingState) -> dict[str, object]:
         """Launch every step in order (temporaries from the binding's pool)."""

@@ -1,9 +1,10 @@
-#define NEG_INF __int_as_float(0xff800000)
-
 // einplan's fused CUDA kernels (float32), compiled once per process by CuPy (NVRTC).
 // Each replaces a chain of NumPy passes with one launch; every scalar that changes between
 // runs (a cache slot, a step number, a learning rate, a loss cotangent) is read from device
-// memory, so a captured CUDA graph replays them with new values.
+// memory, so a captured CUDA graph replays them with new values. Inputs that are views of a
+// fused product (q, k, v; gate, up) are read in place through their row stride.
+
+#define NEG_INF __int_as_float(0xff800000)
 
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -50,17 +51,19 @@ extern "C" __global__ void rms_norm(const float* x, const float* w, float* out, 
 }
 
 // rotary embedding of x (rows, hd), rows = pairs (batch, seq) x `heads`, from a table
-// (2, pairs, half) of cos and sin; sign -1 rotates back (the reverse of rope)
+// (2, pairs, half) of cos and sin; sign -1 rotates back (the reverse of rope); the heads of a
+// pair are contiguous in x, pairs `xs` elements apart
 extern "C" __global__ void rope(const float* x, const float* table, float* out, long long n,
-                                int half, int heads, long long pairs, float sign,
-                                float scale) {
+                                int half, int heads, long long pairs, float sign, float scale,
+                                long long xs) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x) {
         long long row = i / half;
         int j = (int)(i % half);
-        long long t = (row / heads) * half + j;
+        long long pair = row / heads;
+        long long t = pair * half + j;
         float c = table[t], s = sign * table[pairs * half + t];
-        const float* xr = x + row * 2 * half;
+        const float* xr = x + pair * xs + (row % heads) * 2 * half;
         float x1 = xr[j], x2 = xr[j + half];
         float* orow = out + row * 2 * half;
         orow[j] = (x1 * c - x2 * s) * scale;
@@ -93,16 +96,24 @@ extern "C" __global__ void softmax(const float* x, const float* mask, float* out
         orow[j] = j < visible ? expf(xr[j] * scale + (mr ? mr[j] : 0.0f) - top) * inv : 0.0f;
 }
 
-// out = gate * sigmoid(gate) * up
-extern "C" __global__ void silu_mul(const float* g, const float* u, float* out, long long n) {
+// out = gate * sigmoid(gate) * up over rows of `width`; rows of gate and up `gs` and `us`
+// elements apart
+extern "C" __global__ void silu_mul(const float* g, const float* u, float* out, long long n,
+                                    int width, long long gs, long long us) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x)
-        out[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+         i += (long long)gridDim.x * blockDim.x) {
+        long long r = i / width;
+        int j = (int)(i % width);
+        float gi = g[r * gs + j];
+        out[i] = gi / (1.0f + expf(-gi)) * u[r * us + j];
+    }
 }
 
-// new (b, s, n, h) into cache (b, n, ctx, h) at slots pos[0] .. pos[0] + s
+// new (b, s, n, h) into cache (b, n, ctx, h) at slots pos[0] .. pos[0] + s; the (n, h) block
+// of a (b, s) pair is contiguous in new, pairs `fs` elements apart
 extern "C" __global__ void kv_append(float* cache, const float* fresh, const long long* pos,
-                                     long long total, int s, int n, int h, long long ctx) {
+                                     long long total, int s, int n, int h, long long ctx,
+                                     long long fs) {
     long long p = pos[0];
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
          i += (long long)gridDim.x * blockDim.x) {
@@ -112,7 +123,7 @@ extern "C" __global__ void kv_append(float* cache, const float* fresh, const lon
         r /= n;
         int si = (int)(r % s);
         long long bi = r / s;
-        cache[((bi * n + ni) * ctx + p + si) * h + hi] = fresh[i];
+        cache[((bi * n + ni) * ctx + p + si) * h + hi] = fresh[(bi * s + si) * fs + ni * h + hi];
     }
 }
 

@@ -157,6 +157,30 @@ def train_case(plan, cfg, batch: int, seq: int, variant: str, reps: int) -> dict
     return out
 
 
+def profile_case(plan, cfg, batch: int, seq: int) -> dict:
+    """Device milliseconds per (op, role) of one train step, timed by CUDA events per step
+    (steps launched one by one: launch gaps count), largest first."""
+    import numpy as np
+
+    from einplan.api import Recorder
+    from einplan.formats.weights import random_weights
+    from einplan.runtime.backends import get_backend
+    from einplan.runtime.trainer import Trainer
+
+    trainer = Trainer(
+        plan, random_weights(plan.entry("train_step"), 0), cfg, kernels=get_backend(None, "cuda")
+    )
+    ids = np.random.default_rng(1).integers(1, plan.config["vocab_size"], (batch, seq + 1))
+    trainer.run_step([ids])
+    trainer.profile = Recorder()
+    trainer.run_step([ids])
+    cost: dict[str, float] = {}
+    for r in trainer.profile.records():
+        key = f"{r.op} {r.name.split('-')[0]}"
+        cost[key] = cost.get(key, 0.0) + r.dur_ns / 1e6
+    return dict(sorted(cost.items(), key=lambda kv: -kv[1]))
+
+
 def free_device_memory() -> None:
     """Give the memory of the sessions and trainers dropped so far back to the device."""
     import gc
@@ -193,9 +217,15 @@ def main() -> None:
         if "forward" in wanted:
             results[f"forward 1x256 {variant}"] = forward_case(plan, variant, args.reps)
             print(f"forward 1x256 {variant}", results[f"forward 1x256 {variant}"], flush=True)
+    cfg = parse_train_config({**TRAIN, "micro_batch": 16, "seq_len": 1024, "lr": 1e-4})
+    train_plan = einplan.compile_model(CONFIG, entries=("train_step", "loss"), train=cfg)
+    if "profile" in wanted:
+        results["profile train 16x1024 ms"] = prof = profile_case(train_plan, cfg, 16, 1024)
+        free_device_memory()
+        print(f"train step 16x1024 by op: {sum(prof.values()):.1f} ms")
+        for key, ms in list(prof.items())[:30]:
+            print(f"  {key:<40} {ms:8.2f}")
     if "train" in wanted:
-        cfg = parse_train_config({**TRAIN, "micro_batch": 16, "seq_len": 1024, "lr": 1e-4})
-        train_plan = einplan.compile_model(CONFIG, entries=("train_step", "loss"), train=cfg)
         for batch, seq in ((4, 256), (16, 1024)):
             for variant in VARIANTS:
                 key = f"train {batch}x{seq} {variant}"
@@ -206,7 +236,7 @@ def main() -> None:
     results["torch"] = {k: v for k, v in torch.items() if isinstance(v, dict)}
     rows = []
     for key, r in results.items():
-        if key in ("machine", "torch"):
+        if key in ("machine", "torch") or key.startswith("profile"):
             continue
         case = " ".join(key.split()[:2])
         peers = {

@@ -29,9 +29,6 @@ SHARED = (
     Op.SCALE,
     Op.EXPAND,
     Op.SCATTER_ADD,
-    Op.RMS_NORM_GRAD,
-    Op.SOFTMAX_GRAD,
-    Op.SILU_MUL_GRAD,
     Op.ACC_GRAD,
 )
 
@@ -69,9 +66,7 @@ def cuda_backend(cuda_graph: bool = True, tf32: bool = False) -> Backend:
     table: dict[Op, Factory] = {op: on_device(numpy_kernels.KERNELS[op]) for op in SHARED}
     table.update(
         {
-            Op.EINSUM: on_device(
-                functools.partial(numpy_kernels.make_einsum, matmul=blas.matmul), float_only=True
-            ),
+            Op.EINSUM: kernels.make_einsum,
             Op.GRAD_NORM: on_device(
                 functools.partial(numpy_kernels.make_grad_norm, dot=kernels.sum_squares)
             ),
@@ -86,6 +81,9 @@ def cuda_backend(cuda_graph: bool = True, tf32: bool = False) -> Backend:
             Op.CROSS_ENTROPY_GRAD: kernels.make_cross_entropy_grad,
             Op.ADAMW: kernels.make_adamw,
             Op.SGD: kernels.make_sgd,
+            Op.SOFTMAX_GRAD: kernels.make_softmax_grad,
+            Op.SILU_MUL_GRAD: kernels.make_silu_mul_grad,
+            Op.RMS_NORM_GRAD: kernels.make_rms_norm_grad,
         }
     )
     return Backend("cuda", table, device="cuda", cuda_graph=cuda_graph)

@@ -67,18 +67,44 @@ def handle() -> tuple[ctypes.c_void_p, object]:
     return h, workspace
 
 
-def layout(x) -> tuple[int, int, object]:
-    """How cuBLAS (column-major) reads the row-major (rows, cols) matrices of ``x``: as they
-    are (OP_N) or transposed (OP_T), with their leading dimension; a strided view neither
-    reads is copied first."""
-    r, c = x.shape[-2:]
-    s0, s1 = x.strides[-2] // 4, x.strides[-1] // 4
+def matrix_layout(r: int, c: int, s0: int, s1: int) -> tuple[int, int] | None:
+    """How cuBLAS (column-major) reads a row-major ``r x c`` matrix whose element (i, j) is
+    ``i * s0 + j * s1`` elements in: as it is (OP_N) or transposed (OP_T), with its leading
+    dimension; None when it can read it neither way."""
     if (s1 == 1 or c == 1) and (s0 >= c or r == 1):
-        return OP_N, (s0 if r > 1 else c), x
+        return OP_N, (s0 if r > 1 else c)
     if (s0 == 1 or r == 1) and (s1 >= r or c == 1):
-        return OP_T, (s1 if c > 1 else r), x
-    x = cupy_module().ascontiguousarray(x)
-    return OP_N, c, x
+        return OP_T, (s1 if c > 1 else r)
+    return None
+
+
+def layout(x) -> tuple[int, int, object]:
+    """:func:`matrix_layout` of the matrices of ``x``, copied first when cuBLAS cannot read
+    them in place."""
+    r, c = x.shape[-2:]
+    found = matrix_layout(r, c, x.strides[-2] // 4, x.strides[-1] // 4)
+    if found is not None:
+        return (*found, x)
+    return OP_N, c, cupy_module().ascontiguousarray(x)
+
+
+def gemm(a, b, c, m: int, n: int, k: int, batch: int = 1, accumulate: bool = False) -> None:
+    """``batch`` products ``C = A B`` (row-major ``m x k`` by ``k x n``; ``accumulate``:
+    ``C += A B``): ``a`` and ``b`` are (op, leading dimension, device pointer, batch stride),
+    ``c`` (pointer, leading dimension, batch stride) with strides in elements."""
+    op_a, lda, ptr_a, stride_a = a
+    op_b, ldb, ptr_b, stride_b = b
+    ptr_c, ldc, stride_c = c
+    compute = COMPUTE_32F_FAST_TF32 if TF32["on"] else COMPUTE_32F
+    # row-major C = A B is column-major C^T = B^T A^T
+    status = library().cublasGemmStridedBatchedEx(
+        handle()[0], op_b, op_a, n, m, k, ctypes.byref(ONE),
+        ptr_b, R_32F, ldb, stride_b,
+        ptr_a, R_32F, lda, stride_a,
+        ctypes.byref(ONE if accumulate else ZERO), ptr_c, R_32F, ldc, stride_c,
+        batch, compute, GEMM_DEFAULT,
+    )  # fmt: skip
+    check(status, "cublasGemmStridedBatchedEx")
 
 
 ONE, ZERO = ctypes.c_float(1.0), ctypes.c_float(0.0)
@@ -96,15 +122,13 @@ def matmul(a, b, out):
     op_b, ldb, b = layout(b)
     stride_a = a.strides[0] // 4 if a.ndim == 3 else 0
     stride_b = b.strides[0] // 4 if b.ndim == 3 else 0
-    compute = COMPUTE_32F_FAST_TF32 if TF32["on"] else COMPUTE_32F
-    h, _ = handle()
-    # row-major C = A B is column-major C^T = B^T A^T
-    status = library().cublasGemmStridedBatchedEx(
-        h, op_b, op_a, n, m, k, ctypes.byref(ONE),
-        b.data.ptr, R_32F, ldb, stride_b,
-        a.data.ptr, R_32F, lda, stride_a,
-        ctypes.byref(ZERO), out.data.ptr, R_32F, n, m * n,
-        batch, compute, GEMM_DEFAULT,
-    )  # fmt: skip
-    check(status, "cublasGemmStridedBatchedEx")
+    gemm(
+        (op_a, lda, a.data.ptr, stride_a),
+        (op_b, ldb, b.data.ptr, stride_b),
+        (out.data.ptr, n, m * n),
+        m,
+        n,
+        k,
+        batch,
+    )
     return out

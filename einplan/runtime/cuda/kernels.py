@@ -14,8 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
+from einplan.compiler.attrs import QMatmulRecipe, UnaryRecipe
 from einplan.compiler.dtypes import to_numpy_dtype
 from einplan.compiler.ir import Node
+from einplan.compiler.ops import Op
 from einplan.runtime.device import DeviceError, cupy_module
 from einplan.runtime.kernels import Kernel, scalar_type
 
@@ -262,3 +264,122 @@ def make_sgd(node, shapes, out_shape, scratch, inputs=()) -> Kernel:
         return p
 
     return sgd
+
+
+def make_softmax_grad(node, shapes, out_shape, scratch, inputs=()) -> Kernel:
+    """scale * y * (ct - sum(ct * y)) in one pass per row."""
+    check_float32(node)
+    k, rows = out_shape[-1], math.prod(out_shape[:-1])
+    scale = np.float32(node.attrs.get("scale", 1.0))
+    fn, threads = function("softmax_grad"), row_threads(k)
+
+    def softmax_grad(ins, out):
+        y, ct = ins
+        fn((rows,), threads, (contiguous(y), contiguous(ct), out, np.int32(k), scale))
+        return out
+
+    return softmax_grad
+
+
+def make_silu_mul_grad(node, shapes, out_shape, scratch, inputs=()) -> Kernel:
+    """The gradient of silu(gate) * up for gate or up in one pass (views read in place)."""
+    check_float32(node)
+    n, width = math.prod(out_shape), out_shape[-1]
+    lead = len(out_shape) - 1
+    wrt_up = np.int32(node.attrs["wrt"] == "up")
+    fn = function("silu_mul_grad")
+
+    def silu_mul_grad(ins, out):
+        (g, gs), (u, us), (ct, cs) = (strided_rows(a, lead) for a in ins)
+        strides = (np.int64(gs), np.int64(us), np.int64(cs))
+        fn(grid(n), (THREADS,), (g, u, ct, out, np.int64(n), np.int32(width), *strides, wrt_up))
+        return out
+
+    return silu_mul_grad
+
+
+RMS_CHUNK = 64  # rows per partial sum of the weight's gradient
+
+
+def make_rms_norm_grad(node, shapes, out_shape, scratch, inputs=()) -> Kernel:
+    """The gradient of rms_norm for x (one pass per row) or for w (per-row inverse norms,
+    then partial column sums over chunks of rows, then their sum)."""
+    check_float32(node)
+    d, rows = shapes[0][-1], math.prod(shapes[0][:-1])
+    eps, inv_d = np.float32(node.attrs["eps"]), np.float32(1.0 / d)
+    threads = row_threads(d)
+    if node.attrs["wrt"] != "w":
+        fn = function("rms_norm_grad_x")
+
+        def rms_norm_grad_x(ins, out):
+            x, w, ct = (contiguous(a) for a in ins)
+            fn((rows,), threads, (x, w, ct, out, np.int32(d), inv_d, eps))
+            return out
+
+        return rms_norm_grad_x
+    chunks = -(-rows // RMS_CHUNK)
+    inverse = scratch("rms_inverse", (rows,), np.float32)
+    partial = scratch("rms_partial", (chunks, d), np.float32)
+    inverse_fn, partial_fn = function("rms_inverse"), function("rms_norm_grad_w")
+    cp = cupy_module()
+
+    def rms_norm_grad_w(ins, out):
+        x, _, ct = (contiguous(a) for a in ins)
+        inverse_fn((rows,), threads, (x, inverse, np.int32(d), inv_d, eps))
+        blocks = (-(-d // THREADS), chunks)
+        args = (x, ct, inverse, partial, np.int64(rows), np.int32(d), np.int32(RMS_CHUNK))
+        partial_fn(blocks, (THREADS,), args)
+        cp.sum(partial, axis=0, out=out)
+        return out
+
+    return rms_norm_grad_w
+
+
+def make_einsum(node, shapes, out_shape, scratch, inputs=()) -> Kernel | None:
+    """A product through cuBLAS over its operands in place (runtime/cuda/strided.py), or, when
+    a layout does not allow that, runtime/kernels.py's recipe (copies, then one GEMM);
+    None for a quantised product (no cuda kernel)."""
+    from einplan.runtime import kernels as numpy_kernels
+    from einplan.runtime.cuda import blas, strided
+
+    r = node.attrs["recipe"]
+    if isinstance(r, QMatmulRecipe) or any(i.op is Op.DEQUANTIZE for i in inputs):
+        return None
+    cp = cupy_module()
+    generic = numpy_kernels.make_einsum(node, shapes, out_shape, scratch, xp=cp, matmul=blas.matmul)
+    if isinstance(r, UnaryRecipe) or r.a_sum or r.b_sum:
+        return generic
+    check_float32(node)
+    in_order = tuple(int(i) for i in np.argsort(r.out_perm))
+    plans: dict[tuple, strided.GemmPlan | None] = {}
+
+    def einsum(ins, out):
+        a = ins[0].transpose(r.a_perm)
+        b = ins[1].transpose(r.b_perm)
+        c = out.transpose(in_order)
+        key = (a.strides, b.strides, c.strides)
+        if key not in plans:
+            views = [(x.shape, x.strides) for x in (a, b, c)]
+            plans[key] = strided.plan_gemms(*views, r.groups)
+        p = plans[key]
+        if p is None:
+            return generic(ins, out)
+        sa, sb, sc = p.strides
+        pa, pb, pc = a.data.ptr, b.data.ptr, c.data.ptr
+        if p.swap:
+            pa, pb = pb, pa
+        for oa, ob, oc in p.offsets:
+            for i, (ka, kb) in enumerate(p.k_offsets):
+                blas.gemm(
+                    (*p.a, pa + 4 * (oa + ka), sa),
+                    (*p.b, pb + 4 * (ob + kb), sb),
+                    (pc + 4 * oc, p.ldc, sc),
+                    p.m,
+                    p.n,
+                    p.k,
+                    p.batch,
+                    accumulate=i > 0,
+                )
+        return out
+
+    return einsum

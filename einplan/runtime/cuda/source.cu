@@ -217,3 +217,69 @@ extern "C" __global__ void sgd(float* p, float* buf, float* g, const float* norm
         g[i] = 0.0f;
     }
 }
+
+// d x of softmax: scale * y * (ct - sum(ct * y)) over rows of k; one block per row
+extern "C" __global__ void softmax_grad(const float* y, const float* ct, float* out, int k,
+                                        float scale) {
+    long long row = blockIdx.x;
+    const float* yr = y + row * k;
+    const float* cr = ct + row * k;
+    float* orow = out + row * k;
+    float s = 0.0f;
+    for (int j = threadIdx.x; j < k; j += blockDim.x) s += cr[j] * yr[j];
+    s = block_sum(s);
+    for (int j = threadIdx.x; j < k; j += blockDim.x) orow[j] = (cr[j] - s) * yr[j] * scale;
+}
+
+// with s = sigmoid(gate): d up = ct * gate * s, d gate = ct * up * s * (1 + gate * (1 - s));
+// rows of `width`, gate, up and ct rows gs, us, cs elements apart
+extern "C" __global__ void silu_mul_grad(const float* g, const float* u, const float* ct,
+                                         float* out, long long n, int width, long long gs,
+                                         long long us, long long cs, int wrt_up) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        long long r = i / width;
+        int j = (int)(i % width);
+        float gi = g[r * gs + j], c = ct[r * cs + j];
+        float s = 1.0f / (1.0f + expf(-gi));
+        out[i] = wrt_up ? gi * s * c : (1.0f + (1.0f - s) * gi) * s * u[r * us + j] * c;
+    }
+}
+
+// d x of rms_norm: with r = 1 / sqrt(mean(x^2) + eps), r * ct * w - x * r^3 * mean(ct * w * x)
+extern "C" __global__ void rms_norm_grad_x(const float* x, const float* w, const float* ct,
+                                           float* out, int d, float inv_d, float eps) {
+    const float* xr = x + (size_t)blockIdx.x * d;
+    const float* cr = ct + (size_t)blockIdx.x * d;
+    float* orow = out + (size_t)blockIdx.x * d;
+    float ss = 0.0f, dot = 0.0f;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        ss += xr[i] * xr[i];
+        dot += cr[i] * w[i] * xr[i];
+    }
+    float r = 1.0f / sqrtf(block_sum(ss) * inv_d + eps);
+    dot = block_sum(dot) * inv_d * r * r;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) orow[i] = (cr[i] * w[i] - xr[i] * dot) * r;
+}
+
+// r[row] = 1 / sqrt(mean(x[row]^2) + eps); one block per row
+extern "C" __global__ void rms_inverse(const float* x, float* r, int d, float inv_d, float eps) {
+    const float* xr = x + (size_t)blockIdx.x * d;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) ss += xr[i] * xr[i];
+    ss = block_sum(ss);
+    if (threadIdx.x == 0) r[blockIdx.x] = 1.0f / sqrtf(ss * inv_d + eps);
+}
+
+// partial[c, j] = sum over rows of chunk c of ct[row, j] * x[row, j] * r[row] (d w of rms_norm,
+// summed over chunks afterwards: a fixed order, so the same bits every run)
+extern "C" __global__ void rms_norm_grad_w(const float* x, const float* ct, const float* r,
+                                           float* partial, long long rows, int d, int chunk) {
+    int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= d) return;
+    long long r0 = (long long)blockIdx.y * chunk;
+    long long r1 = min(rows, r0 + chunk);
+    float s = 0.0f;
+    for (long long i = r0; i < r1; ++i) s += ct[i * d + j] * x[i * d + j] * r[i];
+    partial[(long long)blockIdx.y * d + j] = s;
+}

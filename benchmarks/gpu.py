@@ -181,6 +181,53 @@ def profile_case(plan, cfg, batch: int, seq: int) -> dict:
     return dict(sorted(cost.items(), key=lambda kv: -kv[1]))
 
 
+SMOL = {  # ../shared/perf/peer/torch_gpu_baselines.py's model
+    "vocab_size": 49152,
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 100000.0,
+    "tie_word_embeddings": True,
+}
+
+
+def torch_tf32_train(batch: int, seq: int, reps: int) -> dict:
+    """PyTorch eager float32 training with TF32 products (``allow_tf32``): the peer script's
+    model (transformers, sdpa) and step (fused AdamW), timed by CUDA events."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**SMOL, attn_implementation="sdpa")).to("cuda")
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)
+    ids = torch.randint(0, SMOL["vocab_size"], (batch, seq), device="cuda")
+
+    def step():
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        step()
+    end.record()
+    torch.cuda.synchronize()
+    seconds = start.elapsed_time(end) / 1e3 / reps
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    return {"tok_s": batch * seq / seconds, "step_ms": seconds * 1e3}
+
+
 def free_device_memory() -> None:
     """Give the memory of the sessions and trainers dropped so far back to the device."""
     import gc
@@ -196,7 +243,12 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu-h200.json"))
     ap.add_argument("--torch", help="torch_gpu_baselines.py's JSON from the same machine")
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--cases", default="machine,decode,forward,train")
+    ap.add_argument(
+        "--cases",
+        default="machine,decode,forward,train",
+        help="comma-separated: machine, decode, forward, train, profile (a train step by op), "
+        "torch-tf32 (PyTorch's train step with TF32, needs torch)",
+    )
     args = ap.parse_args()
 
     import einplan
@@ -233,15 +285,20 @@ def main() -> None:
                 free_device_memory()
                 print(key, json.dumps(results[key]), flush=True)
     torch = json.loads(Path(args.torch).read_text()) if args.torch else {}
+    if "torch-tf32" in wanted:
+        free_device_memory()
+        torch["train fp32-tf32 16x1024"] = torch_tf32_train(16, 1024, 10)
+        print("torch train fp32-tf32 16x1024", torch["train fp32-tf32 16x1024"], flush=True)
     results["torch"] = {k: v for k, v in torch.items() if isinstance(v, dict)}
     rows = []
     for key, r in results.items():
         if key in ("machine", "torch") or key.startswith("profile"):
             continue
         case = " ".join(key.split()[:2])
-        peers = {
-            t: torch[t]["tok_s"] for t in TORCH_KEYS.get(case, []) if "tok_s" in torch.get(t, {})
-        }
+        names = list(TORCH_KEYS.get(case, []))
+        if case == "train 16x1024" and "tf32" in key:
+            names.append("train fp32-tf32 16x1024")
+        peers = {t: torch[t]["tok_s"] for t in names if "tok_s" in torch.get(t, {})}
         r["vs_torch"] = {t: r["tok_s"] / v for t, v in peers.items()}
         rows.append((key, r["tok_s"], r["vs_torch"]))
     m = results.get("machine")

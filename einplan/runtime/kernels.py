@@ -422,17 +422,11 @@ def make_expand(node, shapes, out_shape, scratch, xp=np) -> Kernel:
 
 def make_scatter_add(node, shapes, out_shape, scratch, xp=np) -> Kernel:
     width = out_shape[-1]
-    if xp is np:
-        add_at = np.add.at
-    else:  # CuPy's unbuffered in-place add with atomics
-        import cupyx
-
-        add_at = cupyx.scatter_add
 
     def scatter_add(ins, out):
         values, ids = ins
         out.fill(0)
-        add_at(out, ids.reshape(-1), values.reshape(-1, width))
+        xp.add.at(out, ids.reshape(-1), values.reshape(-1, width))
         return out
 
     return scatter_add

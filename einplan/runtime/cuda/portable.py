@@ -16,11 +16,12 @@ GOLDEN, MIX1, MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 def hashed_uniform(xp, seed, stream: int, n: int):
     """``n`` floats in [0, 1) from splitmix64 of (seed, stream, element index); ``seed`` is a
     0-d integer array (on the device for cupy)."""
-    key = seed.astype(np.uint64) * np.uint64(GOLDEN) + np.uint64(stream * MIX2 % 2**64)
-    z = xp.arange(n, dtype=np.uint64) * np.uint64(GOLDEN) + key
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(MIX1)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(MIX2)
-    z ^= z >> np.uint64(31)
+    with np.errstate(over="ignore"):  # arithmetic modulo 2**64 is the hash
+        key = seed.astype(np.uint64) * np.uint64(GOLDEN) + np.uint64(stream * MIX2 % 2**64)
+        z = xp.arange(n, dtype=np.uint64) * np.uint64(GOLDEN) + key
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(MIX1)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(MIX2)
+        z ^= z >> np.uint64(31)
     return (z >> np.uint64(40)).astype(np.float32) * np.float32(2.0**-24)
 
 

@@ -104,7 +104,7 @@ def replay_ms(executor, reps: int = 200) -> float | None:
     """Device time of one replay of the graph an executor captured last (None: no graph)."""
     import cupy
 
-    from einplan.runtime.cuda.runner import device_stream
+    from einplan.runtime.device import device_stream
 
     state = next(reversed(executor._prepared.values())).device_state
     if state is None or state.graph is None:

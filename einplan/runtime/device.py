@@ -56,6 +56,13 @@ def cupy_module() -> ModuleType:
     return cupy
 
 
+@functools.cache
+def device_stream():
+    """The one CUDA stream every run of this process launches on (graphs cannot capture the
+    legacy default stream)."""
+    return cupy_module().cuda.Stream(non_blocking=True)
+
+
 def array_module(device: str) -> ModuleType:
     """The array module of ``device``: numpy for ``cpu``, cupy for ``cuda``."""
     return cupy_module() if check_device(device) == "cuda" else np

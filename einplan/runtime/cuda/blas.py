@@ -13,7 +13,7 @@ import ctypes
 import functools
 from pathlib import Path
 
-from einplan.runtime.device import DeviceError, cupy_module
+from einplan.runtime.device import DeviceError, cupy_module, device_stream
 
 OP_N, OP_T = 0, 1
 R_32F = 0  # cudaDataType CUDA_R_32F
@@ -56,8 +56,6 @@ def check(status: int, call: str) -> None:
 @functools.cache
 def handle() -> tuple[ctypes.c_void_p, object]:
     """The handle, bound to the runner's stream, and its workspace (kept alive with it)."""
-    from einplan.runtime.cuda.runner import device_stream
-
     lib = library()
     h = ctypes.c_void_p()
     check(lib.cublasCreate_v2(ctypes.byref(h)), "cublasCreate")

@@ -11,7 +11,6 @@ the graph's alone.
 
 from __future__ import annotations
 
-import functools
 import time
 from dataclasses import dataclass, field
 
@@ -20,18 +19,11 @@ import numpy as np
 from einplan.compiler.ir import Graph
 from einplan.compiler.ops import Op
 from einplan.compiler.symbolic import resolve_shape
-from einplan.runtime.device import DeviceError, cupy_module
+from einplan.runtime.device import DeviceError, cupy_module, device_stream
 from einplan.runtime.recorder import Recorder
 from einplan.runtime.steps import OutputRing, Prepared
 
 ALIGN = 256  # bytes between the inputs in their staging buffers
-
-
-@functools.cache
-def device_stream():
-    """The one stream every run of this process launches on (graphs cannot capture the
-    legacy default stream)."""
-    return cupy_module().cuda.Stream(non_blocking=True)
 
 
 @dataclass

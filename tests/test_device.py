@@ -169,3 +169,19 @@ def test_strided_rows_reads_views_of_fused_products_in_place():
     assert np.array_equal(copied, t)
     cols = qkv[..., ::2]  # rows not contiguous: copied
     assert strided_rows(cols, 2)[0].flags.c_contiguous
+
+
+def test_roofs_of_a_gpu_recording_are_the_gpus():
+    """The cost report of steps run on the cuda backend uses `bench machine --device cuda`'s
+    limits (machine-cuda.json), of other steps this machine's."""
+    from einplan.report import machine
+    from einplan.runtime.recorder import Recorder, StepInfo
+
+    machine.save_machine({"gemm_gflops": 100.0, "bandwidth_gbs": 20.0})
+    machine.save_machine({"gemm_gflops": 50000.0, "bandwidth_gbs": 4000.0}, "cuda")
+    for backend, peak in (("cuda", 50000.0), ("numpy", 100.0)):
+        rec = Recorder()
+        run = rec.begin_run("forward", {}, [StepInfo("a", "einsum", 10, 10, backend=backend)])
+        rec.add(run, 0, 0, 0, 5)
+        rec.end_run(run)
+        assert machine.machine_of(rec)["gemm_gflops"] == peak

@@ -77,23 +77,32 @@ def measure_machine(
     }
 
 
+def machine_of(rec) -> dict[str, Any] | None:
+    """The cached limits of the device a recording ran on: the GPU's when its steps ran on
+    the cuda backend, else this machine's CPU."""
+    on_gpu = any(r.backend == "cuda" for r in rec.records())
+    return load_machine("cuda" if on_gpu else "cpu")
+
+
 def save_machine(limits: dict[str, Any], device: str = "cpu") -> Path:
     """Cache the measured limits of ``device``; returns the file written."""
     return write_atomic(machine_path(device), json.dumps(limits, indent=1))
 
 
-def load_machine() -> dict[str, Any] | None:
-    """The cached limits, or None when ``einplan bench machine`` has not been run here."""
+def load_machine(device: str = "cpu") -> dict[str, Any] | None:
+    """The cached limits of ``device``, or None when ``einplan bench machine`` (``--device
+    cuda``) has not been run here."""
     try:
-        limits = json.loads(machine_path().read_text())
+        limits = json.loads(machine_path(device).read_text())
     except (OSError, json.JSONDecodeError):
         return None
     if not isinstance(limits, dict) or not {"gemm_gflops", "bandwidth_gbs"} <= set(limits):
         return None
     bad = [k for k in ("gemm_gflops", "bandwidth_gbs") if not is_positive(limits[k])]
     if bad:
+        values = ", ".join(f"{k} {limits[k]!r}" for k in bad)
         print(
-            f"einplan: warning: {machine_path()}: {', '.join(f'{k} {limits[k]!r}' for k in bad)} "
+            f"einplan: warning: {machine_path(device)}: {values} "
             "is not a positive number; ignoring the file (run einplan bench machine again)",
             file=sys.stderr,
         )

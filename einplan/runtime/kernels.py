@@ -1,5 +1,9 @@
 """One NumPy kernel per op. Contractions run as ``np.matmul`` (BLAS) by their plan recipe.
 
+Factories whose code is CuPy's too take the array module ``xp`` (default numpy): the cuda
+device runs them with ``xp=cupy`` (runtime/cuda/backend.py), so their kernels never read a
+device value back to the host.
+
 ``make_kernel`` is called once per step when a plan is bound to concrete sizes; it does the
 shape arithmetic up front and returns ``fn(inputs, out) -> array`` that writes into the
 preallocated ``out`` (views return their input reshaped, and write nothing).

@@ -24,7 +24,7 @@ from einplan.compiler.passes.autodiff import trainable
 from einplan.compiler.plan import Plan
 from einplan.errors import EinplanError
 from einplan.models.train_config import TrainConfig
-from einplan.runtime.backends import get_backend
+from einplan.runtime.backends import Backend, get_backend
 from einplan.runtime.device import to_device, to_host
 from einplan.runtime.executor import Executor
 from einplan.runtime.kv_cache import allocate_states
@@ -67,7 +67,7 @@ class Trainer:
         weights: dict[str, np.ndarray],
         cfg: TrainConfig,
         workers: int = 0,
-        kernels=None,
+        kernels: str | Backend | None = None,
     ) -> None:
         """``weights`` (checkpoint key -> writable array) are trained in place (on a GPU
         backend: uploaded once and trained there); the optimizer state starts at zero;

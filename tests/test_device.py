@@ -185,3 +185,20 @@ def test_roofs_of_a_gpu_recording_are_the_gpus():
         rec.add(run, 0, 0, 0, 5)
         rec.end_run(run)
         assert machine.machine_of(rec)["gemm_gflops"] == peak
+
+
+def test_gpu_memory_is_checked_before_allocating():
+    """A binding or state too large for the GPU stops with the numbers and what to lower."""
+    from einplan.runtime.device import free_bytes
+    from einplan.runtime.memory_limit import MemoryLimitError, check_fits
+
+    assert free_bytes(np) is None
+    pool = types.SimpleNamespace(free_bytes=lambda: 1 << 20)
+    gpu = types.SimpleNamespace(
+        get_default_memory_pool=lambda: pool,
+        cuda=types.SimpleNamespace(runtime=types.SimpleNamespace(memGetInfo=lambda: (3 << 20, 0))),
+    )
+    assert free_bytes(gpu) == 4 << 20
+    check_fits(4 << 20, "running forward", {"batch": 2}, gpu_free=free_bytes(gpu))
+    with pytest.raises(MemoryLimitError, match=r"only 4.00 MiB of GPU memory is free; lower batch"):
+        check_fits(5 << 20, "running forward", {"batch": 2}, gpu_free=free_bytes(gpu))

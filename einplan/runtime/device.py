@@ -73,6 +73,15 @@ def to_host(arr) -> np.ndarray:
     return arr.get() if hasattr(arr, "get") and not isinstance(arr, np.ndarray) else arr
 
 
+def free_bytes(xp) -> int | None:
+    """Bytes a run may still allocate on the device of array module ``xp`` (CuPy: the GPU's
+    free memory plus what CuPy's pool holds unused); None for the host (numpy)."""
+    if xp is np:
+        return None
+    pool = xp.get_default_memory_pool()
+    return xp.cuda.runtime.memGetInfo()[0] + pool.free_bytes()
+
+
 def to_device(arr, device: str, name: str = "array"):
     """``arr`` on ``device``: uploaded once for ``cuda`` (an array already there is kept)."""
     if device == "cpu":

@@ -9,17 +9,17 @@ from einplan.compiler.dtypes import to_numpy_dtype
 from einplan.compiler.ir import Graph
 from einplan.compiler.ops import ITEMSIZE
 from einplan.compiler.symbolic import evaluate, numel, resolve_shape
+from einplan.runtime.device import free_bytes
 from einplan.runtime.memory_limit import check_fits
 
 
 def allocate_states(graph: Graph, dims: dict[str, int], xp=np) -> dict[str, np.ndarray]:
     """Zeroed buffers for every state leaf of ``graph`` (KV cache, optimizer state), their
     symbolic dims bound by ``dims``, allocated by the array module ``xp`` (numpy, or cupy
-    on a GPU); host buffers are first checked to fit in the available memory."""
+    on a GPU), first checked to fit in the available memory (of the host, or the GPU's)."""
     nbytes = sum(evaluate(numel(n.shape), dims) * ITEMSIZE[n.dtype] for n in graph.states())
-    if xp is np:
-        what = f"the state buffers of {graph.name} (KV cache or optimizer state)"
-        check_fits(nbytes, what, dims)
+    what = f"the state buffers of {graph.name} (KV cache or optimizer state)"
+    check_fits(nbytes, what, dims, gpu_free=free_bytes(xp))
     return {
         n.attrs["key"]: xp.zeros(resolve_shape(n.shape, dims), to_numpy_dtype(n.dtype))
         for n in graph.states()

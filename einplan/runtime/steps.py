@@ -16,6 +16,7 @@ from einplan.compiler.ir import Graph, Node, format_type, step_bytes
 from einplan.compiler.ops import ITEMSIZE, LEAVES, OPS, Op, count_flops
 from einplan.compiler.symbolic import evaluate, numel, poly_from_json, resolve_shape
 from einplan.runtime.backends import NUMPY, Backend
+from einplan.runtime.device import free_bytes
 from einplan.runtime.kernels import Kernel, Scratch
 from einplan.runtime.memory_limit import check_fits
 from einplan.runtime.recorder import StepInfo
@@ -176,8 +177,8 @@ def prepare_steps(
         for v in set(graph.outputs.values())
     )
     xp = backend.xp
-    if xp is np:  # a device's memory is its own; CuPy reports running out of it
-        check_fits(sum(slot_sizes) + outputs, f"running {graph.name} ({_bound(dims)})", dims)
+    what = f"running {graph.name} ({_bound(dims)})"
+    check_fits(sum(slot_sizes) + outputs, what, dims, gpu_free=free_bytes(xp))
     arena = [xp.empty(max(s, 1), np.uint8) for s in slot_sizes]
     scratch = ScratchBuffers(xp)
     steps: list[Step] = []

@@ -253,3 +253,12 @@ def test_lora_and_mixture_of_experts_train_in_bf16(config, lora):
         ref = grads["f32"][key]
         err = np.linalg.norm(grads["bf16"][key] - ref) / np.linalg.norm(ref)
         assert err < 0.05, (key, err)
+
+
+def test_a_gpu_device_refuses_16_bit_steps_clearly(bf16_plan):
+    from einplan.runtime.backends.base import Backend
+    from einplan.runtime.device import DeviceError
+
+    node = next(n for n in bf16_plan.entry("forward").nodes if Tag.UPCAST in n.tags)
+    with pytest.raises(DeviceError, match="mixed precision runs on the CPU only"):
+        Backend("cuda", device="cuda").kernel_for(node, [], (), None)

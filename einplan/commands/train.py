@@ -44,6 +44,9 @@ def run(args: argparse.Namespace) -> None:
         profile=args.profile,
         kernels=args.kernels,
         compute_dtype=args.compute_dtype,
+        device=args.device,
+        cuda_graph=args.cuda_graph,
+        tf32=args.tf32,
     )
 
 

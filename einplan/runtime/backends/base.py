@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from einplan.compiler.ir import Node
 from einplan.compiler.ops import Op
 from einplan.compiler.tags import Tag
+from einplan.runtime.device import DeviceError, array_module
 from einplan.runtime.kernels import KERNELS, Kernel, Scratch
 from einplan.runtime.upcast import make_upcast
 
@@ -16,10 +17,19 @@ Factory = Callable[..., Kernel | None]
 
 @dataclass(frozen=True)
 class Backend:
-    """A named table of kernel factories; ops it lacks (or declines) run numpy's kernels."""
+    """A named table of kernel factories; ops it lacks (or declines) run numpy's kernels. A
+    backend of another ``device`` than the CPU has no such fall-through: its table must hold
+    every op the plan uses (its arrays are not NumPy's)."""
 
     name: str
     table: dict[Op, Factory] = field(default_factory=dict)
+    device: str = "cpu"
+    cuda_graph: bool = True  # a GPU device: replay each bound entry as one CUDA graph
+
+    @property
+    def xp(self):
+        """The array module of the backend's device (numpy, or cupy for ``cuda``)."""
+        return array_module(self.device)
 
     def kernel_for(
         self,
@@ -32,6 +42,12 @@ class Backend:
         """The kernel of one step and the name of the backend that made it; a step tagged
         ``upcast`` gets its float32 kernel wrapped (runtime/upcast.py)."""
         if Tag.UPCAST in node.tags:
+            if self.device != "cpu":
+                raise DeviceError(
+                    f"step {node.name} computes on 16-bit values (a bf16/f16 plan): mixed "
+                    f"precision runs on the CPU only for now; run it with --device cpu, or "
+                    "compile it in f32"
+                )
             made: list[str] = []
 
             def make(twin, shapes, out_shape, scratch, inputs):
@@ -48,6 +64,12 @@ class Backend:
             kernel = factory(node, shapes, out_shape, scratch, list(inputs))
             if kernel is not None:
                 return kernel, self.name
+        if self.device != "cpu":
+            raise DeviceError(
+                f"step {node.name} ({node.op.value}) has no {self.device} kernel: the "
+                f"{self.device} device runs float plans (no quantised or mixture-of-experts "
+                "ops yet); run this plan with --device cpu"
+            )
         return KERNELS[node.op](node, shapes, out_shape, scratch), NUMPY.name
 
 

@@ -138,18 +138,21 @@ def main() -> None:
     args = ap.parse_args()
     parts, dtypes, cases = (args.parts.split(","), args.dtypes.split(","), args.cases.split(","))
     results: list[dict] = []
+
+    def add(rows: list[dict]) -> None:  # written as they come: a long run keeps its parts
+        results.extend(rows)
+        write_results(args.json, results)
+        gc.collect()
+
     if "memory" in parts:
         for case in cases:
-            for d in dtypes:
-                results.append({"part": "memory", **measure_memory(case, d)})
-                gc.collect()
+            add([{"part": "memory", **measure_memory(case, d)} for d in dtypes])
     if "time" in parts:
         for case in cases:
-            results += [{"part": "time", **r} for r in measure_time(case, dtypes, args.reps)]
-            gc.collect()
+            add([{"part": "time", **r} for r in measure_time(case, dtypes, args.reps)])
     if "quality" in parts:
-        results += [{"part": "quality", **measure_quality(d, args.steps)} for d in dtypes]
-    write_results(args.json, results)
+        for d in dtypes:
+            add([{"part": "quality", **measure_quality(d, args.steps)}])
     print_table(results, dtypes[0])
 
 

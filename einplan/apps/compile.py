@@ -6,11 +6,13 @@ import contextlib
 import gc
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from einplan.compiler.dtypes import COMPUTE_DTYPES, master_dtype
 from einplan.compiler.ir import Graph
 from einplan.compiler.lora_spec import parse_lora
 from einplan.compiler.passes.memory import estimate_memory
@@ -20,7 +22,7 @@ from einplan.compiler.quant_scheme import parse_quant
 from einplan.errors import EinplanError
 from einplan.models.config import config_sections, load_config
 from einplan.models.llama import ENTRIES, build_graph
-from einplan.models.train_config import COMPUTE_DTYPES, TrainConfig, load_train_config
+from einplan.models.train_config import TrainConfig, load_train_config
 from einplan.runtime.memory_limit import available_memory, human_bytes
 
 WEIGHT_DTYPES = ("f32", "bf16", "f16", "f64")
@@ -49,7 +51,9 @@ def compile_model(
     entry point (``forward``, ``prefill``, ``decode``; ``loss``, ``grad``, ``train_step`` for
     training, whose optimizer settings come from ``train`` or the config's train section)
     into one plan. Weights are stored in ``weight_dtype`` and computed in ``compute_dtype``
-    (default: the train section's, else float32); both default to each other. ``lora``
+    (default: the train section's, else float32; ``bf16``/``f16``: mixed precision, 16-bit
+    values with float32 weights, optimizer state and loss); the weight dtype defaults to the
+    compute dtype (float32 under mixed precision). ``lora``
     (``"r=8,alpha=16,targets=q,v"`` or a dict) and ``quant`` (``"w4a16"`` or a dict with
     group_size, symmetric, activations) override the config's sections of those names."""
     with paused_gc():
@@ -84,21 +88,28 @@ def _compile(
     cfg = load_config(config)
     train = train or load_train_config(config)
     compute_dtype = compute_dtype or train.compute_dtype
-    weight_dtype = weight_dtype or compute_dtype
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise EinplanError(
+            f"compute dtype {compute_dtype!r} is not one of {', '.join(COMPUTE_DTYPES)}; "
+            "bf16 and f16 are mixed precision (16-bit values, float32 master weights)"
+        )
+    weight_dtype = weight_dtype or master_dtype(compute_dtype)
     if weight_dtype not in WEIGHT_DTYPES:
         raise EinplanError(
             f"weight dtype {weight_dtype!r} is not one of {', '.join(WEIGHT_DTYPES)}"
         )
-    if compute_dtype not in COMPUTE_DTYPES:
-        raise EinplanError(f"compute dtype {compute_dtype!r} is not one of {COMPUTE_DTYPES}")
-    if weight_dtype != compute_dtype and {"grad", "train_step"} & set(entries):
+    training = bool({"grad", "train_step"} & set(entries))
+    if training and weight_dtype != master_dtype(compute_dtype):
         raise EinplanError(
-            f"training needs the weights stored in the compute dtype ({compute_dtype}), "
-            f"not {weight_dtype}"
+            f"training in {compute_dtype} needs the weights stored in "
+            f"{master_dtype(compute_dtype)}, not {weight_dtype}: leave out --weight-dtype"
         )
+    if training:  # the plan's train settings say what it was compiled with
+        train = replace(train, compute_dtype=compute_dtype)
     sections = config_sections(config)
     ctx = ctx or PassContext()
     ctx.train = train
+    ctx.compute_dtype = compute_dtype
     ctx.lora = parse_lora(lora if lora is not None else sections.get("lora"))
     ctx.quant = parse_quant(quant if quant is not None else sections.get("quant"))
     if any(DERIVED.get(e, Mode.INFERENCE) is not Mode.INFERENCE for e in entries):

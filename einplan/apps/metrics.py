@@ -28,6 +28,7 @@ COLUMNS = (
     "peak_rss_mib",
     "skipped",
     "router_entropy",  # mixture of experts: mean entropy of the routers (nats), else empty
+    "loss_scale",  # f16 training: the dynamic loss scale of the step, else empty
 )
 
 

@@ -30,15 +30,18 @@ class TrainResult:
     checkpoint: Path | None  # None when the run made none and resumed from none
 
 
-def open_or_compile(source: str | os.PathLike | dict | Plan, out: Path) -> Plan:
+def open_or_compile(
+    source: str | os.PathLike | dict | Plan, out: Path, compute_dtype: str | None = None
+) -> Plan:
     """The training plan: a Plan, a plan file, or a config compiled with the training
-    entries (and saved in the run folder as model.plan)."""
+    entries in ``compute_dtype`` (None: its train section's), saved in the run folder as
+    model.plan."""
     if isinstance(source, Plan):
         return source
     if not isinstance(source, dict):
         if is_plan_file(source):
             return load_plan(source)
-    plan = compile_model(source, entries=TRAIN_ENTRIES)
+    plan = compile_model(source, entries=TRAIN_ENTRIES, compute_dtype=compute_dtype)
     out.mkdir(parents=True, exist_ok=True)
     plan.save(out / PLAN_NAME)
     return plan
@@ -86,6 +89,7 @@ def train(
     workers: int = 0,
     profile: str | os.PathLike | None = None,
     kernels: str | None = None,
+    compute_dtype: str | None = None,
     device: str | None = None,
     cuda_graph: bool = True,
     tf32: bool = False,
@@ -96,12 +100,18 @@ def train(
     refused without ``resume``, or cleared first with ``overwrite``. ``profile`` (a folder) records
     every step and writes its trace there, as ``einplan train --profile``. ``kernels``: the
     kernels backend, ``"numpy"`` or ``"numba"`` (None: the fastest installed); ``device="cuda"``
-    trains on an NVIDIA GPU (``cuda_graph``, ``tf32`` as :class:`einplan.Session`'s)."""
+    trains on an NVIDIA GPU (``cuda_graph``, ``tf32`` as :class:`einplan.Session`'s).
+    ``compute_dtype`` (``"bf16"``, ``"f16"``: mixed precision) compiles a config in that dtype
+    (as the overrides' compute_dtype does); a plan must have been compiled in it."""
     if steps is not None and steps < 1:
         raise EinplanError(f"steps must be at least 1, got {steps}")
     if workers < 0:
         raise EinplanError(f"workers must be 0 (sequential) or more, got {workers}")
     out = Path(out)
+    overrides = dict(overrides or {})
+    compute_dtype = compute_dtype or overrides.get("compute_dtype")
+    if compute_dtype is not None:
+        overrides["compute_dtype"] = compute_dtype
     sources = (config_or_plan, data, init_weights, tokenizer)
     inputs = [Path(p) for p in sources if isinstance(p, str | os.PathLike)]
     check_not_input(out, inputs)
@@ -113,14 +123,14 @@ def train(
         resume=resume,
         init_weights=init_weights,
         tokenizer=tokenizer,
-        overrides=overrides or {},
+        overrides=overrides,
         workers=workers,
         kernels=kernels,
         device=device,
         cuda_graph=cuda_graph,
         tf32=tf32,
     )
-    training = TrainingRun(open_or_compile(config_or_plan, out), options)
+    training = TrainingRun(open_or_compile(config_or_plan, out, compute_dtype), options)
     if profile:
         training.trainer.profile = Recorder()
     training.run()

@@ -305,6 +305,7 @@ class TrainingRun:
             "peak_rss_mib": peak_rss_mib(),
             "skipped": self.trainer.skipped,
             **({} if entropy is None else {"router_entropy": entropy}),
+            **({} if stats.loss_scale is None else {"loss_scale": stats.loss_scale}),
         }
 
     def run(self, steps: int | None = None) -> list[StepStats]:
@@ -325,12 +326,14 @@ class TrainingRun:
                     loss=f"{stats.loss:.3f}",
                     lr=f"{stats.lr:.2e}",
                     tok_s=f"{stats.tokens / stats.seconds:,.0f}",
+                    **({} if stats.loss_scale is None else {"scale": f"{stats.loss_scale:g}"}),
                 )
                 at = stats.step
                 if stats.skipped:
                     write(
                         f"step {at}: loss {stats.loss}, gradient norm {stats.grad_norm}: not "
                         f"finite, update skipped ({t.skipped} so far)"
+                        + (f"; loss scale now {t.loss_scale.scale:g}" if t.loss_scale else "")
                     )
                 if (c.log_every and at % c.log_every == 0) or at == last or stats.skipped:
                     r = self.record(stats, step_losses)
@@ -347,6 +350,7 @@ class TrainingRun:
                             if "router_entropy" in r
                             else ""
                         )
+                        + (f"  loss scale {r['loss_scale']:g}" if "loss_scale" in r else "")
                     )
                 if c.sample_every and at % c.sample_every == 0:
                     text = sample_text(

@@ -88,8 +88,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     c.add_argument(
         "--compute-dtype",
-        choices=["f32", "f64"],
-        help="dtype of every computed value (default: the train section's, else f32)",
+        choices=["f32", "f64", "bf16", "f16"],
+        help="dtype of every computed value (default: the train section's, else f32); bf16 "
+        "and f16 are mixed precision: 16-bit values, float32 weights, optimizer state and loss",
     )
     c.add_argument(
         "--train",

@@ -43,6 +43,7 @@ def run(args: argparse.Namespace) -> None:
         workers=args.workers,
         profile=args.profile,
         kernels=args.kernels,
+        compute_dtype=args.compute_dtype,
         device=args.device,
         cuda_graph=args.cuda_graph,
         tf32=args.tf32,
@@ -66,6 +67,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="start afresh in an --out folder that holds a run, removing its checkpoints, "
         "metrics, loss curve and plan",
+    )
+    t.add_argument(
+        "--compute-dtype",
+        choices=["f32", "f64", "bf16", "f16"],
+        help="compile a config in this dtype (default: its train section's); bf16 and f16 are "
+        "mixed precision (float32 master weights; f16 with dynamic loss scaling)",
     )
     t.add_argument("--init-weights", help="start from pretrained weights (HF folder or file)")
     t.add_argument(

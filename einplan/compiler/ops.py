@@ -374,7 +374,12 @@ def _infer_cross_entropy(shapes, dtypes, attrs):
     _need(tuple(logits[:-1]) == tuple(targets), f"cross_entropy: {logits} vs targets {targets}")
     _need(dtypes[1] in INT_DTYPES, f"cross_entropy targets must be integers, got {dtypes[1]}")
     _need(dtypes[0] in FLOAT_DTYPES, f"cross_entropy logits must be float, got {dtypes[0]}")
-    return (), dtypes[0]
+    return (), loss_dtype(dtypes[0])
+
+
+def loss_dtype(dtype: str) -> str:
+    """A loss of values stored in ``dtype`` is float32 under mixed precision (bf16, f16)."""
+    return "f32" if dtype in ("bf16", "f16") else dtype
 
 
 def _infer_cross_entropy_grad(shapes, dtypes, attrs):
@@ -458,7 +463,7 @@ def _infer_moe_aux_loss(shapes, dtypes, attrs):
     _need(1 <= attrs["k"] <= probs[0][-1], f"moe_aux_loss: top-{attrs['k']} of {probs[0][-1]}")
     if "wrt" in attrs:
         return probs[attrs["wrt"]], dtypes[0]
-    return (), dtypes[0]
+    return (), loss_dtype(dtypes[0])
 
 
 def _infer_leaf(shapes, dtypes, attrs):

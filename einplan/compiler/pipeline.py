@@ -28,7 +28,8 @@ class Mode(StrEnum):
 
 
 # Every pass, in the order they run. The reverse graph comes after LoRA and quantisation, the
-# optimizer's updates after it. pack lays out projection weights in copies, so it runs only on
+# optimizer's updates after it; mixed_precision then marks (and checks) every step computing
+# on 16-bit values. pack lays out projection weights in copies, so it runs only on
 # inference graphs of plans whose weights nothing updates. schedule runs before memory: buffers
 # may only be reused across dependency levels, so liveness needs the level order.
 ALL_PASSES = (
@@ -36,6 +37,7 @@ ALL_PASSES = (
     "quantize",
     "autodiff",
     "optimizer",
+    "mixed_precision",
     "simplify",
     "pack",
     "contract",
@@ -78,6 +80,7 @@ class PassContext:
     lora: LoraConfig | None = None  # the lora pass adds adapters when set
     quant: QuantConfig | None = None  # the quantize pass quantises when set
     train: TrainConfig | None = None  # the optimizer pass's settings
+    compute_dtype: str = "f32"  # bf16/f16: mixed precision (passes/mixed_precision.py)
 
 
 def run_pass(name: str, graph: Graph, ctx: PassContext) -> Graph:

@@ -18,3 +18,6 @@ class Tag(StrEnum):
     FROZEN = "frozen"  # a parameter that gets no gradient (a LoRA base, a quantised weight)
     REVERSE = "reverse"  # the reverse graph (passes/autodiff.py)
     OPTIMIZER = "optimizer"  # gradient accumulation, norm and updates (passes/optimizer.py)
+    # arithmetic on 16-bit values done in float32: inputs upcast, every sum accumulated in
+    # float32, the output rounded once (passes/mixed_precision.py)
+    UPCAST = "upcast"

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from einplan.compiler.dtypes import LOW_PRECISION, master_dtype
 from einplan.compiler.ir import Graph
 from einplan.compiler.names import cache_key
 from einplan.compiler.tags import Tag
@@ -26,8 +27,8 @@ LINEAR = frozenset({Tag.LINEAR})
 
 
 def rope_inv_freq(cfg: ModelConfig, dtype: str = "f32") -> list[float]:
-    """Rotary inverse frequencies in the compute dtype (float32 as transformers computes them,
-    or float64), with Llama-3 or linear scaling applied."""
+    """Rotary inverse frequencies in ``dtype`` (float32 as transformers computes them, or
+    float64), with Llama-3 or linear scaling applied."""
     hd = cfg.head_dim
     ft = np.float64 if dtype == "f64" else np.float32
     inv = (1.0 / (ft(cfg.rope_theta) ** (np.arange(0, hd, 2, dtype=ft) / hd))).astype(ft)
@@ -85,7 +86,9 @@ def linear(
     # (batch, seq, in) x (out, in) -> (batch, seq, out)
     y = b.einsum(f"{lead}i,oi->{lead}o", x, w, role=role, tags=LINEAR)
     if bias:
-        bias_w = b.param(f"{role}.b", f"{key}.bias", (n_out,), x.dtype)
+        bias_w = b.param(f"{role}.b", f"{key}.bias", (n_out,), master_dtype(x.dtype))
+        if bias_w.dtype != x.dtype:
+            bias_w = b.cast(bias_w, x.dtype, role=f"{role}.b.cast")
         y = b.add(y, bias_w, role=f"{role}.bias")
     return y
 
@@ -115,8 +118,10 @@ def attention(b: Builder, x: Value, rope: Value, st: Step, i: int) -> Value:
         ctx = b.einsum("bngst,btnh->bsngh", probs, v, role="attn_ctx")
     else:  # write into the cache (head-major, so attention reads it without a copy) ...
         shape, pos = (bs, n, "ctx", hd), st.write_pos
-        k = b.kv_append(b.state("k_cache", cache_key(i, "k"), shape), k, pos, "kv", "attn_k.cache")
-        v = b.kv_append(b.state("v_cache", cache_key(i, "v"), shape), v, pos, "kv", "attn_v.cache")
+        k_cache = b.state("k_cache", cache_key(i, "k"), shape, k.dtype)
+        v_cache = b.state("v_cache", cache_key(i, "v"), shape, v.dtype)
+        k = b.kv_append(k_cache, k, pos, "kv", "attn_k.cache")
+        v = b.kv_append(v_cache, v, pos, "kv", "attn_v.cache")
         # ... and attend over its first kv slots: (b, s, n, g, h) x (b, n, t, h) -> (b, n, g, s, t)
         scores = b.einsum("bsngh,bnth->bngst", q, k, role="attn_scores")
         # the mask holds causality, padding and slots not written yet
@@ -193,11 +198,18 @@ def moe(b: Builder, x: Value, st: Step, i: int) -> tuple[Value, Value]:
     return y, probs
 
 
+def norm_weight(b: Builder, role: str, key: str, d: int, cdt: str) -> Value:
+    """An RMS norm's (d,) weight, stored in the master dtype and cast to ``cdt`` if it differs."""
+    w = b.param(f"{role}.w", key, (d,), master_dtype(cdt))
+    return w if w.dtype == cdt else b.cast(w, cdt, role=f"{role}.cast")
+
+
 def build_graph(
     cfg: ModelConfig, entry: str = "forward", weight_dtype: str = "f32", compute_dtype: str = "f32"
 ) -> Graph:
     """Trace one entry point: token ids and positions in, logits (or the loss) out, computed
-    in ``compute_dtype`` (float32, or float64 for gradient checks).
+    in ``compute_dtype`` (float32, float64 for gradient checks, or bf16/f16 storage with
+    float32 master weights: mixed precision).
 
     ``forward``: logits for every position, no cache. ``prefill``: ``seq`` prompt tokens
     written into the KV cache at slot ``write_pos``, attending over its first ``kv`` slots as
@@ -215,6 +227,9 @@ def build_graph(
     b = Builder(dims, entry)
     seq = 1 if entry == "decode" else "seq"
     d, cdt = cfg.hidden_size, compute_dtype
+    # mixed precision (bf16, f16): float32 master weights cast to cdt where read, rope angles
+    # in float32; otherwise norms and rope in the compute dtype
+    mdt = master_dtype(cdt)
     tokens = b.input("tokens", ("batch", seq), "i64")
     positions = b.input("positions", ("batch", seq), "i64")
     st = Step(cfg, weight_dtype)
@@ -224,16 +239,21 @@ def build_graph(
     if entry == "decode":
         del b.graph.dims["seq"]
     embed = b.param("embed.w", "model.embed_tokens.weight", (cfg.vocab_size, d), weight_dtype)
+    if (
+        cdt in LOW_PRECISION and weight_dtype != cdt
+    ):  # one cdt copy of the table, so its gradient is a cdt scatter
+        embed = b.cast(embed, cdt, role="embed.cast")
     x = b.gather(embed, tokens, cdt, role="embed")  # (b, s) -> (b, s, d)
-    rope = b.rope_table(positions, rope_inv_freq(cfg, cdt), cdt)
+    rope = b.rope_table(positions, rope_inv_freq(cfg, mdt), mdt)
     router_probs: list[Value] = []
     for i in range(cfg.num_hidden_layers):
         with b.layer(i):
-            ln1 = b.param("attn_norm.w", f"model.layers.{i}.input_layernorm.weight", (d,), cdt)
+            key = f"model.layers.{i}.input_layernorm.weight"
+            ln1 = norm_weight(b, "attn_norm", key, d, cdt)
             h = attention(b, b.rms_norm(x, ln1, cfg.rms_norm_eps, role="attn_norm"), rope, st, i)
             x = b.add(x, h, role="attn_residual")
             key = f"model.layers.{i}.post_attention_layernorm.weight"
-            ln2 = b.param("ffn_norm.w", key, (d,), cdt)
+            ln2 = norm_weight(b, "ffn_norm", key, d, cdt)
             h = b.rms_norm(x, ln2, cfg.rms_norm_eps, role="ffn_norm")
             if cfg.is_moe_layer(i):
                 h, probs = moe(b, h, st, i)
@@ -243,10 +263,10 @@ def build_graph(
             x = b.add(x, h, role="ffn_residual")
     if cached and entry != "verify":  # generation needs only the last position's logits
         x = b.slice_last(x)  # (b, s, d) -> (b, d)
-    norm = b.param("output_norm.w", "model.norm.weight", (d,), cdt)
+    norm = norm_weight(b, "output_norm", "model.norm.weight", d, cdt)
     x = b.rms_norm(x, norm, cfg.rms_norm_eps, role="output_norm")
     if cfg.tie_word_embeddings:
-        head = embed if weight_dtype == cdt else b.cast(embed, cdt, role="output.cast")
+        head = embed if embed.dtype == cdt else b.cast(embed, cdt, role="output.cast")
         lead = "bs"[: len(x.shape) - 1]
         # (b, s, d) x (v, d) -> (b, s, v)
         logits = b.einsum(f"{lead}d,vd->{lead}v", x, head, role="output", tags=LINEAR)

@@ -12,10 +12,10 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from einplan.compiler.dtypes import COMPUTE_DTYPES
 from einplan.models.config import ConfigError, read_config
 
 OPTIMIZERS = ("adamw", "sgd")
-COMPUTE_DTYPES = ("f32", "f64")
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class TrainConfig:
     micro_batch: int = 4
     accumulation: int = 1  # micro-batches per optimizer step
     seq_len: int = 256
-    compute_dtype: str = "f32"
+    compute_dtype: str = "f32"  # f32, f64, or bf16/f16 mixed precision (float32 master weights)
     seed: int = 0
     val_fraction: float = 0.05  # the corpus's tail held out for validation loss
     eval_batches: int = 4  # micro-batches of validation loss per log line
@@ -104,7 +104,10 @@ def parse_train_config(raw: dict[str, Any] | None, origin: str = "config") -> Tr
     if cfg.optimizer not in OPTIMIZERS:
         raise ConfigError(f"{origin}: optimizer {cfg.optimizer!r} is not one of {OPTIMIZERS}")
     if cfg.compute_dtype not in COMPUTE_DTYPES:
-        raise ConfigError(f"{origin}: compute_dtype {cfg.compute_dtype!r} not in {COMPUTE_DTYPES}")
+        raise ConfigError(
+            f"{origin}: compute_dtype {cfg.compute_dtype!r} is not one of "
+            f"{', '.join(COMPUTE_DTYPES)} (bf16 and f16 train with float32 master weights)"
+        )
     if not (0 < cfg.val_fraction < 1 and 0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1):
         raise ConfigError(f"{origin}: val_fraction, beta1 and beta2 must lie in [0, 1)")
     return cfg

@@ -437,20 +437,26 @@ def make_scatter_add(node, shapes, out_shape, scratch, xp=np) -> Kernel:
 
 
 CE_BLOCK_BYTES = 1 << 22  # rows of logits per block of the cross-entropy kernels
+# 16-bit logits are upcast into a second block: smaller blocks keep mixed precision's scratch
+LOW_CE_BLOCK_BYTES = 1 << 20
 
 
-def _ce_blocks(shapes, dtype, scratch):
-    """Rows (all but the vocab axis) in blocks, with a scratch block and the targets' mask."""
+def _ce_blocks(shapes, dtype, scratch, low: bool = False):
+    """Rows (all but the vocab axis) in blocks, with a scratch block (``low``: of the size for
+    16-bit logits)."""
     vocab = shapes[0][-1]
     rows = _prod(shapes[0][:-1])
-    block = max(1, min(rows, CE_BLOCK_BYTES // (vocab * dtype.itemsize)))
+    limit = LOW_CE_BLOCK_BYTES if low else CE_BLOCK_BYTES
+    block = max(1, min(rows, limit // (vocab * dtype.itemsize)))
     return vocab, rows, block, scratch("ce", (block, vocab), dtype)
 
 
-def make_cross_entropy(node, shapes, out_shape, scratch) -> Kernel:
-    """Mean over non-ignored rows of logsumexp(logits) - logits[target], in blocks of rows."""
+def make_cross_entropy(node, shapes, out_shape, scratch, low: bool = False) -> Kernel:
+    """Mean over non-ignored rows of logsumexp(logits) - logits[target], in blocks of rows;
+    ``low``: 16-bit logits, upcast a block at a time (the loss is float32)."""
     dtype = to_numpy_dtype(node.dtype)
-    vocab, rows, block, buf = _ce_blocks(shapes, dtype, scratch)
+    vocab, rows, block, buf = _ce_blocks(shapes, dtype, scratch, low)
+    upcast = scratch("ce.x", (block, vocab), dtype) if low else None
     ignore = node.attrs["ignore_index"]
 
     def cross_entropy(ins, out):
@@ -459,6 +465,9 @@ def make_cross_entropy(node, shapes, out_shape, scratch) -> Kernel:
         total = dtype.type(0)
         for r0 in range(0, rows, block):
             x, t, ok = logits[r0 : r0 + block], targets[r0 : r0 + block], valid[r0 : r0 + block]
+            if upcast is not None:
+                np.copyto(upcast[: len(x)], x)
+                x = upcast[: len(x)]
             e = buf[: len(x)]
             top = x.max(axis=-1, keepdims=True)
             np.subtract(x, top, out=e)
@@ -472,10 +481,11 @@ def make_cross_entropy(node, shapes, out_shape, scratch) -> Kernel:
     return cross_entropy
 
 
-def make_cross_entropy_grad(node, shapes, out_shape, scratch) -> Kernel:
-    """(softmax(logits) - onehot(target)) * ct / count on non-ignored rows, zero elsewhere."""
+def make_cross_entropy_grad(node, shapes, out_shape, scratch, low: bool = False) -> Kernel:
+    """(softmax(logits) - onehot(target)) * ct / count on non-ignored rows, zero elsewhere;
+    ``low``: logits and gradient are stored in 16 bits, each block computed in ``dtype``."""
     dtype = to_numpy_dtype(node.dtype)
-    vocab, rows, block, _ = _ce_blocks(shapes, dtype, scratch)
+    vocab, rows, block, buf = _ce_blocks(shapes, dtype, scratch, low)
     ignore = node.attrs["ignore_index"]
 
     def cross_entropy_grad(ins, out):
@@ -485,12 +495,19 @@ def make_cross_entropy_grad(node, shapes, out_shape, scratch) -> Kernel:
         scale = ct / max(1, int(valid.sum()))
         for r0 in range(0, rows, block):
             x, e = logits[r0 : r0 + block], o[r0 : r0 + block]
+            if low:  # upcast the block into the scratch block, compute there
+                e = buf[: len(x)]
+                np.copyto(e, x)
+                x = e
             np.subtract(x, x.max(axis=-1, keepdims=True), out=e)
             np.exp(e, out=e)
             e *= scale / e.sum(axis=-1, keepdims=True)
-        hit = np.flatnonzero(valid)
-        o[hit, targets[hit]] -= scale
-        o[~valid] = 0
+            t, ok = targets[r0 : r0 + block], valid[r0 : r0 + block]
+            hit = np.flatnonzero(ok)
+            e[hit, t[hit]] -= scale
+            e[~ok] = 0
+            if low:
+                np.copyto(o[r0 : r0 + block], e, casting="unsafe")
         return out
 
     return cross_entropy_grad

@@ -6,7 +6,8 @@ number, so the plan's update steps clip and apply AdamW/SGD in place. The loss's
 1/k for k micro-batches, so the accumulated gradient is the mean. A step whose accumulated
 gradient or last loss is not finite is skipped by the plan (a non-finite loss of an earlier
 micro-batch has made its gradient non-finite too: the loss is finite whenever the logits are)
-and counted here.
+and counted here. An f16 plan's loss is scaled dynamically (runtime/loss_scale.py): the
+cotangent is S/k and the plan unscales by its ``inv_loss_scale`` input.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 from einplan.compiler.ir import training_phase
 from einplan.compiler.names import GRAD_PREFIX
 from einplan.compiler.passes.autodiff import trainable
+from einplan.compiler.passes.optimizer import INV_LOSS_SCALE
 from einplan.compiler.plan import Plan
 from einplan.errors import EinplanError
 from einplan.models.train_config import TrainConfig
@@ -28,6 +30,7 @@ from einplan.runtime.backends import Backend, get_backend
 from einplan.runtime.device import to_device, to_host
 from einplan.runtime.executor import Executor
 from einplan.runtime.kv_cache import allocate_states
+from einplan.runtime.loss_scale import LossScale
 from einplan.runtime.lr_schedule import learning_rate
 from einplan.runtime.recorder import Recorder
 
@@ -46,6 +49,7 @@ class StepStats:
     tokens: int
     seconds: float
     phase_ms: dict[str, float]
+    loss_scale: float | None = None  # f16: the scale the step ran with
 
 
 def step_feed(windows: np.ndarray) -> dict[str, np.ndarray]:
@@ -85,17 +89,18 @@ class Trainer:
         self.step = 0  # steps taken (the schedule's clock)
         self.updates = 0  # updates applied (the optimizer's bias-correction clock)
         self.skipped = 0
+        scaled = any(n.name == INV_LOSS_SCALE for n in graph.inputs())
+        self.loss_scale = LossScale() if scaled else None
 
     def micro_batch_feed(
         self, windows: np.ndarray, count: int, lr: float, update: int
     ) -> dict[str, Any]:
         """The plan inputs of one micro-batch of ``count``; ``update`` is 0 but on the last."""
-        return {
-            **step_feed(windows),
-            "loss_grad": 1.0 / count,
-            "lr": lr,
-            "step": update,
-        }
+        feed = {**step_feed(windows), "loss_grad": 1.0 / count, "lr": lr, "step": update}
+        if self.loss_scale is not None:
+            feed["loss_grad"] = self.loss_scale.scale / count
+            feed[INV_LOSS_SCALE] = 1.0 / self.loss_scale.scale
+        return feed
 
     def run_step(self, batches: list[np.ndarray]) -> StepStats:
         """One optimizer step over micro-batches of ``(batch, seq + 1)`` token windows."""
@@ -124,11 +129,16 @@ class Trainer:
         self.step = step
         self.skipped += skipped
         self.updates += not skipped
+        scale = None
+        if self.loss_scale is not None:
+            scale = self.loss_scale.scale
+            self.loss_scale.update(skipped)
         ms = dict.fromkeys(PHASES, 0.0)
         for run, index, _, _, dur_ns in rec.raw[first:] if rec else ():
             ms[training_phase(rec.runs[run]["table"][index].tags)] += dur_ns / 1e6
         tokens = sum(b.shape[0] * (b.shape[1] - 1) for b in batches)
-        return StepStats(step, float(np.mean(losses)), norm, lr, skipped, tokens, seconds, ms)
+        loss = float(np.mean(losses))
+        return StepStats(step, loss, norm, lr, skipped, tokens, seconds, ms, scale)
 
     def validation_loss(self, windows: list[np.ndarray]) -> float:
         """Mean loss of the ``loss`` entry over batches of held-out windows."""
@@ -150,8 +160,11 @@ class Trainer:
         return {k: to_host(v) for k, v in self.state.items() if not k.startswith(GRAD_PREFIX)}
 
     def counters(self) -> dict[str, int]:
-        """Step, update and skip counts, for checkpoints."""
-        return {"step": self.step, "updates": self.updates, "skipped": self.skipped}
+        """Step, update and skip counts (and an f16 run's loss scale), for checkpoints."""
+        out: dict = {"step": self.step, "updates": self.updates, "skipped": self.skipped}
+        if self.loss_scale is not None:
+            out["loss_scale"] = self.loss_scale.to_dict()
+        return out
 
     def restore(
         self, weights: dict[str, np.ndarray], optimizer: dict[str, np.ndarray], counters: dict
@@ -164,3 +177,5 @@ class Trainer:
                 arr[...] = to_device(np.asarray(optimizer[key]), self.device, key)
         self.step, self.updates = counters["step"], counters["updates"]
         self.skipped = counters["skipped"]
+        if self.loss_scale is not None:
+            self.loss_scale = LossScale(**counters["loss_scale"])

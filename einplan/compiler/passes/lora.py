@@ -13,6 +13,7 @@ the optimizer keeps state only for them.
 from __future__ import annotations
 
 from einplan.compiler.attrs import LoraPart
+from einplan.compiler.dtypes import master_dtype
 from einplan.compiler.ir import Graph, Node
 from einplan.compiler.lora_spec import LoraConfig, LoraError
 from einplan.compiler.ops import Op, parse_spec
@@ -58,10 +59,17 @@ def _branch(n: Node, w: Node, cfg: LoraConfig, next_id: int, seed: Node | None) 
     def param(k: int, part: str, shape: tuple[int, int]) -> Node:
         meta = LoraPart(cfg.r, cfg.alpha, n_in, module, role, part)
         attrs = {"key": f"{module}.lora_{part}.weight", "lora": meta}
-        return Node(k, Op.PARAM, (), attrs, shape, n.dtype, f"{n.name}.lora_{part.lower()}", LORA)
+        name = f"{n.name}.lora_{part.lower()}"
+        return Node(k, Op.PARAM, (), attrs, shape, master_dtype(n.dtype), name, LORA)
 
     a = param(next_id, "A", (cfg.r, n_in))
     b = param(next_id + 1, "B", (n_out, cfg.r))
+    casts = []  # mixed precision: A and B are float32 masters read as 16-bit copies
+    if a.dtype != n.dtype:
+        casts = [
+            Node(k, Op.CAST, (p.id,), {"dtype": n.dtype}, p.shape, n.dtype, f"{p.name}.cast", LORA)
+            for k, p in ((next_id + 6, a), (next_id + 7, b))
+        ]
     x = n.inputs[0]
     dropped = []
     if seed is not None:
@@ -80,7 +88,7 @@ def _branch(n: Node, w: Node, cfg: LoraConfig, next_id: int, seed: Node | None) 
     low = Node(
         next_id + 2,
         Op.EINSUM,
-        (x, a.id, b.id),
+        (x, *(c.id for c in casts or (a, b))),
         {"spec": f"{lead}{i},{r}{i},{o}{r}->{lead}{o}"},
         n.shape,
         n.dtype,
@@ -100,7 +108,7 @@ def _branch(n: Node, w: Node, cfg: LoraConfig, next_id: int, seed: Node | None) 
     total = Node(
         next_id + 4, Op.ADD, (n.id, scaled.id), {}, n.shape, n.dtype, f"{n.name}.lora_add", LORA
     )
-    return [a, b, *dropped, low, scaled, total]
+    return [a, b, *casts, *dropped, low, scaled, total]
 
 
 def run(graph: Graph, ctx: PassContext) -> Graph:
@@ -123,7 +131,7 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
         if n.op is Op.EINSUM and Tag.LINEAR in n.tags and role_of(n.name) in cfg.targets:
             w = _weight_param(nodes[n.inputs[1]], nodes)
             made = _branch(n, w, cfg, next_id, seed)
-            next_id += 6
+            next_id += 8
             out.extend(made)
             rename[n.id] = made[-1].id
     outputs = {k: rename.get(v, v) for k, v in graph.outputs.items()}

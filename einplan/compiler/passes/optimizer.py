@@ -5,7 +5,7 @@ Each run of the entry is one micro-batch: its gradients are added into ``grad.<k
 buffers. The update steps read the runtime input ``step``: 0 means "accumulate only"; t >= 1
 applies optimizer step t (its bias correction) with learning rate ``lr``, clipped by the global
 norm, then empties the accumulators. A non-finite norm (or loss) skips the update (and empties
-them).
+them). An f16 plan also reads ``inv_loss_scale`` (dynamic loss scaling, see runtime/trainer.py).
 Updates are side effects (``Graph.effects``), tagged ``optimizer``; every reader of a parameter
 must run before its update, which this pass checks.
 """
@@ -20,6 +20,8 @@ from einplan.compiler.ops import Op, ShapeError
 from einplan.compiler.pipeline import PassContext
 from einplan.compiler.tags import Tag
 from einplan.compiler.trace import Builder
+
+INV_LOSS_SCALE = "inv_loss_scale"  # the runtime input 1/S of an f16 plan whose loss is scaled by S
 
 
 def check_reads_before_updates(graph: Graph, norm: int, params: list[int]) -> None:
@@ -53,11 +55,17 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
     with b.tagged(Tag.OPTIMIZER):
         lr = b.input("lr", (), dtype)
         step = b.input("step", (), "i64")
+        # f16 training scales the loss (runtime/loss_scale.py): each gradient is unscaled
+        # (in float32) before it is accumulated, clipped and applied
+        inv_scale = b.input(INV_LOSS_SCALE, (), dtype) if ctx.compute_dtype == "f16" else None
         accs = {}
         for key, gid in grads.items():
             p = params[key]
             acc = b.state(f"{p.name}.grad", grad_key(key), p.shape, p.dtype)
-            accs[key] = b.acc_grad(acc, b.value(nodes[gid]), role=f"{p.name}.acc_grad")
+            g = b.value(nodes[gid])
+            if inv_scale is not None:
+                g = b.mul(g, inv_scale, role=f"{p.name}.unscale")
+            accs[key] = b.acc_grad(acc, g, role=f"{p.name}.acc_grad")
         loss = b.value(nodes[graph.outputs["loss"]])
         norm = b.grad_norm(loss, list(accs.values()))
         for key, acc in accs.items():

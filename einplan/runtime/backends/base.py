@@ -7,8 +7,10 @@ from dataclasses import dataclass, field
 
 from einplan.compiler.ir import Node
 from einplan.compiler.ops import Op
+from einplan.compiler.tags import Tag
 from einplan.runtime.device import DeviceError, array_module
 from einplan.runtime.kernels import KERNELS, Kernel, Scratch
+from einplan.runtime.upcast import make_upcast
 
 Factory = Callable[..., Kernel | None]
 
@@ -37,7 +39,26 @@ class Backend:
         scratch: Scratch,
         inputs: list[Node] = (),
     ) -> tuple[Kernel, str]:
-        """The kernel of one step and the name of the backend that made it."""
+        """The kernel of one step and the name of the backend that made it; a step tagged
+        ``upcast`` gets its float32 kernel wrapped (runtime/upcast.py)."""
+        if Tag.UPCAST in node.tags:
+            if self.device != "cpu":
+                raise DeviceError(
+                    f"step {node.name} computes on 16-bit values (a bf16/f16 plan): mixed "
+                    f"precision runs on the CPU only for now; run it with --device cpu, or "
+                    "compile it in f32"
+                )
+            made: list[str] = []
+
+            def make(twin, shapes, out_shape, scratch, inputs):
+                kernel, name = self.kernel_for(
+                    twin.with_(tags=twin.tags - {Tag.UPCAST}), shapes, out_shape, scratch, inputs
+                )
+                made.append(name)
+                return kernel
+
+            kernel = make_upcast(make, node, shapes, out_shape, scratch, list(inputs))
+            return kernel, (made[0] if made else "numpy")
         factory = self.table.get(node.op)
         if factory is not None:
             kernel = factory(node, shapes, out_shape, scratch, list(inputs))

@@ -13,6 +13,7 @@ import numpy as np
 
 from einplan.compiler.ir import Graph
 from einplan.compiler.lora_spec import parse_lora
+from einplan.compiler.passes.flash import check_attention
 from einplan.compiler.passes.memory import estimate_memory
 from einplan.compiler.pipeline import Mode, PassContext, compile_entry
 from einplan.compiler.plan import Plan
@@ -44,6 +45,7 @@ def compile_model(
     ctx: PassContext | None = None,
     lora: str | dict[str, Any] | None = None,
     quant: str | dict[str, Any] | None = None,
+    attention: str | None = None,
 ) -> Plan:
     """Trace a model config (path, built-in name, dict or HF config.json) and compile each
     entry point (``forward``, ``prefill``, ``decode``; ``loss``, ``grad``, ``train_step`` for
@@ -51,7 +53,13 @@ def compile_model(
     into one plan. Weights are stored in ``weight_dtype`` and computed in ``compute_dtype``
     (default: the train section's, else float32); both default to each other. ``lora``
     (``"r=8,alpha=16,targets=q,v"`` or a dict) and ``quant`` (``"w4a16"`` or a dict with
-    group_size, symmetric, activations) override the config's sections of those names."""
+    group_size, symmetric, activations) override the config's sections of those names.
+    ``attention`` (``auto``, ``flash``, ``plain``) overrides the context's choice of attention
+    kernel (compiler/passes/flash.py)."""
+    ctx = ctx or PassContext()
+    if attention is not None:
+        ctx.attention = attention
+    check_attention(ctx.attention)
     with paused_gc():
         return _compile(config, weight_dtype, compute_dtype, entries, train, ctx, lora, quant)
 
@@ -117,6 +125,7 @@ def _compile(
         "compute_dtype": compute_dtype,
         "lora": ctx.lora.to_dict() if ctx.lora else None,
         "quant": ctx.quant.to_dict() if ctx.quant else None,
+        "attention": {name: g.meta.get("attention") for name, g in graphs.items()},
         "parameters": params,
         "passes": ctx.stats,
         "compile_seconds": time.perf_counter() - t0,

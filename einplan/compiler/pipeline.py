@@ -34,6 +34,7 @@ class Mode(StrEnum):
 ALL_PASSES = (
     "lora",
     "quantize",
+    "flash",
     "autodiff",
     "optimizer",
     "simplify",
@@ -78,6 +79,7 @@ class PassContext:
     lora: LoraConfig | None = None  # the lora pass adds adapters when set
     quant: QuantConfig | None = None  # the quantize pass quantises when set
     train: TrainConfig | None = None  # the optimizer pass's settings
+    attention: str = "auto"  # auto | flash | plain: what the flash pass does (passes/flash.py)
 
 
 def run_pass(name: str, graph: Graph, ctx: PassContext) -> Graph:

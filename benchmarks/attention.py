@@ -33,7 +33,8 @@ from common import ROOT, run_torch_case, subprocess_json, timed, write_results  
 
 CONFIG = ROOT / "configs" / "smollm2-135m.json"
 N, G, H = 3, 3, 64  # SmolLM2-135M: KV heads, query heads per KV head, head dim
-TILES = [(64, 256), (64, 512), (128, 256), (128, 512), (128, 1024), (256, 512), (256, 1024)]
+TILES = [(64, 512), (128, 256), (128, 512), (128, 1024), (256, 512), (256, 1024), (256, 2048)]
+SHORT = {16, 32, 64, 128}  # lengths where only plain, untiled and the chosen tiles are timed
 
 
 def attention_plan(seq: int, attention: str, decode: bool = False, tiles=None, min_tiled=None):
@@ -127,8 +128,10 @@ def part_tiles(args) -> list[dict]:
     for seq in args.tile_lengths:
         graphs = {"plain": attention_plan(seq, "plain"), "untiled": attention_plan(seq, "auto")}
         graphs["untiled"] = attention_plan(seq, "flash", min_tiled=10**9)
+        from einplan.compiler.passes import flash
+
         for bq, bk in TILES:
-            if bq <= seq:
+            if seq not in SHORT or (bq, bk) == (flash.BLOCK_Q, flash.BLOCK_K):
                 graphs[f"{bq}x{bk}"] = attention_plan(seq, "flash", tiles=(bq, bk), min_tiled=0)
         med = time_side_by_side(graphs, attention_feed(seq), args)
         for name, s in med.items():

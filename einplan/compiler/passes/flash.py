@@ -22,12 +22,20 @@ from einplan.errors import EinplanError
 
 ATTENTION_CHOICES = ("auto", "flash", "plain")
 
-# Measured by benchmarks/flash_tiles.py (results in benchmarks/results/flash_tiles.json):
-# SmolLM2-135M attention (9 query heads, 3 KV heads, head dim 64), float32, batch 1.
-BLOCK_Q = 128  # query rows per block
-BLOCK_K = 512  # keys per tile
-MIN_TILED = 512  # below this many keys one untiled block is as fast (auto)
-# decode (one query) keeps the plain chain under auto: as fast or faster there, same memory
+# Measured by `python benchmarks/attention.py --parts tiles` (benchmarks/results/flash_tiles.json
+# and flash_tiles_short.json, 2026-12-01, 2 shared vCPUs, load 8-10): one SmolLM2-135M layer's
+# attention (9 query heads, 3 KV heads, head dim 64, float32, batch 1), median ms:
+#   keys          16    64   128   256   512  1024  2048  4096
+#   plain       0.08  0.29  1.06   5.1  25.2  86.2   319  2008
+#   one block   0.09  0.29  0.97   2.6  13.2  52.8   151   879
+#   128 x 512                      2.5  11.3  39.8   143   927
+#   128 x 1024  0.09  0.29  0.94   2.5  15.3  39.9   126   871
+# (runs of one variant moved up to 30 %: 128 x 512 and 128 x 1024 do the same work below 1024).
+BLOCK_Q = 128  # query rows per block (x the 3 query heads of a KV head: 384 rows per product)
+BLOCK_K = 1024  # keys per tile: a tile is 384 x 1024 floats per KV head, whatever the length
+MIN_TILED = 512  # auto: below this many keys one block (as fast); from it tiles win (and the
+# scores of one block would grow with the square of the length)
+# decode (one query): the plain chain measured faster (benchmarks/attention.py --parts decode)
 FLASH_DECODE = False
 
 SCORE_SPECS = {"bsngh,btnh->bngst": "bsnh", "bsngh,bnth->bngst": "bnth"}
@@ -72,7 +80,7 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
     choice = check_attention(ctx.attention)
     decode = graph.name == "decode"
     if choice == "plain" or (choice == "auto" and decode and not FLASH_DECODE):
-        why = "--attention plain" if choice == "plain" else "one query: plain is as fast"
+        why = "--attention plain" if choice == "plain" else "one query: plain measured faster"
         graph.meta["attention"] = {"kind": "plain", "why": why}
         return graph
     nodes, uses = graph.by_id(), graph.consumers()
@@ -97,7 +105,7 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
         drop |= {scores.id, probs.id}
     graph.meta["attention"] = {
         "kind": "flash" if fused else "plain",
-        "why": (f"--attention {choice}" if choice == "flash" else "auto")
+        "why": ("--attention flash" if choice == "flash" else "auto: measured faster from 128 keys")
         if fused
         else "no attention chain found",
         "nodes": len(fused),

@@ -12,10 +12,13 @@ from hypothesis import strategies as st
 from safetensors.numpy import load_file
 
 import einplan
+from einplan.cli import main
+from einplan.commands.arguments import ATTENTION_CHOICES
 from einplan.compiler.ir import Node
 from einplan.compiler.ops import Op, count_flops
 from einplan.compiler.passes import flash as flash_pass
 from einplan.errors import EinplanError
+from einplan.runtime import flash as flash_runtime
 from einplan.runtime.executor import Executor
 from einplan.runtime.flash import GRADS, LSE, make_flash_attention, make_flash_attention_grad
 from einplan.runtime.generate import MASKED, attention_mask
@@ -223,7 +226,13 @@ def _feed(ids):
     return {"tokens": ids, "positions": np.broadcast_to(np.arange(ids.shape[1]), ids.shape)}
 
 
-def test_grad_plans_equal_in_float64(small_tiles):
+def test_grad_plans_equal_in_float64(small_tiles, monkeypatch):
+    """The reverse steps take the forward's saved log-sum-exp, never computing it again."""
+
+    def recompute(*args):
+        raise AssertionError("the reverse step recomputed the log-sum-exp")
+
+    monkeypatch.setattr(flash_runtime, "_row_lse", recompute)
     cfg = {**ONE_LAYER, "num_hidden_layers": 2}
     rng = np.random.default_rng(0)
     ids = rng.integers(0, 32, size=(2, 11))
@@ -309,3 +318,26 @@ def test_auto_keeps_decode_plain_and_records_its_choice():
 def test_unknown_attention_is_a_clear_error():
     with pytest.raises(EinplanError, match="attention 'fast' is not one of auto, flash, plain"):
         einplan.compile_model("tiny", attention="fast")
+
+
+def _unwrapped(table: str) -> str:
+    """A printed table's text with its borders and line wraps taken out."""
+    return " ".join(table.replace("│", " ").split())
+
+
+def test_cli_compile_says_what_it_chose_and_train_refuses_it_for_a_plan(tmp_path, capsys):
+    plan = tmp_path / "t.plan"
+    assert main(["compile", "tiny", "--attention", "plain", "-o", str(plan)]) == 0
+    out = _unwrapped(capsys.readouterr().out)
+    assert "forward: plain (--attention plain)" in out
+    assert main(["compile", "tiny", "-o", str(plan)]) == 0
+    out = _unwrapped(capsys.readouterr().out)
+    assert "forward: flash x4 (tiles 128 queries x 1024" in out
+    assert "decode: plain (one query: plain measured faster)" in out
+    argv = ["train", str(plan), "--data", str(plan), "-o", str(tmp_path / "run")]
+    assert main([*argv, "--attention", "flash"]) == 2
+    assert "recompile it with einplan compile --train --attention" in capsys.readouterr().err
+
+
+def test_the_parser_offers_the_compilers_choices():
+    assert ATTENTION_CHOICES == flash_pass.ATTENTION_CHOICES

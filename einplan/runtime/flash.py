@@ -15,6 +15,7 @@ averages every key, as the plain softmax does.
 
 from __future__ import annotations
 
+import itertools
 import threading
 
 import numpy as np
@@ -25,12 +26,14 @@ from einplan.compiler.ops import Op
 from einplan.runtime.moe import buffer_key
 
 HIDDEN = np.finfo(np.float32).min  # a mask entry at or below this hides its key
-# forward flash_attention node name -> (buffer key of q, k, v, out; row log-sum-exp) of its
-# last run, for its reverse steps (attr ``keep``, set on graphs that are differentiated)
-LSE: dict[str, tuple[tuple, np.ndarray]] = {}
-# buffer key of a reverse step's inputs -> the gradients its sibling steps have still to take
-GRADS: dict[tuple, dict[str, np.ndarray]] = {}
+# forward flash_attention node name -> (buffer key of q, k, v, out; row log-sum-exp; run number)
+# of its last run, for its reverse steps (attr ``keep``, set on graphs that are differentiated)
+LSE: dict[str, tuple[tuple, np.ndarray, int]] = {}
+# buffer key of a reverse step's inputs -> (the forward run they came from, the gradients its
+# sibling steps have still to take): an entry a failed run left behind is never taken
+GRADS: dict[tuple, tuple[int | None, dict[str, np.ndarray]]] = {}
 _GRADS_LOCK = threading.Lock()
+_RUNS = itertools.count()
 
 Tile = tuple[int, int, bool]  # first key, end key, whether some key lies after some row
 Block = tuple[int, int, list[Tile]]  # first row, end row, its key tiles
@@ -188,7 +191,7 @@ def make_flash_attention(node: Node, shapes, out_shape, scratch):
         _attend(lay, q_t, k_t, v_t, ins[3] if lay.has_mask else None, out_t, lse)
         _to_queries(lay, out_t, out)
         if keep:
-            LSE[node.name] = (buffer_key(q, k, v, out), lse)
+            LSE[node.name] = (buffer_key(q, k, v, out), lse, next(_RUNS))
         return out
 
     return flash_attention
@@ -236,16 +239,19 @@ def _gradients(lay: Layout, q, k, v, mask, o, do, lse) -> dict[str, np.ndarray]:
     return {"q": dq, "k": dk_t.transpose(0, 2, 1, 3), "v": dv_t.transpose(0, 2, 1, 3)}
 
 
-def _row_lse(lay: Layout, node: Node, ins: list[np.ndarray]) -> np.ndarray:
-    """The forward step's saved log-sum-exp when it was made from these very buffers, else
-    the statistics computed again (one pass of q k^T, no product with v)."""
-    q, k, v = ins[:3]
-    forward = node.name.rsplit(".grad", 1)[0]
-    saved = LSE.get(forward)
-    if saved is not None and saved[0] == buffer_key(q, k, v, ins[-2]):
-        return saved[1]
+def _saved(node: Node, ins: list[np.ndarray]) -> tuple[np.ndarray | None, int | None]:
+    """The forward step's saved log-sum-exp and run number when it was made from these very
+    buffers, else (None, None)."""
+    saved = LSE.get(node.name.rsplit(".grad", 1)[0])
+    if saved is not None and saved[0] == buffer_key(*ins[:3], ins[-2]):
+        return saved[1], saved[2]
+    return None, None
+
+
+def _row_lse(lay: Layout, ins: list[np.ndarray]) -> np.ndarray:
+    """The row log-sum-exp computed again (one pass of q k^T, no product with v)."""
     lse = np.empty((lay.b, lay.n, lay.s * lay.g), lay.dtype)
-    q_t, k_t, v_t = lay.heads_first(q, k, v)
+    q_t, k_t, v_t = lay.heads_first(*ins[:3])
     _attend(lay, q_t, k_t, v_t, ins[3] if lay.has_mask else None, None, lse)
     return lse
 
@@ -259,15 +265,16 @@ def make_flash_attention_grad(node: Node, shapes, out_shape, scratch):
     def flash_attention_grad(ins, out):
         key = buffer_key(*ins)
         with _GRADS_LOCK:
-            ready = GRADS.get(key)
-            if ready is None or wrt not in ready:
-                lse = _row_lse(lay, node, ins)
+            lse, run = _saved(node, ins)
+            left = GRADS.get(key)
+            if left is None or left[0] != run or wrt not in left[1]:
+                if lse is None:
+                    lse = _row_lse(lay, ins)
                 mask = ins[3] if lay.has_mask else None
-                ready = _gradients(lay, *ins[:3], mask, ins[-2], ins[-1], lse)
-                ready = {w: ready[w] for w in wanted}
-                GRADS[key] = ready
-            np.copyto(out, ready.pop(wrt))
-            if not ready:
+                grads = _gradients(lay, *ins[:3], mask, ins[-2], ins[-1], lse)
+                left = GRADS[key] = (run, {w: grads[w] for w in wanted})
+            np.copyto(out, left[1].pop(wrt))
+            if not left[1]:
                 del GRADS[key]
         return out
 

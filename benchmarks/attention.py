@@ -195,12 +195,20 @@ def run_model_here(attention: str, seq: int, args) -> dict:
 
 def part_model(args) -> list[dict]:
     rows = []
-    for _ in range(args.rounds):
+    for round_ in range(args.rounds):
         for seq in args.model_lengths:
+            # a forward of --long-from tokens takes minutes on 2 busy cores: one round, no
+            # warm-up, one timed run per engine
+            long = seq >= args.long_from
+            if long and round_:
+                continue
+            warmup, reps, min_time = (args.warmup, args.reps, args.min_time)
+            if long:
+                warmup, reps, min_time = 0, 1, 0.0
             for attention in ("flash", "plain"):
                 cmd = [sys.executable, __file__, "--case", f"{attention}:{seq}"]
-                cmd += ["--warmup", str(args.warmup), "--reps", str(args.reps)]
-                cmd += ["--min-time", str(args.min_time)]
+                cmd += ["--warmup", str(warmup), "--reps", str(reps)]
+                cmd += ["--min-time", str(min_time)]
                 r = subprocess_json(cmd)
                 r.update(part="model", engine=f"einplan-{attention}", seq=seq)
                 rows.append(r)
@@ -208,7 +216,7 @@ def part_model(args) -> list[dict]:
                 print(f"model {seq} {attention}: {tps:.1f} tok/s", file=sys.stderr)
             if args.torch_python:
                 case = f"smollm2-135m:fwd:1:{seq}"
-                r = run_torch_case(args.torch_python, case, args.warmup, args.reps, args.min_time)
+                r = run_torch_case(args.torch_python, case, warmup, reps, min_time)
                 r.update(part="model", seq=seq)
                 rows.append(r)
                 print(f"model {seq} torch: {r.get('tokens_per_s', 0):.1f} tok/s", file=sys.stderr)
@@ -277,6 +285,7 @@ def main() -> None:
     ap.add_argument("--tile-lengths", default="256,512,1024,4096")
     ap.add_argument("--model-lengths", default="1024,4096")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the model part")
+    ap.add_argument("--long-from", type=int, default=4096, help="model lengths timed once")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--min-time", type=float, default=1.0)
@@ -294,8 +303,8 @@ def main() -> None:
     rows = []
     for name in args.parts.split(","):
         rows += parts[name](args)
+        write_results(args.json, rows)  # what is measured so far, in case a later part fails
     print_tables(rows)
-    write_results(args.json, rows)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,10 @@ the output and its cotangent: it recomputes each tile's probabilities from it.
 Tiles of an additive mask that hide every key of the tile (prefill's causal part, unwritten
 cache slots) are skipped too, unless some row of the block sees no key at all: that row then
 averages every key, as the plain softmax does.
+
+The query blocks are shared between this thread and a helper (numpy and BLAS release the GIL),
+each block's small products on one BLAS thread: two BLAS threads per product spin-wait for each
+other, which on a busy machine made every tile's product ten times slower.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from einplan.compiler.dtypes import to_numpy_dtype
 from einplan.compiler.ir import Node
 from einplan.compiler.ops import Op
 from einplan.runtime.moe import buffer_key
+from einplan.runtime.qmatmul import THREADS, Helper
 
 HIDDEN = np.finfo(np.float32).min  # a mask entry at or below this hides its key
 # forward flash_attention node name -> (buffer key of q, k, v, out; row log-sum-exp; run number)
@@ -34,6 +39,7 @@ LSE: dict[str, tuple[tuple, np.ndarray, int]] = {}
 GRADS: dict[tuple, tuple[int | None, dict[str, np.ndarray]]] = {}
 _GRADS_LOCK = threading.Lock()
 _RUNS = itertools.count()
+HELPER = Helper()  # runs the second share of the query blocks
 
 Tile = tuple[int, int, bool]  # first key, end key, whether some key lies after some row
 Block = tuple[int, int, list[Tile]]  # first row, end row, its key tiles
@@ -60,6 +66,34 @@ def plan_tiles(
     return blocks
 
 
+def share_blocks(blocks: list[Block], g: int, workers: int) -> list[list[int]]:
+    """The block indices each worker computes: largest first to the least loaded, by the score
+    entries of their tiles (causal blocks near the end see more keys)."""
+    shares: list[list[int]] = [[] for _ in range(max(1, min(workers, len(blocks))))]
+    load = [0] * len(shares)
+    work = [(i1 - i0) * g * sum(j1 - j0 for j0, j1, _ in tiles) for i0, i1, tiles in blocks]
+    for k in sorted(range(len(blocks)), key=work.__getitem__, reverse=True):
+        w = load.index(min(load))
+        shares[w].append(k)
+        load[w] += work[k]
+    return shares
+
+
+def on_workers(lay: Layout, job) -> None:
+    """Run ``job(worker, block indices)`` for each worker's share, the second on the helper
+    thread, every product on one BLAS thread."""
+    from einplan.runtime.executor import blas_controller  # the executor imports the kernels
+
+    with blas_controller().limit(limits=1, user_api="blas"):
+        if len(lay.shares) > 1:
+            HELPER.start(lambda: job(1, lay.shares[1]))
+        try:
+            job(0, lay.shares[0])
+        finally:
+            if len(lay.shares) > 1:
+                HELPER.wait()
+
+
 class Layout:
     """Concrete sizes of one step and the scratch it multiplies in."""
 
@@ -82,14 +116,14 @@ class Layout:
         self.tile_size = b * n * rows * width
         self.rows = rows
         self.scratch = scratch
-        self.skip = False  # whether the block being computed may skip hidden mask tiles
+        self.shares = share_blocks(self.blocks, self.g, THREADS)
         self.q_t = scratch("flash_q", (b, n, self.s * self.g, h), self.dtype)
         self.k_t = None if self.bnth else scratch("flash_k", (b, n, self.t, h), self.dtype)
         self.v_t = None if self.bnth else scratch("flash_v", (b, n, self.t, h), self.dtype)
 
-    def tile(self, role: str, rows: int, width: int) -> np.ndarray:
-        """A (b, n, rows, width) view of a scratch tile."""
-        flat = self.scratch(f"flash_{role}", (self.tile_size,), self.dtype)
+    def tile(self, role: str, worker: int, rows: int, width: int) -> np.ndarray:
+        """A (b, n, rows, width) view of one worker's scratch tile."""
+        flat = self.scratch(f"flash_{role}{worker}", (self.tile_size,), self.dtype)
         return flat[: self.b * self.n * rows * width].reshape(self.b, self.n, rows, width)
 
     def heads_first(self, q: np.ndarray, k: np.ndarray, v: np.ndarray):
@@ -110,14 +144,15 @@ class Layout:
         sees = (mask > HIDDEN).any(axis=-1)  # (b, s)
         return [bool(sees[:, i0:i1].all()) for i0, i1, _ in self.blocks]
 
-    def scores(self, q_blk, k_t, mask, i0, i1, j0, j1, diag) -> np.ndarray | None:
-        """scale * q k^T (+ mask, causal -inf) of one tile, or None when the mask hides it."""
+    def scores(self, worker, q_blk, k_t, mask, skip, i0, i1, j0, j1, diag) -> np.ndarray | None:
+        """scale * q k^T (+ mask, causal -inf) of one tile, or None when the mask hides it
+        (and the block may ``skip`` such tiles)."""
         m = None
         if mask is not None:
             m = mask[:, i0:i1, j0:j1]
-            if self.skip and m.max() <= HIDDEN:
+            if skip and m.max() <= HIDDEN:
                 return None
-        s = self.tile("s", q_blk.shape[2], j1 - j0)
+        s = self.tile("s", worker, q_blk.shape[2], j1 - j0)
         # (b, n, rows, h) x (b, n, h, keys) -> (b, n, rows, keys)
         np.matmul(q_blk, k_t[:, :, j0:j1].swapaxes(-1, -2), out=s)
         if self.scale != 1:
@@ -134,40 +169,48 @@ class Layout:
 def _attend(lay: Layout, q_t, k_t, v_t, mask, out_t, lse) -> None:
     """Online softmax over each block's key tiles: out_t (b, n, s*g, h) the normalised
     context (None: only the statistics), lse (b, n, s*g) the row log-sum-exp."""
-    g = lay.g
-    for (i0, i1, tiles), skip in zip(lay.blocks, lay.skippable(mask), strict=True):
-        lay.skip = skip
-        r0, r1 = i0 * g, i1 * g
-        q_blk = q_t[:, :, r0:r1]
-        acc = None if out_t is None else out_t[:, :, r0:r1]
-        m, total = lse[:, :, r0:r1], None
-        for j0, j1, diag in tiles:
-            p = lay.scores(q_blk, k_t, mask, i0, i1, j0, j1, diag)
-            if p is None:
-                continue
-            top = p.max(axis=-1)
-            if total is None:
-                m[...] = top
-            else:
-                new = np.maximum(m, top)
-                fix = np.exp(m - new)  # rescales what earlier tiles summed
-                m[...] = new
-                total *= fix
-                if acc is not None:
-                    acc *= fix[..., None]
-            p -= m[..., None]
-            np.exp(p, out=p)
-            part = p.sum(axis=-1)
-            total = part if total is None else total + part
+    skips = lay.skippable(mask)
+
+    def job(worker: int, share: list[int]) -> None:
+        for k in share:
+            _attend_block(lay, worker, lay.blocks[k], skips[k], q_t, k_t, v_t, mask, out_t, lse)
+
+    on_workers(lay, job)
+
+
+def _attend_block(lay: Layout, worker, block, skip, q_t, k_t, v_t, mask, out_t, lse) -> None:
+    (i0, i1, tiles), g = block, lay.g
+    r0, r1 = i0 * g, i1 * g
+    q_blk = q_t[:, :, r0:r1]
+    acc = None if out_t is None else out_t[:, :, r0:r1]
+    m, total = lse[:, :, r0:r1], None
+    for j0, j1, diag in tiles:
+        p = lay.scores(worker, q_blk, k_t, mask, skip, i0, i1, j0, j1, diag)
+        if p is None:
+            continue
+        top = p.max(axis=-1)
+        if total is None:
+            m[...] = top
+        else:
+            new = np.maximum(m, top)
+            fix = np.exp(m - new)  # rescales what earlier tiles summed
+            m[...] = new
+            total *= fix
             if acc is not None:
-                # (b, n, rows, keys) x (b, n, keys, h) -> (b, n, rows, h)
-                if total is part:
-                    np.matmul(p, v_t[:, :, j0:j1], out=acc)
-                else:
-                    acc += p @ v_t[:, :, j0:j1]
+                acc *= fix[..., None]
+        p -= m[..., None]
+        np.exp(p, out=p)
+        part = p.sum(axis=-1)
         if acc is not None:
-            acc /= total[..., None]
-        m += np.log(total)
+            # (b, n, rows, keys) x (b, n, keys, h) -> (b, n, rows, h)
+            if total is None:
+                np.matmul(p, v_t[:, :, j0:j1], out=acc)
+            else:
+                acc += p @ v_t[:, :, j0:j1]
+        total = part if total is None else total + part
+    if acc is not None:
+        acc /= total[..., None]
+    m += np.log(total)
 
 
 def _to_queries(lay: Layout, x_t: np.ndarray, out: np.ndarray) -> None:
@@ -200,38 +243,49 @@ def make_flash_attention(node: Node, shapes, out_shape, scratch):
 def _gradients(lay: Layout, q, k, v, mask, o, do, lse) -> dict[str, np.ndarray]:
     """d q (b, s, n, g, h), d k and d v in k's layout, recomputing each tile's probabilities
     p = exp(s - lse): d v = p^T do, d s = p * (do v^T - rowsum(do * o)), d q = scale d s k,
-    d k = scale d s^T q."""
+    d k = scale d s^T q. Each worker sums its blocks' d k and d v apart; they are added last."""
     b, s, n, g, h = q.shape
     q_t, k_t, v_t = lay.heads_first(q, k, v)
     heads = (0, 2, 1, 3, 4)
     do_t = np.ascontiguousarray(do.transpose(heads)).reshape(b, n, s * g, h)
     rowdot = (do * o).sum(axis=-1).transpose(0, 2, 1, 3).reshape(b, n, s * g)
     dq_t = np.zeros_like(do_t)
-    dk_t = np.zeros((b, n, lay.t, h), lay.dtype)
-    dv_t = np.zeros_like(dk_t)
-    for (i0, i1, tiles), skip in zip(lay.blocks, lay.skippable(mask), strict=True):
-        lay.skip = skip
-        r0, r1 = i0 * g, i1 * g
-        q_blk, do_blk = q_t[:, :, r0:r1], do_t[:, :, r0:r1]
-        for j0, j1, diag in tiles:
-            p = lay.scores(q_blk, k_t, mask, i0, i1, j0, j1, diag)
-            if p is None:
-                continue
-            p -= lse[:, :, r0:r1, None]
-            np.exp(p, out=p)
-            # (b, n, keys, rows) x (b, n, rows, h) -> (b, n, keys, h)
-            dv_t[:, :, j0:j1] += p.swapaxes(-1, -2) @ do_blk
-            ds = lay.tile("ds", r1 - r0, j1 - j0)
-            # (b, n, rows, h) x (b, n, h, keys) -> (b, n, rows, keys)
-            np.matmul(do_blk, v_t[:, :, j0:j1].swapaxes(-1, -2), out=ds)
-            ds -= rowdot[:, :, r0:r1, None]
-            ds *= p
-            if lay.scale != 1:
-                ds *= lay.scale
-            # (b, n, rows, keys) x (b, n, keys, h) -> (b, n, rows, h)
-            dq_t[:, :, r0:r1] += ds @ k_t[:, :, j0:j1]
-            # (b, n, keys, rows) x (b, n, rows, h) -> (b, n, keys, h)
-            dk_t[:, :, j0:j1] += ds.swapaxes(-1, -2) @ q_blk
+    dkv = [np.zeros((2, b, n, lay.t, h), lay.dtype) for _ in lay.shares]
+    skips = lay.skippable(mask)
+
+    def job(worker: int, share: list[int]) -> None:
+        dk_t, dv_t = dkv[worker]
+        for idx in share:
+            (i0, i1, tiles), r0, r1 = (
+                lay.blocks[idx],
+                lay.blocks[idx][0] * g,
+                lay.blocks[idx][1] * g,
+            )
+            q_blk, do_blk = q_t[:, :, r0:r1], do_t[:, :, r0:r1]
+            for j0, j1, diag in tiles:
+                p = lay.scores(worker, q_blk, k_t, mask, skips[idx], i0, i1, j0, j1, diag)
+                if p is None:
+                    continue
+                p -= lse[:, :, r0:r1, None]
+                np.exp(p, out=p)
+                # (b, n, keys, rows) x (b, n, rows, h) -> (b, n, keys, h)
+                dv_t[:, :, j0:j1] += p.swapaxes(-1, -2) @ do_blk
+                ds = lay.tile("ds", worker, r1 - r0, j1 - j0)
+                # (b, n, rows, h) x (b, n, h, keys) -> (b, n, rows, keys)
+                np.matmul(do_blk, v_t[:, :, j0:j1].swapaxes(-1, -2), out=ds)
+                ds -= rowdot[:, :, r0:r1, None]
+                ds *= p
+                if lay.scale != 1:
+                    ds *= lay.scale
+                # (b, n, rows, keys) x (b, n, keys, h) -> (b, n, rows, h)
+                dq_t[:, :, r0:r1] += ds @ k_t[:, :, j0:j1]
+                # (b, n, keys, rows) x (b, n, rows, h) -> (b, n, keys, h)
+                dk_t[:, :, j0:j1] += ds.swapaxes(-1, -2) @ q_blk
+
+    on_workers(lay, job)
+    for extra in dkv[1:]:
+        dkv[0] += extra
+    dk_t, dv_t = dkv[0]
     dq = np.empty_like(q)
     _to_queries(lay, dq_t, dq)
     if lay.bnth:

@@ -40,6 +40,7 @@ GRADS: dict[tuple, tuple[int | None, dict[str, np.ndarray]]] = {}
 _GRADS_LOCK = threading.Lock()
 _RUNS = itertools.count()
 HELPER = Helper()  # runs the second share of the query blocks
+_HELPER_LOCK = threading.Lock()  # one step at a time hands it work (executor thread pools)
 
 Tile = tuple[int, int, bool]  # first key, end key, whether some key lies after some row
 Block = tuple[int, int, list[Tile]]  # first row, end row, its key tiles
@@ -85,12 +86,14 @@ def on_workers(lay: Layout, job) -> None:
     from einplan.runtime.executor import blas_controller  # the executor imports the kernels
 
     with blas_controller().limit(limits=1, user_api="blas"):
-        if len(lay.shares) > 1:
-            HELPER.start(lambda: job(1, lay.shares[1]))
-        try:
+        if len(lay.shares) == 1:
             job(0, lay.shares[0])
-        finally:
-            if len(lay.shares) > 1:
+            return
+        with _HELPER_LOCK:
+            HELPER.start(lambda: job(1, lay.shares[1]))
+            try:
+                job(0, lay.shares[0])
+            finally:
                 HELPER.wait()
 
 

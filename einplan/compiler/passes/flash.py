@@ -22,17 +22,20 @@ from einplan.errors import EinplanError
 
 ATTENTION_CHOICES = ("auto", "flash", "plain")
 
-# Measured by `python benchmarks/attention.py --parts tiles` (benchmarks/results/flash_tiles.json
-# and flash_tiles_short.json, 2026-12-01, 2 shared vCPUs, load 8-10): one SmolLM2-135M layer's
-# attention (9 query heads, 3 KV heads, head dim 64, float32, batch 1), median ms:
-#   keys          16    64   128   256   512  1024  2048  4096
-#   plain       0.08  0.29  1.06   5.1  25.2  86.2   319  2008
-#   one block   0.09  0.29  0.97   2.6  13.2  52.8   151   879
-#   128 x 512                      2.5  11.3  39.8   143   927
-#   128 x 1024  0.09  0.29  0.94   2.5  15.3  39.9   126   871
-# (runs of one variant moved up to 30 %: 128 x 512 and 128 x 1024 do the same work below 1024).
+# Measured by `python benchmarks/attention.py --parts tiles` (benchmarks/results/flash_tiles.json,
+# 2026-12-01 05:40 UTC, 2 shared vCPUs at load 15-16; flash_tiles_short.json for 16..128 keys,
+# an earlier kernel on one thread): one SmolLM2-135M layer's attention (9 query heads, 3 KV
+# heads, head dim 64, float32, batch 1), median ms:
+#   keys           64   128    256   512   1024   2048   4096
+#   plain        0.29  1.06   16.1  59.5    373   1117   2433
+#   one block    0.29  0.97   12.2  28.2    145    440   1297
+#   128 x 512                 12.1  24.8    140    459   1287
+#   128 x 1024   0.29  0.94   12.1  31.4    142    452   1324
+#   256 x 512                  9.5  26.2    167    456   1286
+# Tile sizes differ by less than the noise from 2048 keys; 128 x 512 is best or within 2 % at
+# every length from 512, and its tile (384 x 512 floats per KV head) is the smaller.
 BLOCK_Q = 128  # query rows per block (x the 3 query heads of a KV head: 384 rows per product)
-BLOCK_K = 1024  # keys per tile: a tile is 384 x 1024 floats per KV head, whatever the length
+BLOCK_K = 512  # keys per tile
 MIN_TILED = 512  # auto: below this many keys one block (as fast); from it tiles win (and the
 # scores of one block would grow with the square of the length)
 # decode (one query): the plain chain measured faster (benchmarks/attention.py --parts decode)

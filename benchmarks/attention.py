@@ -15,7 +15,9 @@ Parts (``--parts``, comma-separated; default all):
 
     python benchmarks/attention.py --torch-python /work/torch-venv/bin/python
 
-Prints a table per part and writes JSON (default benchmarks/results/attention.json).
+Prints a table per part and writes JSON (default benchmarks/results/attention.json). Peak RSS
+of a model case is its process's ru_maxrss, which Linux carries over from the parent: run the
+model part first (the default order) or alone, before this process holds large arrays.
 """
 
 from __future__ import annotations
@@ -279,7 +281,7 @@ def print_tables(rows: list[dict]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--parts", default="tiles,memory,decode,model")
+    ap.add_argument("--parts", default="model,tiles,memory,decode")
     ap.add_argument("--torch-python", help="python of a venv with torch 2.13.0 + transformers")
     ap.add_argument("--lengths", default="256,512,1024,2048,4096")
     ap.add_argument("--tile-lengths", default="256,512,1024,4096")

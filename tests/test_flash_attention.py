@@ -10,6 +10,7 @@ from conftest import CASES, FIXTURES, ONE_LAYER
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import load_file
+from test_gradients import run_grad_entry
 
 import einplan
 from einplan.cli import main
@@ -304,6 +305,17 @@ def test_transformers_parity_with_flash_tiles(case, small_tiles):
     assert any(n.op is Op.FLASH_ATTENTION for n in plan.entry("forward").nodes)
     logits = einplan.Session(plan, folder).forward(ref["input_ids"])
     assert np.abs(logits - ref["logits"]).max() < 1e-4
+
+
+@pytest.mark.parametrize("case", ["llama_gqa_tied", "qwen2_bias_mqa", "mixtral_moe"])
+def test_transformers_gradients_with_flash_tiles(case, small_tiles, monkeypatch):
+    """auto, tiled at every length: float64 loss and gradients still match the fixtures."""
+    monkeypatch.setattr(flash_pass, "MIN_TILED", 0)
+    out, ref = run_grad_entry(case, "f64")
+    assert abs(float(out["loss"]) - float(ref["loss64"])) < 1e-6 * float(ref["loss64"])
+    for name in (k.removeprefix("grad64.") for k in ref if k.startswith("grad64.")):
+        got, want = out[f"grad.{name}"], ref[f"grad64.{name}"]
+        assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max(), name
 
 
 def test_auto_keeps_decode_plain_and_records_its_choice():

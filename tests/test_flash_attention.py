@@ -4,6 +4,7 @@ whole plans compiled with attention=flash against attention=plain."""
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import pytest
 from conftest import CASES, FIXTURES, ONE_LAYER
@@ -200,6 +201,33 @@ def test_float32_stays_float32():
     make_flash_attention(node, [q.shape, k.shape, v.shape], q.shape, scratch)([q, k, v], out)
     want, _ = plain(q.astype(F64), k.astype(F64), v.astype(F64))
     assert out.dtype == np.float32 and np.abs(out - want).max() < 1e-5
+
+
+@pytest.mark.parametrize("layout", ["bsnh", "bnth"])
+def test_bfloat16_is_computed_in_float32_and_stays_bfloat16(layout):
+    """bf16 values multiply and sum in float32 (as every reduction of a bf16 plan must)."""
+    bf16 = ml_dtypes.bfloat16
+    rng = np.random.default_rng(2)
+    q64 = rng.standard_normal((1, 9, 2, 2, 8))
+    kv_shape = (1, 2, 9, 8) if layout == "bnth" else (1, 9, 2, 8)
+    k64, v64 = rng.standard_normal(kv_shape), rng.standard_normal(kv_shape)
+    q, k, v = (x.astype(bf16) for x in (q64, k64, v64))
+    do = rng.standard_normal(q.shape).astype(bf16)
+    attrs = {"layout": layout, "block_q": 2, "block_k": 4}
+    bnth = layout == "bnth"
+    node = flash_node(Op.FLASH_ATTENTION, q.shape, "bf16", **attrs)
+    out = np.empty(q.shape, bf16)
+    make_flash_attention(node, [q.shape, k.shape, v.shape], q.shape, scratch)([q, k, v], out)
+    want, _ = plain(*(x.astype(F64) for x in (q, k, v)), bnth=bnth)
+    assert out.dtype == bf16 and np.abs(out.astype(F64) - want).max() < 2e-2
+    args = [q, k, v, out, do]
+    grads = plain_grads(*(x.astype(F64) for x in (q, k, v, do)), bnth=bnth)
+    for wrt, x in zip("qkv", (q, k, v), strict=True):
+        g = np.empty(x.shape, bf16)
+        grad = flash_node(Op.FLASH_ATTENTION_GRAD, x.shape, "bf16", wrt=wrt, **attrs)
+        make_flash_attention_grad(grad, [a.shape for a in args], x.shape, scratch)(args, g)
+        err = np.abs(g.astype(F64) - grads[wrt]).max() / np.abs(grads[wrt]).max()
+        assert g.dtype == bf16 and err < 3e-2, wrt
 
 
 def test_causal_flops_count_only_the_computed_tiles():

@@ -106,7 +106,9 @@ class Layout:
         self.bnth = a["layout"] == "bnth"
         self.t = shapes[1][2] if self.bnth else shapes[1][1]
         self.has_mask = len(shapes) in (4, 6)  # forward: q k v [mask]; reverse: + out, ct
-        self.dtype = to_numpy_dtype(node.dtype)
+        # bf16/f16 values are multiplied and summed in float32 (the IR's rule for reductions)
+        self.dtype = to_numpy_dtype("f64" if node.dtype == "f64" else "f32")
+        self.copy_kv = not a["layout"] == "bnth" or node.dtype not in ("f32", "f64")
         self.scale = self.dtype.type(a.get("scale", 1.0))
         self.blocks = plan_tiles(
             self.s, self.t, a["causal"], a["block_q"], a["block_k"], a["min_tiled"]
@@ -121,8 +123,9 @@ class Layout:
         self.scratch = scratch
         self.shares = share_blocks(self.blocks, self.g, THREADS)
         self.q_t = scratch("flash_q", (b, n, self.s * self.g, h), self.dtype)
-        self.k_t = None if self.bnth else scratch("flash_k", (b, n, self.t, h), self.dtype)
-        self.v_t = None if self.bnth else scratch("flash_v", (b, n, self.t, h), self.dtype)
+        kv = (b, n, self.t, h)
+        self.k_t = scratch("flash_k", kv, self.dtype) if self.copy_kv else None
+        self.v_t = scratch("flash_v", kv, self.dtype) if self.copy_kv else None
 
     def tile(self, role: str, worker: int, rows: int, width: int) -> np.ndarray:
         """A (b, n, rows, width) view of one worker's scratch tile."""
@@ -133,10 +136,11 @@ class Layout:
         """q as (b, n, s*g, h) and k, v as (b, n, t, h), copied only where needed."""
         b, s, n, g, h = q.shape
         np.copyto(self.q_t.reshape(b, n, s, g, h), q.transpose(0, 2, 1, 3, 4))
-        if self.bnth:
+        if not self.copy_kv:
             return self.q_t, k, v
-        np.copyto(self.k_t, k.transpose(0, 2, 1, 3))
-        np.copyto(self.v_t, v.transpose(0, 2, 1, 3))
+        perm = (0, 1, 2, 3) if self.bnth else (0, 2, 1, 3)
+        np.copyto(self.k_t, k.transpose(perm))
+        np.copyto(self.v_t, v.transpose(perm))
         return self.q_t, self.k_t, self.v_t
 
     def skippable(self, mask: np.ndarray | None) -> list[bool]:
@@ -250,6 +254,7 @@ def _gradients(lay: Layout, q, k, v, mask, o, do, lse) -> dict[str, np.ndarray]:
     b, s, n, g, h = q.shape
     q_t, k_t, v_t = lay.heads_first(q, k, v)
     heads = (0, 2, 1, 3, 4)
+    do, o = do.astype(lay.dtype, copy=False), o.astype(lay.dtype, copy=False)
     do_t = np.ascontiguousarray(do.transpose(heads)).reshape(b, n, s * g, h)
     rowdot = (do * o).sum(axis=-1).transpose(0, 2, 1, 3).reshape(b, n, s * g)
     dq_t = np.zeros_like(do_t)
@@ -289,7 +294,7 @@ def _gradients(lay: Layout, q, k, v, mask, o, do, lse) -> dict[str, np.ndarray]:
     for extra in dkv[1:]:
         dkv[0] += extra
     dk_t, dv_t = dkv[0]
-    dq = np.empty_like(q)
+    dq = np.empty(q.shape, lay.dtype)
     _to_queries(lay, dq_t, dq)
     if lay.bnth:
         return {"q": dq, "k": dk_t, "v": dv_t}

@@ -27,6 +27,7 @@ import numpy as np
 from einplan.compiler.dtypes import to_numpy_dtype
 from einplan.compiler.ir import Node
 from einplan.compiler.ops import Op
+from einplan.runtime.blas import blas_controller
 from einplan.runtime.moe import buffer_key
 from einplan.runtime.qmatmul import THREADS, Helper
 
@@ -83,8 +84,6 @@ def share_blocks(blocks: list[Block], g: int, workers: int) -> list[list[int]]:
 def on_workers(lay: Layout, job) -> None:
     """Run ``job(worker, block indices)`` for each worker's share, the second on the helper
     thread, every product on one BLAS thread."""
-    from einplan.runtime.executor import blas_controller  # the executor imports the kernels
-
     with blas_controller().limit(limits=1, user_api="blas"):
         if len(lay.shares) == 1:
             job(0, lay.shares[0])

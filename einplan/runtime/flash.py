@@ -99,15 +99,18 @@ def on_workers(lay: Layout, job) -> None:
 class Layout:
     """Concrete sizes of one step and the scratch it multiplies in."""
 
-    def __init__(self, node: Node, shapes: list[tuple[int, ...]], scratch) -> None:
+    def __init__(
+        self, node: Node, shapes: list[tuple[int, ...]], scratch, tiles: tuple[str, ...]
+    ) -> None:
         a = node.attrs
         self.b, self.s, self.n, self.g, self.h = shapes[0]
         self.bnth = a["layout"] == "bnth"
         self.t = shapes[1][2] if self.bnth else shapes[1][1]
         self.has_mask = len(shapes) in (4, 6)  # forward: q k v [mask]; reverse: + out, ct
-        # bf16/f16 values are multiplied and summed in float32 (the IR's rule for reductions)
+        # bf16/f16 values are multiplied and summed in float32 (issue #14: float32 accumulation
+        # in every reduction and softmax)
         self.dtype = to_numpy_dtype("f64" if node.dtype == "f64" else "f32")
-        self.copy_kv = not a["layout"] == "bnth" or node.dtype not in ("f32", "f64")
+        self.copy_kv = a["layout"] != "bnth" or node.dtype not in ("f32", "f64")
         self.scale = self.dtype.type(a.get("scale", 1.0))
         self.blocks = plan_tiles(
             self.s, self.t, a["causal"], a["block_q"], a["block_k"], a["min_tiled"]
@@ -118,9 +121,11 @@ class Layout:
         width = max(j1 - j0 for *_, tiles in self.blocks for j0, j1, _ in tiles)
         b, n, h = self.b, self.n, self.h
         self.tile_size = b * n * rows * width
-        self.rows = rows
         self.scratch = scratch
         self.shares = share_blocks(self.blocks, self.g, THREADS)
+        for role in tiles:  # asked for now, so the binding counts them in its scratch bytes
+            for worker in range(len(self.shares)):
+                self.tile(role, worker, rows, width)
         self.q_t = scratch("flash_q", (b, n, self.s * self.g, h), self.dtype)
         kv = (b, n, self.t, h)
         self.k_t = scratch("flash_k", kv, self.dtype) if self.copy_kv else None
@@ -227,7 +232,7 @@ def _to_queries(lay: Layout, x_t: np.ndarray, out: np.ndarray) -> None:
 
 def make_flash_attention(node: Node, shapes, out_shape, scratch):
     """softmax(scale * q k^T + mask) v by query blocks and key tiles (see the module doc)."""
-    lay = Layout(node, shapes, scratch)
+    lay = Layout(node, shapes, scratch, ("s",))
     keep = bool(node.attrs.get("keep"))
     out_t = scratch("flash_out", (lay.b, lay.n, lay.s * lay.g, lay.h), lay.dtype)
     rows = (lay.b, lay.n, lay.s * lay.g)
@@ -320,7 +325,7 @@ def _row_lse(lay: Layout, ins: list[np.ndarray]) -> np.ndarray:
 def make_flash_attention_grad(node: Node, shapes, out_shape, scratch):
     """The gradient of input ``wrt``: the first reverse step of an attention computes every
     gradient in ``grads`` in one pass over the tiles and leaves the others for its siblings."""
-    lay = Layout(node, shapes, scratch)
+    lay = Layout(node, shapes, scratch, ("s", "ds"))
     wrt, wanted = node.attrs["wrt"], node.attrs["grads"]
 
     def flash_attention_grad(ins, out):

@@ -76,8 +76,9 @@ def test_bf16_plan_keeps_bf16_where_asked_and_f32_where_the_rules_say(bf16_plan)
     by_op = {}
     for n in g.nodes:
         by_op.setdefault(n.op, set()).add(n.dtype)
-    # products, norms, softmax, activations and their reverse ops store bf16 ...
-    for op in (Op.EINSUM, Op.RMS_NORM, Op.SOFTMAX, Op.SILU_MUL, Op.SOFTMAX_GRAD, Op.ROPE):
+    # products, norms, attention, activations and their reverse ops store bf16 ...
+    stored_16 = (Op.EINSUM, Op.RMS_NORM, Op.FLASH_ATTENTION, Op.FLASH_ATTENTION_GRAD, Op.SILU_MUL)
+    for op in (*stored_16, Op.ROPE):
         assert by_op[op] == {"bf16"}, op
     # ... master weights, accumulators, moments, the loss, its cotangent and the norm are f32
     assert {n.dtype for n in g.params()} == {"f32"}
@@ -87,7 +88,7 @@ def test_bf16_plan_keeps_bf16_where_asked_and_f32_where_the_rules_say(bf16_plan)
     assert next(n for n in g.inputs() if n.name == "loss_grad").dtype == "f32"
     # every reduction on bf16 values accumulates in f32 (tagged upcast, run in f32 blocks)
     for n in g.nodes:
-        if n.op in (Op.EINSUM, Op.RMS_NORM, Op.SOFTMAX, Op.CROSS_ENTROPY, Op.SCATTER_ADD):
+        if n.op in (*stored_16, Op.CROSS_ENTROPY, Op.SCATTER_ADD):
             assert Tag.UPCAST in n.tags, n.name
     # the weights are read as bf16 copies of the f32 masters; their gradients cast back
     casts = [n for n in g.nodes if n.op is Op.CAST]
@@ -101,17 +102,17 @@ def test_bf16_plan_keeps_bf16_where_asked_and_f32_where_the_rules_say(bf16_plan)
 
 def test_the_audit_names_every_broken_rule(bf16_plan):
     g = bf16_plan.entry("train_step")
-    softmax = next(n for n in g.nodes if n.op is Op.SOFTMAX)
+    norm = next(n for n in g.nodes if n.op is Op.RMS_NORM)
     weight = next(n for n in g.params() if n.name.startswith("attn_q"))
     moment = next(n for n in g.states() if n.attrs["key"].startswith("optim."))
     changed = {
-        softmax.id: softmax.with_(tags=softmax.tags - {Tag.UPCAST}),
+        norm.id: norm.with_(tags=norm.tags - {Tag.UPCAST}),
         weight.id: weight.with_(dtype="bf16"),
         moment.id: moment.with_(dtype="bf16"),
     }
     broken = g.replace_nodes([changed.get(n.id, n) for n in g.nodes])
     problems = "\n".join(audit_precision(broken, "bf16"))
-    assert f"{softmax.name} (softmax) computes on 16-bit values without upcast" in problems
+    assert f"{norm.name} (rms_norm) computes on 16-bit values without upcast" in problems
     assert f"trained weight {weight.name} is bf16" in problems
     assert f"optimizer state {moment.name} is bf16" in problems
     # and a float32 plan is not a bf16 one

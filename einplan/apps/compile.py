@@ -15,6 +15,7 @@ import numpy as np
 from einplan.compiler.dtypes import COMPUTE_DTYPES, master_dtype
 from einplan.compiler.ir import Graph
 from einplan.compiler.lora_spec import parse_lora
+from einplan.compiler.passes.flash import check_attention
 from einplan.compiler.passes.memory import estimate_memory
 from einplan.compiler.pipeline import Mode, PassContext, compile_entry
 from einplan.compiler.plan import Plan
@@ -46,6 +47,7 @@ def compile_model(
     ctx: PassContext | None = None,
     lora: str | dict[str, Any] | None = None,
     quant: str | dict[str, Any] | None = None,
+    attention: str | None = None,
 ) -> Plan:
     """Trace a model config (path, built-in name, dict or HF config.json) and compile each
     entry point (``forward``, ``prefill``, ``decode``; ``loss``, ``grad``, ``train_step`` for
@@ -55,7 +57,13 @@ def compile_model(
     values with float32 weights, optimizer state and loss); the weight dtype defaults to the
     compute dtype (float32 under mixed precision). ``lora``
     (``"r=8,alpha=16,targets=q,v"`` or a dict) and ``quant`` (``"w4a16"`` or a dict with
-    group_size, symmetric, activations) override the config's sections of those names."""
+    group_size, symmetric, activations) override the config's sections of those names.
+    ``attention`` (``auto``, ``flash``, ``plain``) overrides the context's choice of attention
+    kernel (compiler/passes/flash.py)."""
+    ctx = ctx or PassContext()
+    if attention is not None:
+        ctx.attention = attention
+    check_attention(ctx.attention)
     with paused_gc():
         return _compile(config, weight_dtype, compute_dtype, entries, train, ctx, lora, quant)
 
@@ -128,6 +136,7 @@ def _compile(
         "compute_dtype": compute_dtype,
         "lora": ctx.lora.to_dict() if ctx.lora else None,
         "quant": ctx.quant.to_dict() if ctx.quant else None,
+        "attention": {name: g.meta.get("attention") for name, g in graphs.items()},
         "parameters": params,
         "passes": ctx.stats,
         "compile_seconds": time.perf_counter() - t0,

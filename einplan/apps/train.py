@@ -31,17 +31,28 @@ class TrainResult:
 
 
 def open_or_compile(
-    source: str | os.PathLike | dict | Plan, out: Path, compute_dtype: str | None = None
+    source: str | os.PathLike | dict | Plan,
+    out: Path,
+    compute_dtype: str | None = None,
+    attention: str | None = None,
 ) -> Plan:
     """The training plan: a Plan, a plan file, or a config compiled with the training
-    entries in ``compute_dtype`` (None: its train section's), saved in the run folder as
-    model.plan."""
+    entries in ``compute_dtype`` (None: its train section's) and ``attention``, saved in the
+    run folder as model.plan."""
+    compiled = isinstance(source, Plan) or (not isinstance(source, dict) and is_plan_file(source))
+    if compiled and attention is not None:
+        raise EinplanError(
+            f"--attention {attention} chooses how a config is compiled, and {source} is a "
+            "compiled plan: recompile it with einplan compile --train --attention, or give "
+            "the config"
+        )
     if isinstance(source, Plan):
         return source
-    if not isinstance(source, dict):
-        if is_plan_file(source):
-            return load_plan(source)
-    plan = compile_model(source, entries=TRAIN_ENTRIES, compute_dtype=compute_dtype)
+    if compiled:
+        return load_plan(source)
+    plan = compile_model(
+        source, entries=TRAIN_ENTRIES, compute_dtype=compute_dtype, attention=attention
+    )
     out.mkdir(parents=True, exist_ok=True)
     plan.save(out / PLAN_NAME)
     return plan
@@ -93,6 +104,7 @@ def train(
     device: str | None = None,
     cuda_graph: bool = True,
     tf32: bool = False,
+    attention: str | None = None,
 ) -> TrainResult:
     """Train on the text file ``data`` in the run folder ``out`` until step ``steps``
     (default: the train settings'), with the train settings changed by ``overrides``;
@@ -102,7 +114,8 @@ def train(
     kernels backend, ``"numpy"`` or ``"numba"`` (None: the fastest installed); ``device="cuda"``
     trains on an NVIDIA GPU (``cuda_graph``, ``tf32`` as :class:`einplan.Session`'s).
     ``compute_dtype`` (``"bf16"``, ``"f16"``: mixed precision) compiles a config in that dtype
-    (as the overrides' compute_dtype does); a plan must have been compiled in it."""
+    (as the overrides' compute_dtype does); a plan must have been compiled in it. ``attention``
+    (``auto``, ``flash``, ``plain``; a config only) as :func:`compile_model`'s."""
     if steps is not None and steps < 1:
         raise EinplanError(f"steps must be at least 1, got {steps}")
     if workers < 0:
@@ -130,7 +143,7 @@ def train(
         cuda_graph=cuda_graph,
         tf32=tf32,
     )
-    training = TrainingRun(open_or_compile(config_or_plan, out, compute_dtype), options)
+    training = TrainingRun(open_or_compile(config_or_plan, out, compute_dtype, attention), options)
     if profile:
         training.trainer.profile = Recorder()
     training.run()

@@ -53,3 +53,18 @@ def positive_float(text: str) -> float:
 def probability(text: str) -> float:
     """A probability mass in (0, 1] (top-p)."""
     return parse_float(text, lambda v: 0 < v <= 1, "a number in (0, 1]")
+
+
+# compiler/passes/flash.py ATTENTION_CHOICES (tests/test_flash_attention.py checks they agree):
+# the parser is built without loading the compiler
+ATTENTION_CHOICES = ("auto", "flash", "plain")
+
+
+def add_attention_argument(parser: argparse.ArgumentParser, when: str = "") -> None:
+    """Add ``--attention auto|flash|plain`` (compile_model's ``attention``)."""
+    parser.add_argument(
+        "--attention",
+        choices=ATTENTION_CHOICES,
+        help=f"attention kernel {when}(default auto: flash attention, tiled above a measured "
+        "length, except decode; plain: the scores -> softmax -> context chain)",
+    )

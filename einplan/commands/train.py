@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from einplan.commands.arguments import non_negative_int, positive_int
+from einplan.commands.arguments import add_attention_argument, non_negative_int, positive_int
 from einplan.commands.eval import add_kernels_argument, add_profile_argument, check_profile
 from einplan.errors import EinplanError
 
@@ -47,6 +47,7 @@ def run(args: argparse.Namespace) -> None:
         device=args.device,
         cuda_graph=args.cuda_graph,
         tf32=args.tf32,
+        attention=args.attention,
     )
 
 
@@ -88,6 +89,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument(
         "--workers", type=non_negative_int, default=0, help="thread-pool workers (0: sequential)"
     )
+    add_attention_argument(t, "when PLAN is a config ")
     add_kernels_argument(t)
     add_profile_argument(t)
     t.set_defaults(func=run)

@@ -47,6 +47,8 @@ class Op(StrEnum):
     SCATTER_ADD = "scatter_add"
     CROSS_ENTROPY = "cross_entropy"
     SIGMOID = "sigmoid"
+    # softmax(q k^T + mask) v in query and key tiles, never holding the (queries x keys) scores
+    FLASH_ATTENTION = "flash_attention"
     # mixture of experts: routing, one routed expert FFN, the load-balancing loss
     MOE_TOPK = "moe_topk"
     MOE_EXPERT = "moe_expert"
@@ -60,6 +62,7 @@ class Op(StrEnum):
     MOE_TOPK_GRAD = "moe_topk_grad"
     MOE_EXPERT_GRAD = "moe_expert_grad"
     MOE_AUX_LOSS_GRAD = "moe_aux_loss_grad"
+    FLASH_ATTENTION_GRAD = "flash_attention_grad"
     # optimizer ops the optimizer pass emits: in place on their first input
     ACC_GRAD = "acc_grad"
     GRAD_NORM = "grad_norm"
@@ -466,6 +469,43 @@ def _infer_moe_aux_loss(shapes, dtypes, attrs):
     return (), loss_dtype(dtypes[0])
 
 
+FLASH_INPUTS = ("q", "k", "v")  # the differentiable inputs of flash_attention, in order
+# where the keys' sequence axis sits: (batch, keys, kv heads, head dim) as the forward pass
+# projects them, or (batch, kv heads, keys, head dim) as the KV cache holds them
+KV_LAYOUTS = ("bsnh", "bnth")
+
+
+def _infer_flash(shapes, dtypes, attrs):
+    """(q [b,s,n,g,h], k [b,t,n,h] or [b,n,t,h], v like k[, mask [b,s,t]]) -> [b,s,n,g,h];
+    the reverse op adds the forward output and its cotangent and gives input ``wrt``'s shape."""
+    grad = "wrt" in attrs
+    q, k, v = shapes[:3]
+    rest = shapes[3:-2] if grad else shapes[3:]
+    _need(len(q) == 5, f"flash_attention q must be [b,s,n,g,h], got {list(q)}")
+    _need(len(k) == 4 and tuple(k) == tuple(v), f"flash_attention k {k} and v {v} differ")
+    bnth = attrs["layout"] == "bnth"
+    b, t, n, h = (k[0], k[2], k[1], k[3]) if bnth else tuple(k)
+    _need(
+        q[0] == b and q[2] == n and q[4] == h,
+        f"flash_attention: q {list(q)} does not fit keys {list(k)} (layout {attrs['layout']})",
+    )
+    if rest:
+        _need(
+            tuple(rest[0]) == (b, q[1], t),
+            f"flash_attention mask {list(rest[0])} must be [batch, queries, keys] = "
+            f"[{b}, {q[1]}, {t}]",
+        )
+    _need(all(d == dtypes[0] for d in dtypes), f"flash_attention dtypes differ: {dtypes}")
+    _need(dtypes[0] in FLOAT_DTYPES, f"flash_attention needs float operands, got {dtypes[0]}")
+    if grad:
+        _need(
+            tuple(shapes[-1]) == tuple(shapes[-2]) == tuple(q),
+            f"flash_attention_grad: output {shapes[-2]} and cotangent {shapes[-1]} must be {q}",
+        )
+        return shapes[FLASH_INPUTS.index(attrs["wrt"])], dtypes[0]
+    return q, dtypes[0]
+
+
 def _infer_leaf(shapes, dtypes, attrs):
     raise AssertionError("leaves carry their own shape")
 
@@ -476,6 +516,14 @@ QUANT = Attr(quant_problem, False)
 EPS = {"eps": POSITIVE}
 MOE_AUX = {"k": GROUP, "coef": NUMBER}
 UPDATE = {"weight_decay": NON_NEGATIVE, "max_norm": NON_NEGATIVE}
+FLASH = {
+    "layout": _one_of(*KV_LAYOUTS),
+    "causal": BOOL,
+    "scale": NUMBER.optional(),
+    "block_q": GROUP,  # query rows per tile
+    "block_k": GROUP,  # keys per tile
+    "min_tiled": NAT,  # below this many keys the kernel runs one untiled block
+}
 
 OPS: dict[Op, OpDef] = {
     Op.PARAM: OpDef(
@@ -548,6 +596,7 @@ OPS: dict[Op, OpDef] = {
         _infer_moe_expert, arity=(5, 5), attrs={"expert": NAT, "k": GROUP, "keep": BOOL.optional()}
     ),
     Op.MOE_AUX_LOSS: OpDef(_infer_moe_aux_loss, 2, arity=(1, None), attrs=MOE_AUX),
+    Op.FLASH_ATTENTION: OpDef(_infer_flash, arity=(3, 4), attrs={**FLASH, "keep": BOOL.optional()}),
     Op.CROSS_ENTROPY_GRAD: OpDef(
         _infer_cross_entropy_grad, 5, inplace=True, arity=(3, 3), attrs={"ignore_index": INT}
     ),
@@ -567,6 +616,11 @@ OPS: dict[Op, OpDef] = {
     ),
     Op.MOE_AUX_LOSS_GRAD: OpDef(
         _infer_moe_aux_loss, 2, arity=(2, None), attrs={**MOE_AUX, "wrt": NAT}
+    ),
+    Op.FLASH_ATTENTION_GRAD: OpDef(
+        _infer_flash,
+        arity=(5, 6),
+        attrs={**FLASH, "wrt": _one_of(*FLASH_INPUTS), "grads": STR},
     ),
     Op.ACC_GRAD: OpDef(_infer_same_shapes, 1, alias=True, arity=(2, 2)),
     Op.GRAD_NORM: OpDef(_infer_grad_norm, arity=(1, None)),
@@ -610,12 +664,31 @@ def moe_expert_flops(op: Op, in_shapes: list[Shape], attrs: dict) -> Poly:
     return {m: v * per_token // e for m, v in tokens.items() if v * per_token // e}
 
 
+def flash_flops(op: Op, in_shapes: list[Shape], attrs: dict) -> Poly:
+    """FLOPs of the score tiles a flash_attention step computes: per (query row, key) pair
+    2h for q k^T, 2h for p v and ~5 for the online softmax (the reverse: 10h + 5, done once by
+    the first reverse step, which leaves its siblings' gradients for them). Causal tiles above
+    the diagonal are skipped, so a query sees on average (keys + block_q + block_k) / 2 keys."""
+    if op is Op.FLASH_ATTENTION_GRAD and attrs["wrt"] != attrs["grads"][0]:
+        return {}
+    q, k = in_shapes[0], in_shapes[1]
+    h, keys = q[-1], k[2] if attrs["layout"] == "bnth" else k[1]
+    per_pair = (10 if op is Op.FLASH_ATTENTION_GRAD else 4) * h + 5
+    pairs = numel((*q[:-1], keys))
+    if not attrs["causal"]:
+        return scale_poly(pairs, per_pair)
+    edge = scale_poly(numel(q[:-1]), attrs["block_q"] + attrs["block_k"])
+    return {m: v * per_pair // 2 for m, v in add_polys(pairs, edge).items() if v * per_pair // 2}
+
+
 def count_flops(op: Op, in_shapes: list[Shape], out_shape: Shape, attrs: dict) -> Poly:
     """FLOPs one execution of the op performs, as a polynomial in the symbolic dims."""
     if op is Op.EINSUM:
         return einsum_flops(attrs["spec"], in_shapes)
     if op in (Op.MOE_EXPERT, Op.MOE_EXPERT_GRAD):
         return moe_expert_flops(op, in_shapes, attrs)
+    if op in (Op.FLASH_ATTENTION, Op.FLASH_ATTENTION_GRAD):
+        return flash_flops(op, in_shapes, attrs)
     if op is Op.GRAD_NORM:
         return add_polys(*(scale_poly(numel(s), 2) for s in in_shapes[1:]))
     return scale_poly(numel(out_shape), OPS[op].flops_per_element)

@@ -35,6 +35,7 @@ class Mode(StrEnum):
 ALL_PASSES = (
     "lora",
     "quantize",
+    "flash",
     "autodiff",
     "optimizer",
     "mixed_precision",
@@ -81,6 +82,7 @@ class PassContext:
     quant: QuantConfig | None = None  # the quantize pass quantises when set
     train: TrainConfig | None = None  # the optimizer pass's settings
     compute_dtype: str = "f32"  # bf16/f16: mixed precision (passes/mixed_precision.py)
+    attention: str = "auto"  # auto | flash | plain: what the flash pass does (passes/flash.py)
 
 
 def run_pass(name: str, graph: Graph, ctx: PassContext) -> Graph:

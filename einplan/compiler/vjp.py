@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from einplan.compiler.ir import Node
-from einplan.compiler.ops import MOE_EXPERT_INPUTS, Op, ShapeError, parse_spec
+from einplan.compiler.ops import FLASH_INPUTS, MOE_EXPERT_INPUTS, Op, ShapeError, parse_spec
 from einplan.compiler.trace import Builder, Value
 
 Rule = Callable[[Builder, Node, list[Value], Value, Value, set[int]], list[Value | None]]
@@ -176,6 +176,19 @@ def vjp_moe_aux_loss(b, n, ins, out, ct, need):
     return grads
 
 
+def vjp_flash_attention(b, n, ins, out, ct, need):
+    """One reverse op per input needed (q, k, v), reading the forward output and its saved
+    row log-sum-exp: the first to run computes all of them in one pass over the tiles."""
+    grads: list[Value | None] = [None] * len(ins)
+    need = {k for k in need if k < len(FLASH_INPUTS)}  # the mask gets none
+    wanted = "".join(FLASH_INPUTS[k] for k in sorted(need))
+    attrs = {k: v for k, v in n.attrs.items() if k != "keep"}
+    for k in sorted(need):
+        a = {**attrs, "wrt": FLASH_INPUTS[k], "grads": wanted}
+        grads[k] = b.backward_op(Op.FLASH_ATTENTION_GRAD, [*ins, out, ct], a, f"{n.name}.grad{k}")
+    return grads
+
+
 RULES: dict[Op, Rule] = {
     Op.EINSUM: vjp_einsum,
     Op.ADD: vjp_add,
@@ -202,6 +215,7 @@ RULES: dict[Op, Rule] = {
     Op.MOE_TOPK: vjp_moe_topk,
     Op.MOE_EXPERT: vjp_moe_expert,
     Op.MOE_AUX_LOSS: vjp_moe_aux_loss,
+    Op.FLASH_ATTENTION: vjp_flash_attention,
 }
 
 
@@ -224,6 +238,7 @@ NOT_DIFFERENTIABLE: dict[Op, str] = {
     Op.MOE_TOPK_GRAD: "reverse ops are not differentiated again",
     Op.MOE_EXPERT_GRAD: "reverse ops are not differentiated again",
     Op.MOE_AUX_LOSS_GRAD: "reverse ops are not differentiated again",
+    Op.FLASH_ATTENTION_GRAD: "reverse ops are not differentiated again",
     Op.ACC_GRAD: "optimizer ops come after the reverse graph",
     Op.GRAD_NORM: "optimizer ops come after the reverse graph",
     Op.ADAMW: "optimizer ops come after the reverse graph",

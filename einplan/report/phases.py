@@ -16,6 +16,7 @@ LAYER = re.compile(r"^([A-Za-z_+]+)-(\d+)(?=\.|$)")  # packed: attn_q+attn_k+att
 QKV = "Attention: QKV projection"
 ROPE = "Attention: RoPE"
 SCORES = "Attention: scores/softmax"
+FLASH = "Attention: flash (scores, softmax, context)"  # the three fused (passes/flash.py)
 AGGREGATE = "Attention: output aggregation and projection"
 
 # role (the name without its layer number) -> phase; a role with suffixes (attn_q.rope.grad0)
@@ -37,6 +38,7 @@ PHASES = {
     "attn_k.rope": ROPE,
     "attn_scores": SCORES,
     "attn_softmax": SCORES,
+    "attn_flash": FLASH,
     "attn_ctx": AGGREGATE,
     "attn_o": AGGREGATE,
     "attn_residual": AGGREGATE,
@@ -55,6 +57,7 @@ PHASE_ORDER = [
     QKV,
     ROPE,
     SCORES,
+    FLASH,
     AGGREGATE,
     "FFN",
     "Output head",

@@ -64,6 +64,24 @@ def kernels_line(plan: Plan) -> str:
     return f"{default_backend()} by default (installed: {installed}; --kernels); {what}"
 
 
+def attention_line(plan: Plan) -> str:
+    """What the flash pass chose for each entry, and why (compiler/passes/flash.py)."""
+    parts = []
+    for name, g in plan.entries.items():
+        a = g.meta.get("attention")
+        if a is None:
+            continue
+        if a["kind"] == "flash":
+            tiled = f"tiled from {a['min_tiled']} keys" if a["min_tiled"] else "always tiled"
+            parts.append(
+                f"{name}: flash x{a['nodes']} (tiles {a['block_q']} queries x {a['block_k']} "
+                f"keys, {tiled}; {a['why']})"
+            )
+        else:
+            parts.append(f"{name}: plain ({a['why']})")
+    return "; ".join(parts)
+
+
 def print_compile_summary(plan: Plan, batch: int, seq: int, console: Console | None = None) -> None:
     """Print what a compiled plan holds and costs."""
     console = console or Console()
@@ -101,6 +119,7 @@ def print_compile_summary(plan: Plan, batch: int, seq: int, console: Console | N
     s.add_row("outputs", mib(mem["outputs_bytes"]))
     s.add_row("estimated peak", mib(mem["peak_bytes"]))
     s.add_row("kernels", kernels_line(plan))
+    s.add_row("attention", attention_line(plan))
     sched = g.meta.get("schedule", {})
     s.add_row(
         "dependency levels",

@@ -14,7 +14,7 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from threadpoolctl import ThreadpoolController, threadpool_limits
+from threadpoolctl import threadpool_limits
 
 from einplan.compiler.dtypes import to_numpy_dtype
 from einplan.compiler.ir import Graph
@@ -22,6 +22,7 @@ from einplan.compiler.names import CACHE_PREFIX, GRAD_PREFIX
 from einplan.compiler.ops import Op
 from einplan.errors import EinplanError
 from einplan.runtime.backends import Backend, get_backend
+from einplan.runtime.blas import blas_controller
 from einplan.runtime.device import to_device
 from einplan.runtime.recorder import Recorder, debug_level
 from einplan.runtime.steps import OutputRing, Prepared, Step, prepare_steps
@@ -33,12 +34,6 @@ class InputError(EinplanError):
 
 # a dim bounded by another at run time: the keys attended to cannot exceed the cache
 CAPACITY = {"kv": "ctx"}
-
-
-@functools.cache
-def blas_controller() -> ThreadpoolController:
-    """The BLAS libraries of this process (found once: looking them up takes milliseconds)."""
-    return ThreadpoolController()
 
 
 def memory_kind(n) -> str:

@@ -20,6 +20,7 @@ from einplan.compiler.attrs import QMatmulRecipe, UnaryRecipe
 from einplan.compiler.dtypes import to_numpy_dtype
 from einplan.compiler.ir import Node
 from einplan.compiler.ops import Op
+from einplan.runtime.flash import FLASH_KERNELS
 from einplan.runtime.moe import MOE_KERNELS
 from einplan.runtime.qmatmul import THREADS, QuantizedMatrix, scratch_shapes
 from einplan.runtime.quantize import fake_quantize
@@ -717,6 +718,7 @@ KERNELS: dict[Op, Callable[..., Kernel]] = {
     Op.ADAMW: make_adamw,
     Op.SGD: make_sgd,
     **MOE_KERNELS,
+    **FLASH_KERNELS,
 }
 
 

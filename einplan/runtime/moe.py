@@ -91,7 +91,9 @@ def _sigmoid(a: np.ndarray) -> np.ndarray:
 STASH: dict[str, dict] = {}
 
 
-def _key(*arrays: np.ndarray) -> tuple:
+def buffer_key(*arrays: np.ndarray) -> tuple:
+    """Where and how large each array is: a reverse step checks by it that what a forward step
+    left behind was made from the very buffers it reads."""
     return tuple((a.__array_interface__["data"][0], a.shape) for a in arrays)
 
 
@@ -112,7 +114,7 @@ def make_moe_expert(node: Node, shapes, out_shape, scratch):
         o2.fill(0)
         if keep:
             act = _activations(x, gates, wg, wu, d, e, col)
-            act["key"] = _key(x, gates, wg, wu, wd)
+            act["key"] = buffer_key(x, gates, wg, wu, wd)
             STASH[name] = act
             rows, g = act["rows"], act["g"]
             LOAD[name] = len(rows)
@@ -168,14 +170,14 @@ def make_moe_expert_grad(node: Node, shapes, out_shape, scratch):
     def moe_expert_grad(ins, out):
         x, gates, wg, wu, wd, ct = ins
         act = STASH.get(forward)
-        if act is None or act["key"] != _key(x, gates, wg, wu, wd):
+        if act is None or act["key"] != buffer_key(x, gates, wg, wu, wd):
             act = _activations(x, gates, wg, wu, d, e, col)
         rows = act["rows"]
         if wrt in ("x", "gates") or not len(rows):
             out.fill(0)
         if not len(rows):
             return out
-        ct_key = _key(ct)
+        ct_key = buffer_key(ct)
         if act.get("ct_key") != ct_key:  # the first sibling of this run: the shared parts
             back = _reverse_parts(act, ct.reshape(-1, d)[rows], wd)
             act.update(back, ct_key=ct_key)

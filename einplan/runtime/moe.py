@@ -91,7 +91,8 @@ def _sigmoid(a: np.ndarray) -> np.ndarray:
 STASH: dict[str, dict] = {}
 
 
-def _key(*arrays: np.ndarray) -> tuple:
+def activation_key(*arrays: np.ndarray) -> tuple:
+    """What identifies the buffers a forward expert step read (address and shape of each)."""
     return tuple((a.__array_interface__["data"][0], a.shape) for a in arrays)
 
 
@@ -112,7 +113,7 @@ def make_moe_expert(node: Node, shapes, out_shape, scratch):
         o2.fill(0)
         if keep:
             act = _activations(x, gates, wg, wu, d, e, col)
-            act["key"] = _key(x, gates, wg, wu, wd)
+            act["key"] = activation_key(x, gates, wg, wu, wd)
             STASH[name] = act
             rows, g = act["rows"], act["g"]
             LOAD[name] = len(rows)
@@ -168,14 +169,14 @@ def make_moe_expert_grad(node: Node, shapes, out_shape, scratch):
     def moe_expert_grad(ins, out):
         x, gates, wg, wu, wd, ct = ins
         act = STASH.get(forward)
-        if act is None or act["key"] != _key(x, gates, wg, wu, wd):
+        if act is None or act["key"] != activation_key(x, gates, wg, wu, wd):
             act = _activations(x, gates, wg, wu, d, e, col)
         rows = act["rows"]
         if wrt in ("x", "gates") or not len(rows):
             out.fill(0)
         if not len(rows):
             return out
-        ct_key = _key(ct)
+        ct_key = activation_key(ct)
         if act.get("ct_key") != ct_key:  # the first sibling of this run: the shared parts
             back = _reverse_parts(act, ct.reshape(-1, d)[rows], wd)
             act.update(back, ct_key=ct_key)

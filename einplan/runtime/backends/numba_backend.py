@@ -18,6 +18,7 @@ import numpy as np
 
 from einplan.compiler.attrs import QMatmulRecipe
 from einplan.compiler.ops import Op
+from einplan.runtime.backends import numba_moe
 from einplan.runtime.backends.base import Backend
 from einplan.runtime.kernels import make_gather
 from einplan.runtime.qmatmul import QuantizedMatrix
@@ -78,4 +79,12 @@ def make_qgather(node, shapes, out_shape, scratch, inputs):
     return qgather
 
 
-NUMBA = Backend("numba", {Op.EINSUM: make_qmatmul, Op.GATHER: make_qgather})
+NUMBA = Backend(
+    "numba",
+    {
+        Op.EINSUM: make_qmatmul,
+        Op.GATHER: make_qgather,
+        Op.MOE_EXPERT: numba_moe.make_moe_expert,
+        Op.MOE_EXPERT_GRAD: numba_moe.make_moe_expert_grad,
+    },
+)

@@ -159,7 +159,7 @@ class TorchPeer:
 class Ours:
     """einplan's plan, weights, trainer and generator for one model."""
 
-    def __init__(self, model: str, workers: int) -> None:
+    def __init__(self, model: str, workers: int, kernels: str | None = None) -> None:
         import einplan
         from einplan.formats.weights import random_weights
         from einplan.models.train_config import parse_train_config
@@ -175,10 +175,10 @@ class Ours:
         entries = ("train_step", "loss", "forward", "prefill", "decode")
         self.plan = einplan.compile_model(raw, entries=entries, train=tc)
         self.compile_s = time.perf_counter() - t0
-        self.session = einplan.Session(self.plan, random_seed=0, workers=workers)
+        self.session = einplan.Session(self.plan, random_seed=0, workers=workers, kernels=kernels)
         weights = random_weights(self.plan.entry("train_step"), 0)
-        self.trainer = Trainer(self.plan, weights, tc, workers=workers)
-        self.gen = Generator(self.plan, self.session.weights, workers)
+        self.trainer = Trainer(self.plan, weights, tc, workers=workers, kernels=kernels)
+        self.gen = Generator(self.plan, self.session.weights, workers, kernels=kernels)
         self.vocab = raw["vocab_size"]
 
     def time(self, case: str, batch: int, seq: int) -> float:
@@ -204,6 +204,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workers", type=int, default=0, help="einplan thread-pool workers")
+    ap.add_argument("--kernels", help="einplan's kernels backend (default: the fastest installed)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "moe.json"))
     ap.add_argument("--torch-worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -212,7 +213,7 @@ def main(argv=None) -> int:
         return 0
     results = []
     for model in args.models:
-        ours = Ours(model, args.workers)
+        ours = Ours(model, args.workers, args.kernels)
         peer = TorchPeer(args.torch_python, model, args.threads) if args.torch_python else None
         samples: dict[tuple[str, str], list[float]] = {}
         for rep in range(args.warmup + args.reps):

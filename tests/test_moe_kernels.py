@@ -125,7 +125,8 @@ def test_big_routings_take_the_compiled_path():
 def test_fixture_logits_on_both_backends(case, kernels):
     folder = FIXTURES / case
     ref = load_file(folder / "reference.safetensors")
-    session = einplan.Session(einplan.compile_model(folder / "config.json"), folder, kernels=kernels)
+    plan = einplan.compile_model(folder / "config.json")
+    session = einplan.Session(plan, folder, kernels=kernels)
     steps = session.executor.prepare(session.executor.bind_dims(_feed(ref["input_ids"])))
     backends = {s.name: s.backend for s in steps.table if s.op == "moe_expert"}
     assert set(backends.values()) == {kernels}

@@ -97,9 +97,7 @@ def reverse_parts(nk, act: dict, x2: np.ndarray, ct2: np.ndarray, wd: np.ndarray
         "x_t": np.empty((d, n), dtype),
         "dgates": np.empty(n, dtype),
     }
-    nk.expert_reverse(
-        a, act["u"], act["s"], act["h"], c, act["g"], ct2, x2, rows, *parts.values()
-    )
+    nk.expert_reverse(a, act["u"], act["s"], act["h"], c, act["g"], ct2, x2, rows, *parts.values())
     return parts
 
 
@@ -148,4 +146,3 @@ def make_moe_expert_grad(node, shapes, out_shape, scratch, inputs):
         return out
 
     return moe_expert_grad
-

@@ -24,6 +24,55 @@ from einplan.runtime.backends.numba_kernels import OPTIONS
 TILE_COLS = 64  # result columns per parallel tile: b's rows of a tile stay in L2
 
 
+@njit(inline="always", **OPTIONS)
+def dot4x4(a, r0, r1, r2, r3, b, j, k, zero):  # pragma: no cover - compiled
+    """The 16 sums ``a[r, :] . b[j + c, :]`` of rows r0..r3 and c < 4, row by row."""
+    s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = zero
+    s20 = s21 = s22 = s23 = s30 = s31 = s32 = s33 = zero
+    for p in range(k):
+        a0, a1, a2, a3 = a[r0, p], a[r1, p], a[r2, p], a[r3, p]
+        b0, b1, b2, b3 = b[j, p], b[j + 1, p], b[j + 2, p], b[j + 3, p]
+        s00 += a0 * b0
+        s01 += a0 * b1
+        s02 += a0 * b2
+        s03 += a0 * b3
+        s10 += a1 * b0
+        s11 += a1 * b1
+        s12 += a1 * b2
+        s13 += a1 * b3
+        s20 += a2 * b0
+        s21 += a2 * b1
+        s22 += a2 * b2
+        s23 += a2 * b3
+        s30 += a3 * b0
+        s31 += a3 * b1
+        s32 += a3 * b2
+        s33 += a3 * b3
+    return (s00, s01, s02, s03, s10, s11, s12, s13, s20, s21, s22, s23, s30, s31, s32, s33)
+
+
+@njit(inline="always", **OPTIONS)
+def store4(out, o, j, c, x0, x1, x2, x3):  # pragma: no cover - compiled
+    """``out[o, j:j + 4] = c * (x0, x1, x2, x3)``."""
+    out[o, j], out[o, j + 1], out[o, j + 2], out[o, j + 3] = c * x0, c * x1, c * x2, c * x3
+
+
+@njit(inline="always", **OPTIONS)
+def dot1(a, r, b, j, k, zero):  # pragma: no cover - compiled
+    """``a[r, :] . b[j, :]``."""
+    s = zero
+    for p in range(k):
+        s += a[r, p] * b[j, p]
+    return s
+
+
+@njit(inline="always", **OPTIONS)
+def tile(t, m, n, col_tiles):  # pragma: no cover - compiled
+    """Parallel task t's first row and its columns [lo, hi): 4 rows x TILE_COLS columns."""
+    lo = (t % col_tiles) * TILE_COLS
+    return (t // col_tiles) * 4, lo, min(lo + TILE_COLS, n)
+
+
 @njit(parallel=True, **OPTIONS)
 def gemm_nt(a, a_rows, b, out, out_rows, scale):  # pragma: no cover - compiled
     """``out[out_rows[i], j] = scale[i] * sum_p a[a_rows[i], p] * b[j, p]`` for i < len(a_rows)
@@ -31,97 +80,39 @@ def gemm_nt(a, a_rows, b, out, out_rows, scale):  # pragma: no cover - compiled
     not in out_rows are left alone."""
     m = a_rows.shape[0]
     n, k = b.shape
-    zero = np.zeros(1, out.dtype)[0]  # a 0 of out's dtype: the sums stay in it
+    zero = out.dtype.type(0)  # the sums stay in out's dtype
     col_tiles = (n + TILE_COLS - 1) // TILE_COLS
     for t in prange(((m + 3) // 4) * col_tiles):
-        i0 = (t // col_tiles) * 4
-        j_lo = (t % col_tiles) * TILE_COLS
-        j_hi = min(j_lo + TILE_COLS, n)
+        i0, j_lo, j_hi = tile(t, m, n, col_tiles)
         if i0 + 4 <= m:
-            r0, r1, r2, r3 = a_rows[i0], a_rows[i0 + 1], a_rows[i0 + 2], a_rows[i0 + 3]
-            o0, o1, o2, o3 = out_rows[i0], out_rows[i0 + 1], out_rows[i0 + 2], out_rows[i0 + 3]
-            c0, c1, c2, c3 = scale[i0], scale[i0 + 1], scale[i0 + 2], scale[i0 + 3]
+            rows = (a_rows[i0], a_rows[i0 + 1], a_rows[i0 + 2], a_rows[i0 + 3])
             j = j_lo
             while j + 4 <= j_hi:
-                s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = zero
-                s20 = s21 = s22 = s23 = s30 = s31 = s32 = s33 = zero
-                for p in range(k):
-                    a0, a1, a2, a3 = a[r0, p], a[r1, p], a[r2, p], a[r3, p]
-                    b0, b1, b2, b3 = b[j, p], b[j + 1, p], b[j + 2, p], b[j + 3, p]
-                    s00 += a0 * b0
-                    s01 += a0 * b1
-                    s02 += a0 * b2
-                    s03 += a0 * b3
-                    s10 += a1 * b0
-                    s11 += a1 * b1
-                    s12 += a1 * b2
-                    s13 += a1 * b3
-                    s20 += a2 * b0
-                    s21 += a2 * b1
-                    s22 += a2 * b2
-                    s23 += a2 * b3
-                    s30 += a3 * b0
-                    s31 += a3 * b1
-                    s32 += a3 * b2
-                    s33 += a3 * b3
-                out[o0, j], out[o0, j + 1], out[o0, j + 2], out[o0, j + 3] = (
-                    c0 * s00,
-                    c0 * s01,
-                    c0 * s02,
-                    c0 * s03,
-                )
-                out[o1, j], out[o1, j + 1], out[o1, j + 2], out[o1, j + 3] = (
-                    c1 * s10,
-                    c1 * s11,
-                    c1 * s12,
-                    c1 * s13,
-                )
-                out[o2, j], out[o2, j + 1], out[o2, j + 2], out[o2, j + 3] = (
-                    c2 * s20,
-                    c2 * s21,
-                    c2 * s22,
-                    c2 * s23,
-                )
-                out[o3, j], out[o3, j + 1], out[o3, j + 2], out[o3, j + 3] = (
-                    c3 * s30,
-                    c3 * s31,
-                    c3 * s32,
-                    c3 * s33,
-                )
+                v = dot4x4(a, rows[0], rows[1], rows[2], rows[3], b, j, k, zero)
+                # static tuple indices: the sums stay in registers
+                store4(out, out_rows[i0], j, scale[i0], v[0], v[1], v[2], v[3])
+                store4(out, out_rows[i0 + 1], j, scale[i0 + 1], v[4], v[5], v[6], v[7])
+                store4(out, out_rows[i0 + 2], j, scale[i0 + 2], v[8], v[9], v[10], v[11])
+                store4(out, out_rows[i0 + 3], j, scale[i0 + 3], v[12], v[13], v[14], v[15])
                 j += 4
-            for jj in range(j, j_hi):  # the tile's last columns: 4 rows x 1
-                s0 = s1 = s2 = s3 = zero
-                for p in range(k):
-                    bp = b[jj, p]
-                    s0 += a[r0, p] * bp
-                    s1 += a[r1, p] * bp
-                    s2 += a[r2, p] * bp
-                    s3 += a[r3, p] * bp
-                out[o0, jj], out[o1, jj], out[o2, jj], out[o3, jj] = c0 * s0, c1 * s1, c2 * s2, c3 * s3
-        else:  # the last rows: 1 x 4 tiles
+            for jj in range(j, j_hi):  # the tile's last columns
+                for i in range(i0, i0 + 4):
+                    out[out_rows[i], jj] = scale[i] * dot1(a, a_rows[i], b, jj, k, zero)
+        else:  # the last rows
             for i in range(i0, m):
-                r, o, c = a_rows[i], out_rows[i], scale[i]
-                j = j_lo
-                while j + 4 <= j_hi:
-                    s0 = s1 = s2 = s3 = zero
-                    for p in range(k):
-                        ap = a[r, p]
-                        s0 += ap * b[j, p]
-                        s1 += ap * b[j + 1, p]
-                        s2 += ap * b[j + 2, p]
-                        s3 += ap * b[j + 3, p]
-                    out[o, j], out[o, j + 1], out[o, j + 2], out[o, j + 3] = (
-                        c * s0,
-                        c * s1,
-                        c * s2,
-                        c * s3,
-                    )
-                    j += 4
-                for jj in range(j, j_hi):
-                    s = zero
-                    for p in range(k):
-                        s += a[r, p] * b[jj, p]
-                    out[o, jj] = c * s
+                for jj in range(j_lo, j_hi):
+                    out[out_rows[i], jj] = scale[i] * dot1(a, a_rows[i], b, jj, k, zero)
+
+
+@njit(parallel=True, **OPTIONS)
+def swiglu(a, u, s, h):  # pragma: no cover - compiled
+    """``s = sigmoid(a)`` and ``h = a s u`` (a, u, s, h of one shape, 2-D)."""
+    one = a.dtype.type(1)
+    for i in prange(a.shape[0]):
+        for j in range(a.shape[1]):
+            sj = one / (one + np.exp(-a[i, j]))
+            s[i, j] = sj
+            h[i, j] = a[i, j] * sj * u[i, j]
 
 
 @njit(**OPTIONS)
@@ -139,24 +130,15 @@ def routed_rows(gates, col, rows, g):  # pragma: no cover - compiled
 
 
 @njit(parallel=True, **OPTIONS)
-def swiglu(a, u, s, h):  # pragma: no cover - compiled
-    """``s = sigmoid(a)`` and ``h = a s u`` (a, u, s, h of one shape, 2-D)."""
-    one = np.ones(1, a.dtype)[0]
-    for i in prange(a.shape[0]):
-        for j in range(a.shape[1]):
-            sj = one / (one + np.exp(-a[i, j]))
-            s[i, j] = sj
-            h[i, j] = a[i, j] * sj * u[i, j]
-
-
-@njit(parallel=True, **OPTIONS)
-def expert_reverse(a, u, s, h, c, g, ct, x, rows, duda, duda_t, h_t, dy_t, x_t, dgates):  # pragma: no cover - compiled
+def expert_reverse(  # pragma: no cover - compiled
+    a, u, s, h, c, g, ct, x, rows, duda, duda_t, h_t, dy_t, x_t, dgates
+):
     """The reverse pass's elementwise part on the n routed rows, from c = ct Wd: with
     dh = g c, d a = dh u s (1 + a (1 - s)) and d u = dh a s, writes [d a, d u] as (n, 2f)
     and transposed (2f, n), h^T, (g ct)^T and x^T of the routed rows, and d g = <c, h>."""
     n, f = a.shape
     d = x.shape[1]
-    zero, one = np.zeros(1, a.dtype)[0], np.ones(1, a.dtype)[0]
+    zero, one = a.dtype.type(0), a.dtype.type(1)
     for i in prange(n):
         gi = g[i]
         acc = zero

@@ -159,7 +159,9 @@ class TorchPeer:
 class Ours:
     """einplan's plan, weights, trainer and generator for one model."""
 
-    def __init__(self, model: str, workers: int, kernels: str | None = None) -> None:
+    def __init__(
+        self, model: str, workers: int, kernels: str | None = None, all_blas_threads: bool = False
+    ) -> None:
         import einplan
         from einplan.formats.weights import random_weights
         from einplan.models.train_config import parse_train_config
@@ -175,6 +177,9 @@ class Ours:
         entries = ("train_step", "loss", "forward", "prefill", "decode")
         self.plan = einplan.compile_model(raw, entries=entries, train=tc)
         self.compile_s = time.perf_counter() - t0
+        if all_blas_threads:  # measure without the schedule pass's one-thread rule
+            for graph in self.plan.entries.values():
+                graph.meta.get("schedule", {})["blas_threads"] = None
         self.session = einplan.Session(self.plan, random_seed=0, workers=workers, kernels=kernels)
         weights = random_weights(self.plan.entry("train_step"), 0)
         self.trainer = Trainer(self.plan, weights, tc, workers=workers, kernels=kernels)
@@ -205,6 +210,12 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workers", type=int, default=0, help="einplan thread-pool workers")
     ap.add_argument("--kernels", help="einplan's kernels backend (default: the fastest installed)")
+    ap.add_argument(
+        "--all-blas-threads",
+        action="store_true",
+        help="einplan's products on every BLAS thread even in a plan of small products "
+        "(overrides the schedule pass's one-thread rule, to measure its effect)",
+    )
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "moe.json"))
     ap.add_argument("--torch-worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -213,7 +224,7 @@ def main(argv=None) -> int:
         return 0
     results = []
     for model in args.models:
-        ours = Ours(model, args.workers, args.kernels)
+        ours = Ours(model, args.workers, args.kernels, args.all_blas_threads)
         peer = TorchPeer(args.torch_python, model, args.threads) if args.torch_python else None
         samples: dict[tuple[str, str], list[float]] = {}
         for rep in range(args.warmup + args.reps):

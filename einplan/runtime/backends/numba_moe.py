@@ -1,5 +1,6 @@
 """The numba backend's mixture-of-experts kernels: one routed SwiGLU expert and the gradients
-of its inputs, compiled and parallel over both cores (runtime/backends/numba_moe_kernels.py).
+of its inputs, compiled and parallel over the cores (runtime/backends/numba_moe_kernels.py),
+but for the weight gradients, whose sums over the routed rows BLAS does faster.
 
 They compute what runtime/moe.py's numpy kernels compute, to rounding, and share their
 bookkeeping: per-expert token counts in ``LOAD``, and in a training graph the forward step's
@@ -77,27 +78,20 @@ def make_moe_expert(node, shapes, out_shape, scratch, inputs):
     return moe_expert
 
 
-def reverse_parts(nk, act: dict, x2: np.ndarray, ct2: np.ndarray, wd: np.ndarray) -> dict:
-    """The operands every reverse step of one expert reads, in the layouts gemm_nt wants:
-    c = ct Wd on the routed rows, then [d a, d u] (n, 2f) and transposed, h^T, (g ct)^T, x^T,
-    and d g (see numba_moe_kernels.expert_reverse)."""
+def reverse_parts(nk, act: dict, ct2: np.ndarray, wd: np.ndarray) -> dict:
+    """What the reverse steps of one expert share: c = ct Wd on the routed rows, then
+    [d a, d u] (n, 2f), dy = g ct (n, d) and d g (see numba_moe_kernels.expert_reverse)."""
     a, rows = act["a"], act["rows"]
     n, f = a.shape
-    d, dtype = x2.shape[1], a.dtype
-    own, ones = np.arange(n), np.ones(n, dtype)
+    d, dtype = ct2.shape[1], a.dtype
     wd_t = np.empty((f, d), dtype)
     nk.transpose_into(wd, wd_t, 0)
     c = np.empty((n, f), dtype)
-    nk.gemm_nt(ct2, rows, wd_t, c, own, ones)  # (n routed of ct) x (f, d) -> (n, f)
-    parts = {
-        "duda": np.empty((n, 2 * f), dtype),
-        "duda_t": np.empty((2 * f, n), dtype),
-        "h_t": np.empty((f, n), dtype),
-        "dy_t": np.empty((d, n), dtype),
-        "x_t": np.empty((d, n), dtype),
-        "dgates": np.empty(n, dtype),
-    }
-    nk.expert_reverse(a, act["u"], act["s"], act["h"], c, act["g"], ct2, x2, rows, *parts.values())
+    # (n routed of ct) x (f, d) -> (n, f)
+    nk.gemm_nt(ct2, rows, wd_t, c, np.arange(n), np.ones(n, dtype))
+    parts = {"duda": np.empty((n, 2 * f), dtype), "dy": np.empty((n, d), dtype)}
+    parts["dgates"] = np.empty(n, dtype)
+    nk.expert_reverse(a, act["u"], act["s"], act["h"], c, act["g"], ct2, rows, *parts.values())
     return parts
 
 
@@ -122,20 +116,22 @@ def make_moe_expert_grad(node, shapes, out_shape, scratch, inputs):
             return fallback(ins, out)
         rows = act["rows"]
         n, f = act["a"].shape
-        x2, ct2 = x.reshape(-1, d), ct.reshape(-1, d)
+        ct2 = ct.reshape(-1, d)
         ct_key = moe.activation_key(ct)
         if act.get("compiled_ct_key") != ct_key:  # the first sibling of this run
-            act["compiled"] = reverse_parts(nk, act, x2, ct2, wd)
+            act["compiled"] = reverse_parts(nk, act, ct2, wd)
             act["compiled_ct_key"] = ct_key
         p = act["compiled"]
+        # the weight gradients sum over the routed rows, as few as 60: BLAS wins those
         if wrt == "gates":
             out.fill(0)
             out.reshape(-1, e)[rows, col] = p["dgates"]
-        elif wrt == "down":  # (d, n) x (f, n) -> (d, f)
-            nk.gemm_nt(p["dy_t"], np.arange(d), p["h_t"], out, np.arange(d), np.ones(d, dtype))
-        elif wrt in ("gate", "up"):  # (f, n) x (d, n) -> (f, d)
-            part = p["duda_t"][:f] if wrt == "gate" else p["duda_t"][f:]
-            nk.gemm_nt(part, np.arange(f), p["x_t"], out, np.arange(f), np.ones(f, dtype))
+        elif wrt == "down":  # (n, d)^T x (n, f) -> (d, f)
+            np.matmul(p["dy"].T, act["h"], out=out)
+        elif wrt == "gate":  # (n, f)^T x (n, d) -> (f, d)
+            np.matmul(p["duda"][:, :f].T, act["xs"], out=out)
+        elif wrt == "up":
+            np.matmul(p["duda"][:, f:].T, act["xs"], out=out)
         else:  # d x = d a Wg + d u Wu: (n, 2f) x (d, 2f) -> (n, d), scattered to the rows
             w_t = np.empty((d, 2 * f), dtype)
             nk.transpose_into(wg, w_t, 0)

@@ -2,14 +2,15 @@
 of the output on numba's passive OpenMP threads: they use every core without BLAS's
 spin-waiting threads (which a plan of small products keeps at one) and release the GIL.
 
-Every product is one kernel, :func:`gemm_nt`, ``out[o_i, j] = scale_i sum_p a[a_i, p] b[j, p]``:
+The products are one kernel, :func:`gemm_nt`, ``out[o_i, j] = scale_i sum_p a[a_i, p] b[j, p]``:
 both operands are read along their contiguous last axis, the rows of ``a`` through an index
 (the tokens routed to the expert) and the rows of the result scattered through another, so
 the forward step neither gathers its tokens nor scatters its result in a separate pass. Each
 tile of 4 x 4 results keeps its 16 sums in registers; ``fastmath`` reassociation lets LLVM
-vectorise the sums along p (AVX-512: about BLAS's single-thread speed per core).
-The elementwise parts (SiLU gate, its derivative, the transposed operands of the weight
-gradients) are fused passes over the routed rows.
+vectorise the sums along p (AVX-512: about BLAS's single-thread speed per core when p runs
+over a hidden or expert width). The weight gradients, whose sums run over the routed rows
+(as few as 60), stay with BLAS (runtime/backends/numba_moe.py). The elementwise parts (SiLU
+gate and its derivative) are fused passes over the routed rows.
 
 Importing this module imports numba (see numba_kernels for the cache and thread settings).
 """
@@ -130,14 +131,11 @@ def routed_rows(gates, col, rows, g):  # pragma: no cover - compiled
 
 
 @njit(parallel=True, **OPTIONS)
-def expert_reverse(  # pragma: no cover - compiled
-    a, u, s, h, c, g, ct, x, rows, duda, duda_t, h_t, dy_t, x_t, dgates
-):
+def expert_reverse(a, u, s, h, c, g, ct, rows, duda, dy, dgates):  # pragma: no cover - compiled
     """The reverse pass's elementwise part on the n routed rows, from c = ct Wd: with
-    dh = g c, d a = dh u s (1 + a (1 - s)) and d u = dh a s, writes [d a, d u] as (n, 2f)
-    and transposed (2f, n), h^T, (g ct)^T and x^T of the routed rows, and d g = <c, h>."""
+    dh = g c, writes [d a, d u] (n, 2f) with d a = dh u s (1 + a (1 - s)) and d u = dh a s,
+    dy = g ct (n, d) and d g = <c, h> (n)."""
     n, f = a.shape
-    d = x.shape[1]
     zero, one = a.dtype.type(0), a.dtype.type(1)
     for i in prange(n):
         gi = g[i]
@@ -148,18 +146,12 @@ def expert_reverse(  # pragma: no cover - compiled
             dh = gi * ci
             sj = s[i, j]
             aj = a[i, j]
-            du = dh * aj * sj
-            da = dh * u[i, j] * sj * (one + aj * (one - sj))
-            duda[i, j] = da
-            duda[i, f + j] = du
-            duda_t[j, i] = da
-            duda_t[f + j, i] = du
-            h_t[j, i] = h[i, j]
+            duda[i, j] = dh * u[i, j] * sj * (one + aj * (one - sj))
+            duda[i, f + j] = dh * aj * sj
         dgates[i] = acc
         r = rows[i]
-        for k in range(d):
-            dy_t[k, i] = gi * ct[r, k]
-            x_t[k, i] = x[r, k]
+        for k in range(dy.shape[1]):
+            dy[i, k] = gi * ct[r, k]
 
 
 @njit(parallel=True, **OPTIONS)

@@ -4,7 +4,8 @@ Today that is the quantised weights: products with few input rows (decode, short
 read the packed integers directly (runtime/backends/numba_kernels.py), and the embedding
 gather of a quantised table dequantises only its rows in one pass. Products with more rows
 keep numpy's dequantise-a-block + BLAS GEMM, which wins once a block is reused by enough
-rows (``MAX_ROWS``, measured by ``einplan bench kernels``).
+rows (``MAX_ROWS``, measured by ``einplan bench kernels``). Mixture-of-experts expert steps and
+their reverse steps run compiled and parallel (runtime/backends/numba_moe.py).
 
 This module does not import numba: the kernels module is imported when a factory first
 builds a compiled kernel, so a plan with nothing to compile never pays numba's import.

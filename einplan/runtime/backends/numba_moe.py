@@ -35,7 +35,7 @@ def find_routed(nk, gates2: np.ndarray, col: int) -> tuple[np.ndarray, np.ndarra
     """The rows routed to expert ``col`` and their gate values (as moe._routed finds them)."""
     rows = np.empty(len(gates2), np.int64)
     g = np.empty(len(gates2), gates2.dtype)
-    n = nk.routed_rows(gates2, col, rows, g)
+    n = nk.collect_routed_rows(gates2, col, rows, g)
     return rows[:n], g[:n]
 
 
@@ -78,9 +78,9 @@ def make_moe_expert(node, shapes, out_shape, scratch, inputs):
     return moe_expert
 
 
-def reverse_parts(nk, act: dict, ct2: np.ndarray, wd: np.ndarray) -> dict:
+def compute_reverse_parts(nk, act: dict, ct2: np.ndarray, wd: np.ndarray) -> dict:
     """What the reverse steps of one expert share: c = ct Wd on the routed rows, then
-    [d a, d u] (n, 2f), dy = g ct (n, d) and d g (see numba_moe_kernels.expert_reverse)."""
+    [d a, d u] (n, 2f), dy = g ct (n, d) and d g (see numba_moe_kernels.compute_expert_reverse)."""
     a, rows = act["a"], act["rows"]
     n, f = a.shape
     d, dtype = ct2.shape[1], a.dtype
@@ -91,7 +91,9 @@ def reverse_parts(nk, act: dict, ct2: np.ndarray, wd: np.ndarray) -> dict:
     nk.gemm_nt(ct2, rows, wd_t, c, np.arange(n), np.ones(n, dtype))
     parts = {"duda": np.empty((n, 2 * f), dtype), "dy": np.empty((n, d), dtype)}
     parts["dgates"] = np.empty(n, dtype)
-    nk.expert_reverse(a, act["u"], act["s"], act["h"], c, act["g"], ct2, rows, *parts.values())
+    nk.compute_expert_reverse(
+        a, act["u"], act["s"], act["h"], c, act["g"], ct2, rows, *parts.values()
+    )
     return parts
 
 
@@ -119,7 +121,7 @@ def make_moe_expert_grad(node, shapes, out_shape, scratch, inputs):
         ct2 = ct.reshape(-1, d)
         ct_key = moe.activation_key(ct)
         if act.get("compiled_ct_key") != ct_key:  # the first sibling of this run
-            act["compiled"] = reverse_parts(nk, act, ct2, wd)
+            act["compiled"] = compute_reverse_parts(nk, act, ct2, wd)
             act["compiled_ct_key"] = ct_key
         p = act["compiled"]
         # the weight gradients sum over the routed rows, as few as 60: BLAS wins those

@@ -53,7 +53,7 @@ def dot4x4(a, r0, r1, r2, r3, b, j, k, zero):  # pragma: no cover - compiled
 
 
 @njit(inline="always", **OPTIONS)
-def store4(out, o, j, c, x0, x1, x2, x3):  # pragma: no cover - compiled
+def store_row4(out, o, j, c, x0, x1, x2, x3):  # pragma: no cover - compiled
     """``out[o, j:j + 4] = c * (x0, x1, x2, x3)``."""
     out[o, j], out[o, j + 1], out[o, j + 2], out[o, j + 3] = c * x0, c * x1, c * x2, c * x3
 
@@ -68,7 +68,7 @@ def dot1(a, r, b, j, k, zero):  # pragma: no cover - compiled
 
 
 @njit(inline="always", **OPTIONS)
-def tile(t, m, n, col_tiles):  # pragma: no cover - compiled
+def locate_tile(t, m, n, col_tiles):  # pragma: no cover - compiled
     """Parallel task t's first row and its columns [lo, hi): 4 rows x TILE_COLS columns."""
     lo = (t % col_tiles) * TILE_COLS
     return (t // col_tiles) * 4, lo, min(lo + TILE_COLS, n)
@@ -84,17 +84,17 @@ def gemm_nt(a, a_rows, b, out, out_rows, scale):  # pragma: no cover - compiled
     zero = out.dtype.type(0)  # the sums stay in out's dtype
     col_tiles = (n + TILE_COLS - 1) // TILE_COLS
     for t in prange(((m + 3) // 4) * col_tiles):
-        i0, j_lo, j_hi = tile(t, m, n, col_tiles)
+        i0, j_lo, j_hi = locate_tile(t, m, n, col_tiles)
         if i0 + 4 <= m:
             rows = (a_rows[i0], a_rows[i0 + 1], a_rows[i0 + 2], a_rows[i0 + 3])
             j = j_lo
             while j + 4 <= j_hi:
                 v = dot4x4(a, rows[0], rows[1], rows[2], rows[3], b, j, k, zero)
                 # static tuple indices: the sums stay in registers
-                store4(out, out_rows[i0], j, scale[i0], v[0], v[1], v[2], v[3])
-                store4(out, out_rows[i0 + 1], j, scale[i0 + 1], v[4], v[5], v[6], v[7])
-                store4(out, out_rows[i0 + 2], j, scale[i0 + 2], v[8], v[9], v[10], v[11])
-                store4(out, out_rows[i0 + 3], j, scale[i0 + 3], v[12], v[13], v[14], v[15])
+                store_row4(out, out_rows[i0], j, scale[i0], v[0], v[1], v[2], v[3])
+                store_row4(out, out_rows[i0 + 1], j, scale[i0 + 1], v[4], v[5], v[6], v[7])
+                store_row4(out, out_rows[i0 + 2], j, scale[i0 + 2], v[8], v[9], v[10], v[11])
+                store_row4(out, out_rows[i0 + 3], j, scale[i0 + 3], v[12], v[13], v[14], v[15])
                 j += 4
             for jj in range(j, j_hi):  # the tile's last columns
                 for i in range(i0, i0 + 4):
@@ -117,7 +117,7 @@ def swiglu(a, u, s, h):  # pragma: no cover - compiled
 
 
 @njit(**OPTIONS)
-def routed_rows(gates, col, rows, g):  # pragma: no cover - compiled
+def collect_routed_rows(gates, col, rows, g):  # pragma: no cover - compiled
     """The rows of ``gates`` (tokens, E) whose column ``col`` is non-zero into ``rows``, their
     values into ``g``; returns how many."""
     n = 0
@@ -131,7 +131,9 @@ def routed_rows(gates, col, rows, g):  # pragma: no cover - compiled
 
 
 @njit(parallel=True, **OPTIONS)
-def expert_reverse(a, u, s, h, c, g, ct, rows, duda, dy, dgates):  # pragma: no cover - compiled
+def compute_expert_reverse(  # pragma: no cover - compiled
+    a, u, s, h, c, g, ct, rows, duda, dy, dgates
+):
     """The reverse pass's elementwise part on the n routed rows, from c = ct Wd: with
     dh = g c, writes [d a, d u] (n, 2f) with d a = dh u s (1 + a (1 - s)) and d u = dh a s,
     dy = g ct (n, d) and d g = <c, h> (n)."""

@@ -17,8 +17,8 @@ import numpy as np
 from einplan.compiler.dtypes import to_numpy_dtype
 from einplan.runtime import moe
 
-# routed rows below which an expert runs numpy's kernel (BLAS): measured with
-# benchmarks/moe_kernels.py on 2 AVX-512 cores
+# routed rows below which an expert runs numpy's kernel (BLAS GEMV-like calls): about where
+# the compiled forward step starts to win on one thread (benchmarks/moe_kernels.py --rows)
 MIN_ROWS = 8
 DTYPES = (np.float32, np.float64)
 LOAD, STASH = moe.LOAD, moe.STASH

@@ -40,11 +40,11 @@ def routing(rng, tokens: int, experts: int, k: int, idle: int, dtype) -> np.ndar
 def expert_nodes(col: int, k: int, shape, dtype: str, keep: bool) -> list[Node]:
     """A forward expert node and its five reverse nodes, named as the reverse pass names them."""
     fwd = Node(0, Op.MOE_EXPERT, (), {"expert": col, "k": k, "keep": keep}, shape, dtype, "ex-0.1")
-    grads = [
-        Node(1 + i, Op.MOE_EXPERT_GRAD, (), {"expert": col, "k": k, "wrt": w}, (), dtype, "")
-        for i, w in enumerate(WRT)
+    attrs = [{"expert": col, "k": k, "wrt": w} for w in WRT]
+    return [fwd] + [
+        Node(1 + i, Op.MOE_EXPERT_GRAD, (), a, (), dtype, f"ex-0.1.grad{i}")
+        for i, a in enumerate(attrs)
     ]
-    return [fwd] + [g.with_(name=f"ex-0.1.grad{i}") for i, g in enumerate(grads)]
 
 
 def run_expert(backend: str, ins: list[np.ndarray], ct: np.ndarray, col: int, k: int, keep: bool):

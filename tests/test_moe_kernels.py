@@ -1,7 +1,8 @@
 """The numba backend's compiled expert kernels against numpy's (runtime/moe.py) on random
 routings: experts, top-k and token counts (experts with no tokens and with fewer than
-MIN_ROWS included), float32 and float64; and the MoE fixtures' logits, float64 gradients and
-greedy text on both backends."""
+MIN_ROWS or REVERSE_MIN_ROWS included), float32 and float64; and the MoE fixtures' logits and
+float64 gradients on both backends, every expert compiled (test_generate checks greedy text
+on both)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from einplan.compiler.ir import Node
 from einplan.compiler.ops import Op
 from einplan.formats.weights import load_weights
 from einplan.runtime import moe
-from einplan.runtime.backends import get_backend
+from einplan.runtime.backends import get_backend, numba_moe
 from einplan.runtime.executor import Executor
 
 pytestmark = pytest.mark.skipif("numba" not in BACKENDS, reason="numba is not installed")
@@ -68,7 +69,7 @@ def run_expert(backend: str, ins: list[np.ndarray], ct: np.ndarray, col: int, k:
 @given(
     experts=st.integers(2, 8),
     k=st.integers(1, 3),
-    tokens=st.integers(1, 90),
+    tokens=st.integers(1, 200),
     idle=st.integers(0, 2),
     d=st.integers(1, 40),
     f=st.integers(1, 70),
@@ -121,8 +122,15 @@ def test_big_routings_take_the_compiled_path():
         np.testing.assert_allclose(got[name], w, rtol=1e-4, atol=1e-4 * np.abs(w).max())
 
 
+def compile_every_expert(monkeypatch) -> None:
+    """Let experts with any number of tokens run compiled (the fixtures route 48 tokens)."""
+    monkeypatch.setattr(numba_moe, "MIN_ROWS", 1)
+    monkeypatch.setattr(numba_moe, "REVERSE_MIN_ROWS", 1)
+
+
 @pytest.mark.parametrize("case", MOE_CASES)
-def test_fixture_logits_on_both_backends(case, kernels):
+def test_fixture_logits_on_both_backends(case, kernels, monkeypatch):
+    compile_every_expert(monkeypatch)
     folder = FIXTURES / case
     ref = load_file(folder / "reference.safetensors")
     plan = einplan.compile_model(folder / "config.json")
@@ -134,13 +142,17 @@ def test_fixture_logits_on_both_backends(case, kernels):
 
 
 @pytest.mark.parametrize("case", MOE_CASES)
-def test_fixture_float64_gradients_on_both_backends(case, kernels):
+def test_fixture_float64_gradients_on_both_backends(case, kernels, monkeypatch):
+    compile_every_expert(monkeypatch)
+    moe.STASH.clear()
     folder = FIXTURES / case
     plan = einplan.compile_model(folder / "config.json", compute_dtype="f64", entries=("grad",))
     graph = plan.entry("grad")
     ref = load_file(folder / "reference.safetensors")
     feed = _feed(ref["input_ids"]) | {"loss_grad": np.array(1.0)}
     out = Executor(graph, load_weights(graph, folder), kernels=kernels).run(feed)
+    compiled = ["compiled" in act for act in moe.STASH.values()]
+    assert compiled and all(compiled) == (kernels == "numba")  # reverse steps ran compiled
     for name, w in ref.items():
         if name.startswith("grad64."):
             got = out[f"grad.{name.removeprefix('grad64.')}"]

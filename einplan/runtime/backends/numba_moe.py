@@ -6,8 +6,8 @@ They compute what runtime/moe.py's numpy kernels compute, to rounding, and share
 bookkeeping: per-expert token counts in ``LOAD``, and in a training graph the forward step's
 activations in ``STASH`` in the same layout, so either backend's reverse step can use either
 backend's forward step. An expert that got fewer than ``MIN_ROWS`` tokens (decode) runs
-numpy's kernel, whose BLAS calls win there; so does an expert of a dtype other than
-float32/float64 (factories decline it).
+numpy's kernel, whose BLAS calls win there, and so do the reverse steps of one with fewer than
+``REVERSE_MIN_ROWS``; factories decline a dtype other than float32/float64.
 """
 
 from __future__ import annotations
@@ -20,6 +20,9 @@ from einplan.runtime import moe
 # routed rows below which an expert runs numpy's kernel (BLAS GEMV-like calls): about where
 # the compiled forward step starts to win on one thread (benchmarks/moe_kernels.py --rows)
 MIN_ROWS = 8
+# the same for the reverse steps, which first transpose the three weights (0.3 ms at 256 x 688):
+# at 27 rows they cost 1.4x numpy's on one thread, at 242 rows 1.1x (benchmarks/moe_kernels.py)
+REVERSE_MIN_ROWS = 64
 DTYPES = (np.float32, np.float64)
 LOAD, STASH = moe.LOAD, moe.STASH
 
@@ -100,7 +103,7 @@ def compute_reverse_parts(nk, act: dict, ct2: np.ndarray, wd: np.ndarray) -> dic
 def make_moe_expert_grad(node, shapes, out_shape, scratch, inputs):
     """The gradient of one input of one expert (moe.make_moe_expert_grad), from the
     activations its forward step kept; numpy's kernel when none were kept for these buffers
-    or the expert got fewer than MIN_ROWS tokens. None for a dtype other than f32/f64."""
+    or the expert got fewer than REVERSE_MIN_ROWS tokens. None for a dtype other than f32/f64."""
     dtype = to_numpy_dtype(node.dtype)
     if dtype not in DTYPES:
         return None
@@ -114,7 +117,7 @@ def make_moe_expert_grad(node, shapes, out_shape, scratch, inputs):
         x, gates, wg, wu, wd, ct = ins
         act = STASH.get(forward)
         fresh = act is not None and act["key"] == moe.activation_key(x, gates, wg, wu, wd)
-        if not fresh or len(act["rows"]) < MIN_ROWS or "h" not in act:
+        if not fresh or len(act["rows"]) < REVERSE_MIN_ROWS or "h" not in act:
             return fallback(ins, out)
         rows = act["rows"]
         n, f = act["a"].shape

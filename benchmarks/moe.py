@@ -159,7 +159,9 @@ class TorchPeer:
 class Ours:
     """einplan's plan, weights, trainer and generator for one model."""
 
-    def __init__(self, model: str, workers: int) -> None:
+    def __init__(
+        self, model: str, workers: int, kernels: str | None = None, all_blas_threads: bool = False
+    ) -> None:
         import einplan
         from einplan.formats.weights import random_weights
         from einplan.models.train_config import parse_train_config
@@ -175,10 +177,13 @@ class Ours:
         entries = ("train_step", "loss", "forward", "prefill", "decode")
         self.plan = einplan.compile_model(raw, entries=entries, train=tc)
         self.compile_s = time.perf_counter() - t0
-        self.session = einplan.Session(self.plan, random_seed=0, workers=workers)
+        if all_blas_threads:  # measure without the schedule pass's one-thread rule
+            for graph in self.plan.entries.values():
+                graph.meta.get("schedule", {})["blas_threads"] = None
+        self.session = einplan.Session(self.plan, random_seed=0, workers=workers, kernels=kernels)
         weights = random_weights(self.plan.entry("train_step"), 0)
-        self.trainer = Trainer(self.plan, weights, tc, workers=workers)
-        self.gen = Generator(self.plan, self.session.weights, workers)
+        self.trainer = Trainer(self.plan, weights, tc, workers=workers, kernels=kernels)
+        self.gen = Generator(self.plan, self.session.weights, workers, kernels=kernels)
         self.vocab = raw["vocab_size"]
 
     def time(self, case: str, batch: int, seq: int) -> float:
@@ -204,6 +209,19 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workers", type=int, default=0, help="einplan thread-pool workers")
+    ap.add_argument("--kernels", help="einplan's kernels backend (default: the fastest installed)")
+    ap.add_argument(
+        "--also-kernels",
+        nargs="*",
+        default=[],
+        help="more einplan engines on these kernels backends, interleaved with the others",
+    )
+    ap.add_argument(
+        "--all-blas-threads",
+        action="store_true",
+        help="einplan's products on every BLAS thread even in a plan of small products "
+        "(overrides the schedule pass's one-thread rule, to measure its effect)",
+    )
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "moe.json"))
     ap.add_argument("--torch-worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -211,24 +229,26 @@ def main(argv=None) -> int:
         torch_worker(args.torch_worker, args.threads)
         return 0
     results = []
+    load_before = os.getloadavg()
     for model in args.models:
-        ours = Ours(model, args.workers)
-        peer = TorchPeer(args.torch_python, model, args.threads) if args.torch_python else None
+        engines = [("einplan", Ours(model, args.workers, args.kernels, args.all_blas_threads))]
+        for k in args.also_kernels:
+            engines.append((f"einplan_{k}", Ours(model, args.workers, k, args.all_blas_threads)))
+        if args.torch_python:
+            engines.append(("pytorch", TorchPeer(args.torch_python, model, args.threads)))
         samples: dict[tuple[str, str], list[float]] = {}
         for rep in range(args.warmup + args.reps):
             for case, batch, seq in CASES[model]:
-                for engine, runner in (("einplan", ours), ("pytorch", peer)):
-                    if runner is None:
-                        continue
+                for engine, runner in engines:
                     s = runner.time(case, batch, seq)
                     if rep >= args.warmup:
                         samples.setdefault((case, engine), []).append(s)
-        if peer:
-            peer.close()
+        if args.torch_python:
+            engines[-1][1].close()
         for case, batch, seq in CASES[model]:
             tokens = batch * seq
             row = {"model": model, "case": case, "batch": batch, "seq": seq}
-            for engine in ("einplan", "pytorch"):
+            for engine, _ in engines:
                 if (case, engine) in samples:
                     med = statistics.median(samples[(case, engine)])
                     row[f"{engine}_s"] = med
@@ -236,19 +256,13 @@ def main(argv=None) -> int:
             if "pytorch_s" in row:
                 row["speedup"] = row["pytorch_s"] / row["einplan_s"]
             results.append(row)
-            print(
-                f"{model:12s} {case:8s} {batch}x{seq:<4d} einplan {row['einplan_tok_s']:9,.0f} "
-                f"tok/s"
-                + (
-                    f"  pytorch {row['pytorch_tok_s']:9,.0f} tok/s  speedup {row['speedup']:.2f}x"
-                    if "speedup" in row
-                    else ""
-                ),
-                flush=True,
-            )
+            rates = "  ".join(f"{e} {row[f'{e}_tok_s']:9,.0f} tok/s" for e, _ in engines)
+            speedup = f"  speedup {row['speedup']:.2f}x" if "speedup" in row else ""
+            print(f"{model:12s} {case:8s} {batch}x{seq:<4d} {rates}{speedup}", flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv, "cpus": os.cpu_count()}
+    meta["load_avg_before_after"] = [load_before, os.getloadavg()]
     out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     print(f"wrote {out}")
     return 0

@@ -129,7 +129,8 @@ def make_moe_expert(node: Node, shapes, out_shape, scratch):
         LOAD[name] = len(rows)
         if len(rows):
             a = xs @ wg.T
-            h = a * _sigmoid(a)
+            h = _sigmoid(a)
+            h *= a
             h *= xs @ wu.T
             y = h @ wd.T
             y *= g[:, None]
@@ -153,7 +154,10 @@ def _reverse_parts(act: dict, cts: np.ndarray, wd: np.ndarray) -> dict:
     du *= s
     da = dh * u
     da *= s
-    da *= 1 + a * (1 - s)
+    dsilu = np.subtract(1, s, out=dh)  # dh is spent: its buffer holds 1 + a (1 - s)
+    dsilu *= a
+    dsilu += 1
+    da *= dsilu
     return {"h": h, "c": c, "dy": cts * g, "da": da, "du": du}
 
 

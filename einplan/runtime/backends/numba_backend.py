@@ -4,7 +4,8 @@ Today that is the quantised weights: products with few input rows (decode, short
 read the packed integers directly (runtime/backends/numba_kernels.py), and the embedding
 gather of a quantised table dequantises only its rows in one pass. Products with more rows
 keep numpy's dequantise-a-block + BLAS GEMM, which wins once a block is reused by enough
-rows (``MAX_ROWS``, measured by ``einplan bench kernels``).
+rows (``MAX_ROWS``, measured by ``einplan bench kernels``). Mixture-of-experts expert steps and
+their reverse steps run compiled and parallel (runtime/backends/numba_moe.py).
 
 This module does not import numba: the kernels module is imported when a factory first
 builds a compiled kernel, so a plan with nothing to compile never pays numba's import.
@@ -18,6 +19,7 @@ import numpy as np
 
 from einplan.compiler.attrs import QMatmulRecipe
 from einplan.compiler.ops import Op
+from einplan.runtime.backends import numba_moe
 from einplan.runtime.backends.base import Backend
 from einplan.runtime.kernels import make_gather
 from einplan.runtime.qmatmul import QuantizedMatrix
@@ -78,4 +80,12 @@ def make_qgather(node, shapes, out_shape, scratch, inputs):
     return qgather
 
 
-NUMBA = Backend("numba", {Op.EINSUM: make_qmatmul, Op.GATHER: make_qgather})
+NUMBA = Backend(
+    "numba",
+    {
+        Op.EINSUM: make_qmatmul,
+        Op.GATHER: make_qgather,
+        Op.MOE_EXPERT: numba_moe.make_moe_expert,
+        Op.MOE_EXPERT_GRAD: numba_moe.make_moe_expert_grad,
+    },
+)

@@ -28,6 +28,8 @@ COLUMNS = (
     "peak_rss_mib",
     "skipped",
     "router_entropy",  # mixture of experts: mean entropy of the routers (nats), else empty
+    "allreduce_ms",  # data-parallel (--dp): the step's all-reduce, else empty
+    "allreduce_fraction",  # ... and its share of the step
 )
 
 

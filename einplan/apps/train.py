@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from einplan.apps.compile import TRAIN_ENTRIES, compile_model
+from einplan.apps.distributed import DataParallel, train_data_parallel
 from einplan.apps.session import load_plan
 from einplan.apps.training_run import RUN_HISTORY, RunOptions, TrainingRun
 from einplan.compiler.plan import Plan, is_plan_file
@@ -86,17 +87,29 @@ def train(
     workers: int = 0,
     profile: str | os.PathLike | None = None,
     kernels: str | None = None,
+    dp: int | None = None,
+    ray_address: str | None = None,
+    threads_per_worker: int | None = None,
+    max_failures: int = 3,
 ) -> TrainResult:
     """Train on the text file ``data`` in the run folder ``out`` until step ``steps``
     (default: the train settings'), with the train settings changed by ``overrides``;
     ``resume`` continues from the folder's latest checkpoint; a folder that holds a run is
     refused without ``resume``, or cleared first with ``overwrite``. ``profile`` (a folder) records
     every step and writes its trace there, as ``einplan train --profile``. ``kernels``: the
-    kernels backend, ``"numpy"`` or ``"numba"`` (None: the fastest installed)."""
+    kernels backend, ``"numpy"`` or ``"numba"`` (None: the fastest installed). ``dp``: train
+    data-parallel on that many Ray workers (a local Ray started for the run, or the cluster at
+    ``ray_address``), each with ``threads_per_worker`` BLAS threads (default: the cluster's
+    CPUs / dp), the group restarted from the latest checkpoint up to ``max_failures`` times
+    when a worker dies; needs the ``einplan[ray]`` extra."""
     if steps is not None and steps < 1:
         raise EinplanError(f"steps must be at least 1, got {steps}")
     if workers < 0:
         raise EinplanError(f"workers must be 0 (sequential) or more, got {workers}")
+    if dp is None and (ray_address or threads_per_worker):
+        raise EinplanError("--ray-address and --threads-per-worker go with --dp N")
+    if dp is not None and profile:
+        raise EinplanError("--profile records one process's steps; leave it out with --dp")
     out = Path(out)
     sources = (config_or_plan, data, init_weights, tokenizer)
     inputs = [Path(p) for p in sources if isinstance(p, str | os.PathLike)]
@@ -113,7 +126,11 @@ def train(
         workers=workers,
         kernels=kernels,
     )
-    training = TrainingRun(open_or_compile(config_or_plan, out), options)
+    plan = open_or_compile(config_or_plan, out)
+    if dp is not None:
+        spread = DataParallel(dp, ray_address, threads_per_worker, max_failures)
+        return TrainResult(*train_data_parallel(plan, options, spread))
+    training = TrainingRun(plan, options)
     if profile:
         training.trainer.profile = Recorder()
     training.run()

@@ -345,6 +345,8 @@ def train_data_parallel(
     finally:
         if started:
             ray.shutdown()
+        with contextlib.suppress(OSError):
+            (out / "ray").rmdir()  # Ray Train's storage folder: empty, as no checkpoint goes there
     records = read_records(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
     finish_run(records, options.out, console or Console())
     latest = out / "checkpoints" / "latest"

@@ -1,0 +1,90 @@
+"""A Ray cluster of several nodes on this machine (``ray start --head`` plus ``ray start
+--address`` per extra node, each with its own CPUs), for tests/test_dp.py's slow test and
+benchmarks/dp.py. Its processes are found by its own temp folder and stopped by their ids."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+COUNT_NODES = (
+    "import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR'); "
+    "print(sum(1 for n in ray.nodes() if n['Alive']))"
+)
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ray_cli() -> str:
+    """The ``ray`` command of this Python's environment."""
+    return shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Ids of the processes whose command line contains ``text``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if text.encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
+
+
+def alive_nodes(address: str) -> int:
+    """How many nodes the cluster at ``address`` has (0 when it does not answer)."""
+    p = subprocess.run([sys.executable, "-c", COUNT_NODES, address], capture_output=True, text=True)
+    return int(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 and p.stdout else 0
+
+
+@contextlib.contextmanager
+def local_cluster(temp_dir: Path, nodes: int = 2, cpus: int = 1) -> Iterator[str]:
+    """Start a head and ``nodes - 1`` more nodes of ``cpus`` CPUs each; yield the head's
+    address; stop every process of the cluster (by id) on the way out."""
+    temp_dir = Path(temp_dir)
+    temp_dir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    common = [f"--num-cpus={cpus}", "--disable-usage-stats", "--block"]
+    head = [ray_cli(), "start", "--head", f"--port={port}", f"--temp-dir={temp_dir}"]
+    started = [subprocess.Popen([*head, "--include-dashboard=false", *common])]
+    try:
+        for _ in range(120):
+            if alive_nodes(address) >= 1:
+                break
+            time.sleep(0.5)
+        for _ in range(nodes - 1):
+            started.append(subprocess.Popen([ray_cli(), "start", f"--address={address}", *common]))
+        for _ in range(120):
+            if alive_nodes(address) >= nodes:
+                break
+            time.sleep(0.5)
+        else:
+            raise RuntimeError(f"the {nodes}-node Ray cluster at {address} did not come up")
+        yield address
+    finally:
+        for p in reversed(started):
+            p.send_signal(signal.SIGTERM)
+        for p in started:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        for pid in processes_mentioning(str(temp_dir)) + processes_mentioning(address):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

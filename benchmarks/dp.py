@@ -68,12 +68,13 @@ def run_case_here(model: str, mode: str, address: str | None) -> dict:
     """One run in this process: ``single`` (2 threads, accumulation 2) or ``dp`` (2 workers
     of 1 thread); medians of its steps after the warm-up."""
     import einplan
+    from einplan.api import TRAIN_ENTRIES, parameter_count
     from einplan.apps.metrics import read_records
 
     spec = MODELS[model]
     overrides = {**COMMON, **spec["train"]}
-    plan = einplan.compile_model(spec["config"], entries=einplan.TRAIN_ENTRIES)
-    params = einplan.parameter_count(plan)
+    plan = einplan.compile_model(spec["config"], entries=TRAIN_ENTRIES)
+    params = parameter_count(plan.entry("train_step"))
     out = Path(tempfile.mkdtemp(prefix=f"dp-{model}-{mode}-"))
     try:
         t0 = time.perf_counter()
@@ -243,7 +244,6 @@ def main() -> None:
         "here; the all-reduce and Ray's start are its cost."
     )
     write_results(args.out, [*rows, {"prediction": prediction}])
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -208,7 +208,7 @@ def train_worker(config: dict[str, Any]) -> None:
         pass
 
 
-def connect(ray: Any, address: str | None, workers: int) -> bool:
+def connect(ray: Any, address: str | None) -> bool:
     """Start a local Ray for this run (``address`` None: True, stop it after) or join the
     cluster at ``address`` (False)."""
     quiet = {"log_to_driver": False, "logging_level": "ERROR"}
@@ -315,11 +315,11 @@ def train_data_parallel(
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
-    started = connect(ray, dp.address, dp.workers)
+    out = options.out.resolve()
+    started = connect(ray, dp.address)
     try:
         threads = worker_threads(ray, dp)
         coordinator = ray.remote(num_cpus=0)(Coordinator).remote(dp.workers)
-        out = options.out.resolve()
         config = {
             "plan": plan,
             "options": absolute_paths(options),

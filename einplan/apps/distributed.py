@@ -72,8 +72,8 @@ def import_ray() -> Any:
 
 
 class Coordinator:
-    """The worker group's meeting point (a Ray actor, at most one method call at a time of
-    each kind awaits): all-reduce rounds, the stop flag, rank 0's progress events."""
+    """The worker group's meeting point, run as an async Ray actor (its methods interleave at
+    their awaits): all-reduce rounds, the stop flag, rank 0's progress events."""
 
     def __init__(self, size: int) -> None:
         self.size = size

@@ -159,6 +159,7 @@ class Trainer:
             feed["dropout_seed"] = (c.seed * 1_000_003 + step) * 1024 + i
             out = self.executor.run(feed, rec)
             losses.append(float(out["loss"]))
+        seconds = time.perf_counter() - t0
         tokens = sum(b.shape[0] * (b.shape[1] - 1) for b in batches)
         ms = dict.fromkeys(PHASES, 0.0)
         for run, index, _, _, dur_ns in rec.raw[first:]:
@@ -167,11 +168,11 @@ class Trainer:
             norm, reduce_ms, workers = float(out["grad_norm"]), 0.0, []
         else:
             norm, reduce_ms, update_ms, workers, losses = self.reduce_and_update(
-                shard, losses, tokens, time.perf_counter() - t0, lr
+                shard, losses, tokens, seconds, lr
             )
+            seconds = time.perf_counter() - t0  # the step, all-reduce and update included
             tokens *= size
             ms["optimizer"] += update_ms
-        seconds = time.perf_counter() - t0
         skipped = not math.isfinite(norm)
         self.step = step
         self.skipped += skipped

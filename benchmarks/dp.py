@@ -8,6 +8,7 @@ all-reduce's milliseconds and share of the step, each worker's tokens/s, the run
 
     python benchmarks/dp.py                              # both models, 2 rounds, two-node too
     python benchmarks/dp.py --models tiny --rounds 1 --no-two-node
+    python benchmarks/dp.py --two-node-only -o benchmarks/results/dp-two-node.json
 
 The single-process and data-parallel runs alternate (round 1: single, dp; round 2: ...), each
 in its own subprocess; figures are medians over the steps after the warm-up steps, then over
@@ -202,6 +203,7 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--no-two-node", action="store_true")
+    ap.add_argument("--two-node-only", action="store_true", help="only the two-node cluster")
     ap.add_argument("-o", "--out", default=str(ROOT / "benchmarks" / "results" / "dp.json"))
     ap.add_argument("--case", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
     ap.add_argument("--address", help=argparse.SUPPRESS)
@@ -210,7 +212,7 @@ def main() -> None:
         print(json.dumps(run_case_here(*args.case, args.address)))
         return
     rows = []
-    for model in args.models:
+    for model in [] if args.two_node_only else args.models:
         rounds: dict[str, list[dict]] = {"single": [], "dp": []}
         for _ in range(args.rounds):  # interleaved: single, dp, single, dp
             for mode in rounds:
@@ -224,7 +226,7 @@ def main() -> None:
                 for model in args.models:
                     rows.append(merge_rounds([run_case(model, "dp", address)]))
     print_table(rows)
-    smol = [r for r in rows if r["model"] == "smollm2-135m" and r["mode"] == "dp"]
+    smol = [r for r in rows if r["model"] == "smollm2-135m" and r["mode"] == "dp"][:1]
     prediction = None
     if smol and "error" not in smol[0] and smol[0]["allreduce_ms"]:
         prediction = predict(smol[0], smol[0]["params"] * 4)

@@ -1,6 +1,7 @@
 """A Ray cluster of several nodes on this machine (``ray start --head`` plus ``ray start
 --address`` per extra node, each with its own CPUs), for tests/test_dp.py's slow test and
-benchmarks/dp.py. Its processes are found by its own temp folder and stopped by their ids."""
+benchmarks/dp.py. Its processes are found in the process tree of the ``ray start`` commands and
+stopped by their ids."""
 
 from __future__ import annotations
 
@@ -33,17 +34,22 @@ def ray_cli() -> str:
     return shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
 
 
-def processes_mentioning(text: str) -> list[int]:
-    """Ids of the processes whose command line contains ``text``."""
-    found = []
+def descendants(roots: list[int]) -> set[int]:
+    """Ids of the processes below ``roots`` in the process tree (Ray renames its processes,
+    and they outlive their parents, so they are found this way before stopping them)."""
+    parents: dict[int, int] = {}
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
+        if entry.name.isdigit():
             try:
-                if text.encode() in (entry / "cmdline").read_bytes():
-                    found.append(int(entry.name))
+                stat = (entry / "stat").read_text()
             except OSError:
-                pass
-    return found
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = set(), set(roots)
+    while frontier:
+        found |= frontier
+        frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
+    return found - set(roots)
 
 
 def alive_nodes(address: str) -> int:
@@ -58,6 +64,10 @@ def local_cluster(temp_dir: Path, nodes: int = 2, cpus: int = 1) -> Iterator[str
     address; stop every process of the cluster (by id) on the way out."""
     temp_dir = Path(temp_dir)
     temp_dir.mkdir(parents=True, exist_ok=True)
+    # `ray start` turns token authentication on: its nodes and drivers (this process's
+    # children and this process) must ask for it too
+    auth = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "token"
     port = free_port()
     address = f"127.0.0.1:{port}"
     common = [f"--num-cpus={cpus}", "--disable-usage-stats", "--block"]
@@ -78,6 +88,7 @@ def local_cluster(temp_dir: Path, nodes: int = 2, cpus: int = 1) -> Iterator[str
             raise RuntimeError(f"the {nodes}-node Ray cluster at {address} did not come up")
         yield address
     finally:
+        tree = descendants([p.pid for p in started])
         for p in reversed(started):
             p.send_signal(signal.SIGTERM)
         for p in started:
@@ -85,6 +96,10 @@ def local_cluster(temp_dir: Path, nodes: int = 2, cpus: int = 1) -> Iterator[str
                 p.wait(30)
             except subprocess.TimeoutExpired:
                 p.kill()
-        for pid in processes_mentioning(str(temp_dir)) + processes_mentioning(address):
+        for pid in tree:  # what `ray start` left running
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        if auth is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = auth

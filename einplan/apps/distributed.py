@@ -228,6 +228,11 @@ def connect(ray: Any, address: str | None) -> bool:
     try:
         ray.init(address=address, **quiet)
     except (ConnectionError, RuntimeError, ValueError) as e:
+        if "AuthToken" in str(e.__cause__) or "AuthenticationError" in str(e.__cause__):
+            raise DistributedError(
+                f"--ray-address {address}: the Ray cluster asks for its token; set "
+                "RAY_AUTH_MODE=token (the token is read from ~/.ray/auth_token or RAY_AUTH_TOKEN)"
+            ) from None
         raise DistributedError(
             f"--ray-address {address}: could not join the Ray cluster ({e}); start one with "
             "`ray start --head`, or leave out --ray-address for a local one"

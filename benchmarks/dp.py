@@ -148,6 +148,7 @@ def merge_rounds(rows: list[dict]) -> dict:
         for k in range(len(merged["worker_tokens_per_s"]))
     ]
     merged["rounds"] = len(ok)
+    merged["failed_rounds"] = [r["error"][-300:] for r in rows if "error" in r]
     return merged
 
 
@@ -221,10 +222,9 @@ def main() -> None:
     if not args.no_two_node:
         from ray_cluster import local_cluster
 
-        with tempfile.TemporaryDirectory(prefix="dp-cluster-") as tmp:
-            with local_cluster(Path(tmp), nodes=2, cpus=1) as address:
-                for model in args.models:
-                    rows.append(merge_rounds([run_case(model, "dp", address)]))
+        with local_cluster(nodes=2, cpus=1) as address:
+            for model in args.models:
+                rows.append(merge_rounds([run_case(model, "dp", address)]))
     print_table(rows)
     smol = [r for r in rows if r["model"] == "smollm2-135m" and r["mode"] == "dp"][:1]
     prediction = None

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -52,18 +53,24 @@ def descendants(roots: list[int]) -> set[int]:
     return found - set(roots)
 
 
-def alive_nodes(address: str) -> int:
-    """How many nodes the cluster at ``address`` has (0 when it does not answer)."""
-    p = subprocess.run([sys.executable, "-c", COUNT_NODES, address], capture_output=True, text=True)
+def alive_nodes(address: str, head: subprocess.Popen) -> int:
+    """How many nodes the cluster at ``address`` has (0 when it does not answer yet)."""
+    if head.poll() is not None:
+        raise RuntimeError(f"`ray start --head` exited with status {head.returncode}")
+    cmd = [sys.executable, "-c", COUNT_NODES, address]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        return 0
     return int(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 and p.stdout else 0
 
 
 @contextlib.contextmanager
-def local_cluster(temp_dir: Path, nodes: int = 2, cpus: int = 1) -> Iterator[str]:
+def local_cluster(nodes: int = 2, cpus: int = 1) -> Iterator[str]:
     """Start a head and ``nodes - 1`` more nodes of ``cpus`` CPUs each; yield the head's
     address; stop every process of the cluster (by id) on the way out."""
-    temp_dir = Path(temp_dir)
-    temp_dir.mkdir(parents=True, exist_ok=True)
+    # a short folder: Ray's socket paths inside it must stay under 108 bytes
+    temp_dir = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
     # `ray start` turns token authentication on: its nodes and drivers (this process's
     # children and this process) must ask for it too
     auth = os.environ.get("RAY_AUTH_MODE")
@@ -75,13 +82,13 @@ def local_cluster(temp_dir: Path, nodes: int = 2, cpus: int = 1) -> Iterator[str
     started = [subprocess.Popen([*head, "--include-dashboard=false", *common])]
     try:
         for _ in range(120):
-            if alive_nodes(address) >= 1:
+            if alive_nodes(address, started[0]) >= 1:
                 break
             time.sleep(0.5)
         for _ in range(nodes - 1):
             started.append(subprocess.Popen([ray_cli(), "start", f"--address={address}", *common]))
         for _ in range(120):
-            if alive_nodes(address) >= nodes:
+            if alive_nodes(address, started[0]) >= nodes:
                 break
             time.sleep(0.5)
         else:
@@ -99,6 +106,7 @@ def local_cluster(temp_dir: Path, nodes: int = 2, cpus: int = 1) -> Iterator[str
         for pid in tree:  # what `ray start` left running
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(temp_dir, ignore_errors=True)
         if auth is None:
             os.environ.pop("RAY_AUTH_MODE", None)
         else:

@@ -281,7 +281,7 @@ def test_two_node_local_cluster(tiny_plan, single_run, tmp_path):
     from ray_cluster import local_cluster
 
     out = tmp_path / "two-node"
-    with local_cluster(tmp_path / "ray", nodes=2, cpus=1) as address:
+    with local_cluster(nodes=2, cpus=1) as address:
         einplan.train(
             tiny_plan,
             data=CORPUS,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -275,22 +276,20 @@ def test_a_cluster_too_small_or_unreachable_is_named(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_two_node_local_cluster(tiny_plan, single_run, tmp_path):
-    """``ray start --head`` and a second ``ray start --address``, each with one CPU: the
-    workers land on both nodes and the run equals the single process."""
+def test_two_node_local_cluster(single_run, tmp_path):
+    """``ray start --head`` and a second ``ray start --address``, each with one CPU, and
+    ``einplan train --dp 2 --ray-address`` run as a user would (a process of its own, which
+    takes the cluster's token mode from the environment): the two workers land on both nodes
+    and the run equals the single process."""
     from ray_cluster import local_cluster
 
     out = tmp_path / "two-node"
+    settings = [f"--set={k}={v}" for k, v in SETTINGS.items()]
     with local_cluster(nodes=2, cpus=1) as address:
-        einplan.train(
-            tiny_plan,
-            data=CORPUS,
-            out=out,
-            steps=STEPS,
-            overrides=SETTINGS,
-            dp=2,
-            ray_address=address,
-        )
+        args = ["train", str(TINY), "--data", str(CORPUS), "--out", str(out), "--steps", str(STEPS)]
+        args += [*settings, "--dp", "2", "--ray-address", address]
+        proc = subprocess.run([sys.executable, "-m", "einplan", *args], capture_output=True)
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
     records = read_records(out / "metrics.jsonl")
     assert run_losses(out) == run_losses(single_run)
     assert len({w["pid"] for w in records[-1]["workers"]}) == 2

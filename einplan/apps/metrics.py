@@ -29,6 +29,8 @@ COLUMNS = (
     "skipped",
     "router_entropy",  # mixture of experts: mean entropy of the routers (nats), else empty
     "loss_scale",  # f16 training: the dynamic loss scale of the step, else empty
+    "allreduce_ms",  # data-parallel (--dp): the step's all-reduce, else empty
+    "allreduce_fraction",  # ... and its share of the step
 )
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from einplan.apps.compile import TRAIN_ENTRIES, compile_model
+from einplan.apps.distributed import DataParallel, train_data_parallel
 from einplan.apps.session import load_plan
 from einplan.apps.training_run import RUN_HISTORY, RunOptions, TrainingRun
 from einplan.compiler.plan import Plan, is_plan_file
@@ -105,6 +106,10 @@ def train(
     cuda_graph: bool = True,
     tf32: bool = False,
     attention: str | None = None,
+    dp: int | None = None,
+    ray_address: str | None = None,
+    threads_per_worker: int | None = None,
+    max_failures: int = 3,
 ) -> TrainResult:
     """Train on the text file ``data`` in the run folder ``out`` until step ``steps``
     (default: the train settings'), with the train settings changed by ``overrides``;
@@ -115,11 +120,21 @@ def train(
     trains on an NVIDIA GPU (``cuda_graph``, ``tf32`` as :class:`einplan.Session`'s).
     ``compute_dtype`` (``"bf16"``, ``"f16"``: mixed precision) compiles a config in that dtype
     (as the overrides' compute_dtype does); a plan must have been compiled in it. ``attention``
-    (``auto``, ``flash``, ``plain``; a config only) as :func:`compile_model`'s."""
+    (``auto``, ``flash``, ``plain``; a config only) as :func:`compile_model`'s. ``dp``: train
+    data-parallel on that many Ray workers (a local Ray started for the run, or the cluster at
+    ``ray_address``), each with ``threads_per_worker`` BLAS threads (default: the cluster's
+    CPUs / dp), the group restarted from the latest checkpoint up to ``max_failures`` times
+    when a worker dies; needs the ``einplan[ray]`` extra."""
     if steps is not None and steps < 1:
         raise EinplanError(f"steps must be at least 1, got {steps}")
     if workers < 0:
         raise EinplanError(f"workers must be 0 (sequential) or more, got {workers}")
+    if dp is None and (ray_address or threads_per_worker):
+        raise EinplanError("--ray-address and --threads-per-worker go with --dp N")
+    if dp is not None and device not in (None, "cpu"):
+        raise EinplanError("--dp trains on CPU workers; leave out --device, or drop --dp")
+    if dp is not None and profile:
+        raise EinplanError("--profile records one process's steps; leave it out with --dp")
     out = Path(out)
     overrides = dict(overrides or {})
     compute_dtype = compute_dtype or overrides.get("compute_dtype")
@@ -143,7 +158,11 @@ def train(
         cuda_graph=cuda_graph,
         tf32=tf32,
     )
-    training = TrainingRun(open_or_compile(config_or_plan, out, compute_dtype, attention), options)
+    plan = open_or_compile(config_or_plan, out, compute_dtype, attention)
+    if dp is not None:
+        spread = DataParallel(dp, ray_address, threads_per_worker, max_failures)
+        return TrainResult(*train_data_parallel(plan, options, spread))
+    training = TrainingRun(plan, options)
     if profile:
         training.trainer.profile = Recorder()
     training.run()

@@ -9,9 +9,11 @@ a PEFT folder stamped with its base's fingerprint (formats/peft.py), not a model
 
 from __future__ import annotations
 
+import contextlib
 import json
 import resource
 import unicodedata
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,7 +66,7 @@ from einplan.runtime.backends import get_backend
 from einplan.runtime.generate import GenerationRequest, Generator
 from einplan.runtime.moe import router_entropy
 from einplan.runtime.sampling import SamplingConfig
-from einplan.runtime.trainer import StepStats, Trainer
+from einplan.runtime.trainer import Shard, StepStats, Trainer
 
 # what a run that has trained leaves in its folder: a fresh run over it would orphan the
 # checkpoints and overwrite the log
@@ -176,14 +178,67 @@ def sample_text(plan: Plan, weights: dict, tok: Tokenizer, prompt: str, tokens: 
     return prompt + gen.texts[0]
 
 
+class Progress:
+    """A run's progress bar and the lines printed above it (tqdm on this terminal)."""
+
+    def __init__(self, total: int, initial: int) -> None:
+        self.total, self.initial = total, initial
+
+    @contextlib.contextmanager
+    def shown(self) -> Iterator[Progress]:
+        """Show the bar while the run trains."""
+        with tqdm(total=self.total, initial=self.initial, unit="step", desc="train") as bar:
+            self.bar = bar
+            yield self
+
+    def step(
+        self, loss: float, lr: float, tokens_per_s: float, loss_scale: float | None = None
+    ) -> None:
+        """Advance the bar by one step and show its loss, learning rate and tokens/s (and an
+        f16 run's loss scale)."""
+        self.bar.update(1)
+        self.bar.set_postfix(
+            loss=f"{loss:.3f}",
+            lr=f"{lr:.2e}",
+            tok_s=f"{tokens_per_s:,.0f}",
+            **({} if loss_scale is None else {"scale": f"{loss_scale:g}"}),
+        )
+
+    def write(self, text: str) -> None:
+        """Print a line above the bar."""
+        tqdm.write(text)
+
+
+def finish_run(records: list[dict[str, Any]], out: Path, console: Console) -> None:
+    """Print a run's summary table and write its loss curve."""
+    if not records:
+        return
+    print_training_summary(records, console)
+    try:
+        plot_loss_curve(records, out / "loss.png")
+        console.print(f"wrote {out / 'loss.png'}")
+    except EinplanError as e:
+        console.print(f"loss curve not drawn: {e}", markup=False)
+
+
 class TrainingRun:
     """One run folder: its settings, data, trainer, log and checkpoints."""
 
-    def __init__(self, plan: Plan, options: RunOptions, console: Console | None = None) -> None:
-        """Prepare a fresh run, or (``options.resume``) reload the latest checkpoint."""
+    def __init__(
+        self,
+        plan: Plan,
+        options: RunOptions,
+        console: Console | None = None,
+        shard: Shard | None = None,
+    ) -> None:
+        """Prepare a fresh run, or (``options.resume``) reload the latest checkpoint.
+        ``shard``: this process is one of a data-parallel group (apps/distributed.py); only
+        its rank 0 writes the log, samples and checkpoints."""
         if "train_step" not in plan.entries:
             raise EinplanError("plan has no train_step entry: compile it with --train")
         self.plan, self.options, self.console = plan, options, console or Console()
+        self.shard = shard
+        self.lead = shard is None or shard.rank == 0  # writes the run's files
         self.config = plan_config(plan)  # checked, as for every plan a run binds
         out = options.out
         self.ckpt_root = out / "checkpoints"
@@ -235,7 +290,8 @@ class TrainingRun:
                 ckpt.state["counters"],
             )
             self.sampler.restore(ckpt.state["sampler"])
-        self.metrics = MetricsLog(out, self.trainer.step if ckpt is not None else None)
+        resume_step = self.trainer.step if ckpt is not None else None
+        self.metrics = MetricsLog(out, resume_step) if self.lead else None
         self.last_checkpoint: Path | None = ckpt.path if ckpt is not None else None
 
     def check_base(self, ckpt: Checkpoint) -> None:
@@ -306,31 +362,36 @@ class TrainingRun:
             "skipped": self.trainer.skipped,
             **({} if entropy is None else {"router_entropy": entropy}),
             **({} if stats.loss_scale is None else {"loss_scale": stats.loss_scale}),
+            **({} if self.shard is None else shard_metrics(stats)),
         }
 
-    def run(self, steps: int | None = None) -> list[StepStats]:
-        """Train up to step ``steps``, logging, sampling and checkpointing on the way."""
+    def draw_batches(self) -> list[np.ndarray]:
+        """The micro-batches of the next step: all of them, or this shard's share (every
+        shard draws the whole step, so the sampler's state is the single process's)."""
+        c, shard = self.cfg, self.shard
+        size = shard.size if shard else 1
+        batches = [self.sampler.draw(c.micro_batch) for _ in range(c.accumulation * size)]
+        return batches[shard.rank :: size] if shard else batches
+
+    def run(self, steps: int | None = None, progress: Progress | None = None) -> list[StepStats]:
+        """Train up to step ``steps``, logging, sampling and checkpointing on the way;
+        ``progress``: where the bar and log lines go (default: this terminal)."""
         c, t = self.cfg, self.trainer
         last = steps or self.options.steps or c.steps
         done: list[StepStats] = []
-        write = tqdm.write
         step_losses: list[float] = []  # every step's loss since the last record
-        with tqdm(total=last, initial=t.step, unit="step", desc="train") as bar:
+        progress = progress or Progress(last, t.step)
+        with progress.shown() if self.lead else contextlib.nullcontext() as bar:
             while t.step < last:
-                batches = [self.sampler.draw(c.micro_batch) for _ in range(c.accumulation)]
-                stats = t.run_step(batches)
+                stats = t.run_step(self.draw_batches(), self.shard)
                 done.append(stats)
                 step_losses.append(stats.loss)
-                bar.update(1)
-                bar.set_postfix(
-                    loss=f"{stats.loss:.3f}",
-                    lr=f"{stats.lr:.2e}",
-                    tok_s=f"{stats.tokens / stats.seconds:,.0f}",
-                    **({} if stats.loss_scale is None else {"scale": f"{stats.loss_scale:g}"}),
-                )
+                if not self.lead:
+                    continue
+                bar.step(stats.loss, stats.lr, stats.tokens / stats.seconds, stats.loss_scale)
                 at = stats.step
                 if stats.skipped:
-                    write(
+                    bar.write(
                         f"step {at}: loss {stats.loss}, gradient norm {stats.grad_norm}: not "
                         f"finite, update skipped ({t.skipped} so far)"
                         + (f"; loss scale now {t.loss_scale.scale:g}" if t.loss_scale else "")
@@ -339,19 +400,7 @@ class TrainingRun:
                     r = self.record(stats, step_losses)
                     step_losses = []
                     self.metrics.log(r)
-                    write(
-                        f"step {at}  loss {r['loss']:.4f}  val {r['val_loss']:.4f}  "
-                        f"lr {r['lr']:.2e}  norm {r['grad_norm']:.3f}  "
-                        f"{r['tokens_per_s']:,.0f} tok/s  fwd {r['forward_ms']:.0f} "
-                        f"bwd {r['backward_ms']:.0f} opt {r['optimizer_ms']:.0f} ms  "
-                        f"peak {r['peak_rss_mib']:,.0f} MiB  skipped {r['skipped']}"
-                        + (
-                            f"  router entropy {r['router_entropy']:.3f}"
-                            if "router_entropy" in r
-                            else ""
-                        )
-                        + (f"  loss scale {r['loss_scale']:g}" if "loss_scale" in r else "")
-                    )
+                    bar.write(record_line(r))
                 if c.sample_every and at % c.sample_every == 0:
                     text = sample_text(
                         self.plan,
@@ -360,18 +409,43 @@ class TrainingRun:
                         c.sample_prompt,
                         c.sample_tokens,
                     )
-                    write(f"--- sample at step {at} ---\n{escape_control(text)}\n---")
+                    bar.write(f"--- sample at step {at} ---\n{escape_control(text)}\n---")
                 if (c.checkpoint_every and at % c.checkpoint_every == 0) or at == last:
                     self.checkpoint()
         return done
 
     def finish(self) -> None:
         """Print the summary table and write the loss curve."""
-        if not self.metrics.records:
-            return
-        print_training_summary(self.metrics.records, self.console)
-        try:
-            plot_loss_curve(self.metrics.records, self.options.out / "loss.png")
-            self.console.print(f"wrote {self.options.out / 'loss.png'}")
-        except EinplanError as e:
-            self.console.print(f"loss curve not drawn: {e}", markup=False)
+        finish_run(self.metrics.records, self.options.out, self.console)
+
+
+def shard_metrics(stats: StepStats) -> dict[str, Any]:
+    """A data-parallel step's extra log fields: the all-reduce's milliseconds and share of
+    the step, and each worker's tokens/s."""
+    return {
+        "allreduce_ms": stats.allreduce_ms,
+        "allreduce_fraction": stats.allreduce_ms / (stats.seconds * 1e3),
+        "workers": stats.workers,
+    }
+
+
+def record_line(r: dict[str, Any]) -> str:
+    """The line a log record prints above the progress bar."""
+    line = (
+        f"step {r['step']}  loss {r['loss']:.4f}  val {r['val_loss']:.4f}  "
+        f"lr {r['lr']:.2e}  norm {r['grad_norm']:.3f}  "
+        f"{r['tokens_per_s']:,.0f} tok/s  fwd {r['forward_ms']:.0f} "
+        f"bwd {r['backward_ms']:.0f} opt {r['optimizer_ms']:.0f} ms  "
+        f"peak {r['peak_rss_mib']:,.0f} MiB  skipped {r['skipped']}"
+    )
+    if "router_entropy" in r:
+        line += f"  router entropy {r['router_entropy']:.3f}"
+    if "loss_scale" in r:
+        line += f"  loss scale {r['loss_scale']:g}"
+    if "allreduce_ms" in r:
+        per_worker = " ".join(f"{w['tokens_per_s']:,.0f}" for w in r["workers"])
+        line += (
+            f"  all-reduce {r['allreduce_ms']:.0f} ms ({r['allreduce_fraction']:.0%})"
+            f"  worker tok/s {per_worker}"
+        )
+    return line

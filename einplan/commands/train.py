@@ -48,6 +48,10 @@ def run(args: argparse.Namespace) -> None:
         cuda_graph=args.cuda_graph,
         tf32=args.tf32,
         attention=args.attention,
+        dp=args.dp,
+        ray_address=args.ray_address,
+        threads_per_worker=args.threads_per_worker,
+        max_failures=args.max_failures,
     )
 
 
@@ -92,4 +96,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_attention_argument(t, "when PLAN is a config ")
     add_kernels_argument(t)
     add_profile_argument(t)
+    dp = t.add_argument_group("data-parallel training on Ray (pip install 'einplan[ray]')")
+    dp.add_argument(
+        "--dp",
+        type=positive_int,
+        metavar="N",
+        help="train on N Ray workers, each accumulating the settings' micro-batches "
+        "(N x accumulation per step); a local Ray is started for the run unless --ray-address",
+    )
+    dp.add_argument(
+        "--ray-address", help="an existing Ray cluster: 'auto' on its head node, or HOST:PORT"
+    )
+    dp.add_argument(
+        "--threads-per-worker",
+        type=positive_int,
+        help="BLAS threads (and CPUs reserved) per worker (default: the cluster's CPUs / N)",
+    )
+    dp.add_argument(
+        "--max-failures",
+        type=non_negative_int,
+        default=3,
+        help="restarts of the worker group from the latest checkpoint when a worker dies",
+    )
     t.set_defaults(func=run)

@@ -1,0 +1,250 @@
+"""Factories of the numba backend's float32 decode kernels (runtime/backends/numba_decode.py):
+the GEMV of a packed (in, out) weight and the ops between the products.
+
+Each factory takes decode-sized steps and declines the rest (returns None, so numpy's kernel
+runs): a product with more than ``GEMV_MAX_ROWS`` input rows (BLAS's GEMM reuses each weight
+block across rows and wins there), elementwise steps over more than ``MAX_ELEMENTS`` values
+(numpy's ufuncs are vectorised and the compiled loops are single-threaded), causal softmax
+(forward and training plans), anything not float32. The kernels module is imported only when
+a factory builds a kernel.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from einplan.compiler.attrs import MatmulRecipe
+from einplan.compiler.ops import Op
+
+# products with at most this many input rows stream the weight in the compiled GEMV; above,
+# BLAS (measured on SmolLM2-135M's decode shapes, 2 cores: see einplan bench kernels)
+GEMV_MAX_ROWS = 2
+# elementwise steps up to this many output values run compiled (a decode step's are ~10^3)
+MAX_ELEMENTS = 1 << 16
+# attention over the cache with up to this many query rows per sequence runs compiled
+ATTENTION_MAX_QUERIES = 16
+
+
+def kernels():
+    """The compiled decode kernels module (imports numba on first use)."""
+    from einplan.runtime.backends import numba_decode
+
+    return numba_decode
+
+
+def _f32(node, inputs) -> bool:
+    return node.dtype == "f32" and all(n.dtype in ("f32", "i64") for n in inputs)
+
+
+def _rows(shape) -> int:
+    return math.prod(int(d) for d in shape[:-1])
+
+
+def is_gemv(node, shapes) -> bool:
+    """Whether an einsum is ``x . W`` with W a 2-D (in, out) operand: ``...i,io->...o``."""
+    spec = node.attrs.get("spec", "")
+    if "->" not in spec or not isinstance(node.attrs.get("recipe"), MatmulRecipe):
+        return False
+    lhs, out = spec.split("->")
+    ops = lhs.split(",")
+    if len(ops) != 2 or len(ops[1]) != 2:
+        return False
+    a, b = ops
+    return b[0] == a[-1] and out == a[:-1] + b[1] and len(shapes[1]) == 2
+
+
+def make_gemv(node, shapes, out_shape, scratch, inputs):
+    """``x . W`` of a float32 (in, out) weight for at most GEMV_MAX_ROWS rows of x."""
+    if not _f32(node, inputs) or not is_gemv(node, shapes):
+        return None
+    m = _rows(shapes[0])
+    if m > GEMV_MAX_ROWS:
+        return None
+    nk = kernels()
+    from numba import get_num_threads
+
+    k_in, n = shapes[1]
+    part = scratch("gemv", (get_num_threads(), m, n), np.float32)
+
+    def gemv(ins, out):
+        x, w = ins
+        nk.f32_gemv(x.reshape(m, k_in), w, part, out.reshape(m, n))
+        return out
+
+    return gemv
+
+
+def make_rms_norm(node, shapes, out_shape, scratch, inputs):
+    """RMSNorm of the rows of a decode-sized input."""
+    if not _f32(node, inputs) or math.prod(out_shape) > MAX_ELEMENTS:
+        return None
+    nk = kernels()
+    d = out_shape[-1]
+    eps, inv_d = np.float32(node.attrs["eps"]), np.float32(1.0 / d)
+    rows = _rows(out_shape)
+
+    def rms_norm(ins, out):
+        x, w = ins
+        nk.rms_norm_rows(x.reshape(rows, d), w, eps, inv_d, out.reshape(rows, d))
+        return out
+
+    return rms_norm
+
+
+def make_rope(node, shapes, out_shape, scratch, inputs):
+    """RoPE (and its scale) on decode-sized q or k."""
+    if not _f32(node, inputs) or math.prod(out_shape) > MAX_ELEMENTS:
+        return None
+    nk = kernels()
+    x_shape = shapes[0]
+    rows, hd = int(x_shape[0]) * int(x_shape[1]), int(x_shape[-1])
+    heads = math.prod(int(d) for d in x_shape[2:-1])
+    scale = np.float32(node.attrs.get("scale", 1.0))
+    sign = -1 if node.attrs.get("inverse") else 1
+    x3, t3 = (rows, heads, hd), (2, rows, hd // 2)
+
+    def rope(ins, out):
+        x, table = ins
+        nk.rope_rows(x.reshape(x3), table.reshape(t3), scale, sign, out.reshape(x3))
+        return out
+
+    return rope
+
+
+def make_silu_mul(node, shapes, out_shape, scratch, inputs):
+    """SwiGLU's ``silu(gate) * up`` on decode-sized inputs."""
+    if not _f32(node, inputs) or math.prod(out_shape) > MAX_ELEMENTS:
+        return None
+    nk = kernels()
+    mat = (_rows(out_shape), out_shape[-1])
+
+    def silu_mul(ins, out):
+        g, u = ins
+        nk.silu_mul_rows(g.reshape(mat), u.reshape(mat), out.reshape(mat))
+        return out
+
+    return silu_mul
+
+
+def make_add(node, shapes, out_shape, scratch, inputs):
+    """A residual add (operands of the output's shape, no broadcasting)."""
+    same = all(tuple(s) == tuple(out_shape) for s in shapes)
+    if not _f32(node, inputs) or not same or math.prod(out_shape) > MAX_ELEMENTS:
+        return None
+    nk = kernels()
+    mat = (_rows(out_shape), out_shape[-1])
+
+    def add(ins, out):
+        nk.add_rows(ins[0].reshape(mat), ins[1].reshape(mat), out.reshape(mat))
+        return out
+
+    return add
+
+
+def make_softmax(node, shapes, out_shape, scratch, inputs):
+    """The masked (not causal) softmax over the keys of a decode step's scores."""
+    if node.attrs.get("causal") or len(out_shape) < 2 or not _f32(node, inputs):
+        return None
+    if math.prod(out_shape) > MAX_ELEMENTS:
+        return None
+    nk = kernels()
+    q, k = out_shape[-2], out_shape[-1]
+    shape4 = (out_shape[0], math.prod(out_shape[1:-2]), q, k)
+    scale = np.float32(node.attrs.get("scale", 1.0))
+    no_mask = np.zeros((0, 0, 0), np.float32)
+
+    def softmax(ins, out):
+        mask = ins[1] if len(ins) == 2 else no_mask
+        nk.softmax_rows(ins[0].reshape(shape4), mask, scale, out.reshape(shape4))
+        return out
+
+    return softmax
+
+
+def cache_prefix(view: np.ndarray) -> np.ndarray:
+    """The KV cache a (b, n, kv, h) view looks at the first kv slots of, when the view is
+    exactly such a prefix (its keys are then read with unit strides); else the view as a
+    contiguous copy."""
+    base = view.base
+    if (
+        isinstance(base, np.ndarray)
+        and base.ndim == 4
+        and base.flags.c_contiguous
+        and base.dtype == view.dtype
+        and base.shape[:2] == view.shape[:2]
+        and base.shape[3] == view.shape[3]
+        and base.strides == view.strides
+        and base.ctypes.data == view.ctypes.data
+    ):
+        return base
+    return np.ascontiguousarray(view)
+
+
+ATTENTION = {"bsngh,bnth->bngst": "scores", "bngst,bnth->bsngh": "context"}
+
+
+def make_attention(node, shapes, out_shape, scratch, inputs):
+    """Scores of the queries against the cached keys, or the probabilities' weighted sum of
+    the cached values, for a few queries (decode)."""
+    role = ATTENTION.get(node.attrs.get("spec", ""))
+    if role is None or not _f32(node, inputs):
+        return None
+    queries = shapes[0][1] if role == "scores" else shapes[0][3]
+    if queries > ATTENTION_MAX_QUERIES:
+        return None
+    nk = kernels()
+    kv = shapes[1][2]  # the attention reads the first kv slots of the cache
+
+    if role == "scores":
+
+        def scores(ins, out):
+            k = cache_prefix(ins[1])
+            nk.attention_scores(ins[0], k, kv, out)
+            return out
+
+        return scores
+
+    def context(ins, out):
+        v = cache_prefix(ins[1])
+        nk.attention_context(ins[0], v, out)
+        return out
+
+    return context
+
+
+def make_kv_append(node, shapes, out_shape, scratch, inputs):
+    """Write the new keys or values into the cache at slot ``pos`` (as numpy's kernel)."""
+    if not _f32(node, inputs):
+        return None
+    nk = kernels()
+    kv, s = out_shape[2], shapes[1][1]
+
+    def kv_append(ins, out):
+        cache, new, pos = ins
+        p = int(pos[0])
+        if not 0 <= p <= kv - s:
+            raise IndexError(f"KV cache write at slot {p} of {s} entries exceeds kv={kv}")
+        nk.kv_write(cache, new, p)
+        return cache[:, :, :kv]
+
+    return kv_append
+
+
+def make_einsum(node, shapes, out_shape, scratch, inputs):
+    """The GEMV of a decode product, or the attention over the cache; else None."""
+    if is_gemv(node, shapes):
+        return make_gemv(node, shapes, out_shape, scratch, inputs)
+    return make_attention(node, shapes, out_shape, scratch, inputs)
+
+
+DECODE_FACTORIES = {
+    Op.EINSUM: make_einsum,
+    Op.RMS_NORM: make_rms_norm,
+    Op.ROPE: make_rope,
+    Op.SILU_MUL: make_silu_mul,
+    Op.ADD: make_add,
+    Op.SOFTMAX: make_softmax,
+    Op.KV_APPEND: make_kv_append,
+}

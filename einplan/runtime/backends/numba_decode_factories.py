@@ -130,7 +130,7 @@ def make_silu_mul(node, shapes, out_shape, scratch, inputs):
 
 def make_add(node, shapes, out_shape, scratch, inputs):
     """A residual add (operands of the output's shape, no broadcasting)."""
-    same = all(tuple(s) == tuple(out_shape) for s in shapes)
+    same = len(out_shape) > 0 and all(tuple(s) == tuple(out_shape) for s in shapes)
     if not _f32(node, inputs) or not same or math.prod(out_shape) > MAX_ELEMENTS:
         return None
     nk = kernels()

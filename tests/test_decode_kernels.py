@@ -1,7 +1,6 @@
 """The numba backend's float32 decode kernels against numpy's kernels for the same node: the
-GEMV of a packed (in, out) weight, RMSNorm, RoPE, SwiGLU, residual add, masked softmax, the
-attention over the KV cache and the cache write, on random shapes (hypothesis), odd sizes and
-strided inputs; and which steps the backend declines."""
+GEMV of a packed (in, out) weight, RMSNorm, RoPE, the masked softmax and the KV-cache write,
+on random shapes (hypothesis), odd sizes and strided inputs; and which steps it declines."""
 
 from __future__ import annotations
 
@@ -91,7 +90,7 @@ def test_gemv_equals_blas(m, k_in, n, strided, seed):
     assert np.all(np.abs(got - want).reshape(m, n) <= 4e-6 * (scale + 1e-30))
 
 
-def test_gemv_declines_many_rows_and_other_dtypes():
+def test_gemv_declines_many_rows():
     from einplan.runtime.backends.numba_decode_factories import GEMV_MAX_ROWS
 
     rng = np.random.default_rng(0)
@@ -138,32 +137,10 @@ def test_rope(batch, heads, half, scale, inverse, strided, seed):
 
 @EXAMPLES
 @given(
-    rows=st.integers(1, 9), f=st.integers(1, 200), strided=st.booleans(), seed=st.integers(0, 99)
-)
-def test_silu_mul_and_add(rows, f, strided, seed):
-    rng = np.random.default_rng(seed)
-    g, u = rand(rng, (rows, 1, f), strided) * 4, rand(rng, (rows, 1, f), strided)
-    got, want, made = both(Op.SILU_MUL, {}, [g, u], (rows, 1, f))
-    assert made == "numba"
-    assert_close(got, want, np.abs(u).max())
-    got, want, made = both(Op.ADD, {}, [g, u], (rows, 1, f))
-    assert made == "numba"
-    assert np.array_equal(got, want)  # one rounding, in both
-
-
-def test_add_with_broadcasting_falls_through():
-    rng = np.random.default_rng(0)
-    x, bias = rng.standard_normal((2, 1, 8), np.float32), rng.standard_normal(8, np.float32)
-    got, want, made = both(Op.ADD, {}, [x, bias], (2, 1, 8))
-    assert made == "numpy" and np.array_equal(got, want)
-
-
-@EXAMPLES
-@given(
-    batch=st.integers(1, 3),
+    batch=st.integers(1, 2),
     heads=st.integers(1, 9),
     q=st.integers(1, 3),
-    k=st.integers(1, 80),
+    k=st.integers(1, 60),
     scale=st.sampled_from([1.0, 0.3]),
     masked=st.booleans(),
     seed=st.integers(0, 99),
@@ -177,47 +154,10 @@ def test_masked_softmax(batch, heads, q, k, scale, masked, seed):
         mask[..., 0] = 0
         arrays.append(mask)
     got, want, made = both(Op.SOFTMAX, {"scale": scale}, arrays, x.shape)
-    assert made == "numba"
+    assert made == "numba"  # at most 2 * 9 * 3 * 60 values: compiled
     assert_close(got, want, 1e-3)
     *_, made = both(Op.SOFTMAX, {"scale": scale, "causal": True}, [x], x.shape)
     assert made == "numpy"
-
-
-def attention_recipe(spec: str) -> MatmulRecipe:
-    """The recipe the contract pass makes for an attention einsum (only its type matters to
-    the numba factory; numpy's kernel reads it)."""
-    return lower_einsum(spec)
-
-
-@EXAMPLES
-@given(
-    batch=st.integers(1, 3),
-    n=st.integers(1, 3),
-    g=st.integers(1, 3),
-    hd=st.sampled_from([4, 8, 64]),
-    ctx=st.integers(2, 40),
-    seed=st.integers(0, 99),
-)
-def test_attention_over_the_cache(batch, n, g, hd, ctx, seed):
-    """Scores and context of one query against the first kv slots of a cache, the cache
-    views as kv_append hands them out (and as a plain contiguous array)."""
-    rng = np.random.default_rng(seed)
-    kv = int(rng.integers(1, ctx + 1))
-    cache_k = rng.standard_normal((batch, n, ctx, hd), np.float32)
-    cache_v = rng.standard_normal((batch, n, ctx, hd), np.float32)
-    q = rng.standard_normal((batch, 1, n, g, hd), np.float32)
-    spec = "bsngh,bnth->bngst"
-    for k in (cache_k[:, :, :kv], np.ascontiguousarray(cache_k[:, :, :kv])):
-        attrs = {"spec": spec, "recipe": attention_recipe(spec)}
-        got, want, made = both(Op.EINSUM, attrs, [q, k], (batch, n, g, 1, kv))
-        assert made == "numba"
-        assert_close(got, want, np.sqrt(hd))
-    p = rng.random((batch, n, g, 1, kv)).astype(np.float32)
-    spec = "bngst,bnth->bsngh"
-    attrs = {"spec": spec, "recipe": attention_recipe(spec)}
-    got, want, made = both(Op.EINSUM, attrs, [p, cache_v[:, :, :kv]], q.shape)
-    assert made == "numba"
-    assert_close(got, want, kv)
 
 
 def test_kv_append_writes_in_place_and_checks_the_slot():

@@ -1,9 +1,10 @@
 """Compiled (numba) kernels for float32 decode: the GEMV that streams a packed (in, out)
-weight, and one kernel per op between the products (RMSNorm, RoPE, SwiGLU, residual add, the
-masked softmax, single-query attention scores and context, the KV-cache write).
+weight, and the ops between the products where one compiled pass beats numpy's chain of ufunc
+calls (RMSNorm, RoPE, the masked softmax over few keys, the KV-cache write). SwiGLU, the
+residual add and the attention products stay numpy's: its SIMD exp, single add and batched
+BLAS products were faster at decode sizes (measured: see numba_decode_factories.py).
 
-Each replaces numpy's chain of ufunc calls (and their temporaries) with one pass over a few
-rows; they are meant for decode-sized inputs (runtime/backends/numba_decode_factories.py declines
+They are meant for decode-sized inputs (runtime/backends/numba_decode_factories.py declines
 larger ones, which numpy's vectorised kernels serve well). Every kernel computes what numpy's
 kernel in runtime/kernels.py computes, in the same order per element; only sums may be
 reassociated (``fastmath`` reassoc/contract, as numba_kernels.py), so results match numpy's
@@ -90,23 +91,6 @@ def rope_rows(x, table, scale, sign, out):  # pragma: no cover - compiled
 
 
 @njit(**OPTIONS)
-def silu_mul_rows(g, u, out):  # pragma: no cover - compiled
-    """``g / (1 + exp(-g)) * u`` over (r, f)."""
-    one = np.float32(1)
-    for i in range(g.shape[0]):
-        for j in range(g.shape[1]):
-            out[i, j] = g[i, j] / (one + np.exp(-g[i, j])) * u[i, j]
-
-
-@njit(**OPTIONS)
-def add_rows(a, b, out):  # pragma: no cover - compiled
-    """``a + b`` over (r, d)."""
-    for i in range(a.shape[0]):
-        for j in range(a.shape[1]):
-            out[i, j] = a[i, j] + b[i, j]
-
-
-@njit(**OPTIONS)
 def softmax_rows(x, mask, scale, out):  # pragma: no cover - compiled
     """softmax(scale * x + mask) over the last axis of x (b, heads, q, k); mask (b, q, k),
     or (0, 0, 0) for none."""
@@ -133,40 +117,6 @@ def softmax_rows(x, mask, scale, out):  # pragma: no cover - compiled
 
 
 @njit(**OPTIONS)
-def attention_scores(q, k, kv, out):  # pragma: no cover - compiled
-    """``out[b, n, g, s, t] = sum_h q[b, s, n, g, h] k[b, n, t, h]`` over the first ``kv``
-    slots of the cache k (b, n, ctx, h)."""
-    bs, s_len, n_kv, g_n, hd = q.shape
-    for b in range(bs):
-        for n in range(n_kv):
-            for g in range(g_n):
-                for s in range(s_len):
-                    for t in range(kv):
-                        acc = np.float32(0)
-                        for h in range(hd):
-                            acc += q[b, s, n, g, h] * k[b, n, t, h]
-                        out[b, n, g, s, t] = acc
-
-
-@njit(**OPTIONS)
-def attention_context(p, v, out):  # pragma: no cover - compiled
-    """``out[b, s, n, g, h] = sum_t p[b, n, g, s, t] v[b, n, t, h]`` over the kv slots p
-    covers of the cache v (b, n, ctx, h)."""
-    bs, n_kv, g_n, s_len, kv = p.shape
-    hd = v.shape[3]
-    for b in range(bs):
-        for n in range(n_kv):
-            for g in range(g_n):
-                for s in range(s_len):
-                    for h in range(hd):
-                        out[b, s, n, g, h] = 0
-                    for t in range(kv):
-                        w = p[b, n, g, s, t]
-                        for h in range(hd):
-                            out[b, s, n, g, h] += w * v[b, n, t, h]
-
-
-@njit(**OPTIONS)
 def kv_write(cache, new, pos):  # pragma: no cover - compiled
     """``cache[:, :, pos:pos+s] = new.transpose(0, 2, 1, 3)``: cache (b, n, ctx, h), new
     (b, s, n, h)."""
@@ -184,12 +134,6 @@ def warm_up() -> None:
     f32_gemv(x2, np.ones((8, 4), f), np.empty((2, 1, 4), f), np.empty((1, 4), f))
     rms_norm_rows(x2, np.ones(8, f), f(1e-5), f(1 / 8), np.empty_like(x2))
     rope_rows(np.ones((1, 2, 8), f), np.ones((2, 1, 4), f), f(1), 1, np.empty((1, 2, 8), f))
-    silu_mul_rows(x2, x2, np.empty_like(x2))
-    add_rows(x2, x2, np.empty_like(x2))
     x4 = np.ones((1, 2, 1, 8), f)
     softmax_rows(x4, np.zeros((1, 1, 8), f), f(1), np.empty_like(x4))
-    q = np.ones((1, 1, 1, 2, 4), f)
-    kc = np.ones((1, 1, 8, 4), f)
-    attention_scores(q, kc, 8, np.empty((1, 1, 2, 1, 8), f))
-    attention_context(np.ones((1, 1, 2, 1, 8), f), kc, np.empty_like(q))
-    kv_write(kc, np.ones((1, 1, 1, 4), f), 0)
+    kv_write(np.ones((1, 1, 8, 4), f), np.ones((1, 1, 1, 4), f), 0)

@@ -89,3 +89,19 @@ def test_compile_summary_says_how_each_entry_runs():
     for name in plan.entries:
         assert f"threads ({name})" in text
     assert "BLAS thread" in text
+
+
+def test_short_products_keep_one_blas_thread_on_a_busy_machine(monkeypatch):
+    from einplan.runtime import executor
+
+    plan = einplan.compile_model("tiny", entries=("forward",))
+    graph = plan.entry("forward")
+    weights = einplan.Session(plan, random_seed=0).weights
+    graph.meta["schedule"].update(workers=0, blas_threads=None, largest_product_us=300.0)
+    monkeypatch.setattr(executor, "busy_machine", lambda: True)
+    assert Executor(graph, weights).blas_threads == 1
+    graph.meta["schedule"]["largest_product_us"] = 1e5  # long products keep every thread
+    assert Executor(graph, weights).blas_threads is None
+    monkeypatch.setattr(executor, "busy_machine", lambda: False)
+    graph.meta["schedule"]["largest_product_us"] = 300.0
+    assert Executor(graph, weights).blas_threads is None

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
+from einplan.compiler.attrs import BUSY_SMALL_PRODUCT_US
 from einplan.compiler.dtypes import to_numpy_dtype
 from einplan.compiler.ir import Graph
 from einplan.compiler.names import CACHE_PREFIX, GRAD_PREFIX
@@ -57,6 +58,17 @@ def memory_breakdown(graph: Graph, arrays: dict[int, np.ndarray]) -> dict[str, i
         if n.id in arrays and n.op in (Op.PARAM, Op.STATE):
             out[memory_kind(n)] += arrays[n.id].nbytes
     return out
+
+
+def busy_machine() -> bool:
+    """Whether other processes keep this machine's cores busy: a 1-minute load average above
+    the core count plus one (an idle machine running einplan alone sits near its BLAS
+    threads)."""
+    cores = os.cpu_count() or 1
+    try:
+        return os.getloadavg()[0] > cores + 1
+    except OSError:  # no load average on this platform
+        return False
 
 
 @functools.cache
@@ -107,6 +119,9 @@ class Executor:
             self.blas_threads = max(1, (os.cpu_count() or 1) // workers)
         elif self._quantized:  # quantised products split their rows over the cores themselves
             self.blas_threads = 1
+        elif self.blas_threads is None and busy_machine():
+            if schedule.get("largest_product_us", float("inf")) < BUSY_SMALL_PRODUCT_US:
+                self.blas_threads = 1  # see busy_machine
         self.memory = memory_breakdown(graph, self.params)
         if kernels is None and self._quantized and self.backend.name == "numpy":
             missing_numba_hint()

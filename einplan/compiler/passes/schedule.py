@@ -16,7 +16,7 @@ import os
 
 import networkx as nx
 
-from einplan.compiler.attrs import StepSchedule
+from einplan.compiler.attrs import BUSY_SMALL_PRODUCT_US, StepSchedule
 from einplan.compiler.ir import Graph, Node, step_bytes
 from einplan.compiler.ops import LEAVES, OPS, Op, count_flops
 from einplan.compiler.pipeline import PassContext
@@ -133,11 +133,14 @@ def choose_threads(
         )
     if threaded:
         reason += f"; all {cores} BLAS threads: its largest product takes ~{largest * 1e6:.0f} us"
+        if largest * 1e6 < BUSY_SMALL_PRODUCT_US:
+            reason += " (1 thread while the machine is busy)"
     else:
         reason += f"; 1 BLAS thread: its largest product takes ~{largest * 1e6:.0f} us"
     return {
         "workers": workers if use_pool else 0,
         "blas_threads": None if threaded else 1,
+        "largest_product_us": largest * 1e6,
         "estimated_ms": {"sequential": sequential * 1e3, "pooled": pooled * 1e3},
         "threads_reason": reason,
     }

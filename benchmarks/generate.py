@@ -54,7 +54,7 @@ def run_case_here(batch: int, prompt: int, new: int, reps: int, kernels: str) ->
     import numpy as np
 
     import einplan
-    from einplan.runtime.generate import Generator
+    from einplan.runtime.generate import GenerationRequest, Generator
     from einplan.runtime.sampling import SamplingConfig
 
     plan = einplan.compile_model(CONFIG)
@@ -62,8 +62,8 @@ def run_case_here(batch: int, prompt: int, new: int, reps: int, kernels: str) ->
     gen = Generator(plan, session.weights, kernels=kernels)
     rng = np.random.default_rng(1)
     prompts = [rng.integers(1, 49152, prompt).tolist() for _ in range(batch)]
-    gen.generate(prompts, 8, SamplingConfig())  # warm-up: kernels and buffers
-    runs = [gen.generate(prompts, new, SamplingConfig()).stats for _ in range(reps)]
+    gen.generate(GenerationRequest(prompts, 8, SamplingConfig()))  # warm-up: kernels, buffers
+    runs = [gen.generate(GenerationRequest(prompts, new)).stats for _ in range(reps)]
     steps = [s for r in runs for s in r.decode_step_s]
     p50 = statistics.median(steps)
     return {

@@ -96,7 +96,7 @@ def train(
     if steps is not None and steps < 1:
         raise EinplanError(f"steps must be at least 1, got {steps}")
     if workers < 0:
-        raise EinplanError(f"workers must be 0 (sequential) or more, got {workers}")
+        raise EinplanError(f"workers must be 0 (as the plan chose) or more, got {workers}")
     out = Path(out)
     sources = (config_or_plan, data, init_weights, tokenizer)
     inputs = [Path(p) for p in sources if isinstance(p, str | os.PathLike)]

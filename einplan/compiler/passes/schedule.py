@@ -74,8 +74,8 @@ def step_flops(n: Node, nodes: dict[int, Node], dims: dict[str, int]) -> int:
 # step on the pool costs over running it in place. A step takes max(FLOPs / CORE_FLOPS,
 # bytes / CORE_BYTES) on one thread; a product (einsum, expert FFN) on t BLAS threads takes
 # that / (1 + BLAS_GAIN * (t - 1)) once it is long enough to split (THREADED_PRODUCT_S).
-CORE_FLOPS = 40e9
-CORE_BYTES = 10e9
+CORE_FLOPS = 80e9  # forward GEMMs ran at 150-190 GFLOP/s on 2 cores (README, Numbers)
+CORE_BYTES = 14e9  # decode streams its weights at 20-28 GB/s on 2 cores
 BLAS_GAIN = 0.8  # a second BLAS thread makes a large product 1.8x faster, not 2x
 THREADED_PRODUCT_S = 50e-6  # below this a product gains nothing from a second thread
 POOL_STEP_S = 40e-6  # handing a step to a worker and joining it (Python futures, the GIL)
@@ -132,11 +132,11 @@ def choose_threads(
             f"{sequential * 1e3:.2f} ms)"
         )
     if threaded:
-        reason += f"; all {cores} BLAS threads: its largest product takes ~{largest * 1e6:.0f} us"
+        reason += f"; all {cores} BLAS threads: its largest product takes ~{largest * 1e3:.2f} ms"
         if largest * 1e6 < BUSY_SMALL_PRODUCT_US:
             reason += " (1 thread while the machine is busy)"
     else:
-        reason += f"; 1 BLAS thread: its largest product takes ~{largest * 1e6:.0f} us"
+        reason += f"; 1 BLAS thread: its largest product takes ~{largest * 1e3:.2f} ms"
     return {
         "workers": workers if use_pool else 0,
         "blas_threads": None if threaded else 1,

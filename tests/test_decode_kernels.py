@@ -90,6 +90,18 @@ def test_gemv_equals_blas(m, k_in, n, strided, seed):
     assert np.all(np.abs(got - want).reshape(m, n) <= 4e-6 * (scale + 1e-30))
 
 
+def test_only_plain_products_are_gemvs():
+    from einplan.runtime.backends.numba_decode_factories import is_gemv
+
+    def node(spec):
+        return Node(2, Op.EINSUM, (0, 1), {"spec": spec, "recipe": lower_einsum(spec)}, (), "f32")
+
+    assert is_gemv(node("bsi,io->bso"), [(1, 1, 4), (4, 3)])
+    assert is_gemv(node("bd,dv->bv"), [(1, 4), (4, 3)])
+    for spec in (",ab->", "bi,ib->b", "bi,oi->bo", "bi,io->ob"):
+        assert not is_gemv(node(spec), [(2, 2), (2, 2)]), spec
+
+
 def test_gemv_declines_many_rows():
     from einplan.runtime.backends.numba_decode_factories import GEMV_MAX_ROWS
 

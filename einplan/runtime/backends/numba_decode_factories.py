@@ -59,6 +59,8 @@ def is_gemv(node, shapes) -> bool:
     if len(ops) != 2 or len(ops[1]) != 2:
         return False
     a, b = ops
+    if not a or len(set(a)) != len(a) or b[1] in a:  # a diagonal or repeated letter
+        return False
     return b[0] == a[-1] and out == a[:-1] + b[1] and len(shapes[1]) == 2
 
 

@@ -86,13 +86,17 @@ def train(
     workers: int = 0,
     profile: str | os.PathLike | None = None,
     kernels: str | None = None,
+    device: str | None = None,
+    cuda_graph: bool = True,
+    tf32: bool = False,
 ) -> TrainResult:
     """Train on the text file ``data`` in the run folder ``out`` until step ``steps``
     (default: the train settings'), with the train settings changed by ``overrides``;
     ``resume`` continues from the folder's latest checkpoint; a folder that holds a run is
     refused without ``resume``, or cleared first with ``overwrite``. ``profile`` (a folder) records
     every step and writes its trace there, as ``einplan train --profile``. ``kernels``: the
-    kernels backend, ``"numpy"`` or ``"numba"`` (None: the fastest installed)."""
+    kernels backend, ``"numpy"`` or ``"numba"`` (None: the fastest installed); ``device="cuda"``
+    trains on an NVIDIA GPU (``cuda_graph``, ``tf32`` as :class:`einplan.Session`'s)."""
     if steps is not None and steps < 1:
         raise EinplanError(f"steps must be at least 1, got {steps}")
     if workers < 0:
@@ -112,6 +116,9 @@ def train(
         overrides=overrides or {},
         workers=workers,
         kernels=kernels,
+        device=device,
+        cuda_graph=cuda_graph,
+        tf32=tf32,
     )
     training = TrainingRun(open_or_compile(config_or_plan, out), options)
     if profile:

@@ -43,6 +43,9 @@ def run(args: argparse.Namespace) -> None:
         workers=args.workers,
         profile=args.profile,
         kernels=args.kernels,
+        device=args.device,
+        cuda_graph=args.cuda_graph,
+        tf32=args.tf32,
     )
 
 

@@ -125,9 +125,9 @@ def test_numpy_backend_runs_every_op_and_steps_name_their_backend(kernels):
     made = {(r.op, r.backend) for r in rec.records()}
     if kernels == "numpy":
         assert {b for _, b in made} == {"numpy"}
-    else:  # compiled quantised products and gather, and the small ops between products
+    else:  # compiled quantised products and gather; a forward's other ops are numpy's
         assert ("einsum", "numba") in made and ("gather", "numba") in made
-        assert ("rms_norm", "numba") in made and ("dequantize", "numpy") in made
+        assert ("rms_norm", "numpy") in made
     # a float plan: its products of 5 rows run on BLAS, whatever the backend
     rec = Recorder()
     einplan.Session(einplan.compile_model(CASE), CASE, kernels=kernels).forward(

@@ -1,12 +1,13 @@
 """Factories of the numba backend's float32 decode kernels (runtime/backends/numba_decode.py):
 the GEMV of a packed (in, out) weight and the ops between the products where compiled wins.
 
-Each factory takes decode-sized steps and declines the rest (returns None, so numpy's kernel
-runs): a product with more than ``GEMV_MAX_ROWS`` input rows (BLAS's GEMM reuses each weight
-block across rows and wins there), elementwise steps over more than ``MAX_ELEMENTS`` values
-(numpy's ufuncs are vectorised and the compiled loops are single-threaded), a softmax over
-more than ``SOFTMAX_MAX_ELEMENTS`` or causal (forward and training plans), anything not
-float32. The kernels module is imported only when a factory builds a kernel.
+Each factory takes decode steps and declines the rest (returns None, so numpy's kernel runs):
+the elementwise kernels take only nodes whose traced token axis is the literal 1 of the decode
+entry (so training, forward and prefill never import numba or pay its JIT) and at most
+``MAX_ELEMENTS`` values; a product takes at most ``GEMV_MAX_ROWS`` input rows (BLAS's GEMM
+reuses each weight block across rows and wins above); a softmax at most
+``SOFTMAX_MAX_ELEMENTS`` values and no causal mask; nothing but float32. The kernels module is
+imported only when a factory builds a kernel.
 
 Measured per call against numpy's kernel on SmolLM2-135M decode shapes, batch 1 / 8, 160 keys
 (best of 2000, 2 cores): RMSNorm 1.0 / 1.5 vs 5.6 / 5.9 us, RoPE on q 1.1 / 3.3 vs 9.4 / 16.5,
@@ -43,6 +44,13 @@ def kernels():
 
 def _f32(node, inputs) -> bool:
     return node.dtype == "f32" and all(n.dtype in ("f32", "i64") for n in inputs)
+
+
+def one_token(n, axis: int) -> bool:
+    """Whether a node's traced ``axis`` is the literal 1 of a decode step (one token per
+    sequence), not a symbolic ``seq``: training, forward and prefill steps never get these
+    kernels, so they never import numba nor pay its JIT."""
+    return -len(n.shape) <= axis < len(n.shape) and n.shape[axis] == 1
 
 
 def _rows(shape) -> int:
@@ -86,8 +94,8 @@ def make_gemv(node, shapes, out_shape, scratch, inputs):
 
 
 def make_rms_norm(node, shapes, out_shape, scratch, inputs):
-    """RMSNorm of the rows of a decode-sized input."""
-    if not _f32(node, inputs) or math.prod(out_shape) > MAX_ELEMENTS:
+    """RMSNorm of the rows of a decode step's input."""
+    if not _f32(node, inputs) or not one_token(node, -2) or math.prod(out_shape) > MAX_ELEMENTS:
         return None
     nk = kernels()
     d = out_shape[-1]
@@ -103,8 +111,8 @@ def make_rms_norm(node, shapes, out_shape, scratch, inputs):
 
 
 def make_rope(node, shapes, out_shape, scratch, inputs):
-    """RoPE (and its scale) on decode-sized q or k."""
-    if not _f32(node, inputs) or math.prod(out_shape) > MAX_ELEMENTS:
+    """RoPE (and its scale) on a decode step's q or k."""
+    if not _f32(node, inputs) or not one_token(node, 1) or math.prod(out_shape) > MAX_ELEMENTS:
         return None
     nk = kernels()
     x_shape = shapes[0]
@@ -124,7 +132,7 @@ def make_rope(node, shapes, out_shape, scratch, inputs):
 
 def make_softmax(node, shapes, out_shape, scratch, inputs):
     """The masked (not causal) softmax over the keys of a decode step's scores."""
-    if node.attrs.get("causal") or len(out_shape) < 2 or not _f32(node, inputs):
+    if node.attrs.get("causal") or not one_token(node, -2) or not _f32(node, inputs):
         return None
     if math.prod(out_shape) > SOFTMAX_MAX_ELEMENTS:
         return None
@@ -143,8 +151,8 @@ def make_softmax(node, shapes, out_shape, scratch, inputs):
 
 
 def make_kv_append(node, shapes, out_shape, scratch, inputs):
-    """Write the new keys or values into the cache at slot ``pos`` (as numpy's kernel)."""
-    if not _f32(node, inputs):
+    """Write a decode step's keys or values into the cache at slot ``pos`` (as numpy's)."""
+    if not _f32(node, inputs) or not one_token(inputs[1], 1):
         return None
     nk = kernels()
     kv, s = out_shape[2], shapes[1][1]

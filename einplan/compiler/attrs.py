@@ -12,12 +12,6 @@ from dataclasses import dataclass
 INPUT_ABSMAX = "input_absmax"  # the QuantPart of a static activation scale
 
 
-# A plan whose products are all shorter than this runs them on one BLAS thread when the machine
-# is busy (runtime/executor.py busy_machine): a second thread's partner waits for a core, and a
-# 230 us product took 35 ms (median; 2 cores, load average 14); 1 thread kept it at 230 us.
-BUSY_SMALL_PRODUCT_US = 2000
-
-
 @dataclass(frozen=True)
 class QuantPart:
     """``attrs["quant"]`` of a param made by passes/quantize.py: one stored part (``q``,

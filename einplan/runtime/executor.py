@@ -16,7 +16,6 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
-from einplan.compiler.attrs import BUSY_SMALL_PRODUCT_US
 from einplan.compiler.dtypes import to_numpy_dtype
 from einplan.compiler.ir import Graph
 from einplan.compiler.names import CACHE_PREFIX, GRAD_PREFIX
@@ -64,7 +63,10 @@ def memory_breakdown(graph: Graph, arrays: dict[int, np.ndarray]) -> dict[str, i
 def busy_machine() -> bool:
     """Whether other processes keep this machine's cores busy: a 1-minute load average above
     the core count plus one (an idle machine running einplan alone sits near its BLAS
-    threads)."""
+    threads). A busy machine's products run on one BLAS thread: a second thread's partner
+    waits for a core, and OpenBLAS's waiting collapses. Measured at load 14-15 on 2 cores: a
+    512x128x172 product took 229 us on 1 thread and 35 ms (median) on 2; SmolLM2 batch-8
+    decode ran at 12.8 tok/s on 1 thread and 0.8 on 2 (benchmarks/threads.py)."""
     cores = os.cpu_count() or 1
     try:
         return os.getloadavg()[0] > cores + 1
@@ -129,8 +131,7 @@ class Executor:
         elif self._quantized:  # quantised products split their rows over the cores themselves
             self.blas_threads = 1
         elif self.blas_threads is None and busy_machine():
-            if schedule.get("largest_product_us", float("inf")) < BUSY_SMALL_PRODUCT_US:
-                self.blas_threads = 1  # see busy_machine
+            self.blas_threads = 1  # see busy_machine
         self.memory = memory_breakdown(graph, self.params)
         if kernels is None and self._quantized and self.backend.name == "numpy":
             missing_numba_hint()

@@ -92,7 +92,7 @@ def test_compile_summary_says_how_each_entry_runs():
 
 
 def test_a_busy_machine_keeps_one_blas_thread(monkeypatch):
-    from einplan.runtime import executor
+    from einplan.runtime import executor  # its busy_machine is runtime/load.py's
 
     plan = einplan.compile_model("tiny", entries=("forward",))
     graph = plan.entry("forward")

@@ -23,6 +23,7 @@ from einplan.compiler.ops import Op
 from einplan.errors import EinplanError
 from einplan.runtime.backends import Backend, get_backend
 from einplan.runtime.device import to_device
+from einplan.runtime.load import busy_machine
 from einplan.runtime.recorder import Recorder, debug_level
 from einplan.runtime.steps import OutputRing, Prepared, Step, prepare_steps
 
@@ -58,20 +59,6 @@ def memory_breakdown(graph: Graph, arrays: dict[int, np.ndarray]) -> dict[str, i
         if n.id in arrays and n.op in (Op.PARAM, Op.STATE):
             out[memory_kind(n)] += arrays[n.id].nbytes
     return out
-
-
-def busy_machine() -> bool:
-    """Whether other processes keep this machine's cores busy: a 1-minute load average above
-    the core count plus one (an idle machine running einplan alone sits near its BLAS
-    threads). A busy machine's products run on one BLAS thread: a second thread's partner
-    waits for a core, and OpenBLAS's waiting collapses. Measured at load 14-15 on 2 cores: a
-    512x128x172 product took 229 us on 1 thread and 35 ms (median) on 2; SmolLM2 batch-8
-    decode ran at 12.8 tok/s on 1 thread and 0.8 on 2 (benchmarks/threads.py)."""
-    cores = os.cpu_count() or 1
-    try:
-        return os.getloadavg()[0] > cores + 1
-    except OSError:  # no load average on this platform
-        return False
 
 
 @functools.cache

@@ -53,6 +53,11 @@ def _first_calls() -> dict:
         np.empty((2, 8), np.float32),
     )
     out["q_take_rows"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    from einplan.runtime.backends import numba_decode
+
+    numba_decode.warm_up()
+    out["fp32 decode"] = time.perf_counter() - t0
     return out
 
 
@@ -90,7 +95,46 @@ def speed(reps: int = 50) -> list[dict]:
         t_np = _best(lambda w=w, x=x, out=out, bufs=bufs: w.matmul(x, out, bufs), reps)
         t_nb = _best(lambda kern=kern, args=args: kern(*args), reps)
         rows_out.append({"shape": name, "numpy_us": t_np * 1e6, "numba_us": t_nb * 1e6})
+    return rows_out + gemv_speed(reps)
+
+
+# (in, out) of SmolLM2-135M's packed fp32 decode products
+GEMV_SHAPES = [("qkv", 576, 960), ("mlp gate+up", 576, 3072), ("mlp down", 1536, 576)]
+
+
+def gemv_speed(reps: int) -> list[dict]:
+    """The fp32 GEMV (numba) against BLAS per decode shape and rows of x, each call on a
+    weight not in the caches (weights rotate through 256 MB)."""
+    from numba import get_num_threads
+
+    from einplan.runtime.backends.numba_decode import f32_gemv
+
+    rows_out = []
+    rng = np.random.default_rng(0)
+    for name, k_in, n in GEMV_SHAPES:
+        copies = max(2, (256 << 20) // (4 * k_in * n))
+        ws = [rng.standard_normal((k_in, n), np.float32) for _ in range(copies)]
+        for m in (1, 2, 4):
+            x = rng.standard_normal((m, k_in), np.float32)
+            out = np.empty((m, n), np.float32)
+            part = np.empty((get_num_threads(), m, n), np.float32)
+            blas = rotating(lambda w, x=x, out=out: np.matmul(x, w, out=out), ws)
+            compiled = rotating(lambda w, x=x, p=part, out=out: f32_gemv(x, w, p, out), ws)
+            t_np, t_nb = _best(blas, reps), _best(compiled, reps)
+            shape = f"fp32 {name} {k_in}x{n}, {m} row{'s' if m > 1 else ''}"
+            rows_out.append({"shape": shape, "numpy_us": t_np * 1e6, "numba_us": t_nb * 1e6})
     return rows_out
+
+
+def rotating(fn, weights: list):
+    """``fn(w)`` for the next of ``weights`` at each call (so no call finds it in cache)."""
+    state = [0]
+
+    def call():
+        state[0] += 1
+        return fn(weights[state[0] % len(weights)])
+
+    return call
 
 
 def bench_kernels(reps: int = 50) -> dict:

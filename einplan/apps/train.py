@@ -128,7 +128,7 @@ def train(
     if steps is not None and steps < 1:
         raise EinplanError(f"steps must be at least 1, got {steps}")
     if workers < 0:
-        raise EinplanError(f"workers must be 0 (sequential) or more, got {workers}")
+        raise EinplanError(f"workers must be 0 (as the plan chose) or more, got {workers}")
     if dp is None and (ray_address or threads_per_worker):
         raise EinplanError("--ray-address and --threads-per-worker go with --dp N")
     if dp is not None and device not in (None, "cpu"):

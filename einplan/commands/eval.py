@@ -161,7 +161,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--workers",
         type=non_negative_int,
         default=0,
-        help="thread-pool workers for independent steps (0: sequential)",
+        help="thread-pool workers for independent steps (0: as the plan chose; 1: none)",
     )
     add_profile_argument(e)
     e.set_defaults(func=run)

@@ -180,7 +180,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--ctx", type=positive_int, help="KV cache length (default: prompt + new tokens)"
     )
     r.add_argument(
-        "--workers", type=non_negative_int, default=0, help="thread-pool workers (0: sequential)"
+        "--workers",
+        type=non_negative_int,
+        default=0,
+        help="thread-pool workers (0: as the plan chose, see its compile summary; 1: none)",
     )
     r.add_argument(
         "--stats-json",

@@ -76,7 +76,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or EINPLAN_API_KEY)")
     s.add_argument(
-        "--workers", type=non_negative_int, default=0, help="thread-pool workers (0: sequential)"
+        "--workers",
+        type=non_negative_int,
+        default=0,
+        help="thread-pool workers (0: as the plan chose, see its compile summary; 1: none)",
     )
     add_draft_arguments(s)
     s.add_argument("--log-level", default="warning", help="uvicorn log level")

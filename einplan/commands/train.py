@@ -91,7 +91,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="change a train setting for this run (micro_batch=8, lr=1e-3, ...)",
     )
     t.add_argument(
-        "--workers", type=non_negative_int, default=0, help="thread-pool workers (0: sequential)"
+        "--workers",
+        type=non_negative_int,
+        default=0,
+        help="thread-pool workers (0: as the plan chose, see its compile summary; 1: none)",
     )
     add_attention_argument(t, "when PLAN is a config ")
     add_kernels_argument(t)

@@ -416,6 +416,8 @@ def slot_sizes(g: Graph) -> list[str]:
     schedule = expect(g.meta.get("schedule", {}), dict, "meta.schedule")
     if schedule.get("blas_threads") is not None:
         expect(schedule["blas_threads"], int, "meta.schedule.blas_threads")
+    if expect(schedule.get("workers", 0), int, "meta.schedule.workers") < 0:
+        raise PlanError("meta.schedule.workers must be 0 (one step at a time) or more")
     return sizes
 
 

@@ -56,10 +56,10 @@ def kernels_line(plan: Plan) -> str:
         if n.op.value == "einsum" and type(n.attrs.get("recipe")).__name__ == "QMatmulRecipe"
     )
     installed = ", ".join(available_backends())
+    quantised = f"{compiled} quantised products of {g.name} (<= 16 rows), " if compiled else ""
     what = (
-        f"numba compiles {compiled} quantised products of {g.name} (<= 16 rows), numpy the rest"
-        if compiled
-        else "no step has a compiled kernel: all numpy"
+        f"numba compiles {quantised}float32 products of <= 2 rows (decode's GEMV) and the "
+        "decode-sized ops between products; numpy the rest"
     )
     return f"{default_backend()} by default (installed: {installed}; --kernels); {what}"
 
@@ -125,6 +125,10 @@ def print_compile_summary(plan: Plan, batch: int, seq: int, console: Console | N
         "dependency levels",
         f"{sched.get('levels')} ({sched.get('parallel_levels')} with independent steps)",
     )
+    for name in plan.entries:
+        reason = plan.entry(name).meta.get("schedule", {}).get("threads_reason")
+        if reason:
+            s.add_row(f"threads ({name})", reason)
     cache = g.meta.get("path_cache", {})
     s.add_row(
         "contraction paths", f"{cache.get('hits', 0)} from cache, {cache.get('misses', 0)} planned"

@@ -14,7 +14,6 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from threadpoolctl import threadpool_limits
 
 from einplan.compiler.dtypes import to_numpy_dtype
 from einplan.compiler.ir import Graph
@@ -24,6 +23,7 @@ from einplan.errors import EinplanError
 from einplan.runtime.backends import Backend, get_backend
 from einplan.runtime.blas import blas_controller
 from einplan.runtime.device import to_device
+from einplan.runtime.load import busy_machine
 from einplan.runtime.recorder import Recorder, debug_level
 from einplan.runtime.steps import OutputRing, Prepared, Step, prepare_steps
 
@@ -76,11 +76,13 @@ class Executor:
         workers: int = 0,
         kernels: str | Backend | None = None,
     ) -> None:
-        """``params`` maps checkpoint keys to arrays; ``workers`` > 1 runs independent steps of
-        a level on a thread pool (BLAS threads capped so workers x BLAS threads <= cores);
-        ``kernels`` names the backend of the steps' kernels (runtime/backends; None: the
-        fastest installed); a GPU backend's executor uploads the arrays once (those already on
-        the device stay) and runs on the device (runtime/cuda)."""
+        """``params`` maps checkpoint keys to arrays; ``workers``: 0 runs the plan as its schedule
+        chose (compiler/passes/schedule.py: one step at a time or a pool, and how many BLAS
+        threads), 1 one step at a time, n > 1 independent steps of a level on a pool of n (BLAS
+        threads capped so workers x BLAS threads <= cores); ``kernels`` names the backend of
+        the steps' kernels (runtime/backends; None: the fastest installed); a GPU backend's
+        executor uploads the arrays once (those already on the device stay) and runs on the
+        device (runtime/cuda)."""
         self.backend = get_backend(kernels)
         self.device_runner = None
         if self.backend.device == "cuda":
@@ -89,7 +91,8 @@ class Executor:
             self.device_runner = CudaRunner(graph, self.backend.cuda_graph)
         self.graph = graph
         self.nodes = graph.by_id()
-        self.workers = workers
+        schedule = graph.meta.get("schedule", {})
+        self.workers = workers = workers or schedule.get("workers", 0)
         self.params: dict[int, np.ndarray] = {}
         self.fixed_dims: dict[str, int] = {}  # symbolic dims of state buffers (ctx, batch)
         for n in graph.nodes:
@@ -103,8 +106,13 @@ class Executor:
         self.max_prepared = 2  # sets of sizes kept prepared (arenas and kernels)
         self._pool = ThreadPoolExecutor(workers) if workers > 1 else None
         self._quantized = any(n.op is Op.DEQUANTIZE for n in graph.nodes)
-        self._blas_threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None
-        self._small = graph.meta.get("schedule", {}).get("blas_threads") == 1
+        self.blas_threads: int | None = schedule.get("blas_threads")  # None: BLAS's default
+        if workers > 1:
+            self.blas_threads = max(1, (os.cpu_count() or 1) // workers)
+        elif self._quantized:  # quantised products split their rows over the cores themselves
+            self.blas_threads = 1
+        elif self.blas_threads is None and busy_machine():
+            self.blas_threads = 1  # see busy_machine
         self.memory = memory_breakdown(graph, self.params)
         if kernels is None and self._quantized and self.backend.name == "numpy":
             missing_numba_hint()
@@ -200,19 +208,20 @@ class Executor:
                 recorder.end_run(run)
             return out
         with np.errstate(over="ignore", under="ignore"):
-            if self._pool is None and (self._quantized or self._small):
-                # quantised products split their rows over two threads themselves; a plan of
-                # small contractions runs on one BLAS thread (compiler/passes/schedule.py)
-                with blas_controller().limit(limits=1, user_api="blas"):
-                    self._run_sequential(prepared, env, recorder, run)
-            elif self._pool is None:
-                self._run_sequential(prepared, env, recorder, run)
+            if self.blas_threads is None:
+                self._run(prepared, env, recorder, run)
             else:
-                with threadpool_limits(self._blas_threads, user_api="blas"):
-                    self._run_pooled(prepared, env, recorder, run)
+                with blas_controller().limit(limits=self.blas_threads, user_api="blas"):
+                    self._run(prepared, env, recorder, run)
         if recorder:
             recorder.end_run(run)
         return {k: env[v] for k, v in self.graph.outputs.items()}
+
+    def _run(self, prepared, env, recorder, run):
+        if self._pool is None:
+            self._run_sequential(prepared, env, recorder, run)
+        else:
+            self._run_pooled(prepared, env, recorder, run)
 
     @staticmethod
     def _run_step(step: Step, env, recorder, run, thread=0, free_now=True):

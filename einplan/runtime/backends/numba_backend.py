@@ -1,11 +1,13 @@
 """The numba backend: compiled kernels where they beat numpy's, numpy's everywhere else.
 
-Today that is the quantised weights: products with few input rows (decode, short prompts)
+The quantised weights: products with few input rows (decode, short prompts)
 read the packed integers directly (runtime/backends/numba_kernels.py), and the embedding
 gather of a quantised table dequantises only its rows in one pass. Products with more rows
 keep numpy's dequantise-a-block + BLAS GEMM, which wins once a block is reused by enough
 rows (``MAX_ROWS``, measured by ``einplan bench kernels``). Mixture-of-experts expert steps and
-their reverse steps run compiled and parallel (runtime/backends/numba_moe.py).
+their reverse steps run compiled and parallel (runtime/backends/numba_moe.py). And float32
+decode (runtime/backends/numba_decode_factories.py): the GEMV of packed (in, out) weights and
+one compiled kernel per op between the products.
 
 This module does not import numba: the kernels module is imported when a factory first
 builds a compiled kernel, so a plan with nothing to compile never pays numba's import.
@@ -21,6 +23,7 @@ from einplan.compiler.attrs import QMatmulRecipe
 from einplan.compiler.ops import Op
 from einplan.runtime.backends import numba_moe
 from einplan.runtime.backends.base import Backend
+from einplan.runtime.backends.numba_decode_factories import DECODE_FACTORIES
 from einplan.runtime.kernels import make_gather
 from einplan.runtime.qmatmul import QuantizedMatrix
 
@@ -80,12 +83,31 @@ def make_qgather(node, shapes, out_shape, scratch, inputs):
     return qgather
 
 
-NUMBA = Backend(
-    "numba",
-    {
-        Op.EINSUM: make_qmatmul,
-        Op.GATHER: make_qgather,
-        Op.MOE_EXPERT: numba_moe.make_moe_expert,
-        Op.MOE_EXPERT_GRAD: numba_moe.make_moe_expert_grad,
-    },
-)
+QUANT_FACTORIES = {Op.EINSUM: make_qmatmul, Op.GATHER: make_qgather}
+
+
+def first_of(*factories):
+    """A factory trying ``factories`` in order: the first kernel one of them makes, else None."""
+
+    def factory(node, shapes, out_shape, scratch, inputs):
+        for f in factories:
+            kernel = f(node, shapes, out_shape, scratch, inputs)
+            if kernel is not None:
+                return kernel
+        return None
+
+    return factory
+
+
+def merge_tables(*tables: dict) -> dict:
+    """One table from several: an op in more than one tries their factories in order."""
+    ops = dict.fromkeys(op for t in tables for op in t)
+    return {op: first_of(*(t[op] for t in tables if op in t)) for op in ops}
+
+
+MOE_FACTORIES = {
+    Op.MOE_EXPERT: numba_moe.make_moe_expert,
+    Op.MOE_EXPERT_GRAD: numba_moe.make_moe_expert_grad,
+}
+
+NUMBA = Backend("numba", merge_tables(QUANT_FACTORIES, DECODE_FACTORIES, MOE_FACTORIES))

@@ -4,7 +4,7 @@ and never write a float weight, and the embedding gather that dequantises only i
 Importing this module imports numba (about half a second) and points numba's on-disk cache
 at ``$EINPLAN_CACHE_DIR/numba`` unless ``NUMBA_CACHE_DIR`` says otherwise, so only the first
 run on a machine compiles (``cache=True``). Products are parallel over output rows
-(``prange``, numba's OpenMP layer, passive waiting unless ``OMP_WAIT_POLICY`` is set).
+(``prange``, numba's OpenMP layer; how its threads wait depends on the machine's load).
 
 Layouts are runtime/quantize.py's: int8 (out, in) one group per row; int4 (out, in/2)
 bytes, byte k holding element k (low nibble) and element k + in/2 (high nibble); scales and
@@ -21,13 +21,21 @@ from __future__ import annotations
 import os
 
 from einplan.compiler.path_cache import cache_dir
+from einplan.runtime.load import busy_machine
 
 if "NUMBA_CACHE_DIR" not in os.environ:
     os.environ["NUMBA_CACHE_DIR"] = str(cache_dir() / "numba")
-# OpenMP threads sleep between parallel calls instead of spinning: a decode step makes ~120
-# short calls, and on a busy (shared) machine spinning threads steal the cores the work
-# needs: W8A16 decode measured 6.7 tok/s spinning, 40-55 passive (2 cores, 5 users)
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# How OpenMP threads wait between parallel calls (a decode step makes ~120 short ones), unless
+# the environment says: on a busy (shared) machine they sleep at once, since spinning threads
+# steal the cores the work needs (W8A16 decode measured 6.7 tok/s spinning, 40-55 passive, 2
+# cores, 5 users); on a quiet one they spin 300,000 rounds (libgomp's default, well under a
+# millisecond) before sleeping, so the next call finds them awake: fp32 decode measured 50.1
+# and 50.5 tok/s against 37.4 and 29.0 sleeping at once (2 cores, load 2, interleaved).
+if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+    if busy_machine():
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    else:
+        os.environ["GOMP_SPINCOUNT"] = "300000"
 
 import numba  # noqa: E402
 import numpy as np  # noqa: E402

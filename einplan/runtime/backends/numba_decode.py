@@ -1,0 +1,139 @@
+"""Compiled (numba) kernels for float32 decode: the GEMV that streams a packed (in, out)
+weight, and the ops between the products where one compiled pass beats numpy's chain of ufunc
+calls (RMSNorm, RoPE, the masked softmax over few keys, the KV-cache write). SwiGLU, the
+residual add and the attention products stay numpy's: its SIMD exp, single add and batched
+BLAS products were faster at decode sizes (measured: see numba_decode_factories.py).
+
+They are meant for decode-sized inputs (runtime/backends/numba_decode_factories.py declines
+larger ones, which numpy's vectorised kernels serve well). Every kernel computes what numpy's
+kernel in runtime/kernels.py computes, in the same order per element; only sums may be
+reassociated (``fastmath`` reassoc/contract, as numba_kernels.py), so results match numpy's
+to float32 rounding.
+
+Importing this module imports numba through numba_kernels (its cache directory and OpenMP
+wait policy are set there).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from einplan.runtime.backends.numba_kernels import OPTIONS
+
+
+@njit(parallel=True, **OPTIONS)
+def f32_gemv(x, w, part, out):  # pragma: no cover - compiled
+    """``out = x . w``: x (m, in), w (in, out) row-major, out (m, out); part (T, m, out) is
+    scratch. Each of T threads streams a contiguous block of w's rows (so the hardware
+    prefetcher sees one long run), four rows at a time into its partial sums; the partials are
+    added at the end."""
+    m, k_in = x.shape
+    n = w.shape[1]
+    threads = part.shape[0]
+    chunk = (k_in + threads - 1) // threads
+    for t in prange(threads):
+        k0 = min(k_in, t * chunk)
+        k1 = min(k_in, k0 + chunk)
+        p = part[t]
+        p[:, :] = 0
+        k = k0
+        while k + 4 <= k1:
+            for i in range(m):
+                a0, a1, a2, a3 = x[i, k], x[i, k + 1], x[i, k + 2], x[i, k + 3]
+                for o in range(n):
+                    p[i, o] += a0 * w[k, o] + a1 * w[k + 1, o] + a2 * w[k + 2, o] + a3 * w[k + 3, o]
+            k += 4
+        while k < k1:
+            for i in range(m):
+                a0 = x[i, k]
+                for o in range(n):
+                    p[i, o] += a0 * w[k, o]
+            k += 1
+    for i in range(m):
+        for o in range(n):
+            s = np.float32(0)
+            for t in range(threads):
+                s += part[t, i, o]
+            out[i, o] = s
+
+
+@njit(**OPTIONS)
+def rms_norm_rows(x, w, eps, inv_d, out):  # pragma: no cover - compiled
+    """Per row of x (r, d): ``x / sqrt(mean(x^2) + eps) * w``."""
+    for i in range(x.shape[0]):
+        s = np.float32(0)
+        for j in range(x.shape[1]):
+            s += x[i, j] * x[i, j]
+        denom = np.sqrt(s * inv_d + eps)
+        for j in range(x.shape[1]):
+            out[i, j] = x[i, j] / denom * w[j]
+
+
+@njit(**OPTIONS)
+def rope_rows(x, table, scale, sign, out):  # pragma: no cover - compiled
+    """Rotate the halves of each head of x (r, heads, hd) by the angles of table (2, r, hd/2)
+    (cos, sin); ``sign`` -1 rotates back; then multiply by ``scale``."""
+    half = x.shape[2] // 2
+    for i in range(x.shape[0]):
+        for h in range(x.shape[1]):
+            for j in range(half):
+                c, s = table[0, i, j], table[1, i, j]
+                x1, x2 = x[i, h, j], x[i, h, j + half]
+                if sign > 0:
+                    o1 = x1 * c - x2 * s
+                    o2 = x2 * c + x1 * s
+                else:
+                    o1 = x1 * c + x2 * s
+                    o2 = x2 * c - x1 * s
+                out[i, h, j] = o1 * scale
+                out[i, h, j + half] = o2 * scale
+
+
+@njit(**OPTIONS)
+def softmax_rows(x, mask, scale, out):  # pragma: no cover - compiled
+    """softmax(scale * x + mask) over the last axis of x (b, heads, q, k); mask (b, q, k),
+    or (0, 0, 0) for none."""
+    has_mask = mask.shape[0] > 0
+    one = np.float32(1)
+    for b in range(x.shape[0]):
+        for h in range(x.shape[1]):
+            for i in range(x.shape[2]):
+                top = -np.inf
+                for j in range(x.shape[3]):
+                    v = x[b, h, i, j] * scale
+                    if has_mask:
+                        v += mask[b, i, j]
+                    out[b, h, i, j] = v
+                    top = max(top, v)
+                total = np.float32(0)
+                for j in range(x.shape[3]):
+                    e = np.exp(out[b, h, i, j] - top)
+                    out[b, h, i, j] = e
+                    total += e
+                inv = one / total
+                for j in range(x.shape[3]):
+                    out[b, h, i, j] *= inv
+
+
+@njit(**OPTIONS)
+def kv_write(cache, new, pos):  # pragma: no cover - compiled
+    """``cache[:, :, pos:pos+s] = new.transpose(0, 2, 1, 3)``: cache (b, n, ctx, h), new
+    (b, s, n, h)."""
+    for b in range(new.shape[0]):
+        for s in range(new.shape[1]):
+            for n in range(new.shape[2]):
+                for h in range(new.shape[3]):
+                    cache[b, n, pos + s, h] = new[b, s, n, h]
+
+
+def warm_up() -> None:
+    """Call every kernel once on tiny arrays (compile, or load from the on-disk cache)."""
+    f = np.float32
+    x2 = np.ones((1, 8), f)
+    f32_gemv(x2, np.ones((8, 4), f), np.empty((2, 1, 4), f), np.empty((1, 4), f))
+    rms_norm_rows(x2, np.ones(8, f), f(1e-5), f(1 / 8), np.empty_like(x2))
+    rope_rows(np.ones((1, 2, 8), f), np.ones((2, 1, 4), f), f(1), 1, np.empty((1, 2, 8), f))
+    x4 = np.ones((1, 2, 1, 8), f)
+    softmax_rows(x4, np.zeros((1, 1, 8), f), f(1), np.empty_like(x4))
+    kv_write(np.ones((1, 1, 8, 4), f), np.ones((1, 1, 1, 4), f), 0)

@@ -12,10 +12,11 @@ from conftest import ONE_LAYER
 
 from einplan.api import TRAIN_ENTRIES, Session, compile_model
 from einplan.cli import main
+from einplan.compiler.names import layer_of
 from einplan.compiler.ops import LEAVES
 from einplan.report.cost import cost_report, roofline
 from einplan.report.machine import load_machine
-from einplan.report.phases import PHASE_ORDER, layer_of, phase_of, role_of, stage_of
+from einplan.report.phases import PHASE_ORDER, phase_of, role_of, stage_of
 from einplan.report.plots import plot_bars, plot_roofline, save_figure
 from einplan.runtime.recorder import Recorder
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import time
 from collections.abc import Iterator
@@ -11,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from einplan.compiler.checkpoint_policy import parse_checkpoint
 from einplan.compiler.ir import Graph
 from einplan.compiler.lora_spec import parse_lora
 from einplan.compiler.passes.memory import estimate_memory
@@ -44,6 +46,7 @@ def compile_model(
     ctx: PassContext | None = None,
     lora: str | dict[str, Any] | None = None,
     quant: str | dict[str, Any] | None = None,
+    checkpoint: str | None = None,
 ) -> Plan:
     """Trace a model config (path, built-in name, dict or HF config.json) and compile each
     entry point (``forward``, ``prefill``, ``decode``; ``loss``, ``grad``, ``train_step`` for
@@ -51,9 +54,13 @@ def compile_model(
     into one plan. Weights are stored in ``weight_dtype`` and computed in ``compute_dtype``
     (default: the train section's, else float32); both default to each other. ``lora``
     (``"r=8,alpha=16,targets=q,v"`` or a dict) and ``quant`` (``"w4a16"`` or a dict with
-    group_size, symmetric, activations) override the config's sections of those names."""
+    group_size, symmetric, activations) override the config's sections of those names.
+    ``checkpoint`` (``none``, ``layers``, ``every:K``, ``selective``) overrides the train
+    section's activation checkpointing of the gradient entries."""
     with paused_gc():
-        return _compile(config, weight_dtype, compute_dtype, entries, train, ctx, lora, quant)
+        return _compile(
+            config, weight_dtype, compute_dtype, entries, train, ctx, lora, quant, checkpoint
+        )
 
 
 @contextlib.contextmanager
@@ -79,10 +86,14 @@ def _compile(
     ctx: PassContext | None,
     lora: str | dict[str, Any] | None,
     quant: str | dict[str, Any] | None,
+    checkpoint: str | None,
 ) -> Plan:
     t0 = time.perf_counter()
     cfg = load_config(config)
     train = train or load_train_config(config)
+    if checkpoint is not None:
+        parse_checkpoint(checkpoint)
+        train = dataclasses.replace(train, checkpoint=checkpoint)
     compute_dtype = compute_dtype or train.compute_dtype
     weight_dtype = weight_dtype or compute_dtype
     if weight_dtype not in WEIGHT_DTYPES:
@@ -99,6 +110,7 @@ def _compile(
     sections = config_sections(config)
     ctx = ctx or PassContext()
     ctx.train = train
+    ctx.checkpoint = train.checkpoint
     ctx.lora = parse_lora(lora if lora is not None else sections.get("lora"))
     ctx.quant = parse_quant(quant if quant is not None else sections.get("quant"))
     if any(DERIVED.get(e, Mode.INFERENCE) is not Mode.INFERENCE for e in entries):

@@ -30,15 +30,17 @@ class TrainResult:
     checkpoint: Path | None  # None when the run made none and resumed from none
 
 
-def open_or_compile(source: str | os.PathLike | dict | Plan, out: Path) -> Plan:
+def open_or_compile(
+    source: str | os.PathLike | dict | Plan, out: Path, checkpoint: str | None = None
+) -> Plan:
     """The training plan: a Plan, a plan file, or a config compiled with the training
-    entries (and saved in the run folder as model.plan)."""
+    entries and activation ``checkpoint`` policy (and saved in the run folder as model.plan)."""
     if isinstance(source, Plan):
         return source
     if not isinstance(source, dict):
         if is_plan_file(source):
             return load_plan(source)
-    plan = compile_model(source, entries=TRAIN_ENTRIES)
+    plan = compile_model(source, entries=TRAIN_ENTRIES, checkpoint=checkpoint)
     out.mkdir(parents=True, exist_ok=True)
     plan.save(out / PLAN_NAME)
     return plan
@@ -86,13 +88,15 @@ def train(
     workers: int = 0,
     profile: str | os.PathLike | None = None,
     kernels: str | None = None,
+    checkpoint: str | None = None,
 ) -> TrainResult:
     """Train on the text file ``data`` in the run folder ``out`` until step ``steps``
     (default: the train settings'), with the train settings changed by ``overrides``;
     ``resume`` continues from the folder's latest checkpoint; a folder that holds a run is
     refused without ``resume``, or cleared first with ``overwrite``. ``profile`` (a folder) records
     every step and writes its trace there, as ``einplan train --profile``. ``kernels``: the
-    kernels backend, ``"numpy"`` or ``"numba"`` (None: the fastest installed)."""
+    kernels backend, ``"numpy"`` or ``"numba"`` (None: the fastest installed). ``checkpoint``:
+    the activation checkpointing policy a config is compiled with (a plan must have it)."""
     if steps is not None and steps < 1:
         raise EinplanError(f"steps must be at least 1, got {steps}")
     if workers < 0:
@@ -109,11 +113,11 @@ def train(
         resume=resume,
         init_weights=init_weights,
         tokenizer=tokenizer,
-        overrides=overrides or {},
+        overrides={**(overrides or {}), **({"checkpoint": checkpoint} if checkpoint else {})},
         workers=workers,
         kernels=kernels,
     )
-    training = TrainingRun(open_or_compile(config_or_plan, out), options)
+    training = TrainingRun(open_or_compile(config_or_plan, out, checkpoint), options)
     if profile:
         training.trainer.profile = Recorder()
     training.run()

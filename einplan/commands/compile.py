@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from einplan.commands.arguments import positive_int
+from einplan.commands.arguments import add_checkpoint_argument, positive_int
 from einplan.commands.quantize import add_quant_arguments
 from einplan.formats.files import write_atomic
 
@@ -53,6 +53,7 @@ def run(args: argparse.Namespace) -> None:
         ctx=ctx,
         lora=adapter_options(args.lora) if args.lora and Path(args.lora).is_dir() else args.lora,
         quant=quant_options(args),
+        checkpoint=args.checkpoint,
     )
     plan.save(out)
     print_compile_summary(plan, args.batch, args.seq)
@@ -127,5 +128,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="LoRA adapters, e.g. r=8,alpha=16,targets=q,k,v,o,dropout=0.05 "
         "(targets: q k v o gate up down lm_head), or a PEFT adapter folder to match",
     )
+    add_checkpoint_argument(c)
     add_quant_arguments(c)
     c.set_defaults(func=run)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from einplan.commands.arguments import non_negative_int, positive_int
+from einplan.commands.arguments import add_checkpoint_argument, non_negative_int, positive_int
 from einplan.commands.eval import add_kernels_argument, add_profile_argument, check_profile
 from einplan.errors import EinplanError
 
@@ -43,6 +43,7 @@ def run(args: argparse.Namespace) -> None:
         workers=args.workers,
         profile=args.profile,
         kernels=args.kernels,
+        checkpoint=args.checkpoint,
     )
 
 
@@ -78,6 +79,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument(
         "--workers", type=non_negative_int, default=0, help="thread-pool workers (0: sequential)"
     )
+    add_checkpoint_argument(t)
     add_kernels_argument(t)
     add_profile_argument(t)
     t.set_defaults(func=run)

@@ -47,6 +47,9 @@ class Op(StrEnum):
     SCATTER_ADD = "scatter_add"
     CROSS_ENTROPY = "cross_entropy"
     SIGMOID = "sigmoid"
+    # a view of input 0 that exists only once input 1 is computed: recomputation reads its
+    # checkpoints through it, so the schedule cannot hoist it into the forward pass
+    AFTER = "after"
     # mixture of experts: routing, one routed expert FFN, the load-balancing loss
     MOE_TOPK = "moe_topk"
     MOE_EXPERT = "moe_expert"
@@ -274,6 +277,10 @@ def _infer_reshape(shapes, dtypes, attrs):
     new = tuple(attrs["shape"])
     _need(numel(x) == numel(new), f"reshape {list(x)} -> {list(new)} changes the element count")
     return new, dtypes[0]
+
+
+def _infer_after(shapes, dtypes, attrs):
+    return shapes[0], dtypes[0]
 
 
 def _infer_transpose(shapes, dtypes, attrs):
@@ -538,6 +545,7 @@ OPS: dict[Op, OpDef] = {
     Op.SCATTER_ADD: OpDef(_infer_scatter_add, 1, arity=(2, 2), attrs={"rows": DIM}),
     Op.CROSS_ENTROPY: OpDef(_infer_cross_entropy, 4, arity=(2, 2), attrs={"ignore_index": INT}),
     Op.SIGMOID: OpDef(_infer_like_first, 4),
+    Op.AFTER: OpDef(_infer_after, alias=True, arity=(2, 2)),
     Op.MOE_TOPK: OpDef(_infer_moe_topk, 4, attrs={"k": GROUP, "norm": BOOL}),
     Op.MOE_EXPERT: OpDef(
         _infer_moe_expert, arity=(5, 5), attrs={"expert": NAT, "k": GROUP, "keep": BOOL.optional()}

@@ -28,13 +28,15 @@ class Mode(StrEnum):
 
 
 # Every pass, in the order they run. The reverse graph comes after LoRA and quantisation, the
-# optimizer's updates after it. pack lays out projection weights in copies, so it runs only on
-# inference graphs of plans whose weights nothing updates. schedule runs before memory: buffers
-# may only be reused across dependency levels, so liveness needs the level order.
+# recomputation of checkpointed activations and the optimizer's updates after it. pack lays
+# out projection weights in copies, so it runs only on inference graphs of plans whose weights
+# nothing updates. schedule runs before memory: buffers may only be reused across dependency
+# levels, so liveness needs the level order.
 ALL_PASSES = (
     "lora",
     "quantize",
     "autodiff",
+    "checkpoint",
     "optimizer",
     "simplify",
     "pack",
@@ -49,6 +51,7 @@ def passes_for(mode: Mode, pack: bool = True) -> tuple[str, ...]:
     the checkpoint stores it (a training plan's entries all read the weights it updates)."""
     runs = {
         "autodiff": mode is not Mode.INFERENCE,
+        "checkpoint": mode is not Mode.INFERENCE,
         "optimizer": mode is Mode.TRAINING,
         "pack": pack and mode is Mode.INFERENCE,
     }
@@ -78,6 +81,8 @@ class PassContext:
     lora: LoraConfig | None = None  # the lora pass adds adapters when set
     quant: QuantConfig | None = None  # the quantize pass quantises when set
     train: TrainConfig | None = None  # the optimizer pass's settings
+    # activation checkpointing of gradient entries: none, layers, every:K or selective
+    checkpoint: str = "none"
 
 
 def run_pass(name: str, graph: Graph, ctx: PassContext) -> Graph:

@@ -17,4 +17,5 @@ class Tag(StrEnum):
     LORA = "lora"  # a LoRA adapter's params and branch (passes/lora.py)
     FROZEN = "frozen"  # a parameter that gets no gradient (a LoRA base, a quantised weight)
     REVERSE = "reverse"  # the reverse graph (passes/autodiff.py)
+    RECOMPUTE = "recompute"  # a forward value computed again in the reverse graph (checkpoint)
     OPTIMIZER = "optimizer"  # gradient accumulation, norm and updates (passes/optimizer.py)

@@ -373,6 +373,10 @@ def make_reshape(node, shapes, out_shape, scratch) -> Kernel:
     return lambda ins, out: ins[0].reshape(out_shape)
 
 
+def make_after(node, shapes, out_shape, scratch) -> Kernel:
+    return lambda ins, out: ins[0]
+
+
 def make_transpose(node, shapes, out_shape, scratch) -> Kernel:
     perm = node.attrs["perm"]
 
@@ -653,6 +657,7 @@ KERNELS: dict[Op, Callable[..., Kernel]] = {
     Op.SOFTMAX: make_softmax,
     Op.SILU_MUL: make_silu_mul,
     Op.RESHAPE: make_reshape,
+    Op.AFTER: make_after,
     Op.KV_APPEND: make_kv_append,
     Op.SLICE_LAST: make_slice_last,
     Op.SPLIT: make_split,

@@ -74,6 +74,7 @@ class ShapeError(EinplanError):
     """A node's inputs do not fit its op (ranks, dims or dtypes)."""
 
 
+CE_BLOCK_BYTES = 1 << 22  # rows of logits per block of the cross-entropy kernels (scratch)
 ITEMSIZE = {"f64": 8, "f32": 4, "bf16": 2, "f16": 2, "i64": 8, "i32": 4, "i8": 1, "u8": 1}
 FLOAT_DTYPES = {"f64", "f32", "bf16", "f16"}
 INT_DTYPES = {"i64", "i32", "i8", "u8"}

@@ -12,10 +12,10 @@ from collections.abc import Callable
 
 import numpy as np
 
-from einplan.compiler.attrs import QMatmulRecipe, UnaryRecipe
+from einplan.compiler.attrs import QMatmulRecipe, UnaryRecipe, operand_copied
 from einplan.compiler.dtypes import to_numpy_dtype
 from einplan.compiler.ir import Node
-from einplan.compiler.ops import Op
+from einplan.compiler.ops import CE_BLOCK_BYTES, Op
 from einplan.runtime.moe import MOE_KERNELS
 from einplan.runtime.qmatmul import THREADS, QuantizedMatrix, scratch_shapes
 from einplan.runtime.quantize import fake_quantize
@@ -49,9 +49,7 @@ def _operand_view(
     mat = (batch, rows, cols) if nb else (rows, cols)
     if perm == sorted(perm):
         return lambda x: x.reshape(mat)
-    c = len(perm) - nb - n1  # axes in the cols group
-    swapped = list(range(nb)) + list(range(nb + c, len(perm))) + list(range(nb, nb + c))
-    if perm == swapped:
+    if not operand_copied(perm, nb, n1):
         # stored as ([batch,] cols, rows): a transposed view, read by BLAS with its trans flag
         if nb == 0:
             return lambda x: x.reshape(cols, rows).T
@@ -416,9 +414,6 @@ def make_scatter_add(node, shapes, out_shape, scratch) -> Kernel:
         return out
 
     return scatter_add
-
-
-CE_BLOCK_BYTES = 1 << 22  # rows of logits per block of the cross-entropy kernels
 
 
 def _ce_blocks(shapes, dtype, scratch):

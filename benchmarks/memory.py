@@ -21,12 +21,13 @@ import json
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, subprocess_json, timed, write_results  # noqa: E402
+from common import ROOT, timed, write_results  # noqa: E402
 
 CONFIG = ROOT / "configs" / "smollm2-135m.json"
 TRAIN = {"optimizer": "adamw", "weight_decay": 0.01, "grad_clip": 1.0, "beta2": 0.999, "lr": 1e-4}
@@ -148,19 +149,35 @@ def torch_point(row: str, mode: str, seq: int, warmup: int, reps: int) -> dict:
 
 
 def run_point(engine: str, row: str, mode: str, seq: int, args) -> dict:
-    """A point in a fresh subprocess (its own peak RSS)."""
+    """A point in a fresh subprocess (its own peak RSS), its address space capped at the
+    memory available now (less 1 GiB): a point too large fails alone, never the host."""
     python = sys.executable if engine == "einplan" else args.torch_python
+    limit = args.mem_limit_gib or max(1.0, available_gib() - 1)
     cmd = [python, __file__, "--point", f"{engine}|{row}|{mode}|{seq}"]
-    cmd += ["--warmup", str(args.warmup), "--reps", str(args.reps)]
-    cmd += ["--mem-limit-gib", str(args.mem_limit_gib)]
+    cmd += ["--warmup", str(args.warmup), "--reps", str(args.reps), "--mem-limit-gib", str(limit)]
     env = dict(os.environ, OMP_NUM_THREADS="2", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
+    env["TQDM_DISABLE"] = "1"
     t0 = time.perf_counter()
-    res = subprocess_json(cmd, env)
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if p.returncode == 0:
+        res = json.loads(p.stdout.strip().splitlines()[-1])
+    else:
+        lines = [ln for ln in p.stderr.replace("\r", "\n").splitlines() if "it/s" not in ln]
+        lines = [ln for ln in lines if ln.strip() and "param/s" not in ln]
+        res = {"error": f"exit {p.returncode}, limit {limit:.1f} GiB: " + " | ".join(lines[-3:])}
     res.update(engine=engine, row=row, mode=mode, seq=seq, wall_s=time.perf_counter() - t0)
     if "samples_s" in res:
         res["step_s_median"] = statistics.median(res["samples_s"])
         res["tokens_per_s"] = seq / res["step_s_median"]
     return res
+
+
+def available_gib() -> float:
+    """MemAvailable of this host now."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 2**20
+    return 16.0
 
 
 def rejected(kwargs: dict) -> str | None:
@@ -277,7 +294,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument(
-        "--mem-limit-gib", type=float, default=18.0, help="address-space limit of each point"
+        "--mem-limit-gib",
+        type=float,
+        help="address-space limit of each point (default: the memory available, less 1 GiB)",
     )
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "memory.json"))
     ap.add_argument("--png", default=str(ROOT / "docs" / "memory.png"))

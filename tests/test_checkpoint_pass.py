@@ -10,12 +10,20 @@ import numpy as np
 import pytest
 from conftest import ONE_LAYER, check_golden
 
-from einplan.api import CheckpointError, PassContext, compile_model, load_plan, parse_checkpoint
+from einplan.api import (
+    CheckpointError,
+    PassContext,
+    compile_model,
+    load_plan,
+    parse_checkpoint,
+    train,
+)
 from einplan.apps.gradients import loss_feed, shifted_targets
 from einplan.cli import main
 from einplan.compiler.ops import Op
 from einplan.compiler.passes.memory import estimate_memory
 from einplan.compiler.tags import Tag
+from einplan.errors import EinplanError
 from einplan.formats.weights import random_weights
 from einplan.models.config import ConfigError
 from einplan.models.train_config import parse_train_config
@@ -158,3 +166,14 @@ def test_train_section_and_cli_take_the_policy(tmp_path, capsys):
     assert "every:K" in capsys.readouterr().err
     assert main(["-q", "compile", "tiny", "--train", "--checkpoint", "layers", "-o", out]) == 0
     assert load_plan(out).meta["train"]["checkpoint"] == "layers"
+
+
+def test_train_refuses_to_change_the_compiled_policy(tmp_path):
+    config = {**ONE_LAYER, "vocab_size": 256}
+    plan = compile_model(config, entries=("train_step", "loss", "forward", "prefill", "decode"))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("JULIET: a short corpus for a test. " * 40)
+    with pytest.raises(EinplanError, match="checkpoint are compiled into the plan"):
+        train(
+            plan, data=corpus, out=tmp_path / "run", steps=1, checkpoint="layers", tokenizer="bytes"
+        )

@@ -153,7 +153,15 @@ def test_update_steps_follow_the_textbook_rules(optimizer):
     r = b.input("r", (3, 2), "f64")
     b.output("loss", b.einsum("ab,ab->", w, r))  # d loss / d w = r
     graph = run_pipeline(b.graph, PassContext(train=cfg), TRAIN_PASSES)
-    assert TRAIN_PASSES == ("lora", "quantize", "autodiff", "optimizer", *PASSES[2:3], *PASSES[4:])
+    assert TRAIN_PASSES == (
+        "lora",
+        "quantize",
+        "autodiff",
+        "checkpoint",
+        "optimizer",
+        *PASSES[2:3],
+        *PASSES[4:],
+    )
     assert PASSES[3] == "pack"  # inference graphs only: training updates the weights in place
     p0 = np.random.default_rng(0).standard_normal((3, 2))
     grads = [np.random.default_rng(s).standard_normal((3, 2)) for s in (1, 2, 3)]

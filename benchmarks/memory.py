@@ -300,10 +300,22 @@ def main() -> None:
     )
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "memory.json"))
     ap.add_argument("--png", default=str(ROOT / "docs" / "memory.png"))
+    ap.add_argument(
+        "--from-json",
+        nargs="+",
+        metavar="FILE",
+        help="no run: table, JSON and plot of the results of earlier runs (merged)",
+    )
     ap.add_argument("--point", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.point:
         point_json(args.point, args)
+        return
+    if args.from_json:
+        results = [r for f in args.from_json for r in json.loads(Path(f).read_text())["results"]]
+        print_table(results)
+        write_results(args.json, results)
+        plot(results, Path(args.png))
         return
     if args.quick:
         args.reps, args.warmup = 1, 0

@@ -17,6 +17,7 @@ writes benchmarks/results/memory.json and plots docs/memory.png.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -105,8 +106,6 @@ def einplan_point(row: str, mode: str, seq: int, warmup: int, reps: int) -> dict
 
 def torch_point(row: str, mode: str, seq: int, warmup: int, reps: int) -> dict:
     """One PyTorch eager point in this process (run by the torch venv's python)."""
-    import contextlib
-
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -198,6 +197,8 @@ def point_json(spec: str, args) -> None:
     if args.mem_limit_gib:  # a point that outgrows it fails alone instead of starving the host
         limit = int(args.mem_limit_gib * 2**30)
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    with contextlib.suppress(OSError):  # and if the host runs out, the kernel kills it first
+        Path("/proc/self/oom_score_adj").write_text("1000")
     fn = einplan_point if engine == "einplan" else torch_point
     res = fn(row, mode, int(seq), args.warmup, args.reps)
     res["peak_rss_mib"] = peak_rss_mib()

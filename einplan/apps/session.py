@@ -28,6 +28,7 @@ from einplan.formats.weights import (
 from einplan.models.config import ModelConfig, config_differences, parse_config, to_hf_config
 from einplan.models.llama import dim_limits
 from einplan.runtime.backends import get_backend
+from einplan.runtime.device import to_device
 from einplan.runtime.executor import Executor, InputError
 from einplan.runtime.generate import Generation, GenerationRequest, Generator
 from einplan.runtime.recorder import Recorder
@@ -130,6 +131,9 @@ class Session:
         lora_seed: int = 0,
         tokenizer: str | os.PathLike | Tokenizer | None = None,
         kernels: str | None = None,
+        device: str | None = None,
+        cuda_graph: bool = True,
+        tf32: bool = False,
     ) -> None:
         """Bind ``weights`` (HF folder, safetensors file, hub id, GGUF file, or a dict of
         arrays under Hugging Face names), or
@@ -140,11 +144,14 @@ class Session:
         (tokenizer.json or its folder, ``"bytes"``, or a Tokenizer) defaults to the one that
         came with the weights; ``self.tokenizer`` is None when there is none. ``kernels``
         picks the kernels backend, ``"numpy"`` or ``"numba"`` (None: the fastest installed);
-        the plan is the same whichever runs it."""
+        the plan is the same whichever runs it. ``device="cuda"`` runs it on an NVIDIA GPU
+        (CuPy): the weights are uploaded once, each bound entry is replayed as one CUDA graph
+        (``cuda_graph=False``: launched step by step), ``tf32`` lets float32 products use
+        TF32 tensor cores; outputs come back as NumPy arrays."""
         self.plan = plan if isinstance(plan, Plan) else load_plan(plan)
         self.config = plan_config(self.plan)
         self.workers = workers
-        self.kernels = get_backend(kernels)
+        self.kernels = get_backend(kernels, device, cuda_graph, tf32)
         graph = self.plan.entry("forward")
         if (weights is None) == (random_seed is None):
             raise ValueError(
@@ -164,8 +171,9 @@ class Session:
             arrays.update(load_adapter(verified_source(Path(adapter)), graph, arrays))
         else:
             arrays.update(init_lora(graph, lora_seed))
-        self.weights = arrays
-        self.executor = Executor(graph, arrays, workers, self.kernels)
+        device = self.kernels.device
+        self.weights = {k: to_device(a, device, k) for k, a in arrays.items()}
+        self.executor = Executor(graph, self.weights, workers, self.kernels)
         if isinstance(tokenizer, Tokenizer):
             self.tokenizer: Tokenizer | None = tokenizer
         elif tokenizer is not None:
@@ -277,6 +285,8 @@ class Session:
     def _speculate(self, draft, k, request, decode, stream, recorder) -> Generation:
         from einplan.runtime.speculative import speculative_generate
 
+        if self.kernels.device != "cpu" or draft.kernels.device != "cpu":
+            raise EinplanError("speculative decoding runs on the cpu for now; use --device cpu")
         check_same_tokenizer(self, draft)
         rows = []
         for r, prompt in enumerate(request.prompts):  # one prompt at a time

@@ -89,14 +89,19 @@ def train(
     profile: str | os.PathLike | None = None,
     kernels: str | None = None,
     checkpoint: str | None = None,
+    device: str | None = None,
+    cuda_graph: bool = True,
+    tf32: bool = False,
 ) -> TrainResult:
     """Train on the text file ``data`` in the run folder ``out`` until step ``steps``
     (default: the train settings'), with the train settings changed by ``overrides``;
     ``resume`` continues from the folder's latest checkpoint; a folder that holds a run is
     refused without ``resume``, or cleared first with ``overwrite``. ``profile`` (a folder) records
     every step and writes its trace there, as ``einplan train --profile``. ``kernels``: the
-    kernels backend, ``"numpy"`` or ``"numba"`` (None: the fastest installed). ``checkpoint``:
-    the activation checkpointing policy a config is compiled with (a plan must have it)."""
+    kernels backend, ``"numpy"`` or ``"numba"`` (None: the fastest installed); ``device="cuda"``
+    trains on an NVIDIA GPU (``cuda_graph``, ``tf32`` as :class:`einplan.Session`'s).
+    ``checkpoint``: the activation checkpointing policy a config is compiled with (a plan must
+    have it)."""
     if steps is not None and steps < 1:
         raise EinplanError(f"steps must be at least 1, got {steps}")
     if workers < 0:
@@ -116,6 +121,9 @@ def train(
         overrides={**(overrides or {}), **({"checkpoint": checkpoint} if checkpoint else {})},
         workers=workers,
         kernels=kernels,
+        device=device,
+        cuda_graph=cuda_graph,
+        tf32=tf32,
     )
     training = TrainingRun(open_or_compile(config_or_plan, out, checkpoint), options)
     if profile:

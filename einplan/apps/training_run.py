@@ -65,6 +65,7 @@ from einplan.report.training import (
     print_activation_memory,
     print_training_summary,
 )
+from einplan.runtime.backends import get_backend
 from einplan.runtime.generate import GenerationRequest, Generator
 from einplan.runtime.moe import router_entropy
 from einplan.runtime.sampling import SamplingConfig
@@ -102,6 +103,9 @@ class RunOptions:
     overrides: dict[str, Any] | None = None  # train settings changed for this run
     workers: int = 0
     kernels: str | None = None  # kernels backend (None: the fastest installed)
+    device: str | None = None  # cpu (None) or cuda (runtime/cuda)
+    cuda_graph: bool = True  # cuda: replay each step as one CUDA graph
+    tf32: bool = False  # cuda: float32 products on TF32 tensor cores
 
 
 def peak_rss_mib() -> float:
@@ -218,9 +222,14 @@ class TrainingRun:
             np.stack(val[i : i + cfg.micro_batch]) for i in range(0, len(val), cfg.micro_batch)
         ]
         self.trainer = Trainer(
-            plan, initial_weights(plan, options, cfg.seed), cfg, options.workers, options.kernels
+            plan,
+            initial_weights(plan, options, cfg.seed),
+            cfg,
+            options.workers,
+            get_backend(options.kernels, options.device, options.cuda_graph, options.tf32),
         )
-        self.base_stamp = base_fingerprint(self.trainer.weights) if plan.meta.get("lora") else ""
+        lora = plan.meta.get("lora")
+        self.base_stamp = base_fingerprint(self.trainer.host_weights()) if lora else ""
         if ckpt is not None:
             self.check_base(ckpt)
             if ckpt.state["data"]["key"] != key:
@@ -348,7 +357,11 @@ class TrainingRun:
                     )
                 if c.sample_every and at % c.sample_every == 0:
                     text = sample_text(
-                        self.plan, t.weights, self.tokenizer, c.sample_prompt, c.sample_tokens
+                        self.plan,
+                        t.host_weights(),
+                        self.tokenizer,
+                        c.sample_prompt,
+                        c.sample_tokens,
                     )
                     write(f"--- sample at step {at} ---\n{escape_control(text)}\n---")
                 if (c.checkpoint_every and at % c.checkpoint_every == 0) or at == last:

@@ -15,13 +15,16 @@ def run(args: argparse.Namespace) -> None:
         return
     from einplan.report.machine import measure_machine, save_machine
 
-    limits = measure_machine(args.gemm_n, args.copy_mib, args.reps)
-    path = save_machine(limits)
+    limits = measure_machine(args.gemm_n, args.copy_mib, args.reps, args.device)
+    path = save_machine(limits, args.device)
     ridge = limits["gemm_gflops"] / limits["bandwidth_gbs"]
+    where = limits.get("device") or f"{limits['cpus']} cpus"
+    tf32 = limits.get("gemm_tf32_gflops")
     print(
         f"GEMM peak   {limits['gemm_gflops']:8.1f} GFLOP/s  (float32 {args.gemm_n}^3 matmul, "
-        f"{limits['cpus']} cpus)\n"
-        f"bandwidth   {limits['bandwidth_gbs']:8.1f} GB/s     ({args.copy_mib} MiB copy, read "
+        f"{where})\n"
+        + (f"TF32 peak   {tf32:8.1f} GFLOP/s\n" if tf32 else "")
+        + f"bandwidth   {limits['bandwidth_gbs']:8.1f} GB/s     ({args.copy_mib} MiB copy, read "
         f"+ write)\nridge point {ridge:8.1f} FLOP/byte (below: memory-bound)\nwrote {path}"
     )
 
@@ -57,6 +60,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "target",
         choices=["machine", "kernels"],
         help="machine: GEMM peak and bandwidth; kernels: compiled kernels' JIT cost and speed",
+    )
+    b.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="machine: measure the CPU (numpy) or the GPU (cupy; cache machine-cuda.json)",
     )
     b.add_argument("--gemm-n", type=positive_int, default=2048, help="size of the square GEMM")
     b.add_argument("--copy-mib", type=positive_int, default=256, help="size of the copied array")

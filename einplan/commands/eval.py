@@ -72,16 +72,36 @@ def open_session(plan, args: argparse.Namespace, tokenizer):
         adapter=args.adapter,
         tokenizer=tokenizer,
         kernels=args.kernels,
+        device=args.device,
+        cuda_graph=args.cuda_graph,
+        tf32=args.tf32,
     )
 
 
 def add_kernels_argument(p: argparse.ArgumentParser) -> None:
-    """``--kernels numpy|numba``: the backend that runs the steps (the plan is unchanged)."""
+    """``--kernels numpy|numba``: the backend that runs the steps (the plan is unchanged);
+    ``--device cpu|cuda`` with the GPU's ``--no-cuda-graph`` and ``--tf32``."""
     p.add_argument(
         "--kernels",
         choices=["numpy", "numba"],
         help="kernels backend (default: numba when installed, else numpy); the plan and "
         "its results are the same to float32 rounding",
+    )
+    p.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="where the plan runs: cpu (numpy) or cuda (an NVIDIA GPU through CuPy: "
+        "pip install 'einplan[cuda12]' or 'einplan[cuda13]')",
+    )
+    p.add_argument(
+        "--no-cuda-graph",
+        dest="cuda_graph",
+        action="store_false",
+        help="cuda: launch the steps one by one instead of replaying each entry as a CUDA graph",
+    )
+    p.add_argument(
+        "--tf32", action="store_true", help="cuda: float32 products on TF32 tensor cores"
     )
 
 

@@ -11,7 +11,7 @@ from einplan.errors import EinplanError
 from einplan.formats.files import check_not_input, write_atomic
 from einplan.report import plots
 from einplan.report.cost import GROUPINGS, CostReport, cost_report
-from einplan.report.machine import load_machine
+from einplan.report.machine import machine_of
 from einplan.report.memory import print_memory_table
 from einplan.report.profile import TRACE_NAME
 from einplan.report.tables import (
@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> None:
         if output is not None:
             check_not_input(output, [args.profile, Path(args.profile) / TRACE_NAME])
     rec = read_trace(args.profile)
-    report = cost_report(rec, args.by, args.warmup, load_machine())
+    report = cost_report(rec, args.by, args.warmup, machine_of(rec))
     for path, draw in ((args.bars, "bars"), (args.roofline, "roofline")):
         if path:
             fig = plots.plot_bars(report) if draw == "bars" else plots.plot_roofline(report)

@@ -23,6 +23,8 @@ def run(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value < (0 if name == "port" else 1) or (name == "port" and value > 65535):
             raise EinplanError(f"--{name.replace('_', '-')} out of range: {value}")
+    if args.device != "cpu":
+        raise EinplanError("einplan serve runs on the cpu for now; leave out --device cuda")
     plan = load_plan(args.plan)
     weights = resolve_weights_dir(args.weights) if args.weights else None
     session = open_session(plan, args, load_tokenizer(args.tokenizer, weights))

@@ -44,6 +44,9 @@ def run(args: argparse.Namespace) -> None:
         profile=args.profile,
         kernels=args.kernels,
         checkpoint=args.checkpoint,
+        device=args.device,
+        cuda_graph=args.cuda_graph,
+        tf32=args.tf32,
     )
 
 

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from einplan.report.cost import EXPERT, cost_report
-from einplan.report.machine import load_machine
+from einplan.report.machine import machine_of
 from einplan.report.memory import print_memory_table
 from einplan.report.tables import make_console, render_rich
 from einplan.report.trace import write_trace
@@ -23,7 +23,7 @@ def write_profile(rec: Recorder, out_dir: str | Path, console: Console | None = 
     entry excluded as warm-up when there are more); returns the trace's path."""
     console = console or make_console()
     path = write_trace(rec, Path(out_dir) / TRACE_NAME)
-    render_rich(cost_report(rec, "phase", warmup=1, machine=load_machine()), None, console)
+    render_rich(cost_report(rec, "phase", warmup=1, machine=machine_of(rec)), None, console)
     print_memory_table(rec, console)
     print_expert_load(rec, console)
     console.print(

@@ -22,6 +22,7 @@ from einplan.compiler.names import CACHE_PREFIX, GRAD_PREFIX
 from einplan.compiler.ops import Op
 from einplan.errors import EinplanError
 from einplan.runtime.backends import Backend, get_backend
+from einplan.runtime.device import to_device
 from einplan.runtime.recorder import Recorder, debug_level
 from einplan.runtime.steps import OutputRing, Prepared, Step, prepare_steps
 
@@ -83,8 +84,14 @@ class Executor:
         """``params`` maps checkpoint keys to arrays; ``workers`` > 1 runs independent steps of
         a level on a thread pool (BLAS threads capped so workers x BLAS threads <= cores);
         ``kernels`` names the backend of the steps' kernels (runtime/backends; None: the
-        fastest installed)."""
+        fastest installed); a GPU backend's executor uploads the arrays once (those already on
+        the device stay) and runs on the device (runtime/cuda)."""
         self.backend = get_backend(kernels)
+        self.device_runner = None
+        if self.backend.device == "cuda":
+            from einplan.runtime.cuda.runner import CudaRunner
+
+            self.device_runner = CudaRunner(graph, self.backend.cuda_graph)
         self.graph = graph
         self.nodes = graph.by_id()
         self.workers = workers
@@ -95,7 +102,8 @@ class Executor:
                 key = n.attrs["key"]
                 if key not in params:
                     raise InputError(f"no array bound for {n.op.value} {key}")
-                self.params[n.id] = self._check_leaf(n, params[key])
+                arr = self._check_leaf(n, params[key])
+                self.params[n.id] = to_device(arr, self.backend.device, key)
         self._prepared: OrderedDict[tuple, Prepared] = OrderedDict()
         self.max_prepared = 2  # sets of sizes kept prepared (arenas and kernels)
         self._pool = ThreadPoolExecutor(workers) if workers > 1 else None
@@ -175,10 +183,12 @@ class Executor:
         prepared = self.prepare(self.bind_dims(inputs))
         if recorder is None and debug_level():
             recorder = Recorder()  # EINPLAN_DEBUG: a throwaway recorder prints as it goes
-        env: dict[int, np.ndarray] = {**self.params, **prepared.static}
+        feeds = {}
         for n in self.graph.inputs():
             arr = np.asarray(inputs[n.name], dtype=to_numpy_dtype(n.dtype))
-            env[n.id] = arr if arr.flags.c_contiguous else np.ascontiguousarray(arr)
+            feeds[n.name] = arr if arr.flags.c_contiguous else np.ascontiguousarray(arr)
+        env: dict[int, np.ndarray] = {**self.params, **prepared.static}
+        env.update({n.id: feeds[n.name] for n in self.graph.inputs()})
         run = (
             recorder.begin_run(
                 self.graph.name,
@@ -189,6 +199,11 @@ class Executor:
             if recorder
             else None
         )
+        if self.device_runner is not None:
+            out = self.device_runner.run(prepared, self.params, feeds, recorder, run)
+            if recorder:
+                recorder.end_run(run)
+            return out
         with np.errstate(over="ignore", under="ignore"):
             if self._pool is None and (self._quantized or self._small):
                 # quantised products split their rows over two threads themselves; a plan of

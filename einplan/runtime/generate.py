@@ -309,7 +309,7 @@ class Generator:
     def bind(self, batch: int, ctx: int) -> tuple[Executor, Executor, dict[str, np.ndarray]]:
         """Executors over a zeroed cache for this batch and context (reused when they fit)."""
         if self._bound is None or self._bound[0] != (batch, ctx):
-            cache = allocate_cache(self.prefill_graph, batch, ctx)
+            cache = allocate_cache(self.prefill_graph, batch, ctx, self.kernels.xp)
             arrays = {**self.weights, **cache}
             pre = Executor(self.prefill_graph, arrays, self.workers, self.kernels)
             dec = Executor(self.decode_graph, arrays, self.workers, self.kernels)

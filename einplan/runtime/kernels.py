@@ -1,5 +1,9 @@
 """One NumPy kernel per op. Contractions run as ``np.matmul`` (BLAS) by their plan recipe.
 
+Factories whose code is CuPy's too take the array module ``xp`` (default numpy): the cuda
+device runs them with ``xp=cupy`` (runtime/cuda/backend.py), so their kernels never read a
+device value back to the host.
+
 ``make_kernel`` is called once per step when a plan is bound to concrete sizes; it does the
 shape arithmetic up front and returns ``fn(inputs, out) -> array`` that writes into the
 preallocated ``out`` (views return their input reshaped, and write nothing).
@@ -41,6 +45,7 @@ def _operand_view(
     role: str,
     scratch: Scratch,
     dtype: np.dtype,
+    xp=np,
 ) -> Callable[[np.ndarray], np.ndarray]:
     """How to present one operand to matmul as ``[batch,] rows x cols`` without a copy when
     the stored layout allows (identity, or a plain 2-D transpose BLAS reads directly)."""
@@ -58,16 +63,25 @@ def _operand_view(
     tshape = tuple(t)
 
     def copy(x: np.ndarray) -> np.ndarray:
-        np.copyto(buf.reshape(tshape), x.transpose(perm))
+        moved = x.transpose(perm)
+        if moved.flags.c_contiguous:  # the permutation only moves axes of size 1 (decode)
+            return moved.reshape(mat)
+        xp.copyto(buf.reshape(tshape), moved)
         return buf
 
     return copy
 
 
 def make_einsum(
-    node: Node, shapes: list[tuple[int, ...]], out_shape: tuple[int, ...], scratch: Scratch
+    node: Node,
+    shapes: list[tuple[int, ...]],
+    out_shape: tuple[int, ...],
+    scratch: Scratch,
+    xp=np,
+    matmul=None,
 ) -> Kernel:
-    """A pairwise contraction as permute/reshape + one ``np.matmul`` into the output buffer."""
+    """A pairwise contraction as permute/reshape + one ``matmul(a, b, out=)`` (default: the
+    array module ``xp``'s; numpy: BLAS) into the output buffer."""
     r = node.attrs["recipe"]
     if isinstance(r, QMatmulRecipe):
         return make_qmatmul(node, shapes, out_shape, scratch)
@@ -76,7 +90,7 @@ def make_einsum(
 
         def unary(ins, out):
             x = ins[0].sum(axis=axes) if axes else ins[0]
-            np.copyto(out, x.transpose(perm))
+            xp.copyto(out, x.transpose(perm))
             return out
 
         return unary
@@ -84,8 +98,8 @@ def make_einsum(
     b_shape = tuple(d for i, d in enumerate(shapes[1]) if i not in r.b_sum)
     nb, na, nk, nn = r.groups
     dtype = to_numpy_dtype(node.dtype)
-    a_view = _operand_view(a_shape, r.a_perm, nb, na, "a", scratch, dtype)
-    b_view = _operand_view(b_shape, r.b_perm, nb, nk, "b", scratch, dtype)
+    a_view = _operand_view(a_shape, r.a_perm, nb, na, "a", scratch, dtype, xp)
+    b_view = _operand_view(b_shape, r.b_perm, nb, nk, "b", scratch, dtype, xp)
     at = [a_shape[p] for p in r.a_perm]
     bt = [b_shape[p] for p in r.b_perm]
     logical = tuple(at[: nb + na]) + tuple(bt[nb + nk :])
@@ -94,6 +108,8 @@ def make_einsum(
     out_perm = r.out_perm
     direct = out_perm == sorted(out_perm)
     c_buf = None if direct else scratch("c", mm, dtype)
+    in_order = tuple(int(i) for i in np.argsort(out_perm))  # out's axes in the product's order
+    product = matmul or xp.matmul
 
     def matmul(ins, out):
         a, b = ins
@@ -102,10 +118,12 @@ def make_einsum(
         if b_sum:
             b = b.sum(axis=b_sum)
         if direct:
-            np.matmul(a_view(a), b_view(b), out=out.reshape(mm))
+            product(a_view(a), b_view(b), out=out.reshape(mm))
+        elif (target := out.transpose(in_order)).flags.c_contiguous:  # moves size-1 axes only
+            product(a_view(a), b_view(b), out=target.reshape(mm))
         else:
-            np.matmul(a_view(a), b_view(b), out=c_buf)
-            np.copyto(out, c_buf.reshape(logical).transpose(out_perm))
+            product(a_view(a), b_view(b), out=c_buf)
+            xp.copyto(out, c_buf.reshape(logical).transpose(out_perm))
         return out
 
     return matmul
@@ -157,9 +175,9 @@ def make_fake_quant(node, shapes, out_shape, scratch) -> Kernel:
     return fake_quant
 
 
-def make_scale(node, shapes, out_shape, scratch) -> Kernel:
+def make_scale(node, shapes, out_shape, scratch, xp=np) -> Kernel:
     factor = scalar_type(node)(node.attrs["factor"])
-    return lambda ins, out: np.multiply(ins[0], factor, out=out)
+    return lambda ins, out: xp.multiply(ins[0], factor, out=out)
 
 
 def make_dropout(node, shapes, out_shape, scratch) -> Kernel:
@@ -177,13 +195,13 @@ def make_dropout(node, shapes, out_shape, scratch) -> Kernel:
     return dropout
 
 
-def make_gather(node, shapes, out_shape, scratch) -> Kernel:
+def make_gather(node, shapes, out_shape, scratch, xp=np) -> Kernel:
     if node.attrs.get("transposed"):  # a (d, v) table: the ids pick columns
 
         def gather_columns(ins, out):
             table, ids = ins
             # rows of the (v, d) view: np.take along axis 1 walks the table element by element
-            np.copyto(out, table.T[ids])
+            xp.copyto(out, table.T[ids])
             return out
 
         return gather_columns
@@ -193,7 +211,7 @@ def make_gather(node, shapes, out_shape, scratch) -> Kernel:
         if isinstance(table, QuantizedMatrix):
             table.take_rows(ids, out)
         elif table.dtype == out.dtype:
-            np.take(table, ids, axis=0, out=out)
+            xp.take(table, ids, axis=0, out=out)
         else:
             out[...] = table[ids]
         return out
@@ -218,14 +236,14 @@ def make_rms_norm(node, shapes, out_shape, scratch) -> Kernel:
     return rms_norm
 
 
-def make_rope_table(node, shapes, out_shape, scratch) -> Kernel:
+def make_rope_table(node, shapes, out_shape, scratch, xp=np) -> Kernel:
     dtype = to_numpy_dtype(node.dtype)
-    inv_freq = np.asarray(node.attrs["inv_freq"], dtype=dtype)
+    inv_freq = xp.asarray(np.asarray(node.attrs["inv_freq"], dtype=dtype))
 
     def rope_table(ins, out):
         angles = ins[0][..., None].astype(dtype) * inv_freq
-        np.cos(angles, out=out[0])
-        np.sin(angles, out=out[1])
+        xp.cos(angles, out=out[0])
+        xp.sin(angles, out=out[1])
         return out
 
     return rope_table
@@ -328,8 +346,12 @@ def make_silu_mul(node, shapes, out_shape, scratch) -> Kernel:
     return silu_mul
 
 
-def make_elementwise(ufunc) -> Callable:
-    def factory(node, shapes, out_shape, scratch) -> Kernel:
+def make_elementwise(name: str) -> Callable:
+    """The factory of a binary ufunc (``"add"``, ``"multiply"``) of the array module."""
+
+    def factory(node, shapes, out_shape, scratch, xp=np) -> Kernel:
+        ufunc = getattr(xp, name)
+
         def elementwise(ins, out):
             return ufunc(ins[0], ins[1], out=out)
 
@@ -354,38 +376,38 @@ def make_kv_append(node, shapes, out_shape, scratch) -> Kernel:
     return kv_append
 
 
-def make_slice_last(node, shapes, out_shape, scratch) -> Kernel:
+def make_slice_last(node, shapes, out_shape, scratch, xp=np) -> Kernel:
     def slice_last(ins, out):
-        np.copyto(out, ins[0][:, -1])
+        xp.copyto(out, ins[0][:, -1])
         return out
 
     return slice_last
 
 
-def make_split(node, shapes, out_shape, scratch) -> Kernel:
+def make_split(node, shapes, out_shape, scratch, xp=np) -> Kernel:
     start, stop = node.attrs["start"], node.attrs["stop"]
     return lambda ins, out: ins[0][..., start:stop]
 
 
-def make_reshape(node, shapes, out_shape, scratch) -> Kernel:
+def make_reshape(node, shapes, out_shape, scratch, xp=np) -> Kernel:
     return lambda ins, out: ins[0].reshape(out_shape)
 
 
-def make_after(node, shapes, out_shape, scratch) -> Kernel:
+def make_after(node, shapes, out_shape, scratch, xp=np) -> Kernel:
     return lambda ins, out: ins[0]
 
 
-def make_transpose(node, shapes, out_shape, scratch) -> Kernel:
+def make_transpose(node, shapes, out_shape, scratch, xp=np) -> Kernel:
     perm = node.attrs["perm"]
 
     def transpose(ins, out):
-        np.copyto(out, ins[0].transpose(perm))
+        xp.copyto(out, ins[0].transpose(perm))
         return out
 
     return transpose
 
 
-def make_cast(node, shapes, out_shape, scratch) -> Kernel:
+def make_cast(node, shapes, out_shape, scratch, xp=np) -> Kernel:
     def cast(ins, out):
         out[...] = ins[0]
         return out
@@ -393,24 +415,24 @@ def make_cast(node, shapes, out_shape, scratch) -> Kernel:
     return cast
 
 
-def make_expand(node, shapes, out_shape, scratch) -> Kernel:
+def make_expand(node, shapes, out_shape, scratch, xp=np) -> Kernel:
     axes = node.attrs["axes"]
     with_ones = tuple(1 if i in axes else d for i, d in enumerate(out_shape))
 
     def expand(ins, out):
-        np.copyto(out, ins[0].reshape(with_ones))
+        xp.copyto(out, ins[0].reshape(with_ones))
         return out
 
     return expand
 
 
-def make_scatter_add(node, shapes, out_shape, scratch) -> Kernel:
+def make_scatter_add(node, shapes, out_shape, scratch, xp=np) -> Kernel:
     width = out_shape[-1]
 
     def scatter_add(ins, out):
         values, ids = ins
         out.fill(0)
-        np.add.at(out, ids.reshape(-1), values.reshape(-1, width))
+        xp.add.at(out, ids.reshape(-1), values.reshape(-1, width))
         return out
 
     return scatter_add
@@ -473,7 +495,7 @@ def make_cross_entropy_grad(node, shapes, out_shape, scratch) -> Kernel:
     return cross_entropy_grad
 
 
-def make_rms_norm_grad(node, shapes, out_shape, scratch) -> Kernel:
+def make_rms_norm_grad(node, shapes, out_shape, scratch, xp=np) -> Kernel:
     """With r = 1/sqrt(mean(x^2) + eps): d w = sum over rows of ct * x * r; d x = r * ct * w
     - x * r^3 * mean(ct * w * x)."""
     eps = scalar_type(node)(node.attrs["eps"])
@@ -483,21 +505,21 @@ def make_rms_norm_grad(node, shapes, out_shape, scratch) -> Kernel:
 
     def rms_norm_grad(ins, out):
         x, w, ct = ins
-        np.multiply(x, x, out=tmp)
+        xp.multiply(x, x, out=tmp)
         r = tmp.mean(axis=-1, keepdims=True)
         r += eps
-        np.sqrt(r, out=r)
-        np.divide(1, r, out=r)
+        xp.sqrt(r, out=r)
+        xp.divide(1, r, out=r)
         if wrt_w:
-            np.multiply(x, r, out=tmp)
-            np.multiply(tmp, ct, out=tmp)
-            np.sum(tmp.reshape(-1, tmp.shape[-1]), axis=0, out=out)
+            xp.multiply(x, r, out=tmp)
+            xp.multiply(tmp, ct, out=tmp)
+            xp.sum(tmp.reshape(-1, tmp.shape[-1]), axis=0, out=out)
             return out
-        np.multiply(ct, w, out=out)  # ct * w
-        np.multiply(out, x, out=tmp)
+        xp.multiply(ct, w, out=out)  # ct * w
+        xp.multiply(out, x, out=tmp)
         dot = tmp.mean(axis=-1, keepdims=True)
         dot *= r * r
-        np.multiply(x, dot, out=tmp)
+        xp.multiply(x, dot, out=tmp)
         out -= tmp
         out *= r
         return out
@@ -505,15 +527,15 @@ def make_rms_norm_grad(node, shapes, out_shape, scratch) -> Kernel:
     return rms_norm_grad
 
 
-def make_softmax_grad(node, shapes, out_shape, scratch) -> Kernel:
+def make_softmax_grad(node, shapes, out_shape, scratch, xp=np) -> Kernel:
     """d x = scale * y * (ct - sum(ct * y)) over the last axis."""
     scale = scalar_type(node)(node.attrs.get("scale", 1.0))
 
     def softmax_grad(ins, out):
         y, ct = ins
-        np.multiply(y, ct, out=out)
+        xp.multiply(y, ct, out=out)
         s = out.sum(axis=-1, keepdims=True)
-        np.subtract(ct, s, out=out)
+        xp.subtract(ct, s, out=out)
         out *= y
         if scale != 1:
             out *= scale
@@ -522,22 +544,22 @@ def make_softmax_grad(node, shapes, out_shape, scratch) -> Kernel:
     return softmax_grad
 
 
-def make_silu_mul_grad(node, shapes, out_shape, scratch) -> Kernel:
+def make_silu_mul_grad(node, shapes, out_shape, scratch, xp=np) -> Kernel:
     """With s = sigmoid(gate): d up = ct * gate * s; d gate = ct * up * s * (1 + gate * (1 - s))."""
     sig = scratch("sigmoid", tuple(out_shape), to_numpy_dtype(node.dtype))
     wrt_up = node.attrs["wrt"] == "up"
 
     def silu_mul_grad(ins, out):
         g, u, ct = ins
-        np.negative(g, out=sig)
-        np.exp(sig, out=sig)
-        np.add(sig, 1, out=sig)
-        np.divide(1, sig, out=sig)
+        xp.negative(g, out=sig)
+        xp.exp(sig, out=sig)
+        xp.add(sig, 1, out=sig)
+        xp.divide(1, sig, out=sig)
         if wrt_up:
-            np.multiply(g, sig, out=out)
+            xp.multiply(g, sig, out=out)
             out *= ct
             return out
-        np.subtract(1, sig, out=out)
+        xp.subtract(1, sig, out=out)
         out *= g
         out += 1
         out *= sig
@@ -548,7 +570,7 @@ def make_silu_mul_grad(node, shapes, out_shape, scratch) -> Kernel:
     return silu_mul_grad
 
 
-def make_acc_grad(node, shapes, out_shape, scratch) -> Kernel:
+def make_acc_grad(node, shapes, out_shape, scratch, xp=np) -> Kernel:
     def acc_grad(ins, out):
         acc, g = ins
         acc += g
@@ -557,18 +579,22 @@ def make_acc_grad(node, shapes, out_shape, scratch) -> Kernel:
     return acc_grad
 
 
-def make_grad_norm(node, shapes, out_shape, scratch) -> Kernel:
-    """sqrt of the sum of squares of every gradient, accumulated in their dtype; NaN when the
-    loss (input 0) is not finite."""
-    zero = scalar_type(node)(0)
+def make_grad_norm(node, shapes, out_shape, scratch, xp=np, dot=None) -> Kernel:
+    """sqrt of the sum of squares of every gradient (``dot(g, g)``, default ``xp.dot``),
+    accumulated in their dtype; NaN when the loss (input 0) is not finite. Reads nothing back
+    to the host (a device runs it in a graph)."""
+    nan = scalar_type(node)(np.nan)
+    total = scratch("norm", (), to_numpy_dtype(node.dtype))
+    dot = dot or xp.dot
 
     def grad_norm(ins, out):
         loss, *grads = ins
-        total = zero if np.isfinite(loss) else scalar_type(node)(np.nan)
+        total.fill(0)
         for g in grads:
             flat = g.reshape(-1)
-            total += np.dot(flat, flat)
-        out[...] = np.sqrt(total)
+            xp.add(total, dot(flat, flat), out=total)
+        xp.sqrt(total, out=out)
+        out[...] = xp.where(xp.isfinite(loss), out, nan)
         return out
 
     return grad_norm
@@ -643,8 +669,8 @@ def make_sgd(node, shapes, out_shape, scratch) -> Kernel:
 
 KERNELS: dict[Op, Callable[..., Kernel]] = {
     Op.EINSUM: make_einsum,
-    Op.ADD: make_elementwise(np.add),
-    Op.MUL: make_elementwise(np.multiply),
+    Op.ADD: make_elementwise("add"),
+    Op.MUL: make_elementwise("multiply"),
     Op.GATHER: make_gather,
     Op.RMS_NORM: make_rms_norm,
     Op.ROPE_TABLE: make_rope_table,

@@ -9,23 +9,26 @@ from einplan.compiler.dtypes import to_numpy_dtype
 from einplan.compiler.ir import Graph
 from einplan.compiler.ops import ITEMSIZE
 from einplan.compiler.symbolic import evaluate, numel, resolve_shape
+from einplan.runtime.device import free_bytes
 from einplan.runtime.memory_limit import check_fits
 
 
-def allocate_states(graph: Graph, dims: dict[str, int]) -> dict[str, np.ndarray]:
+def allocate_states(graph: Graph, dims: dict[str, int], xp=np) -> dict[str, np.ndarray]:
     """Zeroed buffers for every state leaf of ``graph`` (KV cache, optimizer state), their
-    symbolic dims bound by ``dims``; first checks that they fit in the available memory."""
+    symbolic dims bound by ``dims``, allocated by the array module ``xp`` (numpy, or cupy
+    on a GPU), first checked to fit in the available memory (of the host, or the GPU's)."""
     nbytes = sum(evaluate(numel(n.shape), dims) * ITEMSIZE[n.dtype] for n in graph.states())
-    check_fits(nbytes, f"the state buffers of {graph.name} (KV cache or optimizer state)", dims)
+    what = f"the state buffers of {graph.name} (KV cache or optimizer state)"
+    check_fits(nbytes, what, dims, gpu_free=free_bytes(xp))
     return {
-        n.attrs["key"]: np.zeros(resolve_shape(n.shape, dims), to_numpy_dtype(n.dtype))
+        n.attrs["key"]: xp.zeros(resolve_shape(n.shape, dims), to_numpy_dtype(n.dtype))
         for n in graph.states()
     }
 
 
-def allocate_cache(graph: Graph, batch: int, ctx: int) -> dict[str, np.ndarray]:
+def allocate_cache(graph: Graph, batch: int, ctx: int, xp=np) -> dict[str, np.ndarray]:
     """Zeroed state buffers for every state leaf of ``graph`` at this batch and context."""
-    return allocate_states(graph, {"batch": batch, "ctx": ctx})
+    return allocate_states(graph, {"batch": batch, "ctx": ctx}, xp)
 
 
 def cache_bytes(cache: dict[str, np.ndarray]) -> int:

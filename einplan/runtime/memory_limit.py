@@ -51,16 +51,24 @@ def human_bytes(nbytes: int) -> str:
     return f"{nbytes / 1024:,.2f} KiB"
 
 
-def check_fits(nbytes: int, what: str, dims: dict[str, int], remedy: str = "") -> None:
+def check_fits(
+    nbytes: int, what: str, dims: dict[str, int], remedy: str = "", gpu_free: int | None = None
+) -> None:
     """Raise :class:`MemoryLimitError` when ``nbytes`` for ``what`` exceed the available
-    memory, saying what to lower: ``remedy``, else the bound sizes of ``dims``."""
-    available = available_memory()
+    memory (``gpu_free``: the free bytes of the GPU they go to), saying what to lower:
+    ``remedy``, else the bound sizes of ``dims``."""
+    available = available_memory() if gpu_free is None else gpu_free
     if nbytes <= available:
         return
     sizes = [f"{d} (now {dims[d]:,})" for d in SIZE_DIMS if d in dims]
     lower = remedy or (
         f"lower {', '.join(sizes)}" if sizes else "use a smaller model or a larger machine"
     )
+    if gpu_free is not None:
+        raise MemoryLimitError(
+            f"{what} needs {human_bytes(nbytes)} but only {human_bytes(available)} of GPU "
+            f"memory is free; {lower}"
+        )
     raise MemoryLimitError(
         f"{what} needs {human_bytes(nbytes)} but only {human_bytes(available)} of memory is "
         "available; "

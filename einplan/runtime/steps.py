@@ -16,6 +16,7 @@ from einplan.compiler.ir import Graph, Node, format_type, step_bytes
 from einplan.compiler.ops import ITEMSIZE, LEAVES, OPS, Op, count_flops
 from einplan.compiler.symbolic import evaluate, numel, poly_from_json, resolve_shape
 from einplan.runtime.backends import NUMPY, Backend
+from einplan.runtime.device import free_bytes
 from einplan.runtime.kernels import Kernel, Scratch
 from einplan.runtime.memory_limit import check_fits
 from einplan.runtime.recorder import StepInfo
@@ -32,8 +33,11 @@ class OutputRing:
     reused only when nothing outside this ring refers to it (no variable, no view).
     """
 
-    def __init__(self, shape: tuple[int, ...], dtype: np.dtype, keep: int = 2) -> None:
-        self.shape, self.dtype, self.keep = shape, dtype, keep
+    def __init__(
+        self, shape: tuple[int, ...], dtype: np.dtype, keep: int = 2, empty=np.empty
+    ) -> None:
+        """``empty(shape, dtype)`` allocates a buffer (a GPU run: pinned host memory)."""
+        self.shape, self.dtype, self.keep, self.empty = shape, dtype, keep, empty
         self.arrays: list[np.ndarray] = []
 
     def take(self) -> np.ndarray:
@@ -41,7 +45,7 @@ class OutputRing:
         for arr in self.arrays:
             if sys.getrefcount(arr) == 3:  # the list, the loop variable, the call's argument
                 return arr
-        arr = np.empty(self.shape, self.dtype)
+        arr = self.empty(self.shape, self.dtype)
         if len(self.arrays) < self.keep:
             self.arrays.append(arr)
         return arr
@@ -64,7 +68,8 @@ class ScratchBuffers:
     """Scratch arrays the kernels of one binding ask for, one per (thread slot, role, dtype),
     each as large as the largest request."""
 
-    def __init__(self) -> None:
+    def __init__(self, xp=np) -> None:
+        self.xp = xp  # the array module the buffers are allocated by (numpy, cupy)
         self.buffers: dict[tuple[int, str, str], np.ndarray] = {}
 
     def for_thread(self, thread: int) -> Scratch:
@@ -75,7 +80,7 @@ class ScratchBuffers:
             key = (thread, role, np.dtype(dtype).str)
             buf = self.buffers.get(key)
             if buf is None or buf.size < size:
-                buf = self.buffers[key] = np.empty(size, dtype)
+                buf = self.buffers[key] = self.xp.empty(size, dtype)
             return buf[:size].reshape(mat)
 
         return scratch
@@ -100,13 +105,15 @@ def output_buffer(
     dtype: np.dtype,
     arena: list[np.ndarray],
     alias: bool,
+    xp=np,
 ) -> np.ndarray | OutputRing | None:
     """Where a step writes: its slot of the arena, a ring of fresh arrays for a graph output
-    (no slot), or nothing for a view (``alias``)."""
+    (no slot; on a device, one fixed buffer that the run copies back to the host), or nothing
+    for a view (``alias``)."""
     if alias:
         return None
     if ann.slot is None:  # an output, or the buffer an output is a view of
-        return OutputRing(shape, dtype)
+        return OutputRing(shape, dtype) if xp is np else xp.empty(shape, dtype)
     nbytes = int(np.prod(shape)) * dtype.itemsize
     return arena[ann.slot][:nbytes].view(dtype).reshape(shape)
 
@@ -149,6 +156,7 @@ class Prepared:
     table: list[StepInfo]  # per step: name, op, FLOPs, bytes, shapes, tags
     arena_bytes: int
     static: dict[int, np.ndarray]  # views fixed at prepare time (reshape, split of buffers)
+    device_state: object = None  # a device's per-binding state (runtime/cuda: CUDA graph)
 
 
 def prepare_steps(
@@ -168,9 +176,11 @@ def prepare_steps(
         evaluate(numel(nodes[v].shape), dims) * ITEMSIZE[nodes[v].dtype]
         for v in set(graph.outputs.values())
     )
-    check_fits(sum(slot_sizes) + outputs, f"running {graph.name} ({_bound(dims)})", dims)
-    arena = [np.empty(max(s, 1), np.uint8) for s in slot_sizes]
-    scratch = ScratchBuffers()
+    xp = backend.xp
+    what = f"running {graph.name} ({_bound(dims)})"
+    check_fits(sum(slot_sizes) + outputs, what, dims, gpu_free=free_bytes(xp))
+    arena = [xp.empty(max(s, 1), np.uint8) for s in slot_sizes]
+    scratch = ScratchBuffers(xp)
     steps: list[Step] = []
     table: list[StepInfo] = []
     levels: dict[int, list[int]] = {}
@@ -194,8 +204,8 @@ def prepare_steps(
             fixed[n.id] = static[n.id] = view
             carried_free += ann.free_after
             continue
-        out = output_buffer(ann, shape, to_numpy_dtype(n.dtype), arena, OPS[n.op].alias)
-        if isinstance(out, np.ndarray):
+        out = output_buffer(ann, shape, to_numpy_dtype(n.dtype), arena, OPS[n.op].alias, xp)
+        if out is not None and not isinstance(out, OutputRing):
             fixed[n.id] = out
         step = Step(len(steps), n.id, kernel, n.inputs, out, [*carried_free, *ann.free_after])
         carried_free = []

@@ -24,6 +24,8 @@ from einplan.compiler.passes.autodiff import trainable
 from einplan.compiler.plan import Plan
 from einplan.errors import EinplanError
 from einplan.models.train_config import TrainConfig
+from einplan.runtime.backends import Backend, get_backend
+from einplan.runtime.device import to_device, to_host
 from einplan.runtime.executor import Executor
 from einplan.runtime.kv_cache import allocate_states
 from einplan.runtime.lr_schedule import learning_rate
@@ -65,16 +67,20 @@ class Trainer:
         weights: dict[str, np.ndarray],
         cfg: TrainConfig,
         workers: int = 0,
-        kernels: str | None = None,
+        kernels: str | Backend | None = None,
     ) -> None:
-        """``weights`` (checkpoint key -> writable array) are trained in place; the optimizer
-        state starts at zero; ``kernels``: the kernels backend (runtime/backends)."""
+        """``weights`` (checkpoint key -> writable array) are trained in place (on a GPU
+        backend: uploaded once and trained there); the optimizer state starts at zero;
+        ``kernels``: the kernels backend (runtime/backends; a name or a Backend)."""
         graph = plan.entry("train_step")
-        self.plan, self.cfg, self.weights = plan, cfg, weights
-        self.state = allocate_states(graph, {})
+        kernels = get_backend(kernels)
+        self.device = kernels.device
+        self.plan, self.cfg = plan, cfg
+        self.weights = {k: to_device(a, self.device, k) for k, a in weights.items()}
+        self.state = allocate_states(graph, {}, kernels.xp)
         self.trained = [n.attrs["key"] for n in graph.params() if trainable(n)]
-        self.executor = Executor(graph, {**weights, **self.state}, workers, kernels)
-        self.loss_executor = Executor(plan.entry("loss"), weights, workers, kernels)
+        self.executor = Executor(graph, {**self.weights, **self.state}, workers, kernels)
+        self.loss_executor = Executor(plan.entry("loss"), self.weights, workers, kernels)
         self.profile: Recorder | None = None  # set to keep every step's timing (--profile)
         self.step = 0  # steps taken (the schedule's clock)
         self.updates = 0  # updates applied (the optimizer's bias-correction clock)
@@ -98,8 +104,10 @@ class Trainer:
         lr = learning_rate(step, c.lr, c.min_lr, c.warmup_steps, c.steps)
         if not math.isfinite(lr):
             raise EinplanError(f"the learning rate of step {step} is {lr}; check lr and min_lr")
-        rec = self.profile or Recorder()
-        first = len(rec.raw)  # this step's rows of a recorder that may span the whole run
+        # per-step timing (the phase split) on the CPU always; on a GPU only when profiling,
+        # as a recorder launches the steps one by one instead of replaying the CUDA graph
+        rec = self.profile or (Recorder() if self.device == "cpu" else None)
+        first = len(rec.raw) if rec else 0  # this step's rows of a recorder over the run
         t0 = time.perf_counter()
         losses = []
         for i, windows in enumerate(batches):
@@ -117,7 +125,7 @@ class Trainer:
         self.skipped += skipped
         self.updates += not skipped
         ms = dict.fromkeys(PHASES, 0.0)
-        for run, index, _, _, dur_ns in rec.raw[first:]:
+        for run, index, _, _, dur_ns in rec.raw[first:] if rec else ():
             ms[training_phase(rec.runs[run]["table"][index].tags)] += dur_ns / 1e6
         tokens = sum(b.shape[0] * (b.shape[1] - 1) for b in batches)
         return StepStats(step, float(np.mean(losses)), norm, lr, skipped, tokens, seconds, ms)
@@ -128,12 +136,18 @@ class Trainer:
         return float(np.mean(losses))
 
     def trained_weights(self) -> dict[str, np.ndarray]:
-        """The weights the optimizer updates (all of them, or LoRA's A and B), for checkpoints."""
-        return {k: self.weights[k] for k in self.trained}
+        """The weights the optimizer updates (all of them, or LoRA's A and B), for checkpoints
+        (host arrays: copied from the device on a GPU)."""
+        return {k: to_host(self.weights[k]) for k in self.trained}
+
+    def host_weights(self) -> dict[str, np.ndarray]:
+        """Every weight as a host array (the trained arrays themselves on the CPU)."""
+        return {k: to_host(a) for k, a in self.weights.items()}
 
     def optimizer_state(self) -> dict[str, np.ndarray]:
-        """The optimizer's buffers worth saving (moments; accumulators are empty)."""
-        return {k: v for k, v in self.state.items() if not k.startswith(GRAD_PREFIX)}
+        """The optimizer's buffers worth saving (moments; accumulators are empty), as host
+        arrays."""
+        return {k: to_host(v) for k, v in self.state.items() if not k.startswith(GRAD_PREFIX)}
 
     def counters(self) -> dict[str, int]:
         """Step, update and skip counts, for checkpoints."""
@@ -143,9 +157,10 @@ class Trainer:
         self, weights: dict[str, np.ndarray], optimizer: dict[str, np.ndarray], counters: dict
     ) -> None:
         """Continue from a checkpoint: copy trained weights and optimizer state in place."""
-        for key, arr in self.trained_weights().items():
-            np.copyto(arr, weights[key])
-        for key, arr in self.optimizer_state().items():
-            np.copyto(arr, optimizer[key])
+        for key in self.trained:
+            self.weights[key][...] = to_device(np.asarray(weights[key]), self.device, key)
+        for key, arr in self.state.items():
+            if not key.startswith(GRAD_PREFIX):
+                arr[...] = to_device(np.asarray(optimizer[key]), self.device, key)
         self.step, self.updates = counters["step"], counters["updates"]
         self.skipped = counters["skipped"]

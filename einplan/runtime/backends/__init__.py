@@ -19,6 +19,7 @@ import importlib.util
 
 from einplan.errors import EinplanError
 from einplan.runtime.backends.base import NUMPY, Backend, Factory
+from einplan.runtime.device import check_device
 
 __all__ = ["NUMPY", "Backend", "BackendError", "Factory", "available_backends", "get_backend"]
 
@@ -45,12 +46,29 @@ def default_backend() -> str:
     return available_backends()[0]
 
 
-def get_backend(name: str | Backend | None = None) -> Backend:
+def get_backend(
+    name: str | Backend | None = None,
+    device: str | None = None,
+    cuda_graph: bool = True,
+    tf32: bool = False,
+) -> Backend:
     """The backend called ``name`` (None: :func:`default_backend`); a clear error for an
     unknown name or a missing library. Imports no compiler library: the numba backend
-    imports numba only when it first builds a compiled kernel."""
+    imports numba only when it first builds a compiled kernel. ``device="cuda"`` gives the
+    GPU backend (runtime/cuda; CuPy), whose options are ``cuda_graph`` (replay each bound
+    entry as one CUDA graph) and ``tf32`` (float32 products on TF32 tensor cores)."""
     if isinstance(name, Backend):
         return name
+    if check_device(device) == "cuda":
+        if name not in (None, "cuda"):
+            raise BackendError(
+                f"--kernels {name} runs on the cpu; --device cuda has its own kernels"
+            )
+        from einplan.runtime.cuda.backend import cuda_backend
+
+        return cuda_backend(cuda_graph, tf32)
+    if tf32 or not cuda_graph:
+        raise BackendError("--tf32 and --no-cuda-graph are options of --device cuda")
     name = default_backend() if name is None else name
     if name not in NAMES:
         raise BackendError(f"unknown kernels backend {name!r}; choose one of {', '.join(NAMES)}")

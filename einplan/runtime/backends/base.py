@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from einplan.compiler.ir import Node
 from einplan.compiler.ops import Op
+from einplan.runtime.device import DeviceError, array_module
 from einplan.runtime.kernels import KERNELS, Kernel, Scratch
 
 Factory = Callable[..., Kernel | None]
@@ -14,10 +15,19 @@ Factory = Callable[..., Kernel | None]
 
 @dataclass(frozen=True)
 class Backend:
-    """A named table of kernel factories; ops it lacks (or declines) run numpy's kernels."""
+    """A named table of kernel factories; ops it lacks (or declines) run numpy's kernels. A
+    backend of another ``device`` than the CPU has no such fall-through: its table must hold
+    every op the plan uses (its arrays are not NumPy's)."""
 
     name: str
     table: dict[Op, Factory] = field(default_factory=dict)
+    device: str = "cpu"
+    cuda_graph: bool = True  # a GPU device: replay each bound entry as one CUDA graph
+
+    @property
+    def xp(self):
+        """The array module of the backend's device (numpy, or cupy for ``cuda``)."""
+        return array_module(self.device)
 
     def kernel_for(
         self,
@@ -33,6 +43,12 @@ class Backend:
             kernel = factory(node, shapes, out_shape, scratch, list(inputs))
             if kernel is not None:
                 return kernel, self.name
+        if self.device != "cpu":
+            raise DeviceError(
+                f"step {node.name} ({node.op.value}) has no {self.device} kernel: the "
+                f"{self.device} device runs float plans (no quantised or mixture-of-experts "
+                "ops yet); run this plan with --device cpu"
+            )
         return KERNELS[node.op](node, shapes, out_shape, scratch), NUMPY.name
 
 

@@ -104,6 +104,47 @@ def einplan_point(row: str, mode: str, seq: int, warmup: int, reps: int) -> dict
     }
 
 
+def interleaved_cost(rows: list[str], seq: int, warmup: int, reps: int) -> list[dict]:
+    """Train steps of several einplan rows alternated in one process (A B A B ...), so the
+    host's load falls on each alike: the time a technique costs, not its memory."""
+    import numpy as np
+
+    import einplan
+    from einplan.formats.weights import random_weights
+    from einplan.models.train_config import parse_train_config
+    from einplan.runtime.trainer import Trainer
+
+    cfg = parse_train_config({**TRAIN, "micro_batch": 1, "seq_len": seq})
+    ids = np.random.default_rng(1).integers(1, 49152, (1, seq + 1))
+    trainers = {}
+    for row in rows:
+        plan = einplan.compile_model(
+            CONFIG, entries=("train_step", "loss"), train=cfg, **EINPLAN_ROWS[row]
+        )
+        trainers[row] = Trainer(plan, random_weights(plan.entry("train_step"), 0), cfg)
+    samples: dict[str, list[float]] = {row: [] for row in rows}
+    for k in range(warmup + reps):
+        for row, trainer in trainers.items():
+            t0 = time.perf_counter()
+            trainer.run_step([ids])
+            if k >= warmup:
+                samples[row].append(time.perf_counter() - t0)
+    base = statistics.median(samples[rows[0]])
+    return [
+        {
+            "engine": "einplan",
+            "row": row,
+            "mode": "train-interleaved",
+            "seq": seq,
+            "samples_s": s,
+            "step_s_median": statistics.median(s),
+            "tokens_per_s": seq / statistics.median(s),
+            f"time_vs_{rows[0]}": statistics.median(s) / base,
+        }
+        for row, s in samples.items()
+    ]
+
+
 def torch_point(row: str, mode: str, seq: int, warmup: int, reps: int) -> dict:
     """One PyTorch eager point in this process (run by the torch venv's python)."""
     import torch
@@ -307,10 +348,28 @@ def main() -> None:
         metavar="FILE",
         help="no run: table, JSON and plot of the results of earlier runs (merged)",
     )
+    ap.add_argument(
+        "--interleave",
+        metavar="ROWS",
+        help="time only: train steps of these einplan rows (comma list, the first the base) "
+        "alternated in one process at each --lengths",
+    )
     ap.add_argument("--point", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.point:
         point_json(args.point, args)
+        return
+    if args.interleave:
+        results = []
+        for seq in [int(x) for x in (args.lengths or "1024").split(",")]:
+            for r in interleaved_cost(args.interleave.split(","), seq, args.warmup, args.reps):
+                results.append(r)
+                print(
+                    f"{r['row']} 1x{seq}: median {r['step_s_median']:.2f} s "
+                    f"({', '.join(f'{x:.2f}' for x in r['samples_s'])}), "
+                    f"{r[next(k for k in r if k.startswith('time_vs_'))]:.2f}x the first row"
+                )
+        write_results(args.json, results)
         return
     if args.from_json:
         results = [r for f in args.from_json for r in json.loads(Path(f).read_text())["results"]]

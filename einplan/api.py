@@ -20,6 +20,7 @@ from einplan.apps.quantize_checkpoint import quantize_checkpoint
 from einplan.apps.serving import GenParams, ServingEngine
 from einplan.apps.session import Session, check_weights_config, load_plan, plan_config
 from einplan.apps.train import TrainResult, train
+from einplan.compiler.checkpoint_policy import CheckpointError, parse_checkpoint
 from einplan.compiler.ir import Graph
 from einplan.compiler.pipeline import ALL_PASSES, PassContext
 from einplan.compiler.plan import Plan
@@ -53,6 +54,7 @@ def run_server(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = 
 
 __all__ = [
     "ALL_PASSES",
+    "CheckpointError",
     "ENTRIES",
     "TRAIN_ENTRIES",
     "WEIGHT_DTYPES",
@@ -73,6 +75,7 @@ __all__ = [
     "evaluate_text",
     "load_plan",
     "memory_warning",
+    "parse_checkpoint",
     "parameter_count",
     "parse_quant",
     "plan_config",

@@ -82,6 +82,9 @@ def test_colours_are_keyed_on_tags_and_ops():
             "lora": b.einsum("bsi,oi->bso", x, w, role="lora_a", tags=frozenset({"lora"})),
             "quant": b.einsum("bsi,oi->bso", x, w, role="q", tags=frozenset({"quant"})),
             "reverse": b.einsum("bsi,oi->bso", x, w, role="g", tags=frozenset({"reverse"})),
+            "recompute": b.einsum(
+                "bsi,oi->bso", x, w, role="r", tags=frozenset({"reverse", "recompute"})
+            ),
             "optimizer": b.add(w, w, role="adamw"),
         }
     nodes = b.graph.by_id()
@@ -91,7 +94,7 @@ def test_colours_are_keyed_on_tags_and_ops():
     assert node_kind(nodes[x.id]) == "input" and node_kind(nodes[w.id]) == "param"
     b.graph.nodes = list(nodes.values())
     source = graph_to_dot(b.graph, b.graph.nodes).source
-    for kind in ("linear", "lora", "quant", "reverse", "optimizer", "param", "input"):
+    for kind in ("linear", "lora", "quant", "reverse", "recompute", "optimizer", "param", "input"):
         assert COLORS[kind] in source
 
 

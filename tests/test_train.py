@@ -159,8 +159,8 @@ def test_update_steps_follow_the_textbook_rules(optimizer):
         "schedule", "memory",
     )  # fmt: skip
     assert TRAIN_PASSES == (
-        "lora", "quantize", "flash", "autodiff", "optimizer", "mixed_precision", "simplify",
-        "contract", "schedule", "memory",
+        "lora", "quantize", "flash", "autodiff", "checkpoint", "optimizer", "mixed_precision",
+        "simplify", "contract", "schedule", "memory",
     )  # fmt: skip
     p0 = np.random.default_rng(0).standard_normal((3, 2))
     grads = [np.random.default_rng(s).standard_normal((3, 2)) for s in (1, 2, 3)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import time
 from collections.abc import Iterator
@@ -12,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from einplan.compiler.checkpoint_policy import parse_checkpoint
 from einplan.compiler.dtypes import COMPUTE_DTYPES, master_dtype
 from einplan.compiler.ir import Graph
 from einplan.compiler.lora_spec import parse_lora
@@ -48,6 +50,7 @@ def compile_model(
     lora: str | dict[str, Any] | None = None,
     quant: str | dict[str, Any] | None = None,
     attention: str | None = None,
+    checkpoint: str | None = None,
 ) -> Plan:
     """Trace a model config (path, built-in name, dict or HF config.json) and compile each
     entry point (``forward``, ``prefill``, ``decode``; ``loss``, ``grad``, ``train_step`` for
@@ -59,13 +62,17 @@ def compile_model(
     (``"r=8,alpha=16,targets=q,v"`` or a dict) and ``quant`` (``"w4a16"`` or a dict with
     group_size, symmetric, activations) override the config's sections of those names.
     ``attention`` (``auto``, ``flash``, ``plain``) overrides the context's choice of attention
-    kernel (compiler/passes/flash.py)."""
+    kernel (compiler/passes/flash.py); ``checkpoint`` (``none``, ``layers``, ``every:K``,
+    ``selective``) overrides the train section's activation checkpointing of the gradient
+    entries."""
     ctx = ctx or PassContext()
     if attention is not None:
         ctx.attention = attention
     check_attention(ctx.attention)
     with paused_gc():
-        return _compile(config, weight_dtype, compute_dtype, entries, train, ctx, lora, quant)
+        return _compile(
+            config, weight_dtype, compute_dtype, entries, train, ctx, lora, quant, checkpoint
+        )
 
 
 @contextlib.contextmanager
@@ -91,10 +98,14 @@ def _compile(
     ctx: PassContext | None,
     lora: str | dict[str, Any] | None,
     quant: str | dict[str, Any] | None,
+    checkpoint: str | None,
 ) -> Plan:
     t0 = time.perf_counter()
     cfg = load_config(config)
     train = train or load_train_config(config)
+    if checkpoint is not None:
+        parse_checkpoint(checkpoint)
+        train = dataclasses.replace(train, checkpoint=checkpoint)
     compute_dtype = compute_dtype or train.compute_dtype
     if compute_dtype not in COMPUTE_DTYPES:
         raise EinplanError(
@@ -118,6 +129,7 @@ def _compile(
     ctx = ctx or PassContext()
     ctx.train = train
     ctx.compute_dtype = compute_dtype
+    ctx.checkpoint = train.checkpoint
     ctx.lora = parse_lora(lora if lora is not None else sections.get("lora"))
     ctx.quant = parse_quant(quant if quant is not None else sections.get("quant"))
     if any(DERIVED.get(e, Mode.INFERENCE) is not Mode.INFERENCE for e in entries):

@@ -36,10 +36,11 @@ def open_or_compile(
     out: Path,
     compute_dtype: str | None = None,
     attention: str | None = None,
+    checkpoint: str | None = None,
 ) -> Plan:
     """The training plan: a Plan, a plan file, or a config compiled with the training
-    entries in ``compute_dtype`` (None: its train section's) and ``attention``, saved in the
-    run folder as model.plan."""
+    entries in ``compute_dtype`` (None: its train section's), ``attention`` and activation
+    ``checkpoint`` policy, saved in the run folder as model.plan."""
     compiled = isinstance(source, Plan) or (not isinstance(source, dict) and is_plan_file(source))
     if compiled and attention is not None:
         raise EinplanError(
@@ -52,7 +53,11 @@ def open_or_compile(
     if compiled:
         return load_plan(source)
     plan = compile_model(
-        source, entries=TRAIN_ENTRIES, compute_dtype=compute_dtype, attention=attention
+        source,
+        entries=TRAIN_ENTRIES,
+        compute_dtype=compute_dtype,
+        attention=attention,
+        checkpoint=checkpoint,
     )
     out.mkdir(parents=True, exist_ok=True)
     plan.save(out / PLAN_NAME)
@@ -102,6 +107,7 @@ def train(
     profile: str | os.PathLike | None = None,
     kernels: str | None = None,
     compute_dtype: str | None = None,
+    checkpoint: str | None = None,
     device: str | None = None,
     cuda_graph: bool = True,
     tf32: bool = False,
@@ -124,7 +130,9 @@ def train(
     data-parallel on that many Ray workers (a local Ray started for the run, or the cluster at
     ``ray_address``), each with ``threads_per_worker`` BLAS threads (default: the cluster's
     CPUs / dp), the group restarted from the latest checkpoint up to ``max_failures`` times
-    when a worker dies; needs the ``einplan[ray]`` extra."""
+    when a worker dies; needs the ``einplan[ray]`` extra.
+    ``checkpoint``: the activation checkpointing policy a config is compiled with (a plan must
+    have it)."""
     if steps is not None and steps < 1:
         raise EinplanError(f"steps must be at least 1, got {steps}")
     if workers < 0:
@@ -151,14 +159,14 @@ def train(
         resume=resume,
         init_weights=init_weights,
         tokenizer=tokenizer,
-        overrides=overrides,
+        overrides={**(overrides or {}), **({"checkpoint": checkpoint} if checkpoint else {})},
         workers=workers,
         kernels=kernels,
         device=device,
         cuda_graph=cuda_graph,
         tf32=tf32,
     )
-    plan = open_or_compile(config_or_plan, out, compute_dtype, attention)
+    plan = open_or_compile(config_or_plan, out, compute_dtype, attention, checkpoint)
     if dp is not None:
         spread = DataParallel(dp, ray_address, threads_per_worker, max_failures)
         return TrainResult(*train_data_parallel(plan, options, spread))

@@ -28,6 +28,7 @@ from einplan.apps.metrics import MetricsLog
 from einplan.apps.session import plan_config
 from einplan.compiler.lora_spec import parse_lora
 from einplan.compiler.passes.autodiff import trainable
+from einplan.compiler.passes.memory import estimate_memory
 from einplan.compiler.plan import Plan, hash_config
 from einplan.errors import EinplanError
 from einplan.formats.checkpoint import (
@@ -60,8 +61,12 @@ from einplan.formats.weights import (
     safetensors_metadata,
 )
 from einplan.models.config import to_hf_config, to_hf_generation_config
-from einplan.models.train_config import parse_train_config
-from einplan.report.training import plot_loss_curve, print_training_summary
+from einplan.models.train_config import TrainConfig, parse_train_config
+from einplan.report.training import (
+    plot_loss_curve,
+    print_activation_memory,
+    print_training_summary,
+)
 from einplan.runtime.backends import get_backend
 from einplan.runtime.generate import GenerationRequest, Generator
 from einplan.runtime.moe import router_entropy
@@ -83,6 +88,7 @@ COMPILED = (
     "momentum",
     "grad_clip",
     "compute_dtype",
+    "checkpoint",
 )
 
 
@@ -255,7 +261,8 @@ class TrainingRun:
             cfg = parse_train_config(raw, "train settings")
             spec = options.tokenizer or cfg.tokenizer
             self.tokenizer = run_tokenizer(spec, options.corpus, plan.config["vocab_size"], out)
-        changed = [k for k in COMPILED if plan.meta["train"][k] != getattr(cfg, k)]
+        compiled = {**TrainConfig().to_dict(), **plan.meta["train"]}  # older plans lack new keys
+        changed = [k for k in COMPILED if compiled[k] != getattr(cfg, k)]
         if changed:
             raise EinplanError(
                 f"train settings {', '.join(changed)} are compiled into the plan; recompile it "
@@ -416,7 +423,17 @@ class TrainingRun:
 
     def finish(self) -> None:
         """Print the summary table and write the loss curve."""
+        if not self.metrics.records:
+            return
         finish_run(self.metrics.records, self.options.out, self.console)
+        dims = {"batch": self.cfg.micro_batch, "seq": self.cfg.seq_len}
+        print_activation_memory(
+            self.cfg.checkpoint,
+            estimate_memory(self.plan.entry("train_step"), dims)["arena_bytes"],
+            self.trainer.executor.activation_bytes(),
+            peak_rss_mib(),
+            self.console,
+        )
 
 
 def shard_metrics(stats: StepStats) -> dict[str, Any]:

@@ -68,3 +68,28 @@ def add_attention_argument(parser: argparse.ArgumentParser, when: str = "") -> N
         help=f"attention kernel {when}(default auto: flash attention, tiled above a measured "
         "length, except decode; plain: the scores -> softmax -> context chain)",
     )
+
+
+def checkpoint_policy(text: str) -> str:
+    """An activation checkpointing policy (none, layers, every:K, selective), checked by the
+    compiler's parser (loaded only when the option is given)."""
+    from einplan.api import CheckpointError, parse_checkpoint
+
+    try:
+        parse_checkpoint(text)
+    except CheckpointError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def add_checkpoint_argument(parser: argparse.ArgumentParser) -> None:
+    """Add ``--checkpoint POLICY``, the activation checkpointing of the training entries."""
+    parser.add_argument(
+        "--checkpoint",
+        type=checkpoint_policy,
+        metavar="POLICY",
+        help="activation checkpointing of the training step: none (keep every activation), "
+        "layers (keep each layer's input, recompute the layer in the backward pass), every:K "
+        "(keep every K-th layer's input), selective (recompute norms and SwiGLU only); "
+        "default: the config's train section, else none",
+    )

@@ -8,7 +8,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from einplan.commands.arguments import add_attention_argument, positive_int
+from einplan.commands.arguments import (
+    add_attention_argument,
+    add_checkpoint_argument,
+    positive_int,
+)
 from einplan.commands.quantize import add_quant_arguments
 from einplan.formats.files import write_atomic
 
@@ -54,6 +58,7 @@ def run(args: argparse.Namespace) -> None:
         lora=adapter_options(args.lora) if args.lora and Path(args.lora).is_dir() else args.lora,
         quant=quant_options(args),
         attention=args.attention,
+        checkpoint=args.checkpoint,
     )
     plan.save(out)
     print_compile_summary(plan, args.batch, args.seq)
@@ -130,5 +135,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(targets: q k v o gate up down lm_head), or a PEFT adapter folder to match",
     )
     add_attention_argument(c)
+    add_checkpoint_argument(c)
     add_quant_arguments(c)
     c.set_defaults(func=run)

@@ -6,7 +6,12 @@ from __future__ import annotations
 import argparse
 import json
 
-from einplan.commands.arguments import add_attention_argument, non_negative_int, positive_int
+from einplan.commands.arguments import (
+    add_attention_argument,
+    add_checkpoint_argument,
+    non_negative_int,
+    positive_int,
+)
 from einplan.commands.eval import add_kernels_argument, add_profile_argument, check_profile
 from einplan.errors import EinplanError
 
@@ -44,6 +49,7 @@ def run(args: argparse.Namespace) -> None:
         profile=args.profile,
         kernels=args.kernels,
         compute_dtype=args.compute_dtype,
+        checkpoint=args.checkpoint,
         device=args.device,
         cuda_graph=args.cuda_graph,
         tf32=args.tf32,
@@ -97,6 +103,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="thread-pool workers (0: as the plan chose, see its compile summary; 1: none)",
     )
     add_attention_argument(t, "when PLAN is a config ")
+    add_checkpoint_argument(t)
     add_kernels_argument(t)
     add_profile_argument(t)
     dp = t.add_argument_group("data-parallel training on Ray (pip install 'einplan[ray]')")

@@ -76,6 +76,17 @@ class MatmulRecipe:
     out_perm: list[int]
 
 
+def operand_copied(perm: list[int], nb: int, n1: int) -> bool:
+    """Whether the runtime copies a matmul operand permuted by ``perm`` (``nb`` batch axes,
+    ``n1`` in its first matrix group) into a scratch buffer: not when the permutation keeps the
+    stored layout or is a plain (batched) 2-D transpose, which BLAS reads with its trans flag."""
+    if perm == sorted(perm):
+        return False
+    c = len(perm) - nb - n1  # axes in the second matrix group
+    swapped = list(range(nb)) + list(range(nb + c, len(perm))) + list(range(nb, nb + c))
+    return perm != swapped
+
+
 @dataclass(frozen=True)
 class QMatmulRecipe:
     """``x . W^T`` (``dy . W`` when ``transposed``) with W dequantized block by block from

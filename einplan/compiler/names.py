@@ -4,10 +4,19 @@ gradients ``grad.<param key>``, KV cache ``cache.<layer>.k``, optimizer state
 
 from __future__ import annotations
 
+import re
+
 GRAD_PREFIX = "grad."  # gradient outputs and their accumulators
 CACHE_PREFIX = "cache."  # the KV cache
 OPTIM_PREFIX = "optim."  # optimizer moments
 STATE_PREFIXES = (GRAD_PREFIX, CACHE_PREFIX, OPTIM_PREFIX)  # every state leaf's key, no param's
+LAYER = re.compile(r"^([A-Za-z_+]+)-(\d+)(?=\.|$)")  # a node name; packed: attn_q+attn_k+attn_v-3
+
+
+def layer_of(name: str) -> int | None:
+    """The layer number of a ``role-layer`` name (``attn_q-3.w`` -> 3); None outside layers."""
+    m = LAYER.match(name)
+    return int(m.group(2)) if m else None
 
 
 def grad_key(key: str) -> str:

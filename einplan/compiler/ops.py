@@ -49,6 +49,9 @@ class Op(StrEnum):
     SIGMOID = "sigmoid"
     # softmax(q k^T + mask) v in query and key tiles, never holding the (queries x keys) scores
     FLASH_ATTENTION = "flash_attention"
+    # a view of input 0 that exists only once input 1 is computed: recomputation reads its
+    # checkpoints through it, so the schedule cannot hoist it into the forward pass
+    AFTER = "after"
     # mixture of experts: routing, one routed expert FFN, the load-balancing loss
     MOE_TOPK = "moe_topk"
     MOE_EXPERT = "moe_expert"
@@ -74,6 +77,7 @@ class ShapeError(EinplanError):
     """A node's inputs do not fit its op (ranks, dims or dtypes)."""
 
 
+CE_BLOCK_BYTES = 1 << 22  # rows of logits per block of the cross-entropy kernels (scratch)
 ITEMSIZE = {"f64": 8, "f32": 4, "bf16": 2, "f16": 2, "i64": 8, "i32": 4, "i8": 1, "u8": 1}
 FLOAT_DTYPES = {"f64", "f32", "bf16", "f16"}
 INT_DTYPES = {"i64", "i32", "i8", "u8"}
@@ -277,6 +281,10 @@ def _infer_reshape(shapes, dtypes, attrs):
     new = tuple(attrs["shape"])
     _need(numel(x) == numel(new), f"reshape {list(x)} -> {list(new)} changes the element count")
     return new, dtypes[0]
+
+
+def _infer_after(shapes, dtypes, attrs):
+    return shapes[0], dtypes[0]
 
 
 def _infer_transpose(shapes, dtypes, attrs):
@@ -591,6 +599,7 @@ OPS: dict[Op, OpDef] = {
     Op.SCATTER_ADD: OpDef(_infer_scatter_add, 1, arity=(2, 2), attrs={"rows": DIM}),
     Op.CROSS_ENTROPY: OpDef(_infer_cross_entropy, 4, arity=(2, 2), attrs={"ignore_index": INT}),
     Op.SIGMOID: OpDef(_infer_like_first, 4),
+    Op.AFTER: OpDef(_infer_after, alias=True, arity=(2, 2)),
     Op.MOE_TOPK: OpDef(_infer_moe_topk, 4, attrs={"k": GROUP, "norm": BOOL}),
     Op.MOE_EXPERT: OpDef(
         _infer_moe_expert, arity=(5, 5), attrs={"expert": NAT, "k": GROUP, "keep": BOOL.optional()}

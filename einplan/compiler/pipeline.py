@@ -27,16 +27,19 @@ class Mode(StrEnum):
     TRAINING = "training"  # + gradient accumulation and the optimizer's in-place update
 
 
-# Every pass, in the order they run. The reverse graph comes after LoRA and quantisation, the
-# optimizer's updates after it; mixed_precision then marks (and checks) every step computing
-# on 16-bit values. pack lays out projection weights in copies, so it runs only on
-# inference graphs of plans whose weights nothing updates. schedule runs before memory: buffers
-# may only be reused across dependency levels, so liveness needs the level order.
+# Every pass, in the order they run. The reverse graph comes after LoRA, quantisation and
+# flash attention's rewrite, the recomputation of checkpointed activations and the optimizer's
+# updates after it;
+# mixed_precision then marks (and checks) every step computing on 16-bit values. pack lays out
+# projection weights in copies, so it runs only on inference graphs of plans whose weights
+# nothing updates. schedule runs before memory: buffers may only be reused across dependency
+# levels, so liveness needs the level order.
 ALL_PASSES = (
     "lora",
     "quantize",
     "flash",
     "autodiff",
+    "checkpoint",
     "optimizer",
     "mixed_precision",
     "simplify",
@@ -52,6 +55,7 @@ def passes_for(mode: Mode, pack: bool = True) -> tuple[str, ...]:
     the checkpoint stores it (a training plan's entries all read the weights it updates)."""
     runs = {
         "autodiff": mode is not Mode.INFERENCE,
+        "checkpoint": mode is not Mode.INFERENCE,
         "optimizer": mode is Mode.TRAINING,
         "pack": pack and mode is Mode.INFERENCE,
     }
@@ -83,6 +87,8 @@ class PassContext:
     train: TrainConfig | None = None  # the optimizer pass's settings
     compute_dtype: str = "f32"  # bf16/f16: mixed precision (passes/mixed_precision.py)
     attention: str = "auto"  # auto | flash | plain: what the flash pass does (passes/flash.py)
+    # activation checkpointing of gradient entries: none, layers, every:K or selective
+    checkpoint: str = "none"
 
 
 def run_pass(name: str, graph: Graph, ctx: PassContext) -> Graph:

@@ -17,6 +17,7 @@ class Tag(StrEnum):
     LORA = "lora"  # a LoRA adapter's params and branch (passes/lora.py)
     FROZEN = "frozen"  # a parameter that gets no gradient (a LoRA base, a quantised weight)
     REVERSE = "reverse"  # the reverse graph (passes/autodiff.py)
+    RECOMPUTE = "recompute"  # a forward value computed again in the reverse graph (checkpoint)
     OPTIMIZER = "optimizer"  # gradient accumulation, norm and updates (passes/optimizer.py)
     # arithmetic on 16-bit values done in float32: inputs upcast, every sum accumulated in
     # float32, the output rounded once (passes/mixed_precision.py)

@@ -228,6 +228,7 @@ NOT_DIFFERENTIABLE: dict[Op, str] = {
     Op.KV_APPEND: "the KV cache is written only by prefill and decode",
     Op.SLICE_LAST: "only prefill takes the last position",
     Op.SPLIT: "packed projections exist only in inference graphs",
+    Op.AFTER: "only the checkpoint pass makes it, after the reverse graph",
     Op.ROPE_TABLE: "the rotary table is a function of positions only",
     Op.DEQUANTIZE: "quantised weights are frozen (train LoRA adapters over them)",
     Op.CROSS_ENTROPY_GRAD: "reverse ops are not differentiated again",

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from einplan.compiler.checkpoint_policy import CheckpointError, parse_checkpoint
 from einplan.compiler.dtypes import COMPUTE_DTYPES
 from einplan.models.config import ConfigError, read_config
 
@@ -38,6 +39,7 @@ class TrainConfig:
     accumulation: int = 1  # micro-batches per optimizer step
     seq_len: int = 256
     compute_dtype: str = "f32"  # f32, f64, or bf16/f16 mixed precision (float32 master weights)
+    checkpoint: str = "none"  # activation checkpointing: none, layers, every:K, selective
     seed: int = 0
     val_fraction: float = 0.05  # the corpus's tail held out for validation loss
     eval_batches: int = 4  # micro-batches of validation loss per log line
@@ -108,6 +110,10 @@ def parse_train_config(raw: dict[str, Any] | None, origin: str = "config") -> Tr
             f"{origin}: compute_dtype {cfg.compute_dtype!r} is not one of "
             f"{', '.join(COMPUTE_DTYPES)} (bf16 and f16 train with float32 master weights)"
         )
+    try:
+        parse_checkpoint(cfg.checkpoint)
+    except CheckpointError as e:
+        raise ConfigError(f"{origin}: train key 'checkpoint': {e}") from None
     if not (0 < cfg.val_fraction < 1 and 0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1):
         raise ConfigError(f"{origin}: val_fraction, beta1 and beta2 must lie in [0, 1)")
     return cfg

@@ -11,8 +11,9 @@ from typing import Any
 
 import numpy as np
 
+from einplan.compiler.names import layer_of
 from einplan.errors import EinplanError
-from einplan.report.phases import layer_of, phase_of, phase_rank, role_of, stage_of
+from einplan.report.phases import phase_of, phase_rank, role_of, stage_of
 from einplan.runtime.recorder import Recorder, StepRecord
 
 GROUPINGS = ("node", "op", "layer", "phase", "stage", "expert")

@@ -12,14 +12,15 @@ from html import escape
 import graphviz
 
 from einplan.compiler.ir import Graph, Node, format_attr, format_type
+from einplan.compiler.names import layer_of
 from einplan.compiler.ops import Op
 from einplan.compiler.tags import Tag
 from einplan.errors import EinplanError
-from einplan.report.phases import layer_of
 
 # kind -> fill colour; the first kind in this order that fits a node wins (see node_kind)
 COLORS = {
     "optimizer": "#d9c8f5",
+    "recompute": "#f7b267",  # forward values the reverse graph computes again (checkpoint)
     "reverse": "#f6c6c6",
     "lora": "#f8d3ee",
     "expert": "#c8eef0",
@@ -44,7 +45,7 @@ class GraphvizMissing(EinplanError):
 
 def node_kind(n: Node) -> str:
     """The colour key of a node, from its tags and op (later passes add tags, not code)."""
-    for tag in (Tag.OPTIMIZER, Tag.REVERSE, Tag.LORA):
+    for tag in (Tag.OPTIMIZER, Tag.RECOMPUTE, Tag.REVERSE, Tag.LORA):
         if tag in n.tags:
             return tag.value
     if n.op in EXPERT_OPS:

@@ -6,12 +6,10 @@ One table (:data:`PHASES`) maps roles to phases, so every report groups nodes th
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 
 from einplan.compiler.ir import training_phase
-
-LAYER = re.compile(r"^([A-Za-z_+]+)-(\d+)(?=\.|$)")  # packed: attn_q+attn_k+attn_v-3
+from einplan.compiler.names import LAYER
 
 QKV = "Attention: QKV projection"
 ROPE = "Attention: RoPE"
@@ -65,12 +63,6 @@ PHASE_ORDER = [
     "Other",
 ]
 STAGES = ["Forward", "Backward", "Optimizer"]
-
-
-def layer_of(name: str) -> int | None:
-    """The layer number of a ``role-layer`` name (``attn_q-3.w`` -> 3); None outside layers."""
-    m = LAYER.match(name)
-    return int(m.group(2)) if m else None
 
 
 def role_of(name: str) -> str:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 
 from einplan.compiler.ir import Graph, Node
+from einplan.compiler.names import layer_of
 from einplan.errors import EinplanError
-from einplan.report.phases import layer_of
 
 
 def select_nodes(graph: Graph, layer: int | None = None, pattern: str | None = None) -> list[Node]:

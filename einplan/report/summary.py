@@ -7,6 +7,7 @@ from collections import Counter
 from rich.console import Console
 from rich.table import Table
 
+from einplan.compiler.ir import Graph
 from einplan.compiler.ops import Op, count_flops
 from einplan.compiler.passes.memory import estimate_memory
 from einplan.compiler.plan import Plan
@@ -82,6 +83,14 @@ def attention_line(plan: Plan) -> str:
     return "; ".join(parts)
 
 
+def checkpoint_line(g: Graph) -> str:
+    """The activation checkpointing policy of a training entry and what it recomputes."""
+    info = g.meta.get("checkpoint")
+    if not info:
+        return "none (every activation the backward pass reads is kept)"
+    return f"{info['policy']}: {info['recomputed_steps']} forward steps recomputed in the backward"
+
+
 def print_compile_summary(plan: Plan, batch: int, seq: int, console: Console | None = None) -> None:
     """Print what a compiled plan holds and costs."""
     console = console or Console()
@@ -116,6 +125,7 @@ def print_compile_summary(plan: Plan, batch: int, seq: int, console: Console | N
         s.add_row("routed experts", moe_summary(plan, seq))
     s.add_row("weights", mib(mem["weights_bytes"]))
     s.add_row("activation buffers (arena)", mib(mem["arena_bytes"]))
+    s.add_row("kernels' scratch", mib(mem["scratch_bytes"]))
     s.add_row("outputs", mib(mem["outputs_bytes"]))
     s.add_row("estimated peak", mib(mem["peak_bytes"]))
     s.add_row("kernels", kernels_line(plan))
@@ -140,10 +150,10 @@ def print_compile_summary(plan: Plan, batch: int, seq: int, console: Console | N
         s.add_row(
             "train FLOPs per token", f"{flops_per_token(plan, seq, 'train_step') / 1e6:,.1f} MFLOP"
         )
-        s.add_row(
-            f"train estimated peak (batch {batch})",
-            mib(estimate_memory(t, {"batch": batch, "seq": seq})["peak_bytes"]),
-        )
+        train_mem = estimate_memory(t, {"batch": batch, "seq": seq})
+        s.add_row("activation checkpointing", checkpoint_line(t))
+        s.add_row(f"train activations (arena, batch {batch})", mib(train_mem["arena_bytes"]))
+        s.add_row(f"train estimated peak (batch {batch})", mib(train_mem["peak_bytes"]))
     s.add_row("compile time", f"{plan.meta['compile_seconds']:.3f} s")
     console.print(s)
     p = Table(title="passes")

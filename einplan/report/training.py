@@ -30,6 +30,19 @@ def print_training_summary(records: list[dict[str, Any]], console: Console) -> N
     console.print(t)
 
 
+def print_activation_memory(
+    policy: str, estimated: int, allocated: int, peak_rss_mib: float, console: Console
+) -> None:
+    """One line comparing the memory pass's activation estimate of the train step with the
+    arena the runtime allocated for it (buffers and scratch) and the process's peak RSS."""
+    console.print(
+        f"train_step activations (checkpointing {policy}): estimated {estimated / 2**20:,.1f} "
+        f"MiB, runtime arena {allocated / 2**20:,.1f} MiB; process peak RSS "
+        f"{peak_rss_mib:,.0f} MiB",
+        markup=False,
+    )
+
+
 def every_step_loss(records: list[dict[str, Any]]) -> tuple[list[int], list[float]]:
     """The training loss of every step the records cover (each record's ``step_losses`` end
     at its step); a record without them gives its own step's loss only."""

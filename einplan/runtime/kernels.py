@@ -16,10 +16,10 @@ from collections.abc import Callable
 
 import numpy as np
 
-from einplan.compiler.attrs import QMatmulRecipe, UnaryRecipe
+from einplan.compiler.attrs import QMatmulRecipe, UnaryRecipe, operand_copied
 from einplan.compiler.dtypes import to_numpy_dtype
 from einplan.compiler.ir import Node
-from einplan.compiler.ops import Op
+from einplan.compiler.ops import CE_BLOCK_BYTES, Op
 from einplan.runtime.flash import FLASH_KERNELS
 from einplan.runtime.moe import MOE_KERNELS
 from einplan.runtime.qmatmul import THREADS, QuantizedMatrix, scratch_shapes
@@ -55,9 +55,7 @@ def _operand_view(
     mat = (batch, rows, cols) if nb else (rows, cols)
     if perm == sorted(perm):
         return lambda x: x.reshape(mat)
-    c = len(perm) - nb - n1  # axes in the cols group
-    swapped = list(range(nb)) + list(range(nb + c, len(perm))) + list(range(nb, nb + c))
-    if perm == swapped:
+    if not operand_copied(perm, nb, n1):
         # stored as ([batch,] cols, rows): a transposed view, read by BLAS with its trans flag
         if nb == 0:
             return lambda x: x.reshape(cols, rows).T
@@ -396,6 +394,10 @@ def make_reshape(node, shapes, out_shape, scratch, xp=np) -> Kernel:
     return lambda ins, out: ins[0].reshape(out_shape)
 
 
+def make_after(node, shapes, out_shape, scratch, xp=np) -> Kernel:
+    return lambda ins, out: ins[0]
+
+
 def make_transpose(node, shapes, out_shape, scratch, xp=np) -> Kernel:
     perm = node.attrs["perm"]
 
@@ -437,7 +439,6 @@ def make_scatter_add(node, shapes, out_shape, scratch, xp=np) -> Kernel:
     return scatter_add
 
 
-CE_BLOCK_BYTES = 1 << 22  # rows of logits per block of the cross-entropy kernels
 # 16-bit logits are upcast into a second block: smaller blocks keep mixed precision's scratch
 LOW_CE_BLOCK_BYTES = 1 << 20
 
@@ -697,6 +698,7 @@ KERNELS: dict[Op, Callable[..., Kernel]] = {
     Op.SOFTMAX: make_softmax,
     Op.SILU_MUL: make_silu_mul,
     Op.RESHAPE: make_reshape,
+    Op.AFTER: make_after,
     Op.KV_APPEND: make_kv_append,
     Op.SLICE_LAST: make_slice_last,
     Op.SPLIT: make_split,

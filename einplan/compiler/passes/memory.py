@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 
+from einplan.compiler.attrs import MatmulRecipe, operand_copied
 from einplan.compiler.ir import Graph
-from einplan.compiler.ops import ITEMSIZE, LEAVES, OPS
+from einplan.compiler.ops import CE_BLOCK_BYTES, ITEMSIZE, LEAVES, OPS, Op
 from einplan.compiler.pipeline import PassContext
 from einplan.compiler.symbolic import evaluate, numel, poly_from_json, poly_to_json, scale_poly
 
@@ -92,7 +93,7 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
 
 def estimate_memory(graph: Graph, dims: dict[str, int]) -> dict[str, int]:
     """Bytes of weights, state buffers (KV cache, optimizer state: their dims must be bound
-    too), arena (all intermediate buffers) and outputs for bound dims."""
+    too), arena (all intermediate buffers), the kernels' scratch and outputs for bound dims."""
     nodes = graph.by_id()
 
     def size(n):
@@ -101,12 +102,53 @@ def estimate_memory(graph: Graph, dims: dict[str, int]) -> dict[str, int]:
     weights = sum(size(n) for n in graph.params())
     states = sum(size(n) for n in graph.states())
     arena = sum(evaluate(poly_from_json(s), dims) for s in graph.meta["memory"]["slots"])
+    scratch = scratch_bytes(graph, dims)
     outs = sum(size(nodes[v]) for v in set(graph.outputs.values()))
     return {
         "weights_bytes": weights,
         "state_bytes": states,
         "arena_bytes": arena,
+        "scratch_bytes": scratch,
         "outputs_bytes": outs,
-        "peak_bytes": weights + states + arena + outs,
+        "peak_bytes": weights + states + arena + scratch + outs,
         "dims": dict(dims),
     }
+
+
+def scratch_bytes(graph: Graph, dims: dict[str, int]) -> int:
+    """Bytes of the scratch arrays the runtime gives kernels (runtime/steps.py keeps one per
+    role and dtype, as large as its largest request): operands a matmul must copy to permute
+    (compiler/attrs.py operand_copied) and its permuted result, the RMS-norm and SwiGLU
+    gradients' temporaries, the cross-entropy block, the AdamW temporary."""
+    nodes = graph.by_id()
+    largest: dict[tuple[str, str], int] = {}
+
+    def need(role: str, shape, dtype: str) -> None:
+        size = evaluate(numel(shape), dims) * ITEMSIZE[dtype]
+        largest[role, dtype] = max(largest.get((role, dtype), 0), size)
+
+    for n in graph.nodes:
+        ins = [nodes[i] for i in n.inputs]
+        r = n.attrs.get("recipe")
+        if n.op is Op.EINSUM and isinstance(r, MatmulRecipe):
+            nb, na, nk, _ = r.groups
+            for role, x, summed, perm, n1 in (
+                ("a", ins[0], r.a_sum, r.a_perm, na),
+                ("b", ins[1], r.b_sum, r.b_perm, nk),
+            ):
+                if operand_copied(perm, nb, n1):
+                    need(role, [d for k, d in enumerate(x.shape) if k not in summed], n.dtype)
+            if r.out_perm != sorted(r.out_perm):
+                need("c", n.shape, n.dtype)
+        elif n.op is Op.RMS_NORM_GRAD:
+            need("rms", ins[0].shape, n.dtype)
+        elif n.op is Op.SILU_MUL_GRAD:
+            need("sigmoid", n.shape, n.dtype)
+        elif n.op is Op.ADAMW:
+            need("update", n.shape, n.dtype)
+        elif n.op in (Op.CROSS_ENTROPY, Op.CROSS_ENTROPY_GRAD):
+            vocab = ins[0].shape[-1]
+            rows = evaluate(numel(ins[0].shape[:-1]), dims)
+            block = max(1, min(rows, CE_BLOCK_BYTES // (vocab * ITEMSIZE[n.dtype])))
+            need("ce", (block, vocab), ins[0].dtype)
+    return sum(largest.values())

@@ -22,6 +22,7 @@ SHARED = (
     Op.MUL,
     Op.ROPE_TABLE,
     Op.RESHAPE,
+    Op.AFTER,
     Op.SPLIT,
     Op.SLICE_LAST,
     Op.TRANSPOSE,

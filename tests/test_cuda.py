@@ -8,9 +8,12 @@ import numpy as np
 import pytest
 from conftest import CASES, FIXTURES, MOE_CASES
 from safetensors.numpy import load_file
+from test_flash_attention import flash_node, padded_mask, plain, plain_grads
 
 import einplan
 from einplan.api import Recorder
+from einplan.compiler.ops import Op
+from einplan.runtime import flash as numpy_flash
 from einplan.runtime.device import DeviceError, cupy_module
 
 
@@ -79,6 +82,7 @@ def test_greedy_text_equals_cpu(graph):
 def test_gradients_equal_cpu():
     folder = FIXTURES / "llama_mha_untied"
     plan = einplan.compile_model(folder / "config.json", entries=("forward", "grad"))
+    assert any(n.op is Op.FLASH_ATTENTION_GRAD for n in plan.entry("grad").nodes)
     ids = load_file(folder / "reference.safetensors")["input_ids"]
     loss, grads = einplan.Session(plan, folder).loss_and_grads(ids)
     gpu = einplan.Session(plan, folder, device="cuda")
@@ -162,3 +166,81 @@ def test_quantised_plan_is_refused_by_name():
     session = einplan.Session(plan, folder, device="cuda")
     with pytest.raises(DeviceError, match="no cuda kernel"):
         session.forward(np.arange(4)[None, :])
+
+
+FLASH_CASES = [  # (b, s, extra keys, n, g, h, layout, masked, scale)
+    (2, 7, 0, 2, 3, 8, "bsnh", False, 1.0),
+    (1, 5, 4, 3, 2, 16, "bsnh", False, 0.25),
+    (2, 6, 5, 2, 2, 8, "bnth", True, 0.5),  # padded rows see no key: they average every key
+    (2, 1, 9, 1, 4, 8, "bnth", False, 1.0),
+]
+
+
+def run_cuda_flash(q, k, v, do, mask, keep, **attrs):
+    """The cuda kernels' output and gradients (q, k, v) of float32 host arrays."""
+    from einplan.runtime.backends import get_backend
+
+    cp = cupy_module()
+    table = get_backend(None, "cuda").table
+    ins = [cp.asarray(x) for x in (q, k, v, *(() if mask is None else (mask,)))]
+    shapes = [x.shape for x in ins]
+
+    def scratch(role, shape, dtype):
+        return cp.empty(shape, dtype)
+
+    fwd = flash_node(Op.FLASH_ATTENTION, q.shape, "f32", keep=keep, **attrs)
+    out = cp.empty(q.shape, np.float32)
+    table[Op.FLASH_ATTENTION](fwd, shapes, q.shape, scratch)(ins, out)
+    args = [*ins, out, cp.asarray(do)]
+    kernels = {}
+    for wrt, x in zip("qkv", ins, strict=False):
+        node = flash_node(Op.FLASH_ATTENTION_GRAD, x.shape, "f32", wrt=wrt, **attrs)
+        inputs = [None] * (len(args) - 2) + [fwd, None]
+        factory = table[Op.FLASH_ATTENTION_GRAD]
+        kernels[wrt] = (factory(node, [a.shape for a in args], x.shape, scratch, inputs), x)
+    grads = {}
+    for wrt in "vqk":  # any sibling may run first
+        kernel, x = kernels[wrt]
+        g = cp.empty(x.shape, np.float32)
+        kernel(args, g)
+        grads[wrt] = cp.asnumpy(g)
+    return cp.asnumpy(out), grads
+
+
+@pytest.mark.parametrize("case", FLASH_CASES)
+@pytest.mark.parametrize("keep", [True, False])
+def test_flash_kernels_equal_numpy_kernels_and_float64(case, keep):
+    """Output and gradients of the cuda flash kernels equal runtime/flash.py's (float32) and
+    the plain chain in float64."""
+    b, s, extra, n, g, h, layout, masked, scale = case
+    rng = np.random.default_rng(s * 100 + extra)
+    t = s + extra
+    f32 = np.float32
+    q = rng.standard_normal((b, s, n, g, h)).astype(f32)
+    kv_shape = (b, n, t, h) if layout == "bnth" else (b, t, n, h)
+    k, v = (rng.standard_normal(kv_shape).astype(f32) for _ in range(2))
+    do = rng.standard_normal(q.shape).astype(f32)
+    mask = padded_mask(rng, b, s, t).astype(f32) if masked else None
+    attrs = {"layout": layout, "causal": not masked, "scale": scale}
+    out, grads = run_cuda_flash(q, k, v, do, mask, keep, **attrs)
+    ins = [q, k, v, *(() if mask is None else (mask,))]
+    want_out = np.empty_like(q)
+    node = flash_node(Op.FLASH_ATTENTION, q.shape, "f32", **attrs)
+    numpy_flash.make_flash_attention(node, [x.shape for x in ins], q.shape, scratch_np)(
+        ins, want_out
+    )
+    close(out, want_out)
+    bnth = layout == "bnth"
+    mask64 = None if mask is None else mask.astype(np.float64)
+    q64 = q.astype(np.float64) * scale
+    close(out.astype(np.float64), plain(q64, k, v, mask64, not masked, bnth)[0], 1e-4)
+    want = plain_grads(
+        q64, k.astype(np.float64), v.astype(np.float64), do, mask64, not masked, bnth
+    )
+    want["q"] = want["q"] * scale
+    for wrt in "qkv":
+        close(grads[wrt].astype(np.float64), want[wrt], 1e-4)
+
+
+def scratch_np(role, shape, dtype):
+    return np.empty(shape, dtype)

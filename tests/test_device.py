@@ -202,3 +202,21 @@ def test_gpu_memory_is_checked_before_allocating():
     check_fits(4 << 20, "running forward", {"batch": 2}, gpu_free=free_bytes(gpu))
     with pytest.raises(MemoryLimitError, match=r"only 4.00 MiB of GPU memory is free; lower batch"):
         check_fits(5 << 20, "running forward", {"batch": 2}, gpu_free=free_bytes(gpu))
+
+
+def test_flash_products_read_heads_first_views_in_place():
+    """attention.batched: one strided-batched call over (batch, KV head) for contiguous
+    arrays, the KV cache's slice of its context and transposed views; None for keys by
+    sequence with several sequences (those are copied first)."""
+    from einplan.runtime.cuda.attention import batched
+    from einplan.runtime.cuda.blas import OP_N, OP_T
+
+    x = np.zeros((2, 3, 5, 4), np.float32)
+    assert batched(x) == (OP_N, 4, 20)
+    assert batched(x.swapaxes(-1, -2)) == (OP_T, 4, 20)
+    cache = np.zeros((2, 3, 16, 4), np.float32)
+    assert batched(cache[:, :, :7]) == (OP_N, 4, 64)
+    assert batched(cache[:, :, :7].swapaxes(-1, -2)) == (OP_T, 4, 64)
+    by_seq = np.zeros((2, 7, 3, 4), np.float32).transpose(0, 2, 1, 3)
+    assert batched(by_seq) is None
+    assert batched(by_seq[:1]) == (OP_N, 12, 4)

@@ -13,7 +13,7 @@ from einplan.compiler.attrs import QMatmulRecipe
 from einplan.compiler.ops import Op
 from einplan.runtime import kernels as numpy_kernels
 from einplan.runtime.backends.base import Backend, Factory
-from einplan.runtime.cuda import blas, kernels, portable
+from einplan.runtime.cuda import attention, blas, kernels, portable
 from einplan.runtime.device import cupy_module
 
 # ops whose runtime/kernels.py factory takes ``xp`` and reads nothing back to the host
@@ -85,6 +85,7 @@ def cuda_backend(cuda_graph: bool = True, tf32: bool = False) -> Backend:
             Op.SOFTMAX_GRAD: kernels.make_softmax_grad,
             Op.SILU_MUL_GRAD: kernels.make_silu_mul_grad,
             Op.RMS_NORM_GRAD: kernels.make_rms_norm_grad,
+            **attention.FLASH_CUDA_KERNELS,
         }
     )
     return Backend("cuda", table, device="cuda", cuda_graph=cuda_graph)

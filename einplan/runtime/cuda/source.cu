@@ -283,3 +283,48 @@ extern "C" __global__ void rms_norm_grad_w(const float* x, const float* ct, cons
     for (long long i = r0; i < r1; ++i) s += ct[i * d + j] * x[i * d + j] * r[i];
     partial[(long long)blockIdx.y * d + j] = s;
 }
+
+// flash_attention's scores (rows, t) -> probabilities in place, rows = (b, n, s, g) of
+// scale * q k^T; the optional mask is (b, s, t); with `causal`, query i sees keys
+// j <= i + t - s (the rest 0). saved 0: the row log-sum-exp of scale * x + mask is written to
+// lse and the row normalised by its sum; saved 1: p = exp(scale * x + mask - lse[row])
+extern "C" __global__ void flash_probs(float* x, const float* mask, float* lse, int s, int g,
+                                       int n, int t, float scale, int causal, int saved) {
+    long long row = blockIdx.x;
+    int si = (int)((row / g) % s);
+    long long b = row / ((long long)s * g * n);
+    float* xr = x + row * t;
+    const float* mr = mask ? mask + (b * s + si) * t : nullptr;
+    int visible = causal ? min(t, si + (t - s) + 1) : t;
+    float shift, inv = 1.0f;
+    if (saved) {
+        shift = lse[row];
+    } else {
+        float top = NEG_INF;
+        for (int j = threadIdx.x; j < visible; j += blockDim.x)
+            top = fmaxf(top, xr[j] * scale + (mr ? mr[j] : 0.0f));
+        top = block_max(top);
+        float sum = 0.0f;
+        for (int j = threadIdx.x; j < visible; j += blockDim.x)
+            sum += expf(xr[j] * scale + (mr ? mr[j] : 0.0f) - top);
+        sum = block_sum(sum);
+        if (threadIdx.x == 0) lse[row] = top + logf(sum);
+        shift = top;
+        inv = 1.0f / sum;
+    }
+    for (int j = threadIdx.x; j < t; j += blockDim.x)
+        xr[j] = j < visible ? expf(xr[j] * scale + (mr ? mr[j] : 0.0f) - shift) * inv : 0.0f;
+}
+
+// flash_attention's score gradient in place of dp (rows, t): p * (dp - sum(dout * o)) * scale,
+// the rows of dout and o `h` long
+extern "C" __global__ void flash_dscores(const float* p, float* dp, const float* dout,
+                                         const float* o, int t, int h, float scale) {
+    long long row = blockIdx.x;
+    float d = 0.0f;
+    for (int i = threadIdx.x; i < h; i += blockDim.x) d += dout[row * h + i] * o[row * h + i];
+    d = block_sum(d);
+    const float* pr = p + row * t;
+    float* dr = dp + row * t;
+    for (int j = threadIdx.x; j < t; j += blockDim.x) dr[j] = (dr[j] - d) * pr[j] * scale;
+}

@@ -104,8 +104,14 @@ def test_estimate_tracks_the_measured_peak(policy):
     it): the estimate is 85-100 % of it (the rest: temporaries of preparing and running)."""
     config = {**EIGHT_LAYERS, "max_position_embeddings": 512}
     dims = {"batch": 2, "seq": 384}
+    # plain attention: the estimate does not count flash attention's tiles yet (scratch of
+    # O(seq x head) per step, which the runtime adds to activation_bytes)
     graph = compile_model(
-        config, entries=("grad",), ctx=PassContext(typical_dims=dims), checkpoint=policy
+        config,
+        entries=("grad",),
+        ctx=PassContext(typical_dims=dims),
+        checkpoint=policy,
+        attention="plain",
     ).entry("grad")
     ex = Executor(graph, random_weights(graph, seed=1))
     ids = np.random.default_rng(0).integers(0, 64, (dims["batch"], dims["seq"]))
@@ -127,7 +133,7 @@ def test_recomputation_is_tagged_and_stays_in_the_backward_pass():
     g = plan.entry("grad")
     recomputed = [n for n in g.nodes if Tag.RECOMPUTE in n.tags]
     assert recomputed and all(Tag.REVERSE in n.tags for n in recomputed)
-    assert {n.op for n in recomputed} >= {Op.AFTER, Op.EINSUM, Op.RMS_NORM, Op.SOFTMAX}
+    assert {n.op for n in recomputed} >= {Op.AFTER, Op.EINSUM, Op.RMS_NORM, Op.FLASH_ATTENTION}
     assert g.meta["checkpoint"]["policy"] == "layers"
     assert "{recompute,reverse}" in str(g)
     level = {i: a.level for i, a in g.annotations.items()}

@@ -141,9 +141,11 @@ class RemoteProgress(Progress):
         self.coordinator.post.remote(("start", self.total, self.initial))
         yield self
 
-    def step(self, loss: float, lr: float, tokens_per_s: float) -> None:
+    def step(
+        self, loss: float, lr: float, tokens_per_s: float, loss_scale: float | None = None
+    ) -> None:
         """Advance the driver's bar."""
-        self.coordinator.post.remote(("step", loss, lr, tokens_per_s))
+        self.coordinator.post.remote(("step", loss, lr, tokens_per_s, loss_scale))
 
     def write(self, text: str) -> None:
         """Print a line above the driver's bar."""

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import test_train
 
 import einplan
 from einplan.apps.compile import TRAIN_ENTRIES
@@ -40,19 +41,7 @@ TRAIN = {
     "eval_batches": 1,
     "tokenizer": "bytes",
 }
-MICRO = {
-    "name": "micro",
-    "vocab_size": 256,
-    "hidden_size": 32,
-    "intermediate_size": 48,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 64,
-    "tie_word_embeddings": True,
-    "max_batch": 8,
-    "train": TRAIN,
-}
+MICRO = {**test_train.MICRO, "train": TRAIN}  # test_train's micro model, this train section
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import ONE_LAYER
 
 import einplan
 from einplan.compiler.attrs import MatmulRecipe
@@ -15,17 +16,13 @@ from einplan.models.train_config import parse_train_config
 from einplan.runtime.cuda.blas import OP_N, matrix_layout
 from einplan.runtime.cuda.strided import plan_gemms
 
+# conftest's one-layer GQA model, wider
 CONFIG = {
+    **ONE_LAYER,
     "name": "small-gqa",
     "vocab_size": 64,
     "hidden_size": 32,
     "intermediate_size": 48,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 64,
-    "tie_word_embeddings": True,
-    "max_batch": 4,
 }
 
 

@@ -75,23 +75,15 @@ def test_unknown_device_and_cuda_options_on_cpu():
         get_backend(None, None, cuda_graph=False)
 
 
+def run_args(plan, *extra: str) -> list[str]:
+    """``einplan run`` of ``plan`` on random weights and a byte prompt, plus ``extra``."""
+    return ["run", str(plan), "--random-weights", "0", "--tokenizer", "bytes", "-p", "Hi", *extra]
+
+
 def test_cli_device_cuda_without_cupy_exits_2(no_cupy, tmp_path, capsys):
     plan = tmp_path / "t.plan"
     assert main(["compile", "tiny", "-o", str(plan), "-q"]) in (0, None)
-    code = main(
-        [
-            "run",
-            str(plan),
-            "--random-weights",
-            "0",
-            "--tokenizer",
-            "bytes",
-            "-p",
-            "Hi",
-            "--device",
-            "cuda",
-        ]
-    )
+    code = main(run_args(plan, "--device", "cuda"))
     assert code == 2
     assert "einplan[cuda12]" in capsys.readouterr().err
 
@@ -99,19 +91,7 @@ def test_cli_device_cuda_without_cupy_exits_2(no_cupy, tmp_path, capsys):
 def test_cli_tf32_needs_cuda(tmp_path, capsys):
     plan = tmp_path / "t.plan"
     main(["compile", "tiny", "-o", str(plan), "-q"])
-    code = main(
-        [
-            "run",
-            str(plan),
-            "--random-weights",
-            "0",
-            "--tokenizer",
-            "bytes",
-            "-p",
-            "Hi",
-            "--tf32",
-        ]
-    )
+    code = main(run_args(plan, "--tf32"))
     assert code == 2
     assert "--device cuda" in capsys.readouterr().err
 

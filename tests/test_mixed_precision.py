@@ -29,18 +29,7 @@ from einplan.runtime.loss_scale import LossScale
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT / "einplan" / "data" / "shakespeare_sample.txt"
-TRAIN = {
-    "seq_len": 16,
-    "micro_batch": 2,
-    "lr": 3e-3,
-    "warmup_steps": 2,
-    "steps": 8,
-    "log_every": 2,
-    "checkpoint_every": 3,
-    "sample_every": 0,
-    "eval_batches": 1,
-    "tokenizer": "bytes",
-}
+TRAIN = {k: v for k, v in test_train.TRAIN.items() if k != "min_lr"}
 MICRO = {**test_train.MICRO, "train": TRAIN}  # test_train's micro model, this train section
 
 

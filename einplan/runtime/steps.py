@@ -10,11 +10,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from einplan.compiler.arena import plan_arena
 from einplan.compiler.attrs import StepSchedule
 from einplan.compiler.dtypes import to_numpy_dtype
 from einplan.compiler.ir import Graph, Node, format_type, step_bytes
 from einplan.compiler.ops import ITEMSIZE, LEAVES, OPS, Op, count_flops
-from einplan.compiler.symbolic import evaluate, numel, poly_from_json, resolve_shape
+from einplan.compiler.symbolic import evaluate, numel, resolve_shape
 from einplan.runtime.backends import NUMPY, Backend
 from einplan.runtime.device import free_bytes
 from einplan.runtime.kernels import Kernel, Scratch
@@ -103,19 +104,21 @@ def output_buffer(
     ann: StepSchedule,
     shape: tuple[int, ...],
     dtype: np.dtype,
-    arena: list[np.ndarray],
+    arena: np.ndarray,
+    offset: int | None,
     alias: bool,
     xp=np,
 ) -> np.ndarray | OutputRing | None:
-    """Where a step writes: its slot of the arena, a ring of fresh arrays for a graph output
-    (no slot; on a device, one fixed buffer that the run copies back to the host), or nothing
-    for a view (``alias``)."""
+    """Where a step writes: its bytes of the arena from ``offset`` (compiler/arena.py), a ring
+    of fresh arrays for a graph output (no slot; on a device, one fixed buffer that the run
+    copies back to the host), or nothing for a view (``alias``)."""
     if alias:
         return None
     if ann.slot is None:  # an output, or the buffer an output is a view of
         return OutputRing(shape, dtype) if xp is np else xp.empty(shape, dtype)
+    assert offset is not None
     nbytes = int(np.prod(shape)) * dtype.itemsize
-    return arena[ann.slot][:nbytes].view(dtype).reshape(shape)
+    return arena[offset : offset + nbytes].view(dtype).reshape(shape)
 
 
 def step_info(
@@ -171,15 +174,15 @@ def prepare_steps(
     recorder row; views of arrays known before the run (``params``) are made here once, not
     as steps. ``pooled``: steps of a level may run together, each thread slot needs its own
     scratch. ``backend`` gives each step's kernel (runtime/backends)."""
-    slot_sizes = [evaluate(poly_from_json(s), dims) for s in graph.meta["memory"]["slots"]]
+    layout = plan_arena(graph, dims)
     outputs = sum(
         evaluate(numel(nodes[v].shape), dims) * ITEMSIZE[nodes[v].dtype]
         for v in set(graph.outputs.values())
     )
     xp = backend.xp
     what = f"running {graph.name} ({_bound(dims)})"
-    check_fits(sum(slot_sizes) + outputs, what, dims, gpu_free=free_bytes(xp))
-    arena = [xp.empty(max(s, 1), np.uint8) for s in slot_sizes]
+    check_fits(layout.nbytes + outputs, what, dims, gpu_free=free_bytes(xp))
+    arena = xp.empty(max(layout.nbytes, 1), np.uint8)
     scratch = ScratchBuffers(xp)
     steps: list[Step] = []
     table: list[StepInfo] = []
@@ -204,7 +207,15 @@ def prepare_steps(
             fixed[n.id] = static[n.id] = view
             carried_free += ann.free_after
             continue
-        out = output_buffer(ann, shape, to_numpy_dtype(n.dtype), arena, OPS[n.op].alias, xp)
+        out = output_buffer(
+            ann,
+            shape,
+            to_numpy_dtype(n.dtype),
+            arena,
+            layout.offsets.get(n.id),
+            OPS[n.op].alias,
+            xp,
+        )
         if out is not None and not isinstance(out, OutputRing):
             fixed[n.id] = out
         step = Step(len(steps), n.id, kernel, n.inputs, out, [*carried_free, *ann.free_after])
@@ -213,7 +224,7 @@ def prepare_steps(
         levels.setdefault(ann.level, []).append(step.index)
         table.append(step_info(n, nodes, ins, shape, dims, made_by))
     # scratch for one binding is sized by the kernels built above
-    arena_bytes = sum(slot_sizes) + scratch.nbytes()
+    arena_bytes = layout.nbytes + scratch.nbytes()
     return Prepared(
         dict(dims), steps, [levels[k] for k in sorted(levels)], table, arena_bytes, static
     )

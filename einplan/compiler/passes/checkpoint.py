@@ -12,11 +12,18 @@ values through ``after`` views that also depend on the cotangent arriving at the
 the schedule (which places each step as early as its inputs allow) cannot move the
 recomputation into the forward pass. Copies and views are tagged ``reverse`` and
 ``recompute``; copies keep their forward names (``attn_q-3``), views are ``<value>.checkpoint``.
+
+Under every policy, ``none`` included, a 16-bit copy of a weight (the cast of a float32 master
+weight in a bf16/f16 plan) that the reverse graph reads is cast again there rather than kept
+from the forward pass: the cast reads the master weight, which stays alive anyway, so keeping
+the copy would only hold a second, 16-bit set of the weights through the step (measured on
+SmolLM2-135M bf16 4x256: see benchmarks/mixed_precision.py).
 """
 
 from __future__ import annotations
 
 from einplan.compiler.checkpoint_policy import parse_checkpoint
+from einplan.compiler.dtypes import LOW_PRECISION
 from einplan.compiler.ir import Graph, Node
 from einplan.compiler.names import layer_of
 from einplan.compiler.ops import LEAVES, Op
@@ -47,19 +54,25 @@ RECOMPUTED_TAGS = frozenset({Tag.REVERSE, Tag.RECOMPUTE})
 def run(graph: Graph, ctx: PassContext) -> Graph:
     """Rewrite the reverse graph to recompute the values ``ctx.checkpoint`` does not keep."""
     policy = parse_checkpoint(ctx.checkpoint)
-    if policy.kind == "none":
-        return graph
     nodes = graph.by_id()
     forward = [n for n in graph.nodes if n.op not in LEAVES and Tag.REVERSE not in n.tags]
+    recast = weight_casts(graph, nodes, forward)
+    if policy.kind == "none" and not recast:
+        return graph
     segment = {
         n.id: policy.segment_of(layer)
         for n in forward
         if (layer := layer_of(n.name)) is not None and n.op not in KEPT_OPS
     }
+    for i in recast:  # a cast outside the layers is cast again on its own
+        segment.setdefault(i, -1 - i)
     if policy.kind == "selective":
         recompute = selective_values(graph, nodes, forward, segment)
+    elif policy.kind == "none":
+        recompute = set()
     else:
         recompute = segment_values(graph, nodes, forward, segment)
+    recompute |= recast
     out = Rewriter(graph, nodes, {n.id for n in forward}, segment, recompute).run()
     out.meta["checkpoint"] = {
         "policy": ctx.checkpoint,
@@ -71,6 +84,19 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
 def recomputed(n: Node) -> bool:
     """Whether the checkpoint pass made ``n`` (a recomputed value or a view of a kept one)."""
     return Tag.RECOMPUTE in n.tags
+
+
+def weight_casts(graph: Graph, nodes: dict[int, Node], forward: list[Node]) -> set[int]:
+    """The 16-bit casts of weights (a leaf cast to bf16/f16) that reverse steps read."""
+    read = {i for n in graph.nodes if Tag.REVERSE in n.tags for i in n.inputs}
+    return {
+        n.id
+        for n in forward
+        if n.op is Op.CAST
+        and n.id in read
+        and n.dtype in LOW_PRECISION
+        and nodes[n.inputs[0]].op in LEAVES
+    }
 
 
 def segment_values(
@@ -162,7 +188,7 @@ class Rewriter:
         for j in n.inputs:
             if j in self.recompute:
                 inputs.append(self.copy(j, s, out))
-            elif self.nodes[j].op in LEAVES or self.dep[s] is None:
+            elif self.dep[s] is None or (self.nodes[j].op in LEAVES and n.op is not Op.CAST):
                 inputs.append(j)
             else:
                 inputs.append(self.view(j, s, out))

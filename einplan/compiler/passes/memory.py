@@ -2,21 +2,24 @@
 
 Every computed value gets a slot of the runtime's arena; a slot is reused by a later value of
 the same (symbolic) size once its previous value is dead, and only by a step of a later
-dependency level, so steps that may run concurrently never share a buffer. An op whose kernel
-may write over its first input (``inplace``: add, mul, softmax, cross_entropy_grad) takes that
-input's buffer when the input dies at this step and no concurrent step reads it. Views (reshape)
-share their source's buffer and keep it alive. Graph outputs get fresh arrays at run time.
+dependency level, so steps that may run concurrently never share a buffer. The slots name
+buffers and lifetimes; where each value lies in the runtime's one arena for bound dims is
+compiler/arena.py's layout, which packs values of any size into the gaps of dead ones.
+An op whose kernel may write over its first input (``inplace``: add, mul, softmax,
+cross_entropy_grad) takes that input's buffer when the input dies at this step and no
+concurrent step reads it. Views (reshape) share their source's buffer and keep it alive. Graph outputs get fresh arrays at run time.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+from einplan.compiler.arena import plan_arena
 from einplan.compiler.attrs import MatmulRecipe, operand_copied
 from einplan.compiler.ir import Graph
 from einplan.compiler.ops import CE_BLOCK_BYTES, ITEMSIZE, LEAVES, OPS, Op
 from einplan.compiler.pipeline import PassContext
-from einplan.compiler.symbolic import evaluate, numel, poly_from_json, poly_to_json, scale_poly
+from einplan.compiler.symbolic import evaluate, numel, poly_to_json, scale_poly
 
 
 def run(graph: Graph, ctx: PassContext) -> Graph:
@@ -101,7 +104,7 @@ def estimate_memory(graph: Graph, dims: dict[str, int]) -> dict[str, int]:
 
     weights = sum(size(n) for n in graph.params())
     states = sum(size(n) for n in graph.states())
-    arena = sum(evaluate(poly_from_json(s), dims) for s in graph.meta["memory"]["slots"])
+    arena = plan_arena(graph, dims).nbytes
     scratch = scratch_bytes(graph, dims)
     outs = sum(size(nodes[v]) for v in set(graph.outputs.values()))
     return {

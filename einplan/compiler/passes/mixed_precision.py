@@ -32,6 +32,7 @@ MOVES = frozenset(
         Op.EXPAND,
         Op.CAST,
         Op.GATHER,
+        Op.AFTER,
     }
 )
 # the steps that must run in the compute dtype: the model's products, norms and activations

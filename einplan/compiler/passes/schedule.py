@@ -33,10 +33,7 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
             continue
         dag.add_node(n.id, flops=step_flops(n, nodes, ctx.typical_dims))
         dag.add_edges_from((i, n.id) for i in n.inputs if nodes[i].op not in LEAVES)
-    level_of: dict[int, int] = {}
-    for level, members in enumerate(nx.topological_generations(dag)):
-        for m in members:
-            level_of[m] = level
+    level_of = sink_weight_steps(dag, nodes, asap_levels(dag))
     leaves = [n for n in graph.nodes if n.op in LEAVES]
     steps = sorted((n for n in graph.nodes if n.op not in LEAVES), key=lambda n: level_of[n.id])
     ann = dict(graph.annotations)
@@ -61,6 +58,32 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
         "critical_path": [nodes[i].name for i in critical],
         **choice,
     }
+    return out
+
+
+def asap_levels(dag: nx.DiGraph) -> dict[int, int]:
+    """Each step's dependency level: one more than the highest level among its inputs."""
+    return {m: k for k, members in enumerate(nx.topological_generations(dag)) for m in members}
+
+
+def sink_weight_steps(
+    dag: nx.DiGraph, nodes: dict[int, Node], level_of: dict[int, int]
+) -> dict[int, int]:
+    """Move the steps that read only weights (a weight's bf16 cast), and the steps that read
+    only those, to the level just before their first reader: as early as possible, all of a
+    bf16 plan's weight copies would be made at the start and stay alive through the forward
+    pass (measured: 255 of a 258 MiB peak on SmolLM2-135M 4x256)."""
+    order = list(nx.topological_sort(dag))
+    weight_only: set[int] = set()
+    for m in order:
+        n = nodes[m]
+        if all(i in weight_only or nodes[i].op is Op.PARAM for i in n.inputs):
+            weight_only.add(m)
+    out = dict(level_of)
+    for m in reversed(order):
+        readers = [out[c] for c in dag.successors(m)]
+        if m in weight_only and readers:
+            out[m] = min(readers) - 1
     return out
 
 

@@ -7,7 +7,8 @@ buffers and lifetimes; where each value lies in the runtime's one arena for boun
 compiler/arena.py's layout, which packs values of any size into the gaps of dead ones.
 An op whose kernel may write over its first input (``inplace``: add, mul, softmax,
 cross_entropy_grad) takes that input's buffer when the input dies at this step and no
-concurrent step reads it. Views (reshape) share their source's buffer and keep it alive. Graph outputs get fresh arrays at run time.
+concurrent step reads it. Views (reshape) share their source's buffer and keep it alive. Graph
+outputs get fresh arrays at run time.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Per-kernel times of one routed expert: numpy's kernels (runtime/moe.py, BLAS on one thread
 as a plan of small products runs them, and on two) against the numba backend's compiled ones
-(runtime/backends/numba_moe.py), forward step and its five reverse steps, interleaved per
-repeat. Less sensitive to a shared host's load than whole-model runs.
+(runtime/backends/numba_moe.py), forward step and its five reverse steps (numpy's on both:
+the compiled reverse steps lost and were removed), interleaved per repeat. Less sensitive to a
+shared host's load than whole-model runs.
 
     python benchmarks/moe_kernels.py
     python benchmarks/moe_kernels.py --reps 50 --rows 1 2 4 8 16 32

@@ -17,6 +17,7 @@ from einplan.compiler.symbolic import evaluate
 from einplan.formats.weights import WeightsError, load_weights
 from einplan.models.config import ConfigError, load_config, parse_config
 from einplan.runtime import moe as moe_kernels
+from einplan.runtime.backends import numba_moe
 from einplan.runtime.executor import Executor
 
 MIXTRAL = FIXTURES / "mixtral_moe"
@@ -202,9 +203,11 @@ def test_tiny_moe_trains_with_router_entropy_and_aux_loss_in_the_log(tmp_path):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_reverse_steps_reuse_the_forward_activations(workers, kernels, monkeypatch):
     """In a training graph the forward expert steps keep their activations (attr keep) and the
-    reverse steps multiply nothing again (numpy's forward steps compute them once each; the
-    compiled ones compute their own and no reverse step falls back to numpy's);
-    sequential and pooled runs agree."""
+    reverse steps (numpy's on both backends) multiply nothing again: numpy's forward steps
+    compute the activations once each, the compiled ones (here for every routing) keep theirs
+    in the same layout; sequential and pooled runs agree."""
+    monkeypatch.setattr(numba_moe, "MIN_ROWS", 1)
+    monkeypatch.setattr(numba_moe, "MAX_ROWS", 10**9)
     folder = MIXTRAL
     graph = einplan.compile_model(folder / "config.json", entries=("grad",)).entry("grad")
     assert sum(1 for n in graph.nodes if n.op is Op.MOE_EXPERT and n.attrs.get("keep")) == 8

@@ -4,8 +4,8 @@ The quantised weights: products with few input rows (decode, short prompts)
 read the packed integers directly (runtime/backends/numba_kernels.py), and the embedding
 gather of a quantised table dequantises only its rows in one pass. Products with more rows
 keep numpy's dequantise-a-block + BLAS GEMM, which wins once a block is reused by enough
-rows (``MAX_ROWS``, measured by ``einplan bench kernels``). Mixture-of-experts expert steps and
-their reverse steps run compiled and parallel (runtime/backends/numba_moe.py). And float32
+rows (``MAX_ROWS``, measured by ``einplan bench kernels``). Mixture-of-experts expert steps of
+a short prompt run compiled and parallel (runtime/backends/numba_moe.py). And float32
 decode (runtime/backends/numba_decode_factories.py): the GEMV of packed (in, out) weights and
 one compiled kernel per op between the products.
 
@@ -107,7 +107,6 @@ def merge_tables(*tables: dict) -> dict:
 
 MOE_FACTORIES = {
     Op.MOE_EXPERT: numba_moe.make_moe_expert,
-    Op.MOE_EXPERT_GRAD: numba_moe.make_moe_expert_grad,
 }
 
 NUMBA = Backend("numba", merge_tables(QUANT_FACTORIES, DECODE_FACTORIES, MOE_FACTORIES))

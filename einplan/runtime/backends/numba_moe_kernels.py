@@ -1,4 +1,4 @@
-"""Compiled (numba) kernels of one routed SwiGLU expert and its gradient, parallel over tiles
+"""Compiled (numba) kernels of one routed SwiGLU expert's forward step, parallel over tiles
 of the output on numba's passive OpenMP threads: they use every core without BLAS's
 spin-waiting threads (which a plan of small products keeps at one) and release the GIL.
 
@@ -8,9 +8,7 @@ both operands are read along their contiguous last axis, the rows of ``a`` throu
 the forward step neither gathers its tokens nor scatters its result in a separate pass. Each
 tile of 4 x 4 results keeps its 16 sums in registers; ``fastmath`` reassociation lets LLVM
 vectorise the sums along p (AVX-512: about BLAS's single-thread speed per core when p runs
-over a hidden or expert width). The weight gradients, whose sums run over the routed rows
-(as few as 60), stay with BLAS (runtime/backends/numba_moe.py). The elementwise parts (SiLU
-gate and its derivative) are fused passes over the routed rows.
+over a hidden or expert width). The SiLU gate is one fused pass over the routed rows.
 
 Importing this module imports numba (see numba_kernels for the cache and thread settings).
 """
@@ -128,38 +126,3 @@ def collect_routed_rows(gates, col, rows, g):  # pragma: no cover - compiled
             g[n] = v
             n += 1
     return n
-
-
-@njit(parallel=True, **OPTIONS)
-def compute_expert_reverse(  # pragma: no cover - compiled
-    a, u, s, h, c, g, ct, rows, duda, dy, dgates
-):
-    """The reverse pass's elementwise part on the n routed rows, from c = ct Wd: with
-    dh = g c, writes [d a, d u] (n, 2f) with d a = dh u s (1 + a (1 - s)) and d u = dh a s,
-    dy = g ct (n, d) and d g = <c, h> (n)."""
-    n, f = a.shape
-    zero, one = a.dtype.type(0), a.dtype.type(1)
-    for i in prange(n):
-        gi = g[i]
-        acc = zero
-        for j in range(f):
-            ci = c[i, j]
-            acc += ci * h[i, j]
-            dh = gi * ci
-            sj = s[i, j]
-            aj = a[i, j]
-            duda[i, j] = dh * u[i, j] * sj * (one + aj * (one - sj))
-            duda[i, f + j] = dh * aj * sj
-        dgates[i] = acc
-        r = rows[i]
-        for k in range(dy.shape[1]):
-            dy[i, k] = gi * ct[r, k]
-
-
-@njit(parallel=True, **OPTIONS)
-def transpose_into(w, out, col0):  # pragma: no cover - compiled
-    """``out[:, col0 + i] = w[i, :]``: w (m, n) transposed into columns of out (n, *)."""
-    m, n = w.shape
-    for j in prange(n):
-        for i in range(m):
-            out[j, col0 + i] = w[i, j]

@@ -17,7 +17,6 @@ from einplan.compiler.symbolic import evaluate
 from einplan.formats.weights import WeightsError, load_weights
 from einplan.models.config import ConfigError, load_config, parse_config
 from einplan.runtime import moe as moe_kernels
-from einplan.runtime.backends import numba_moe
 from einplan.runtime.executor import Executor
 
 MIXTRAL = FIXTURES / "mixtral_moe"
@@ -203,11 +202,8 @@ def test_tiny_moe_trains_with_router_entropy_and_aux_loss_in_the_log(tmp_path):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_reverse_steps_reuse_the_forward_activations(workers, kernels, monkeypatch):
     """In a training graph the forward expert steps keep their activations (attr keep) and the
-    reverse steps (numpy's on both backends) multiply nothing again: numpy's forward steps
-    compute the activations once each, the compiled ones (here for every routing) keep theirs
-    in the same layout; sequential and pooled runs agree."""
-    monkeypatch.setattr(numba_moe, "MIN_ROWS", 1)
-    monkeypatch.setattr(numba_moe, "MAX_ROWS", 10**9)
+    reverse steps multiply nothing again: the forward steps compute the activations once each,
+    on both kernels backends; sequential and pooled runs agree."""
     folder = MIXTRAL
     graph = einplan.compile_model(folder / "config.json", entries=("grad",)).entry("grad")
     assert sum(1 for n in graph.nodes if n.op is Op.MOE_EXPERT and n.attrs.get("keep")) == 8
@@ -219,7 +215,7 @@ def test_reverse_steps_reuse_the_forward_activations(workers, kernels, monkeypat
     feed = {"tokens": ids, "positions": np.broadcast_to(np.arange(ids.shape[1]), ids.shape)}
     feed |= {"targets": targets, "loss_grad": np.array(1.0, np.float32)}
     out = Executor(graph, load_weights(graph, folder), workers, kernels).run(feed)
-    assert len(calls) == (8 if kernels == "numpy" else 0)  # once per expert and layer
+    assert len(calls) == 8  # once per expert and layer
     key = "grad.model.layers.1.block_sparse_moe.experts.2.w3.weight"
     assert np.isfinite(out[key]).all() and np.abs(out[key]).max() > 0
 

@@ -4,8 +4,7 @@ The quantised weights: products with few input rows (decode, short prompts)
 read the packed integers directly (runtime/backends/numba_kernels.py), and the embedding
 gather of a quantised table dequantises only its rows in one pass. Products with more rows
 keep numpy's dequantise-a-block + BLAS GEMM, which wins once a block is reused by enough
-rows (``MAX_ROWS``, measured by ``einplan bench kernels``). Mixture-of-experts expert steps of
-a short prompt run compiled and parallel (runtime/backends/numba_moe.py). And float32
+rows (``MAX_ROWS``, measured by ``einplan bench kernels``). And float32
 decode (runtime/backends/numba_decode_factories.py): the GEMV of packed (in, out) weights and
 one compiled kernel per op between the products.
 
@@ -21,7 +20,6 @@ import numpy as np
 
 from einplan.compiler.attrs import QMatmulRecipe
 from einplan.compiler.ops import Op
-from einplan.runtime.backends import numba_moe
 from einplan.runtime.backends.base import Backend
 from einplan.runtime.backends.numba_decode_factories import DECODE_FACTORIES
 from einplan.runtime.kernels import make_gather
@@ -105,8 +103,4 @@ def merge_tables(*tables: dict) -> dict:
     return {op: first_of(*(t[op] for t in tables if op in t)) for op in ops}
 
 
-MOE_FACTORIES = {
-    Op.MOE_EXPERT: numba_moe.make_moe_expert,
-}
-
-NUMBA = Backend("numba", merge_tables(QUANT_FACTORIES, DECODE_FACTORIES, MOE_FACTORIES))
+NUMBA = Backend("numba", merge_tables(QUANT_FACTORIES, DECODE_FACTORIES))

@@ -8,6 +8,7 @@ here (its inference, its number of inputs and the attributes it reads), one kern
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -78,6 +79,9 @@ class ShapeError(EinplanError):
 
 
 CE_BLOCK_BYTES = 1 << 22  # rows of logits per block of the cross-entropy kernels (scratch)
+# threads a kernel shares its work with (this one and a helper) when the process may use 2
+# cores: each has its own scratch (runtime/qmatmul.py, runtime/flash.py; the memory estimate)
+KERNEL_THREADS = min(2, len(os.sched_getaffinity(0)))
 ITEMSIZE = {"f64": 8, "f32": 4, "bf16": 2, "f16": 2, "i64": 8, "i32": 4, "i8": 1, "u8": 1}
 FLOAT_DTYPES = {"f64", "f32", "bf16", "f16"}
 INT_DTYPES = {"i64", "i32", "i8", "u8"}

@@ -126,6 +126,8 @@ def print_compile_summary(plan: Plan, batch: int, seq: int, console: Console | N
     s.add_row("weights", mib(mem["weights_bytes"]))
     s.add_row("activation buffers (arena)", mib(mem["arena_bytes"]))
     s.add_row("kernels' scratch", mib(mem["scratch_bytes"]))
+    if mem.get("transient_bytes"):
+        s.add_row("a step's own temporaries", mib(mem["transient_bytes"]))
     s.add_row("outputs", mib(mem["outputs_bytes"]))
     s.add_row("estimated peak", mib(mem["peak_bytes"]))
     s.add_row("kernels", kernels_line(plan))

@@ -15,12 +15,13 @@ Many rows (prefill) dequantise the block in place and run one GEMM.
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 from collections.abc import Callable
 
 import numpy as np
+
+from einplan.compiler.ops import KERNEL_THREADS
 
 BLOCK_ELEMENTS = 1 << 20  # floats per scratch block (4 MiB, in L3): few calls, no DRAM trips
 SMALL_ROWS = 16  # inputs of at most this many rows use the per-group path
@@ -59,8 +60,7 @@ class Helper:
 
 
 HELPER = Helper()
-# scratch sets a product uses: this thread and the helper, when the process may use 2 cores
-THREADS = min(2, len(os.sched_getaffinity(0)))
+THREADS = KERNEL_THREADS  # scratch sets a product uses: this thread and the helper
 
 
 def block_rows(rows: int, cols: int) -> int:

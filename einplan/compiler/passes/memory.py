@@ -17,8 +17,8 @@ import dataclasses
 
 from einplan.compiler.arena import plan_arena
 from einplan.compiler.attrs import MatmulRecipe, operand_copied
-from einplan.compiler.ir import Graph
-from einplan.compiler.ops import CE_BLOCK_BYTES, ITEMSIZE, LEAVES, OPS, Op
+from einplan.compiler.ir import Graph, Node
+from einplan.compiler.ops import CE_BLOCK_BYTES, ITEMSIZE, KERNEL_THREADS, LEAVES, OPS, Op
 from einplan.compiler.pipeline import PassContext
 from einplan.compiler.symbolic import evaluate, numel, poly_to_json, scale_poly
 
@@ -97,7 +97,8 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
 
 def estimate_memory(graph: Graph, dims: dict[str, int]) -> dict[str, int]:
     """Bytes of weights, state buffers (KV cache, optimizer state: their dims must be bound
-    too), arena (all intermediate buffers), the kernels' scratch and outputs for bound dims."""
+    too), arena (all intermediate buffers), the kernels' scratch, what one step allocates for
+    itself while it runs (flash attention's reverse step) and outputs, for bound dims."""
     nodes = graph.by_id()
 
     def size(n):
@@ -106,26 +107,29 @@ def estimate_memory(graph: Graph, dims: dict[str, int]) -> dict[str, int]:
     weights = sum(size(n) for n in graph.params())
     states = sum(size(n) for n in graph.states())
     arena = plan_arena(graph, dims).nbytes
-    scratch = scratch_bytes(graph, dims)
+    scratch, transient = scratch_bytes(graph, dims)
     outs = sum(size(nodes[v]) for v in set(graph.outputs.values()))
     return {
         "weights_bytes": weights,
         "state_bytes": states,
         "arena_bytes": arena,
         "scratch_bytes": scratch,
+        "transient_bytes": transient,
         "outputs_bytes": outs,
-        "peak_bytes": weights + states + arena + scratch + outs,
+        "peak_bytes": weights + states + arena + scratch + transient + outs,
         "dims": dict(dims),
     }
 
 
-def scratch_bytes(graph: Graph, dims: dict[str, int]) -> int:
+def scratch_bytes(graph: Graph, dims: dict[str, int]) -> tuple[int, int]:
     """Bytes of the scratch arrays the runtime gives kernels (runtime/steps.py keeps one per
-    role and dtype, as large as its largest request): operands a matmul must copy to permute
+    role and dtype, as large as its largest request), and the most one step allocates for
+    itself while it runs. The scratch: operands a matmul must copy to permute
     (compiler/attrs.py operand_copied) and its permuted result, the RMS-norm and SwiGLU
     gradients' temporaries, the cross-entropy block, the AdamW temporary."""
     nodes = graph.by_id()
     largest: dict[tuple[str, str], int] = {}
+    transient = 0  # the most any one step allocates for itself while it runs
 
     def need(role: str, shape, dtype: str) -> None:
         size = evaluate(numel(shape), dims) * ITEMSIZE[dtype]
@@ -155,4 +159,33 @@ def scratch_bytes(graph: Graph, dims: dict[str, int]) -> int:
             rows = evaluate(numel(ins[0].shape[:-1]), dims)
             block = max(1, min(rows, CE_BLOCK_BYTES // (vocab * ITEMSIZE[n.dtype])))
             need("ce", (block, vocab), ins[0].dtype)
-    return sum(largest.values())
+        elif n.op in (Op.FLASH_ATTENTION, Op.FLASH_ATTENTION_GRAD):
+            transient = max(transient, flash_bytes(n, ins, dims, need))
+    return sum(largest.values()), transient
+
+
+def flash_bytes(n: Node, ins: list[Node], dims: dict[str, int], need) -> int:
+    """Flash attention's scratch (``need``: q, k, v heads-first, the output, one score tile
+    per role and worker, as runtime/flash.py's Layout asks) and the bytes its reverse step
+    allocates while it runs (the cotangent heads-first, d q heads-first and in q's layout, d k
+    and d v per worker; 16-bit output and cotangent in float32); returns the latter."""
+    a = n.attrs
+    dtype = "f64" if n.dtype == "f64" else "f32"  # 16-bit values are multiplied in float32
+    b, s, heads, g, h = (evaluate(numel([d]), dims) for d in ins[0].shape)
+    t = evaluate(numel([ins[1].shape[2] if a["layout"] == "bnth" else ins[1].shape[1]]), dims)
+    block_q, width = (s, t) if t < a["min_tiled"] else (min(a["block_q"], s), a["block_k"])
+    tile, q, kv = b * heads * block_q * g * min(width, t), b * heads * s * g * h, b * heads * t * h
+    workers = min(KERNEL_THREADS, -(-s // block_q))  # the query blocks are shared out
+    reverse = n.op is Op.FLASH_ATTENTION_GRAD
+    for role in ("s", "ds") if reverse else ("s",):
+        for w in range(workers):
+            need(f"flash_{role}{w}", (tile,), dtype)
+    need("flash_q", (q,), dtype)
+    if a["layout"] != "bnth" or n.dtype not in ("f32", "f64"):
+        need("flash_k", (kv,), dtype)
+        need("flash_v", (kv,), dtype)
+    if not reverse:
+        need("flash_out", (q,), dtype)
+        return 0
+    copies_of_q = 3 + 2 * (n.dtype != dtype)
+    return (copies_of_q * q + 2 * workers * kv) * ITEMSIZE[dtype]

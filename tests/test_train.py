@@ -138,11 +138,16 @@ def adamw_reference(p, grads, lr, b1, b2, eps, wd, clip):
     return p
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
-def test_update_steps_follow_the_textbook_rules(optimizer):
+@pytest.mark.parametrize(("optimizer", "chunk"), [("adamw", None), ("adamw", 4), ("sgd", None)])
+def test_update_steps_follow_the_textbook_rules(optimizer, chunk, monkeypatch):
     """A one-parameter model whose loss gradient is known: the plan's in-place update after
-    three steps equals the reference formula (AdamW as torch.optim.AdamW; SGD + momentum)."""
+    three steps equals the reference formula (AdamW as torch.optim.AdamW; SGD + momentum);
+    AdamW also in chunks of 4 of the 6 values (a whole chunk and a short one)."""
     from einplan.compiler.pipeline import PASSES, TRAIN_PASSES, PassContext, run_pipeline
+    from einplan.runtime import kernels
+
+    if chunk:
+        monkeypatch.setattr(kernels, "ADAMW_CHUNK", chunk)
     from einplan.compiler.trace import Builder
     from einplan.runtime.executor import Executor
     from einplan.runtime.kv_cache import allocate_states

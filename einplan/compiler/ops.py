@@ -79,6 +79,7 @@ class ShapeError(EinplanError):
 
 
 CE_BLOCK_BYTES = 1 << 22  # rows of logits per block of the cross-entropy kernels (scratch)
+ADAMW_CHUNK = 1 << 16  # values of a weight the AdamW kernel updates at a time (scratch)
 # threads a kernel shares its work with (this one and a helper) when the process may use 2
 # cores: each has its own scratch (runtime/qmatmul.py, runtime/flash.py; the memory estimate)
 KERNEL_THREADS = min(2, len(os.sched_getaffinity(0)))

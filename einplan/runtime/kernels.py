@@ -19,7 +19,7 @@ import numpy as np
 from einplan.compiler.attrs import QMatmulRecipe, UnaryRecipe, operand_copied
 from einplan.compiler.dtypes import to_numpy_dtype
 from einplan.compiler.ir import Node
-from einplan.compiler.ops import CE_BLOCK_BYTES, Op
+from einplan.compiler.ops import ADAMW_CHUNK, CE_BLOCK_BYTES, Op
 from einplan.runtime.flash import FLASH_KERNELS
 from einplan.runtime.moe import MOE_KERNELS
 from einplan.runtime.qmatmul import THREADS, QuantizedMatrix, scratch_shapes
@@ -627,10 +627,13 @@ def _clip_scale(norm: float, max_norm: float) -> float:
 
 def make_adamw(node, shapes, out_shape, scratch) -> Kernel:
     """AdamW step ``t`` in place (decoupled weight decay, bias correction, as torch.optim.AdamW),
-    then empty the accumulated gradient. ``t`` = 0: accumulate only; non-finite norm: skip."""
+    then empty the accumulated gradient. ``t`` = 0: accumulate only; non-finite norm: skip.
+    Works through the flat weight ``ADAMW_CHUNK`` values at a time: its ten passes then run
+    in cache, and the temporary is one chunk, not a copy of the largest weight."""
     a = node.attrs
     b1, b2, eps, wd, max_norm = a["beta1"], a["beta2"], a["eps"], a["weight_decay"], a["max_norm"]
-    tmp = scratch("update", tuple(out_shape), to_numpy_dtype(node.dtype))
+    size = math.prod(out_shape)
+    whole = scratch("update", (min(size, ADAMW_CHUNK),), to_numpy_dtype(node.dtype))
 
     def adamw(ins, out):
         p, m, v, g, norm, lr, step = ins
@@ -639,23 +642,28 @@ def make_adamw(node, shapes, out_shape, scratch) -> Kernel:
             return p
         if np.isfinite(norm):
             lr, clip = float(lr), _clip_scale(float(norm), max_norm)
-            if clip < 1:
-                g *= clip
-            m *= b1
-            np.multiply(g, 1 - b1, out=tmp)
-            m += tmp
-            v *= b2
-            np.multiply(g, g, out=tmp)
-            np.multiply(tmp, 1 - b2, out=tmp)
-            v += tmp
-            if wd:
-                p *= 1 - lr * wd
-            np.sqrt(v, out=tmp)
-            np.multiply(tmp, 1 / math.sqrt(1 - b2**t), out=tmp)
-            np.add(tmp, eps, out=tmp)
-            np.divide(m, tmp, out=tmp)
-            np.multiply(tmp, -lr / (1 - b1**t), out=tmp)
-            p += tmp
+            bias2, step_size = 1 / math.sqrt(1 - b2**t), -lr / (1 - b1**t)
+            flat = [x.reshape(-1) for x in (p, m, v, g)]
+            for k in range(0, size, ADAMW_CHUNK):
+                pc, mc, vc, gc = (x[k : k + ADAMW_CHUNK] for x in flat)
+                tmp = whole[: len(pc)]
+                if clip < 1:
+                    gc *= clip
+                mc *= b1
+                np.multiply(gc, 1 - b1, out=tmp)
+                mc += tmp
+                vc *= b2
+                np.multiply(gc, gc, out=tmp)
+                np.multiply(tmp, 1 - b2, out=tmp)
+                vc += tmp
+                if wd:
+                    pc *= 1 - lr * wd
+                np.sqrt(vc, out=tmp)
+                np.multiply(tmp, bias2, out=tmp)
+                np.add(tmp, eps, out=tmp)
+                np.divide(mc, tmp, out=tmp)
+                np.multiply(tmp, step_size, out=tmp)
+                pc += tmp
         g.fill(0)
         return p
 

@@ -18,7 +18,15 @@ import dataclasses
 from einplan.compiler.arena import plan_arena
 from einplan.compiler.attrs import MatmulRecipe, operand_copied
 from einplan.compiler.ir import Graph, Node
-from einplan.compiler.ops import CE_BLOCK_BYTES, ITEMSIZE, KERNEL_THREADS, LEAVES, OPS, Op
+from einplan.compiler.ops import (
+    ADAMW_CHUNK,
+    CE_BLOCK_BYTES,
+    ITEMSIZE,
+    KERNEL_THREADS,
+    LEAVES,
+    OPS,
+    Op,
+)
 from einplan.compiler.pipeline import PassContext
 from einplan.compiler.symbolic import evaluate, numel, poly_to_json, scale_poly
 
@@ -153,7 +161,7 @@ def scratch_bytes(graph: Graph, dims: dict[str, int]) -> tuple[int, int]:
         elif n.op is Op.SILU_MUL_GRAD:
             need("sigmoid", n.shape, n.dtype)
         elif n.op is Op.ADAMW:
-            need("update", n.shape, n.dtype)
+            need("update", (min(evaluate(numel(n.shape), dims), ADAMW_CHUNK),), n.dtype)
         elif n.op in (Op.CROSS_ENTROPY, Op.CROSS_ENTROPY_GRAD):
             vocab = ins[0].shape[-1]
             rows = evaluate(numel(ins[0].shape[:-1]), dims)

@@ -2,9 +2,12 @@
 
 * quality: a 300-step run of the tiny config on the Shakespeare sample (einplan.train, the
   config's train section), final validation loss of each dtype;
-* memory: activation bytes of one train step, as the memory pass estimates them (the arena)
-  and as measured (the peak of what the step allocates after the weights and optimizer state:
-  arena, kernel scratch and temporaries, by tracemalloc);
+* memory: activation bytes of one train step: the forward values the reverse graph reads
+  (saved for the backward pass: activation memory in the usual sense), and everything the
+  step holds beside weights and optimizer state, as the memory pass estimates it (arena and
+  kernels' scratch), as the runtime allocates it, and as measured (the peak of what the
+  step allocates after the weights and optimizer state: arena, kernel scratch and
+  temporaries, by tracemalloc);
 * time: seconds per train step, the dtypes' steps interleaved in one process (tiny at its
   train section's 16x128, SmolLM2-135M at 4x256, random weights), medians.
 
@@ -55,12 +58,14 @@ def windows(vocab: int, batch: int, seq: int):
 
 def measure_memory(case: str, dtype: str) -> dict:
     """Estimated and measured activation bytes of one train step."""
-    from einplan.compiler.passes.memory import estimate_memory
+    from einplan.compiler.passes.memory import estimate_memory, saved_for_backward
 
     config, batch, seq = CASES[case]
     plan, trainer = trainer_for(config, dtype, batch, seq)
     ids = windows(plan.config["vocab_size"], batch, seq)
-    est = estimate_memory(plan.entry("train_step"), {"batch": batch, "seq": seq})
+    dims = {"batch": batch, "seq": seq}
+    est = estimate_memory(plan.entry("train_step"), dims)
+    saved = saved_for_backward(plan.entry("train_step"), dims)
     gc.collect()
     tracemalloc.start()
     trainer.run_step([ids])
@@ -69,7 +74,8 @@ def measure_memory(case: str, dtype: str) -> dict:
     return {
         "case": case,
         "dtype": dtype,
-        "estimated_activation_bytes": est["arena_bytes"],
+        "saved_for_backward_bytes": saved,
+        "estimated_activation_bytes": est["arena_bytes"] + est["scratch_bytes"],
         "arena_and_scratch_bytes": trainer.executor.activation_bytes(),
         "measured_peak_bytes": peak,
     }
@@ -165,7 +171,12 @@ def print_table(results: list[dict], base: str) -> None:
     for col in ("part", "case", "dtype", "value", f"x {base}"):
         t.add_column(col)
     keys = {
-        "memory": ("estimated_activation_bytes", "arena_and_scratch_bytes", "measured_peak_bytes"),
+        "memory": (
+            "saved_for_backward_bytes",
+            "estimated_activation_bytes",
+            "arena_and_scratch_bytes",
+            "measured_peak_bytes",
+        ),
         "time": ("step_s_median",),
         "quality": ("val_loss",),
     }

@@ -103,3 +103,19 @@ def test_a_bf16_plan_casts_each_weight_just_before_its_first_reader():
     assert not reverse_reads & {n.id for n in casts}
     recast = [n for n in g.nodes if n.op is Op.CAST and Tag.RECOMPUTE in n.tags]
     assert recast and all(nodes[n.inputs[0]].op is Op.AFTER for n in recast)
+
+
+def test_saved_for_backward_halves_in_bf16_and_shrinks_with_checkpointing():
+    """The forward values the reverse graph reads: bf16 stores them in half the bytes (but a
+    few float32 ones), layer checkpointing keeps only each layer's input."""
+    from einplan.compiler.passes.memory import saved_for_backward
+
+    def saved(**kw) -> int:
+        plan = einplan.compile_model(MICRO, entries=TRAIN_ENTRIES, **kw)
+        return saved_for_backward(plan.entry("train_step"), DIMS)
+
+    f32, bf16 = saved(), saved(compute_dtype="bf16")
+    assert 0.45 * f32 <= bf16 <= 0.55 * f32
+    assert saved(checkpoint="layers") < 0.5 * f32
+    inference = einplan.compile_model(MICRO).entry("forward")
+    assert saved_for_backward(inference, DIMS) == 0

@@ -9,7 +9,7 @@ from rich.table import Table
 
 from einplan.compiler.ir import Graph
 from einplan.compiler.ops import Op, count_flops
-from einplan.compiler.passes.memory import estimate_memory
+from einplan.compiler.passes.memory import estimate_memory, saved_for_backward
 from einplan.compiler.plan import Plan
 from einplan.compiler.symbolic import evaluate
 
@@ -130,6 +130,9 @@ def print_compile_summary(plan: Plan, batch: int, seq: int, console: Console | N
         s.add_row("a step's own temporaries", mib(mem["transient_bytes"]))
     s.add_row("outputs", mib(mem["outputs_bytes"]))
     s.add_row("estimated peak", mib(mem["peak_bytes"]))
+    if "train_step" in plan.entries:  # what the training step keeps for its reverse graph
+        saved = saved_for_backward(plan.entry("train_step"), {"batch": batch, "seq": seq})
+        s.add_row("train step: saved for backward", mib(saved))
     s.add_row("kernels", kernels_line(plan))
     s.add_row("attention", attention_line(plan))
     sched = g.meta.get("schedule", {})

@@ -29,6 +29,7 @@ from einplan.compiler.ops import (
 )
 from einplan.compiler.pipeline import PassContext
 from einplan.compiler.symbolic import evaluate, numel, poly_to_json, scale_poly
+from einplan.compiler.tags import Tag
 
 
 def run(graph: Graph, ctx: PassContext) -> Graph:
@@ -127,6 +128,24 @@ def estimate_memory(graph: Graph, dims: dict[str, int]) -> dict[str, int]:
         "peak_bytes": weights + states + arena + scratch + transient + outs,
         "dims": dict(dims),
     }
+
+
+def saved_for_backward(graph: Graph, dims: dict[str, int]) -> int:
+    """Bytes of the forward pass's computed values that the reverse graph reads (through views
+    too), so that they stay alive from the forward pass into the backward one: the activation
+    memory of a training step in the usual sense (0 for a graph without a reverse part)."""
+    nodes = graph.by_id()
+    root: dict[int, int] = {}
+    for n in graph.nodes:
+        root[n.id] = root[n.inputs[0]] if n.op not in LEAVES and OPS[n.op].alias else n.id
+    saved = {
+        root[i]
+        for n in graph.nodes
+        if Tag.REVERSE in n.tags
+        for i in n.inputs
+        if nodes[root[i]].op not in LEAVES and Tag.REVERSE not in nodes[root[i]].tags
+    }
+    return sum(evaluate(numel(nodes[r].shape), dims) * ITEMSIZE[nodes[r].dtype] for r in saved)
 
 
 def scratch_bytes(graph: Graph, dims: dict[str, int]) -> tuple[int, int]:

@@ -72,13 +72,20 @@ def gemv_recipe() -> MatmulRecipe:
 
 @EXAMPLES
 @given(
-    m=st.integers(1, 2),
+    m=st.integers(1, 8),
     k_in=st.integers(1, 70),
-    n=st.integers(1, 90),
+    n=st.sampled_from([1, 5, 90, 511, 512, 1100, 2048, 2100]),  # column chunks of 512
     strided=st.booleans(),
     seed=st.integers(0, 2**16),
 )
 def test_gemv_equals_blas(m, k_in, n, strided, seed):
+    from einplan.runtime.backends.numba_decode_factories import (
+        GEMV_MAX_ROWS,
+        WIDE,
+        WIDE_GEMV_MAX_ROWS,
+    )
+
+    m = min(m, WIDE_GEMV_MAX_ROWS if n >= WIDE else GEMV_MAX_ROWS)
     rng = np.random.default_rng(seed)
     x = rand(rng, (1, m, k_in), strided)
     w = rng.standard_normal((k_in, n), np.float32)
@@ -103,14 +110,23 @@ def test_only_plain_products_are_gemvs():
 
 
 def test_gemv_declines_many_rows():
-    from einplan.runtime.backends.numba_decode_factories import GEMV_MAX_ROWS
+    from einplan.runtime.backends.numba_decode_factories import (
+        GEMV_MAX_ROWS,
+        WIDE,
+        WIDE_GEMV_MAX_ROWS,
+    )
 
     rng = np.random.default_rng(0)
     attrs = {"spec": "bsi,io->bso", "recipe": gemv_recipe()}
-    x = rng.standard_normal((1, GEMV_MAX_ROWS + 1, 8), np.float32)
-    w = rng.standard_normal((8, 5), np.float32)
-    *_, made = both(Op.EINSUM, attrs, [x, w], (1, GEMV_MAX_ROWS + 1, 5))
-    assert made == "numpy"
+    for rows, n, want in (
+        (GEMV_MAX_ROWS + 1, 5, "numpy"),
+        (GEMV_MAX_ROWS + 1, WIDE, "numba"),
+        (WIDE_GEMV_MAX_ROWS + 1, WIDE, "numpy"),
+    ):
+        x = rng.standard_normal((1, rows, 8), np.float32)
+        w = rng.standard_normal((8, n), np.float32)
+        *_, made = both(Op.EINSUM, attrs, [x, w], (1, rows, n))
+        assert made == want, (rows, n)
 
 
 @EXAMPLES

@@ -99,7 +99,13 @@ def speed(reps: int = 50) -> list[dict]:
 
 
 # (in, out) of SmolLM2-135M's packed fp32 decode products
-GEMV_SHAPES = [("qkv", 576, 960), ("mlp gate+up", 576, 3072), ("mlp down", 1536, 576)]
+GEMV_SHAPES = [
+    ("qkv", 576, 960),
+    ("attn o", 576, 576),
+    ("mlp gate+up", 576, 3072),
+    ("mlp down", 1536, 576),
+    ("lm head", 576, 49152),
+]
 
 
 def gemv_speed(reps: int) -> list[dict]:
@@ -114,7 +120,7 @@ def gemv_speed(reps: int) -> list[dict]:
     for name, k_in, n in GEMV_SHAPES:
         copies = max(2, (256 << 20) // (4 * k_in * n))
         ws = [rng.standard_normal((k_in, n), np.float32) for _ in range(copies)]
-        for m in (1, 2, 4):
+        for m in (1, 2, 4, 8, 16):
             x = rng.standard_normal((m, k_in), np.float32)
             out = np.empty((m, n), np.float32)
             part = np.empty((get_num_threads(), m, n), np.float32)

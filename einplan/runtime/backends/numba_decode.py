@@ -21,13 +21,19 @@ from numba import njit, prange
 
 from einplan.runtime.backends.numba_kernels import OPTIONS
 
+# output columns a thread sweeps before its next four weight rows: four rows of that width
+# (8 KiB) and the partial sums of up to 8 input rows (16 KiB) stay in L1 while every input row
+# passes over them
+GEMV_COLUMNS = 512
+
 
 @njit(parallel=True, **OPTIONS)
 def f32_gemv(x, w, part, out):  # pragma: no cover - compiled
     """``out = x . w``: x (m, in), w (in, out) row-major, out (m, out); part (T, m, out) is
     scratch. Each of T threads streams a contiguous block of w's rows (so the hardware
-    prefetcher sees one long run), four rows at a time into its partial sums; the partials are
-    added at the end."""
+    prefetcher sees one long run), four rows at a time, column chunk by column chunk, into
+    its partial sums of every row of x; the partials are added at the end. The 1-D views of
+    the chunk's rows let LLVM vectorise the sweep (measured: 2-D indexing of a chunk did not)."""
     m, k_in = x.shape
     n = w.shape[1]
     threads = part.shape[0]
@@ -39,10 +45,14 @@ def f32_gemv(x, w, part, out):  # pragma: no cover - compiled
         p[:, :] = 0
         k = k0
         while k + 4 <= k1:
-            for i in range(m):
-                a0, a1, a2, a3 = x[i, k], x[i, k + 1], x[i, k + 2], x[i, k + 3]
-                for o in range(n):
-                    p[i, o] += a0 * w[k, o] + a1 * w[k + 1, o] + a2 * w[k + 2, o] + a3 * w[k + 3, o]
+            for c0 in range(0, n, GEMV_COLUMNS):
+                c1 = min(n, c0 + GEMV_COLUMNS)
+                w0, w1, w2, w3 = w[k, c0:c1], w[k + 1, c0:c1], w[k + 2, c0:c1], w[k + 3, c0:c1]
+                for i in range(m):
+                    a0, a1, a2, a3 = x[i, k], x[i, k + 1], x[i, k + 2], x[i, k + 3]
+                    pi = p[i, c0:c1]
+                    for o in range(pi.shape[0]):
+                        pi[o] += a0 * w0[o] + a1 * w1[o] + a2 * w2[o] + a3 * w3[o]
             k += 4
         while k < k1:
             for i in range(m):

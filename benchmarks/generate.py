@@ -62,7 +62,8 @@ def run_case_here(batch: int, prompt: int, new: int, reps: int, kernels: str) ->
     gen = Generator(plan, session.weights, kernels=kernels)
     rng = np.random.default_rng(1)
     prompts = [rng.integers(1, 49152, prompt).tolist() for _ in range(batch)]
-    gen.generate(GenerationRequest(prompts, 8, SamplingConfig()))  # warm-up: kernels, buffers
+    # warm-up at the measured request's size: kernels, buffers, the binding of its context
+    gen.generate(GenerationRequest(prompts, new, SamplingConfig()))
     runs = [gen.generate(GenerationRequest(prompts, new)).stats for _ in range(reps)]
     steps = [s for r in runs for s in r.decode_step_s]
     p50 = statistics.median(steps)

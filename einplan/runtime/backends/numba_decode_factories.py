@@ -4,9 +4,8 @@ the GEMV of a packed (in, out) weight and the ops between the products where com
 Each factory takes decode steps and declines the rest (returns None, so numpy's kernel runs):
 the elementwise kernels take only nodes whose traced token axis is the literal 1 of the decode
 entry (so training, forward and prefill never import numba or pay its JIT) and at most
-``MAX_ELEMENTS`` values; a product takes at most ``GEMV_MAX_ROWS`` input rows, or
-``WIDE_GEMV_MAX_ROWS`` when its output is at least ``WIDE`` wide (BLAS's GEMM reuses each
-weight block across rows and wins above); a softmax at most
+``MAX_ELEMENTS`` values; a product takes at most ``GEMV_MAX_ROWS`` input rows (BLAS's GEMM
+reuses each weight block across rows and wins above); a softmax at most
 ``SOFTMAX_MAX_ELEMENTS`` values and no causal mask; nothing but float32. The kernels module is
 imported only when a factory builds a kernel.
 
@@ -31,10 +30,11 @@ from einplan.compiler.ops import Op
 # 20, a weight out of cache each call), BLAS time / compiled time at 1 / 2 / 4 / 8 / 16 rows:
 # qkv 576x960 1.22 1.58 1.25 0.94 0.75; attn o 576x576 1.36 2.06 1.28 0.96 0.93; mlp gate+up
 # 576x3072 0.79 1.94 1.65 1.17 0.88; mlp down 1536x576 0.93 1.41 1.14 0.88 0.81; lm head
-# 576x49152 1.07 2.68 2.67 1.84 1.21 (batch-1 decode as a whole: see benchmarks/generate.py)
-GEMV_MAX_ROWS = 4
-WIDE_GEMV_MAX_ROWS = 8  # for outputs this wide or wider:
-WIDE = 2048
+# 576x49152 1.07 2.68 2.67 1.84 1.21. One rule for every product of a step, not the faster
+# kernel per shape: BLAS's threads (spinning after each call) and numba's contend for the two
+# cores, and batch-8 decode with only the wide products compiled ran at 28.6 tok/s, against
+# 134 with every product on BLAS and 159 with every one compiled (benchmarks/generate.py).
+GEMV_MAX_ROWS = 8
 # elementwise steps up to this many output values run compiled (a decode step's are ~10^3)
 MAX_ELEMENTS = 1 << 16
 # a softmax over at most this many values runs compiled: its exp is a scalar call per value,
@@ -80,12 +80,13 @@ def is_gemv(node, shapes) -> bool:
 
 
 def make_gemv(node, shapes, out_shape, scratch, inputs):
-    """``x . W`` of a float32 (in, out) weight for at most GEMV_MAX_ROWS rows of x
-    (WIDE_GEMV_MAX_ROWS for a wide output)."""
-    if not _f32(node, inputs) or not is_gemv(node, shapes):
+    """``x . W`` of a float32 (in, out) weight for at most GEMV_MAX_ROWS rows of x, in a
+    decode step (a prefill's products stay on BLAS, so no step mixes BLAS's threads with
+    numba's)."""
+    if not _f32(node, inputs) or not is_gemv(node, shapes) or not one_token(node, -2):
         return None
     m = _rows(shapes[0])
-    if m > (WIDE_GEMV_MAX_ROWS if shapes[1][1] >= WIDE else GEMV_MAX_ROWS):
+    if m > GEMV_MAX_ROWS:
         return None
     nk = kernels()
     from numba import get_num_threads

@@ -80,10 +80,10 @@ def is_gemv(node, shapes) -> bool:
 
 
 def make_gemv(node, shapes, out_shape, scratch, inputs):
-    """``x . W`` of a float32 (in, out) weight for at most GEMV_MAX_ROWS rows of x, in a
-    decode step (a prefill's products stay on BLAS, so no step mixes BLAS's threads with
-    numba's)."""
-    if not _f32(node, inputs) or not is_gemv(node, shapes) or not one_token(node, -2):
+    """``x . W`` of a float32 (in, out) weight for at most GEMV_MAX_ROWS rows of x: every
+    product of a decode step (batch <= 8) and the LM head of a prefill, whose output has no
+    token axis."""
+    if not _f32(node, inputs) or not is_gemv(node, shapes):
         return None
     m = _rows(shapes[0])
     if m > GEMV_MAX_ROWS:

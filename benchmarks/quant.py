@@ -63,7 +63,8 @@ def run_case_here(
         arrays = load_weights(plan.entry("decode"), weights, tied=tied)
     gen = Generator(plan, arrays, kernels=kernels)
     prompts = [np.random.default_rng(1).integers(1, 49152, prompt).tolist()]
-    gen.generate(GenerationRequest(prompts, 8, SamplingConfig()))  # warm-up: kernels, buffers
+    # warm-up at the measured request's size: kernels, buffers, the binding of its context
+    gen.generate(GenerationRequest(prompts, new, SamplingConfig()))
     bound = rss_kib()
     runs = [gen.generate(GenerationRequest(prompts, new)).stats for _ in range(reps)]
     steps = [s for r in runs for s in r.decode_step_s]

@@ -128,10 +128,13 @@ def test_numpy_backend_runs_every_op_and_steps_name_their_backend(kernels):
     else:  # compiled quantised products and gather; a forward's other ops are numpy's
         assert ("einsum", "numba") in made and ("gather", "numba") in made
         assert ("rms_norm", "numpy") in made
-    # a float plan: its products of 5 rows run on BLAS, whatever the backend
+    # a float plan: its products of more than GEMV_MAX_ROWS rows run on BLAS, whatever the
+    # backend
+    from einplan.runtime.backends.numba_decode_factories import GEMV_MAX_ROWS
+
     rec = Recorder()
     einplan.Session(einplan.compile_model(CASE), CASE, kernels=kernels).forward(
-        np.arange(5)[None], recorder=rec
+        np.arange(GEMV_MAX_ROWS + 1)[None], recorder=rec
     )
     products = {r.backend for r in rec.records() if r.op == "einsum" and "linear" in r.tags}
     assert products == {"numpy"}

@@ -129,6 +129,37 @@ def test_chunked_upcast_steps_compute_the_same_numbers(monkeypatch):
             assert np.array_equal(whole[key], chunked[key]), key
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "f16"])
+def test_the_embedding_gradient_sums_its_rows_in_float32(dtype):
+    """The 16-bit scatter-add (embedding gradient) equals numpy's float32 kernel rounded once,
+    bit for bit, repeated ids and the table's last row included, from a block of one row per
+    token, not a float32 copy of the table."""
+    from einplan.compiler.dtypes import to_numpy_dtype
+    from einplan.compiler.ir import Node
+    from einplan.runtime.kernels import make_scatter_add
+    from einplan.runtime.steps import ScratchBuffers
+
+    rng = np.random.default_rng(0)
+    vocab, width, low = 50, 7, to_numpy_dtype(dtype)
+    ids = rng.integers(0, vocab, (3, 9))
+    ids[0, :4] = 5  # one row summed four times
+    ids[2, -1] = vocab - 1
+    values = rng.standard_normal((3, 9, width)).astype(low)
+    x, i = Node(0, Op.INPUT, (), {}, (3, 9, width), dtype), Node(1, Op.INPUT, (), {}, (3, 9), "i64")
+    node = Node(2, Op.SCATTER_ADD, (0, 1), {"rows": vocab}, (vocab, width), dtype)
+    shapes = [(3, 9, width), (3, 9)]
+    scratch = ScratchBuffers()
+    kernel = upcast.make_upcast(
+        make_scatter_add, node, shapes, (vocab, width), scratch.for_thread(0), [x, i]
+    )
+    got = kernel([values, ids], np.full((vocab, width), np.nan, low))
+    want = make_scatter_add(node, shapes, (vocab, width), None)(
+        [values.astype(np.float32), ids], np.empty((vocab, width), np.float32)
+    ).astype(low)
+    assert np.array_equal(got.view(np.uint16), want.view(np.uint16))
+    assert scratch.nbytes() <= 2 * 3 * 9 * width * 4  # two blocks of one row per token
+
+
 def new_run(plan, out, steps=None, resume=False):
     return TrainingRun(plan, RunOptions(CORPUS, out, steps=steps, resume=resume))
 

@@ -6,8 +6,8 @@ kernel of the op runs on them, and its output is rounded once into the 16-bit bu
 The blocks stay small: products convert block by block while laying their operands out for
 matmul (runtime/upcast_matmul.py), the cross-entropy kernels convert a block of rows at a
 time, ops that treat the leading axis row by row run in chunks of rows of at most
-``BLOCK_BYTES`` of float32 (and the norm's weight gradient sums such chunks in float32). Any
-other op converts whole inputs.
+``BLOCK_BYTES`` of float32 (and the norm's weight gradient sums such chunks in float32), the
+embedding gradient sums only the rows its tokens name. Any other op converts whole inputs.
 """
 
 from __future__ import annotations
@@ -78,6 +78,8 @@ def make_upcast(
         return make_cross_entropy(twin, shapes, out_shape, scratch, low=True)
     if node.op is Op.CROSS_ENTROPY_GRAD:
         return make_cross_entropy_grad(twin, shapes, out_shape, scratch, low=True)
+    if node.op is Op.SCATTER_ADD:
+        return make_upcast_scatter_add(shapes, out_shape, scratch)
     # chunks of rows: of the output (row-wise ops), or of input 0 summed into the output
     summed = node.op is Op.RMS_NORM_GRAD and node.attrs["wrt"] == "w"
     lead = shapes[0] if summed else out_shape
@@ -136,3 +138,28 @@ def make_upcast(
         return out
 
     return upcast
+
+
+def make_upcast_scatter_add(
+    shapes: list[tuple[int, ...]], out_shape: tuple[int, ...], scratch: Scratch
+) -> Kernel:
+    """A 16-bit embedding gradient: the rows the ids name, summed in float32 in a block of
+    at most one row per token (in the order numpy's kernel adds them), rounded into the zeroed
+    output. A float32 block of the whole table (108 MiB for SmolLM2) would be mostly zeros."""
+    width = out_shape[-1]
+    tokens = math.prod(shapes[1])
+    values32 = scratch("upcast.0", (tokens, width), F32)
+    sums = scratch("upcast.out", (tokens, width), F32)
+
+    def scatter_add(ins, out):
+        values, ids = ins
+        np.copyto(values32, values.reshape(tokens, width))
+        rows, slot = np.unique(ids.reshape(-1), return_inverse=True)
+        acc = sums[: len(rows)]
+        acc.fill(0)
+        np.add.at(acc, slot, values32)
+        out.fill(0)
+        out[rows] = acc
+        return out
+
+    return scatter_add

@@ -427,9 +427,10 @@ class TrainingRun:
             return
         finish_run(self.metrics.records, self.options.out, self.console)
         dims = {"batch": self.cfg.micro_batch, "seq": self.cfg.seq_len}
+        est = estimate_memory(self.plan.entry("train_step"), dims)
         print_activation_memory(
             self.cfg.checkpoint,
-            estimate_memory(self.plan.entry("train_step"), dims)["arena_bytes"],
+            est["arena_bytes"] + est["scratch_bytes"],  # what the runtime's arena holds
             self.trainer.executor.activation_bytes(),
             peak_rss_mib(),
             self.console,

@@ -33,8 +33,9 @@ def print_training_summary(records: list[dict[str, Any]], console: Console) -> N
 def print_activation_memory(
     policy: str, estimated: int, allocated: int, peak_rss_mib: float, console: Console
 ) -> None:
-    """One line comparing the memory pass's activation estimate of the train step with the
-    arena the runtime allocated for it (buffers and scratch) and the process's peak RSS."""
+    """One line comparing the memory pass's activation estimate of the train step (buffers and
+    the kernels' scratch) with the arena the runtime allocated for it (the same) and the
+    process's peak RSS."""
     console.print(
         f"train_step activations (checkpointing {policy}): estimated {estimated / 2**20:,.1f} "
         f"MiB, runtime arena {allocated / 2**20:,.1f} MiB; process peak RSS "

@@ -115,7 +115,7 @@ def test_weights_of_the_wrong_shape_are_refused(plan):
         )
 
 
-@pytest.mark.parametrize("block", [64, 1 << 16])
+@pytest.mark.parametrize("block", [64, 100, 1 << 16])
 def test_swiglu_in_row_blocks_equals_the_formula(block, monkeypatch):
     """The SwiGLU kernel over blocks of rows (the gate and up halves of one product, column
     views) gives g / (1 + exp(-g)) * u bit for bit, with a short last block."""

@@ -339,16 +339,22 @@ SILU_BLOCK = 1 << 16
 
 
 def make_silu_mul(node, shapes, out_shape, scratch) -> Kernel:
-    """``g * sigmoid(g) * u`` as ``g / (1 + exp(-g)) * u``, in blocks of rows of about
-    SILU_BLOCK values (g and u are often column halves of one gate+up product)."""
+    """``g * sigmoid(g) * u`` as ``g / (1 + exp(-g)) * u``; above SILU_BLOCK values, in blocks
+    of rows of about that many (g and u are often column halves of one gate+up product)."""
     width = out_shape[-1] if out_shape else 1
     rows = max(1, SILU_BLOCK // max(width, 1))
+    blocked = (
+        math.prod(out_shape) > SILU_BLOCK
+        and len(out_shape) >= 2
+        and all(tuple(s) == tuple(out_shape) for s in shapes)
+    )
+    if not blocked:  # decode and other small steps: one pass each, no slicing
+        return lambda ins, out: _silu_mul_block(ins[0], ins[1], out)
 
     def silu_mul(ins, out):
-        g, u = np.broadcast_arrays(*ins)
-        if out.ndim < 2 or not out.flags.c_contiguous:
-            return _silu_mul_block(g, u, out)
-        g2, u2, o2 = (x.reshape(-1, width) for x in (g, u, out))  # views: rows of one stride
+        if not out.flags.c_contiguous:
+            return _silu_mul_block(ins[0], ins[1], out)
+        g2, u2, o2 = (x.reshape(-1, width) for x in (*ins, out))  # views: rows of one stride
         for r in range(0, o2.shape[0], rows):
             _silu_mul_block(g2[r : r + rows], u2[r : r + rows], o2[r : r + rows])
         return out

@@ -189,6 +189,9 @@ class Rewriter:
             if j in self.recompute:
                 inputs.append(self.copy(j, s, out))
             elif self.dep[s] is None or (self.nodes[j].op in LEAVES and n.op is not Op.CAST):
+                # a leaf is read as it is, but for a weight cast again (a recomputed cast of a
+                # leaf is one of weight_casts): through a view that waits for the cotangent,
+                # else the schedule would cast it at the start of the step
                 inputs.append(j)
             else:
                 inputs.append(self.view(j, s, out))

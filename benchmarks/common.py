@@ -10,6 +10,11 @@ import sys
 import time
 from pathlib import Path
 
+try:  # before numpy: einplan sets OpenBLAS's thread timeout (einplan/__init__.py)
+    import einplan  # noqa: F401
+except ModuleNotFoundError:  # the PyTorch side's venv has no einplan
+    pass
+
 ROOT = Path(__file__).resolve().parent.parent
 PEER = ROOT.parent / "shared" / "perf" / "peer" / "torch_baselines.py"
 

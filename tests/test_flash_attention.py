@@ -384,3 +384,25 @@ def test_cli_compile_says_what_it_chose_and_train_refuses_it_for_a_plan(tmp_path
 
 def test_the_parser_offers_the_compilers_choices():
     assert ATTENTION_CHOICES == flash_pass.ATTENTION_CHOICES
+
+
+def test_a_tile_far_above_the_running_maximum_is_done_again():
+    """The first key tile sets the running maximum; a later tile scoring 150 above it would
+    overflow exp(score - maximum): its sums pass the limit and it is computed again exactly."""
+    rng = np.random.default_rng(5)
+    u = np.array([1.0, -0.5, 0.5, 1.0])
+    q = u + 0.1 * rng.standard_normal((1, 4, 1, 1, 4))
+    k, v = rng.standard_normal((1, 12, 1, 4)), rng.standard_normal((1, 12, 1, 4))
+    k[0, 8:] += u[None, None] * 60  # the keys of the last tile match every query
+    calls = []
+    real = flash_runtime._add_tile
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(flash_runtime, "_add_tile", lambda *a: calls.append(r := real(*a)) or r)
+    try:
+        got = run_flash(q, k, v, causal=False, block_q=4, block_k=4)
+    finally:
+        monkey.undo()
+    want, p = plain(q, k, v, causal=False)
+    assert p[..., 8:].sum(axis=-1).min() > 0.99  # the last tile's keys take the weight
+    assert False in calls  # ... and the running maximum was raised for them
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)

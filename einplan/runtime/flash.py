@@ -43,47 +43,66 @@ _RUNS = itertools.count()
 HELPER = Helper()  # runs the second share of the query blocks
 _HELPER_LOCK = threading.Lock()  # one step at a time hands it work (executor thread pools)
 
-Tile = tuple[int, int, bool]  # first key, end key, whether some key lies after some row
+Tile = tuple[int, int, bool]  # first key, end key, whether it is the causal diagonal tile
 Block = tuple[int, int, list[Tile]]  # first row, end row, its key tiles
+Job = tuple[int, int, int]  # batch row, KV head, block index
+
+# a tile whose rows' sums of exp(score - running max) stay below this was computed against a
+# running max close enough to its own (no exp can have overflowed); one above it is done again
+# after raising the max
+SUM_LIMIT = 2.0**64
+
+
+def exp_rows(s: np.ndarray, shift: np.ndarray | None = None) -> None:
+    """``s = exp(s - shift[:, None])`` in place, NumPy's SIMD exp (the numba backend passes
+    its compiled one: runtime/backends/numba_exp.py)."""
+    if shift is not None:
+        s -= shift[:, None]
+    np.exp(s, out=s)
 
 
 def plan_tiles(
     queries: int, keys: int, causal: bool, block_q: int, block_k: int, min_tiled: int
 ) -> list[Block]:
-    """The query blocks and, for each, the key tiles it computes: the causal ones stop at the
-    block's last row (queries sit at the end of the keys); fewer than ``min_tiled`` keys make
-    one block of one tile."""
+    """The query blocks and, for each, the key tiles it computes: causal blocks start with the
+    diagonal tile (the keys at the block's own positions, queries sitting at the end of the
+    keys), then the keys before it; fewer than ``min_tiled`` keys make one block."""
     if keys < min_tiled:
         block_q, block_k = queries, keys
     off = keys - queries
     blocks = []
     for i0 in range(0, queries, block_q):
         i1 = min(queries, i0 + block_q)
-        end = min(keys, i1 + off) if causal else keys
-        tiles = [
-            (j0, min(end, j0 + block_k), causal and min(end, j0 + block_k) - 1 > i0 + off)
-            for j0 in range(0, end, block_k)
-        ]
+        if causal:
+            d0, d1 = max(0, i0 + off), min(keys, i1 + off)
+            tiles = [(d0, d1, True)]
+        else:
+            d0, tiles = keys, []
+        tiles += [(j0, min(d0, j0 + block_k), False) for j0 in range(0, d0, block_k)]
         blocks.append((i0, i1, tiles))
     return blocks
 
 
-def share_blocks(blocks: list[Block], g: int, workers: int) -> list[list[int]]:
-    """The block indices each worker computes: largest first to the least loaded, by the score
-    entries of their tiles (causal blocks near the end see more keys)."""
-    shares: list[list[int]] = [[] for _ in range(max(1, min(workers, len(blocks))))]
+def share_jobs(jobs: list[Job], blocks: list[Block], g: int, workers: int) -> list[list[Job]]:
+    """The jobs each worker computes: largest first to the least loaded, by the score entries
+    of their tiles (causal blocks near the end see more keys)."""
+    shares: list[list[Job]] = [[] for _ in range(max(1, min(workers, len(jobs))))]
     load = [0] * len(shares)
-    work = [(i1 - i0) * g * sum(j1 - j0 for j0, j1, _ in tiles) for i0, i1, tiles in blocks]
-    for k in sorted(range(len(blocks)), key=work.__getitem__, reverse=True):
+
+    def work(job: Job) -> int:
+        i0, i1, tiles = blocks[job[2]]
+        return (i1 - i0) * g * sum(j1 - j0 for j0, j1, _ in tiles)
+
+    for job in sorted(jobs, key=work, reverse=True):
         w = load.index(min(load))
-        shares[w].append(k)
-        load[w] += work[k]
+        shares[w].append(job)
+        load[w] += work(job)
     return shares
 
 
 def on_workers(lay: Layout, job) -> None:
-    """Run ``job(worker, block indices)`` for each worker's share, the second on the helper
-    thread, every product on one BLAS thread."""
+    """Run ``job(worker, jobs)`` for each worker's share, the second on the helper thread,
+    every product on one BLAS thread."""
     with blas_controller().limit(limits=1, user_api="blas"):
         if len(lay.shares) == 1:
             job(0, lay.shares[0])
@@ -97,12 +116,19 @@ def on_workers(lay: Layout, job) -> None:
 
 
 class Layout:
-    """Concrete sizes of one step and the scratch it multiplies in."""
+    """Concrete sizes of one step, its jobs and the scratch it multiplies in.
+
+    q, k and v are copied heads-first with one extra column, so that a product adds a
+    per-row or per-key constant for free: (scale q | -c) x (k | 1)^T is scale q k^T - c, the
+    scores already less the row's running maximum (or log-sum-exp), and p x (v | 1) is p v
+    with the row sums of p in its last column. Each job is one (batch row, KV head, query
+    block), so a tile is (block rows x g, keys) and stays in the core's L2 cache."""
 
     def __init__(
-        self, node: Node, shapes: list[tuple[int, ...]], scratch, tiles: tuple[str, ...]
+        self, node: Node, shapes: list[tuple[int, ...]], scratch, roles: tuple[str, ...], exp
     ) -> None:
         a = node.attrs
+        self.exp_rows = exp
         self.b, self.s, self.n, self.g, self.h = shapes[0]
         self.bnth = a["layout"] == "bnth"
         self.t = shapes[1][2] if self.bnth else shapes[1][1]
@@ -110,140 +136,168 @@ class Layout:
         # bf16/f16 values are multiplied and summed in float32 (issue #14: float32 accumulation
         # in every reduction and softmax)
         self.dtype = to_numpy_dtype("f64" if node.dtype == "f64" else "f32")
-        self.copy_kv = a["layout"] != "bnth" or node.dtype not in ("f32", "f64")
         self.scale = self.dtype.type(a.get("scale", 1.0))
         self.blocks = plan_tiles(
             self.s, self.t, a["causal"], a["block_q"], a["block_k"], a["min_tiled"]
         )
         self.off = self.t - self.s
         self.causal = bool(a["causal"])
-        rows = max(i1 - i0 for i0, i1, _ in self.blocks) * self.g
-        width = max(j1 - j0 for *_, tiles in self.blocks for j0, j1, _ in tiles)
-        b, n, h = self.b, self.n, self.h
-        self.tile_size = b * n * rows * width
+        b, n, h, g = self.b, self.n, self.h, self.g
+        jobs = [(bi, hd, k) for bi in range(b) for hd in range(n) for k in range(len(self.blocks))]
+        self.shares = share_jobs(jobs, self.blocks, g, THREADS)
+        self.rows = max(i1 - i0 for i0, i1, _ in self.blocks) * g
+        self.width = max(j1 - j0 for *_, tiles in self.blocks for j0, j1, _ in tiles)
         self.scratch = scratch
-        self.shares = share_blocks(self.blocks, self.g, THREADS)
-        for role in tiles:  # asked for now, so the binding counts them in its scratch bytes
+        for role in roles:  # asked for now, so the binding counts them in its scratch bytes
             for worker in range(len(self.shares)):
-                self.tile(role, worker, rows, width)
-        self.q_t = scratch("flash_q", (b, n, self.s * self.g, h), self.dtype)
-        kv = (b, n, self.t, h)
-        self.k_t = scratch("flash_k", kv, self.dtype) if self.copy_kv else None
-        self.v_t = scratch("flash_v", kv, self.dtype) if self.copy_kv else None
+                self.tile(role, worker, self.rows, h + 1 if role in ("acc", "part") else 0)
+        self.q_t = scratch("flash_q", (b, n, self.s * g, h + 1), self.dtype)
+        self.k_t = scratch("flash_k", (b, n, self.t, h + 1), self.dtype)
+        self.v_t = scratch("flash_v", (b, n, self.t, h + 1), self.dtype)
 
     def tile(self, role: str, worker: int, rows: int, width: int) -> np.ndarray:
-        """A (b, n, rows, width) view of one worker's scratch tile."""
-        flat = self.scratch(f"flash_{role}{worker}", (self.tile_size,), self.dtype)
-        return flat[: self.b * self.n * rows * width].reshape(self.b, self.n, rows, width)
+        """A (rows, width) view of one worker's scratch tile (``width`` 0: the widest)."""
+        cols = self.h + 1 if role in ("acc", "part") else self.width
+        flat = self.scratch(f"flash_{role}{worker}", (self.rows * cols,), self.dtype)
+        return flat[: rows * (width or cols)].reshape(rows, width or cols)
 
     def heads_first(self, q: np.ndarray, k: np.ndarray, v: np.ndarray):
-        """q as (b, n, s*g, h) and k, v as (b, n, t, h), copied only where needed."""
+        """scale q as (b, n, s*g, h+1), last column 0, and k, v as (b, n, t, h+1), last
+        column 1."""
         b, s, n, g, h = q.shape
-        np.copyto(self.q_t.reshape(b, n, s, g, h), q.transpose(0, 2, 1, 3, 4))
-        if not self.copy_kv:
-            return self.q_t, k, v
+        np.multiply(
+            q.transpose(0, 2, 1, 3, 4),
+            self.scale,
+            out=self.q_t.reshape(b, n, s, g, h + 1)[..., :h],
+            dtype=self.dtype,
+        )
+        self.q_t[..., h] = 0
         perm = (0, 1, 2, 3) if self.bnth else (0, 2, 1, 3)
-        np.copyto(self.k_t, k.transpose(perm))
-        np.copyto(self.v_t, v.transpose(perm))
+        for src, dst in ((k, self.k_t), (v, self.v_t)):
+            np.copyto(dst[..., :h], src.transpose(perm))
+            dst[..., h] = 1
         return self.q_t, self.k_t, self.v_t
 
-    def skippable(self, mask: np.ndarray | None) -> list[bool]:
-        """Per query block: whether its fully hidden mask tiles may be skipped (every row of
+    def skippable(self, mask: np.ndarray | None) -> np.ndarray:
+        """(b, blocks): whether a block's fully hidden mask tiles may be skipped (every row of
         it sees some key; with causal masking too, never)."""
+        skip = np.zeros((self.b, len(self.blocks)), bool)
         if mask is None or self.causal:
-            return [False] * len(self.blocks)
+            return skip
         sees = (mask > HIDDEN).any(axis=-1)  # (b, s)
-        return [bool(sees[:, i0:i1].all()) for i0, i1, _ in self.blocks]
+        for k, (i0, i1, _) in enumerate(self.blocks):
+            skip[:, k] = sees[:, i0:i1].all(axis=-1)
+        return skip
 
-    def scores(self, worker, q_blk, k_t, mask, skip, i0, i1, j0, j1, diag) -> np.ndarray | None:
-        """scale * q k^T (+ mask, causal -inf) of one tile, or None when the mask hides it
-        (and the block may ``skip`` such tiles)."""
+    def scores(self, worker, job, q_blk, mask, skip, j0, j1, diag) -> np.ndarray | None:
+        """scale q k^T - c (c: the last column of ``q_blk`` negated) of one tile, + the mask,
+        causal -inf; None when the mask hides it (and the block may ``skip`` such tiles)."""
+        bi, hd, k = job
+        i0, i1, _ = self.blocks[k]
         m = None
         if mask is not None:
-            m = mask[:, i0:i1, j0:j1]
+            m = mask[bi, i0:i1, j0:j1]
             if skip and m.max() <= HIDDEN:
                 return None
-        s = self.tile("s", worker, q_blk.shape[2], j1 - j0)
-        # (b, n, rows, h) x (b, n, h, keys) -> (b, n, rows, keys)
-        np.matmul(q_blk, k_t[:, :, j0:j1].swapaxes(-1, -2), out=s)
-        if self.scale != 1:
-            s *= self.scale
-        s5 = s.reshape(self.b, self.n, i1 - i0, self.g, j1 - j0)
+        s = self.tile("s", worker, q_blk.shape[0], j1 - j0)
+        # (rows, h+1) x (h+1, keys) -> (rows, keys)
+        np.matmul(q_blk, self.k_t[bi, hd, j0:j1].T, out=s)
+        s3 = s.reshape(i1 - i0, self.g, j1 - j0)
         if m is not None:
-            s5 += m[:, None, :, None, :]
+            s3 += m[:, None, :]
         if diag:
             after = np.arange(j0, j1)[None, :] > np.arange(i0, i1)[:, None] + self.off
-            np.copyto(s5, -np.inf, where=after[:, None, :])
+            np.copyto(s3, -np.inf, where=after[:, None, :])
         return s
 
 
-def _attend(lay: Layout, q_t, k_t, v_t, mask, out_t, lse) -> None:
-    """Online softmax over each block's key tiles: out_t (b, n, s*g, h) the normalised
-    context (None: only the statistics), lse (b, n, s*g) the row log-sum-exp."""
+def _attend(lay: Layout, mask, out, lse) -> None:
+    """Online softmax over each block's key tiles: out (b, s, n, g, h) the normalised context
+    (None: only the statistics), lse (b, n, s*g) the row log-sum-exp; q, k, v already in
+    ``lay``'s heads-first copies."""
     skips = lay.skippable(mask)
 
-    def job(worker: int, share: list[int]) -> None:
-        for k in share:
-            _attend_block(lay, worker, lay.blocks[k], skips[k], q_t, k_t, v_t, mask, out_t, lse)
+    def run(worker: int, share: list[Job]) -> None:
+        for job in share:
+            _attend_block(lay, worker, job, skips[job[0], job[2]], mask, out, lse)
 
-    on_workers(lay, job)
+    on_workers(lay, run)
 
 
-def _attend_block(lay: Layout, worker, block, skip, q_t, k_t, v_t, mask, out_t, lse) -> None:
-    (i0, i1, tiles), g = block, lay.g
+def _attend_block(lay: Layout, worker, job, skip, mask, out, lse) -> None:
+    """One job's rows. Without a mask the running maximum m rides in q's last column, so a
+    tile past the first is one product, one exp and one product (it is done again as an
+    exact tile only when its sums say m was far below its scores); an exact tile takes its
+    row maxima first and rescales what earlier tiles summed."""
+    bi, hd, k = job
+    i0, i1, tiles = lay.blocks[k]
+    g, h = lay.g, lay.h
     r0, r1 = i0 * g, i1 * g
-    q_blk = q_t[:, :, r0:r1]
-    acc = None if out_t is None else out_t[:, :, r0:r1]
-    m, total = lse[:, :, r0:r1], None
+    q_blk = lay.q_t[bi, hd, r0:r1]
+    acc = lay.tile("acc", worker, r1 - r0, h + 1)  # the context | the row sums
+    m = lse[bi, hd, r0:r1]
+    fold = mask is None
+    first = True
     for j0, j1, diag in tiles:
-        p = lay.scores(worker, q_blk, k_t, mask, skip, i0, i1, j0, j1, diag)
-        if p is None:
+        v_blk = lay.v_t[bi, hd, j0:j1]
+        if not first and fold and not diag and _add_tile(lay, worker, job, q_blk, acc, j0, j1):
             continue
-        top = p.max(axis=-1)
-        if total is None:
-            m[...] = top
+        s = lay.scores(worker, job, q_blk, mask, skip, j0, j1, diag)
+        if s is None:
+            continue
+        c = -q_blk[:, h]  # what the product subtracted from each row
+        top = s.max(axis=-1)
+        if not first:
+            np.maximum(top, m - c, out=top)
+        lay.exp_rows(s, top)
+        top += c  # the new running maximum
+        if first:
+            # (rows, keys) x (keys, h+1) -> (rows, h+1)
+            np.matmul(s, v_blk, out=acc)
         else:
-            new = np.maximum(m, top)
-            fix = np.exp(m - new)  # rescales what earlier tiles summed
-            m[...] = new
-            total *= fix
-            if acc is not None:
-                acc *= fix[..., None]
-        p -= m[..., None]
-        np.exp(p, out=p)
-        part = p.sum(axis=-1)
-        if acc is not None:
-            # (b, n, rows, keys) x (b, n, keys, h) -> (b, n, rows, h)
-            if total is None:
-                np.matmul(p, v_t[:, :, j0:j1], out=acc)
-            else:
-                acc += p @ v_t[:, :, j0:j1]
-        total = part if total is None else total + part
-    if acc is not None:
-        acc /= total[..., None]
+            acc *= np.exp(m - top)[:, None]
+            acc += s @ v_blk
+        m[...] = top
+        if fold:
+            q_blk[:, h] = -m
+        first = False
+    total = acc[:, h]
+    if out is not None:
+        ctx = acc[:, :h].reshape(i1 - i0, g, h) / total.reshape(i1 - i0, g, 1)
+        np.copyto(out[bi, i0:i1, hd], ctx)
     m += np.log(total)
 
 
-def _to_queries(lay: Layout, x_t: np.ndarray, out: np.ndarray) -> None:
-    """(b, n, s*g, h) back to the op's (b, s, n, g, h)."""
-    b, n, s, g, h = lay.b, lay.n, lay.s, lay.g, lay.h
-    np.copyto(out, x_t.reshape(b, n, s, g, h).transpose(0, 2, 1, 3, 4))
+def _add_tile(lay: Layout, worker, job, q_blk, acc, j0: int, j1: int) -> bool:
+    """exp(scores - m) of one tile against the running maximum m as it stands, added to
+    ``acc``; False (nothing added) when its row sums exceed SUM_LIMIT."""
+    bi, hd, _ = job
+    s = lay.tile("s", worker, q_blk.shape[0], j1 - j0)
+    # (rows, h+1) x (h+1, keys) -> (rows, keys)
+    np.matmul(q_blk, lay.k_t[bi, hd, j0:j1].T, out=s)
+    lay.exp_rows(s)
+    part = lay.tile("part", worker, q_blk.shape[0], lay.h + 1)
+    # (rows, keys) x (keys, h+1) -> (rows, h+1)
+    np.matmul(s, lay.v_t[bi, hd, j0:j1], out=part)
+    if not part[:, lay.h].max() <= SUM_LIMIT:  # also false for inf and nan
+        return False
+    acc += part
+    return True
 
 
-def make_flash_attention(node: Node, shapes, out_shape, scratch):
-    """softmax(scale * q k^T + mask) v by query blocks and key tiles (see the module doc)."""
-    lay = Layout(node, shapes, scratch, ("s",))
+def make_flash_attention(node: Node, shapes, out_shape, scratch, exp=exp_rows):
+    """softmax(scale * q k^T + mask) v by query blocks and key tiles (see the module doc);
+    ``exp``: the in-place exp of score rows, as :func:`exp_rows`."""
+    lay = Layout(node, shapes, scratch, ("s", "acc", "part"), exp)
     keep = bool(node.attrs.get("keep"))
-    out_t = scratch("flash_out", (lay.b, lay.n, lay.s * lay.g, lay.h), lay.dtype)
     rows = (lay.b, lay.n, lay.s * lay.g)
     # the reverse steps read a kept log-sum-exp after other steps ran: it has its own buffer
     lse = np.empty(rows, lay.dtype) if keep else scratch("flash_lse", rows, lay.dtype)
 
     def flash_attention(ins, out):
         q, k, v = ins[:3]
-        q_t, k_t, v_t = lay.heads_first(q, k, v)
-        _attend(lay, q_t, k_t, v_t, ins[3] if lay.has_mask else None, out_t, lse)
-        _to_queries(lay, out_t, out)
+        lay.heads_first(q, k, v)
+        _attend(lay, ins[3] if lay.has_mask else None, out, lse)
         if keep:
             LSE[node.name] = (buffer_key(q, k, v, out), lse, next(_RUNS))
         return out
@@ -254,52 +308,52 @@ def make_flash_attention(node: Node, shapes, out_shape, scratch):
 def _gradients(lay: Layout, q, k, v, mask, o, do, lse) -> dict[str, np.ndarray]:
     """d q (b, s, n, g, h), d k and d v in k's layout, recomputing each tile's probabilities
     p = exp(s - lse): d v = p^T do, d s = p * (do v^T - rowsum(do * o)), d q = scale d s k,
-    d k = scale d s^T q. Each worker sums its blocks' d k and d v apart; they are added last."""
+    d k = scale d s^T q. As in the forward, the products subtract lse (no mask) and the row
+    sums (q's and do's last columns). Each worker sums its jobs' d k and d v apart; they are
+    added last."""
     b, s, n, g, h = q.shape
     q_t, k_t, v_t = lay.heads_first(q, k, v)
-    heads = (0, 2, 1, 3, 4)
+    fold = mask is None
+    if fold:
+        q_t[..., h] = -lse
+    do_t = np.empty((b, n, s * g, h + 1), lay.dtype)
+    np.copyto(do_t.reshape(b, n, s, g, h + 1)[..., :h], do.transpose(0, 2, 1, 3, 4))
     do, o = do.astype(lay.dtype, copy=False), o.astype(lay.dtype, copy=False)
-    do_t = np.ascontiguousarray(do.transpose(heads)).reshape(b, n, s * g, h)
-    rowdot = (do * o).sum(axis=-1).transpose(0, 2, 1, 3).reshape(b, n, s * g)
-    dq_t = np.zeros_like(do_t)
+    rowdot = np.einsum("bsngh,bsngh->bsng", do, o)
+    np.negative(rowdot.transpose(0, 2, 1, 3), out=do_t.reshape(b, n, s, g, h + 1)[..., h])
+    dq_t = np.zeros((b, n, s * g, h), lay.dtype)
     dkv = [np.zeros((2, b, n, lay.t, h), lay.dtype) for _ in lay.shares]
     skips = lay.skippable(mask)
 
-    def job(worker: int, share: list[int]) -> None:
+    def run(worker: int, share: list[Job]) -> None:
         dk_t, dv_t = dkv[worker]
-        for idx in share:
-            (i0, i1, tiles), r0, r1 = (
-                lay.blocks[idx],
-                lay.blocks[idx][0] * g,
-                lay.blocks[idx][1] * g,
-            )
-            q_blk, do_blk = q_t[:, :, r0:r1], do_t[:, :, r0:r1]
+        for job in share:
+            bi, hd, idx = job
+            i0, i1, tiles = lay.blocks[idx]
+            r0, r1 = i0 * g, i1 * g
+            q_blk, do_blk = q_t[bi, hd, r0:r1], do_t[bi, hd, r0:r1]
             for j0, j1, diag in tiles:
-                p = lay.scores(worker, q_blk, k_t, mask, skips[idx], i0, i1, j0, j1, diag)
+                p = lay.scores(worker, job, q_blk, mask, skips[bi, idx], j0, j1, diag)
                 if p is None:
                     continue
-                p -= lse[:, :, r0:r1, None]
-                np.exp(p, out=p)
-                # (b, n, keys, rows) x (b, n, rows, h) -> (b, n, keys, h)
-                dv_t[:, :, j0:j1] += p.swapaxes(-1, -2) @ do_blk
+                lay.exp_rows(p, None if fold else lse[bi, hd, r0:r1])
+                # (keys, rows) x (rows, h) -> (keys, h)
+                dv_t[bi, hd, j0:j1] += p.T @ do_blk[:, :h]
                 ds = lay.tile("ds", worker, r1 - r0, j1 - j0)
-                # (b, n, rows, h) x (b, n, h, keys) -> (b, n, rows, keys)
-                np.matmul(do_blk, v_t[:, :, j0:j1].swapaxes(-1, -2), out=ds)
-                ds -= rowdot[:, :, r0:r1, None]
+                # (rows, h+1) x (h+1, keys) -> (rows, keys): do v^T - rowsum(do * o)
+                np.matmul(do_blk, v_t[bi, hd, j0:j1].T, out=ds)
                 ds *= p
-                if lay.scale != 1:
-                    ds *= lay.scale
-                # (b, n, rows, keys) x (b, n, keys, h) -> (b, n, rows, h)
-                dq_t[:, :, r0:r1] += ds @ k_t[:, :, j0:j1]
-                # (b, n, keys, rows) x (b, n, rows, h) -> (b, n, keys, h)
-                dk_t[:, :, j0:j1] += ds.swapaxes(-1, -2) @ q_blk
+                # (rows, keys) x (keys, h) -> (rows, h)
+                dq_t[bi, hd, r0:r1] += ds @ k_t[bi, hd, j0:j1, :h]
+                # (keys, rows) x (rows, h) -> (keys, h)
+                dk_t[bi, hd, j0:j1] += ds.T @ q_blk[:, :h]
 
-    on_workers(lay, job)
+    on_workers(lay, run)
     for extra in dkv[1:]:
         dkv[0] += extra
     dk_t, dv_t = dkv[0]
     dq = np.empty(q.shape, lay.dtype)
-    _to_queries(lay, dq_t, dq)
+    np.multiply(dq_t.reshape(b, n, s, g, h).transpose(0, 2, 1, 3, 4), lay.scale, out=dq)
     if lay.bnth:
         return {"q": dq, "k": dk_t, "v": dv_t}
     return {"q": dq, "k": dk_t.transpose(0, 2, 1, 3), "v": dv_t.transpose(0, 2, 1, 3)}
@@ -317,15 +371,15 @@ def _saved(node: Node, ins: list[np.ndarray]) -> tuple[np.ndarray | None, int | 
 def _row_lse(lay: Layout, ins: list[np.ndarray]) -> np.ndarray:
     """The row log-sum-exp computed again (one pass of q k^T, no product with v)."""
     lse = np.empty((lay.b, lay.n, lay.s * lay.g), lay.dtype)
-    q_t, k_t, v_t = lay.heads_first(*ins[:3])
-    _attend(lay, q_t, k_t, v_t, ins[3] if lay.has_mask else None, None, lse)
+    lay.heads_first(*ins[:3])
+    _attend(lay, ins[3] if lay.has_mask else None, None, lse)
     return lse
 
 
-def make_flash_attention_grad(node: Node, shapes, out_shape, scratch):
+def make_flash_attention_grad(node: Node, shapes, out_shape, scratch, exp=exp_rows):
     """The gradient of input ``wrt``: the first reverse step of an attention computes every
     gradient in ``grads`` in one pass over the tiles and leaves the others for its siblings."""
-    lay = Layout(node, shapes, scratch, ("s", "ds"))
+    lay = Layout(node, shapes, scratch, ("s", "ds"), exp)
     wrt, wanted = node.attrs["wrt"], node.attrs["grads"]
 
     def flash_attention_grad(ins, out):

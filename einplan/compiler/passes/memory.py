@@ -192,27 +192,32 @@ def scratch_bytes(graph: Graph, dims: dict[str, int]) -> tuple[int, int]:
 
 
 def flash_bytes(n: Node, ins: list[Node], dims: dict[str, int], need) -> int:
-    """Flash attention's scratch (``need``: q, k, v heads-first, the output, one score tile
-    per role and worker, as runtime/flash.py's Layout asks) and the bytes its reverse step
-    allocates while it runs (the cotangent heads-first, d q heads-first and in q's layout, d k
-    and d v per worker; 16-bit output and cotangent in float32); returns the latter."""
+    """Flash attention's scratch (``need``: q, k, v heads-first with their extra column, one
+    score tile per role and worker and the forward's two (rows, h+1) sums, as
+    runtime/flash.py's Layout asks) and the bytes its reverse step allocates while it runs
+    (the cotangent heads-first, d q heads-first and in q's layout, d k and d v per worker;
+    16-bit output and cotangent in float32); returns the latter."""
     a = n.attrs
     dtype = "f64" if n.dtype == "f64" else "f32"  # 16-bit values are multiplied in float32
     b, s, heads, g, h = (evaluate(numel([d]), dims) for d in ins[0].shape)
     t = evaluate(numel([ins[1].shape[2] if a["layout"] == "bnth" else ins[1].shape[1]]), dims)
-    block_q, width = (s, t) if t < a["min_tiled"] else (min(a["block_q"], s), a["block_k"])
-    tile, q, kv = b * heads * block_q * g * min(width, t), b * heads * s * g * h, b * heads * t * h
-    workers = min(KERNEL_THREADS, -(-s // block_q))  # the query blocks are shared out
+    if t < a["min_tiled"]:
+        block_q, width = s, t
+    else:
+        block_q = min(a["block_q"], s)
+        width = min(t, max(a["block_k"], block_q))  # a causal block's diagonal tile is block_q
+    rows, q, kv = block_q * g, b * heads * s * g * h, b * heads * t * h
+    jobs = b * heads * -(-s // block_q)
+    workers = min(KERNEL_THREADS, jobs)
     reverse = n.op is Op.FLASH_ATTENTION_GRAD
-    for role in ("s", "ds") if reverse else ("s",):
+    for role in ("s", "ds") if reverse else ("s", "acc", "part"):
+        cols = width if role in ("s", "ds") else h + 1
         for w in range(workers):
-            need(f"flash_{role}{w}", (tile,), dtype)
-    need("flash_q", (q,), dtype)
-    if a["layout"] != "bnth" or n.dtype not in ("f32", "f64"):
-        need("flash_k", (kv,), dtype)
-        need("flash_v", (kv,), dtype)
+            need(f"flash_{role}{w}", (rows * cols,), dtype)
+    need("flash_q", (q + q // h,), dtype)
+    need("flash_k", (kv + kv // h,), dtype)
+    need("flash_v", (kv + kv // h,), dtype)
     if not reverse:
-        need("flash_out", (q,), dtype)
         return 0
     copies_of_q = 3 + 2 * (n.dtype != dtype)
     return (copies_of_q * q + 2 * workers * kv) * ITEMSIZE[dtype]

@@ -317,11 +317,14 @@ def _gradients(lay: Layout, q, k, v, mask, o, do, lse) -> dict[str, np.ndarray]:
     if fold:
         q_t[..., h] = -lse
     do_t = np.empty((b, n, s * g, h + 1), lay.dtype)
-    np.copyto(do_t.reshape(b, n, s, g, h + 1)[..., :h], do.transpose(0, 2, 1, 3, 4))
-    do, o = do.astype(lay.dtype, copy=False), o.astype(lay.dtype, copy=False)
-    rowdot = np.einsum("bsngh,bsngh->bsng", do, o)
-    np.negative(rowdot.transpose(0, 2, 1, 3), out=do_t.reshape(b, n, s, g, h + 1)[..., h])
-    dq_t = np.zeros((b, n, s * g, h), lay.dtype)
+    do5, dq_t = do_t.reshape(b, n, s, g, h + 1), np.empty((b, n, s * g, h), lay.dtype)
+    np.copyto(do5[..., :h], do.transpose(0, 2, 1, 3, 4))
+    # the last column: -rowsum(do * o), the products summed in d q's buffer before its use
+    dq5 = dq_t.reshape(b, n, s, g, h)
+    np.multiply(do5[..., :h], o.transpose(0, 2, 1, 3, 4), out=dq5, dtype=lay.dtype)
+    np.sum(dq5, axis=-1, out=do5[..., h])
+    do5[..., h] *= -1  # (np.negative in place on a strided float32 view is wrong in numpy 2.4)
+    dq_t[...] = 0
     dkv = [np.zeros((2, b, n, lay.t, h), lay.dtype) for _ in lay.shares]
     skips = lay.skippable(mask)
 

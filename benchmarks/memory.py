@@ -38,7 +38,7 @@ MODES = ("fwd", "train")
 
 # einplan rows: compile_model keyword arguments, one line per technique
 EINPLAN_ROWS: dict[str, dict] = {
-    "einplan": {},  # attention auto: flash attention from 512 keys
+    "einplan": {},  # attention auto: flash attention, tiled from 256 keys
     "einplan-plain": {"attention": "plain"},  # the scores -> softmax -> context chain
     "einplan-layers": {"checkpoint": "layers"},
     "einplan-every:2": {"checkpoint": "every:2"},

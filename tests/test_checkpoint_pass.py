@@ -104,14 +104,16 @@ def test_estimate_tracks_the_measured_peak(policy, seq):
     it): the estimate is 85-100 % of it (the rest: temporaries of preparing and running).
     Flash attention's tiles and its reverse step's temporaries are in the estimate."""
     config = {**EIGHT_LAYERS, "max_position_embeddings": 1024}
-    dims = {"batch": 2, "seq": seq}  # 640: flash attention in tiles
+    dims = {"batch": 4, "seq": seq}  # flash attention in 3 (384) or 5 (640) query blocks
     graph = compile_model(
         config, entries=("grad",), ctx=PassContext(typical_dims=dims), checkpoint=policy
     ).entry("grad")
     assert any(n.op is Op.FLASH_ATTENTION_GRAD for n in graph.nodes)
-    ex = Executor(graph, random_weights(graph, seed=1))
     ids = np.random.default_rng(0).integers(0, 64, (dims["batch"], dims["seq"]))
     feed = loss_feed(ids, shifted_targets(ids))
+    # a first executor compiles (or loads) the numba backend's kernels: not the run's memory
+    Executor(graph, random_weights(graph, seed=1)).run(feed)
+    ex = Executor(graph, random_weights(graph, seed=1))
     tracemalloc.start()
     try:
         ex.run(feed)

@@ -27,6 +27,7 @@ import numpy as np
 from einplan.compiler.dtypes import to_numpy_dtype
 from einplan.compiler.ir import Node
 from einplan.compiler.ops import Op
+from einplan.compiler.passes.flash import Block, plan_tiles
 from einplan.runtime.blas import blas_controller
 from einplan.runtime.moe import buffer_key
 from einplan.runtime.qmatmul import THREADS, Helper
@@ -43,8 +44,6 @@ _RUNS = itertools.count()
 HELPER = Helper()  # runs the second share of the query blocks
 _HELPER_LOCK = threading.Lock()  # one step at a time hands it work (executor thread pools)
 
-Tile = tuple[int, int, bool]  # first key, end key, whether it is the causal diagonal tile
-Block = tuple[int, int, list[Tile]]  # first row, end row, its key tiles
 Job = tuple[int, int, int]  # batch row, KV head, block index
 
 # a tile whose rows' sums of exp(score - running max) stay below this was computed against a
@@ -59,28 +58,6 @@ def exp_rows(s: np.ndarray, shift: np.ndarray | None = None) -> None:
     if shift is not None:
         s -= shift[:, None]
     np.exp(s, out=s)
-
-
-def plan_tiles(
-    queries: int, keys: int, causal: bool, block_q: int, block_k: int, min_tiled: int
-) -> list[Block]:
-    """The query blocks and, for each, the key tiles it computes: causal blocks start with the
-    diagonal tile (the keys at the block's own positions, queries sitting at the end of the
-    keys), then the keys before it; fewer than ``min_tiled`` keys make one block."""
-    if keys < min_tiled:
-        block_q, block_k = queries, keys
-    off = keys - queries
-    blocks = []
-    for i0 in range(0, queries, block_q):
-        i1 = min(queries, i0 + block_q)
-        if causal:
-            d0, d1 = max(0, i0 + off), min(keys, i1 + off)
-            tiles = [(d0, d1, True)]
-        else:
-            d0, tiles = keys, []
-        tiles += [(j0, min(d0, j0 + block_k), False) for j0 in range(0, d0, block_k)]
-        blocks.append((i0, i1, tiles))
-    return blocks
 
 
 def share_jobs(jobs: list[Job], blocks: list[Block], g: int, workers: int) -> list[list[Job]]:

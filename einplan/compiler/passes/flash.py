@@ -22,24 +22,53 @@ from einplan.errors import EinplanError
 
 ATTENTION_CHOICES = ("auto", "flash", "plain")
 
-# Measured by `python benchmarks/attention.py --parts tiles` (benchmarks/results/flash_tiles.json,
-# 2026-12-01 05:40 UTC, 2 shared vCPUs at load 15-16; flash_tiles_short.json for 16..128 keys,
-# an earlier kernel on one thread): one SmolLM2-135M layer's attention (9 query heads, 3 KV
-# heads, head dim 64, float32, batch 1), median ms:
-#   keys           64   128    256   512   1024   2048   4096
-#   plain        0.29  1.06   16.1  59.5    373   1117   2433
-#   one block    0.29  0.97   12.2  28.2    145    440   1297
-#   128 x 512                 12.1  24.8    140    459   1287
-#   128 x 1024   0.29  0.94   12.1  31.4    142    452   1324
-#   256 x 512                  9.5  26.2    167    456   1286
-# Tile sizes differ by less than the noise from 2048 keys; 128 x 512 is best or within 2 % at
-# every length from 512, and its tile (384 x 512 floats per KV head) is the smaller.
+# Measured by `python benchmarks/attention.py --parts tiles --tile-lengths 128,256,512,1024,4096`
+# (benchmarks/results/flash_tiles.json, 2026-12-01 13:50 UTC, 2 vCPUs, the numba backend's
+# compiled exp): one SmolLM2-135M layer's attention (9 query heads, 3 KV heads, head dim 64,
+# float32, batch 1), median ms:
+#   keys           128   256   512   1024    4096
+#   plain          1.2   3.0   8.9   38.1   554.4
+#   one block      1.2   1.9   5.0   14.2   174.7
+#   128 x 512      1.1   1.7   4.7   13.1   184.1
+#   128 x 1024           1.7   4.6   12.5   190.7
+#   256 x 512            2.1   4.7   13.9   177.5
+#   256 x 2048           2.1   4.7   13.8   171.1
+# Tile sizes differ by less than the noise from 512 keys; 128 x 512 is best or within 8 % at
+# every length, and its tile (384 x 512 floats per job) stays in a core's L2 cache. From 256
+# keys tiles beat one block (a causal plan then has two query blocks per KV head, jobs enough
+# for both threads); below, a causal 128-query block is the whole sequence anyway.
 BLOCK_Q = 128  # query rows per block (x the 3 query heads of a KV head: 384 rows per product)
 BLOCK_K = 512  # keys per tile
-MIN_TILED = 512  # auto: below this many keys one block (as fast); from it tiles win (and the
+MIN_TILED = 256  # auto: below this many keys one block (as fast); from it tiles win (and the
 # scores of one block would grow with the square of the length)
 # decode (one query): the plain chain measured faster (benchmarks/attention.py --parts decode)
 FLASH_DECODE = False
+
+Tile = tuple[int, int, bool]  # first key, end key, whether it is the causal diagonal tile
+Block = tuple[int, int, list[Tile]]  # first row, end row, its key tiles
+
+
+def plan_tiles(
+    queries: int, keys: int, causal: bool, block_q: int, block_k: int, min_tiled: int
+) -> list[Block]:
+    """The query blocks and, for each, the key tiles it computes: causal blocks start with the
+    diagonal tile (the keys at the block's own positions, queries sitting at the end of the
+    keys), then the keys before it; fewer than ``min_tiled`` keys make one block."""
+    if keys < min_tiled:
+        block_q, block_k = queries, keys
+    off = keys - queries
+    blocks = []
+    for i0 in range(0, queries, block_q):
+        i1 = min(queries, i0 + block_q)
+        if causal:
+            d0, d1 = max(0, i0 + off), min(keys, i1 + off)
+            tiles = [(d0, d1, True)]
+        else:
+            d0, tiles = keys, []
+        tiles += [(j0, min(d0, j0 + block_k), False) for j0 in range(0, d0, block_k)]
+        blocks.append((i0, i1, tiles))
+    return blocks
+
 
 SCORE_SPECS = {"bsngh,btnh->bngst": "bsnh", "bsngh,bnth->bngst": "bnth"}
 CONTEXT_SPECS = {"bsnh": "bngst,btnh->bsngh", "bnth": "bngst,bnth->bsngh"}

@@ -27,6 +27,7 @@ from einplan.compiler.ops import (
     OPS,
     Op,
 )
+from einplan.compiler.passes.flash import plan_tiles
 from einplan.compiler.pipeline import PassContext
 from einplan.compiler.symbolic import evaluate, numel, poly_to_json, scale_poly
 from einplan.compiler.tags import Tag
@@ -201,14 +202,11 @@ def flash_bytes(n: Node, ins: list[Node], dims: dict[str, int], need) -> int:
     dtype = "f64" if n.dtype == "f64" else "f32"  # 16-bit values are multiplied in float32
     b, s, heads, g, h = (evaluate(numel([d]), dims) for d in ins[0].shape)
     t = evaluate(numel([ins[1].shape[2] if a["layout"] == "bnth" else ins[1].shape[1]]), dims)
-    if t < a["min_tiled"]:
-        block_q, width = s, t
-    else:
-        block_q = min(a["block_q"], s)
-        width = min(t, max(a["block_k"], block_q))  # a causal block's diagonal tile is block_q
-    rows, q, kv = block_q * g, b * heads * s * g * h, b * heads * t * h
-    jobs = b * heads * -(-s // block_q)
-    workers = min(KERNEL_THREADS, jobs)
+    blocks = plan_tiles(s, t, a["causal"], a["block_q"], a["block_k"], a["min_tiled"])
+    rows = max(i1 - i0 for i0, i1, _ in blocks) * g
+    width = max(j1 - j0 for *_, tiles in blocks for j0, j1, _ in tiles)
+    q, kv = b * heads * s * g * h, b * heads * t * h
+    workers = min(KERNEL_THREADS, b * heads * len(blocks))  # the jobs are shared out
     reverse = n.op is Op.FLASH_ATTENTION_GRAD
     for role in ("s", "ds") if reverse else ("s", "acc", "part"):
         cols = width if role in ("s", "ds") else h + 1

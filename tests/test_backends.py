@@ -125,9 +125,9 @@ def test_numpy_backend_runs_every_op_and_steps_name_their_backend(kernels):
     made = {(r.op, r.backend) for r in rec.records()}
     if kernels == "numpy":
         assert {b for _, b in made} == {"numpy"}
-    else:  # compiled quantised products and gather; a forward's other ops are numpy's
+    else:  # compiled quantised products, gather, norms; the residual adds stay numpy's
         assert ("einsum", "numba") in made and ("gather", "numba") in made
-        assert ("rms_norm", "numpy") in made
+        assert ("rms_norm", "numba") in made and ("add", "numpy") in made
     # a float plan: its products of more than GEMV_MAX_ROWS rows run on BLAS, whatever the
     # backend
     from einplan.runtime.backends.numba_decode_factories import GEMV_MAX_ROWS

@@ -198,21 +198,24 @@ def test_kv_append_writes_in_place_and_checks_the_slot():
         compiled([caches[1], new, np.array([5])], None)
 
 
-def test_large_or_many_token_steps_fall_through():
-    """Only decode steps (token axis 1) up to MAX_ELEMENTS values compile: prefill, forward
-    and training steps keep numpy's kernels and never import numba."""
-    from einplan.runtime.backends.numba_decode_factories import MAX_ELEMENTS
-
-    w = np.ones(64, np.float32)
-    for shape in ((MAX_ELEMENTS // 64 + 1, 1, 64), (1, 5, 64)):
-        x = np.ones(shape, np.float32)
-        *_, made = both(Op.RMS_NORM, {"eps": 1e-5}, [x, w], x.shape)
-        assert made == "numpy"
+def test_many_token_softmax_falls_through_and_norms_compile_at_every_size():
+    """A softmax over more than one query (prefill, forward, training) keeps numpy's kernel;
+    RMSNorm compiles at every size, as RoPE does (test_rope)."""
+    x = np.ones((1, 2, 5, 7), np.float32)  # five queries
+    *_, made = both(Op.SOFTMAX, {"scale": 1.0}, [x], x.shape)
+    assert made == "numpy"
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal(64, np.float32)
+    for shape in ((1100, 1, 64), (2, 300, 64)):
+        x = rng.standard_normal(shape, np.float32)
+        got, want, made = both(Op.RMS_NORM, {"eps": 1e-5}, [x, w], x.shape)
+        assert made == "numba"
+        assert_close(got, want, np.abs(w).max())
 
 
 def test_only_the_decode_entry_gets_compiled_float_kernels():
     """A float plan's forward (and so training) runs numpy's kernels under the numba backend
-    but for RoPE and flash attention's exp (SwiGLU too from MIN_SILU values, more than this
+    but for RoPE, RMSNorm and flash attention's exp (SwiGLU too from MIN_SILU values, more than this
     forward has); its decode compiles the GEMVs, norms, RoPE, softmax and cache writes."""
     import einplan
     from einplan.runtime.executor import Executor
@@ -225,7 +228,7 @@ def test_only_the_decode_entry_gets_compiled_float_kernels():
 
     forward.prepare({"batch": 1, "seq": GEMV_MAX_ROWS + 1})  # products on BLAS too
     table = next(iter(forward._prepared.values())).table
-    assert {i.op for i in table if i.backend == "numba"} == {"rope", "flash_attention"}
+    assert {i.op for i in table if i.backend == "numba"} == {"rope", "rms_norm", "flash_attention"}
     graph = plan.entry("decode")
     decode = Executor(graph, {**weights, **allocate_cache(graph, 1, 16)}, kernels="numba")
     decode.prepare({"batch": 1, "kv": 16, "ctx": 16})

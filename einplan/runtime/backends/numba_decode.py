@@ -81,23 +81,29 @@ def rms_norm_rows(x, w, eps, inv_d, out):  # pragma: no cover - compiled
 
 
 @njit(**OPTIONS)
-def rope_rows(x, table, scale, sign, out):  # pragma: no cover - compiled
-    """Rotate the halves of each head of x (r, heads, hd) by the angles of table (2, r, hd/2)
-    (cos, sin); ``sign`` -1 rotates back; then multiply by ``scale``."""
-    half = x.shape[2] // 2
-    for i in range(x.shape[0]):
-        for h in range(x.shape[1]):
-            for j in range(half):
-                c, s = table[0, i, j], table[1, i, j]
-                x1, x2 = x[i, h, j], x[i, h, j + half]
-                if sign > 0:
-                    o1 = x1 * c - x2 * s
-                    o2 = x2 * c + x1 * s
-                else:
-                    o1 = x1 * c + x2 * s
-                    o2 = x2 * c - x1 * s
-                out[i, h, j] = o1 * scale
-                out[i, h, j + half] = o2 * scale
+def rope_rows(x, x_stride, table, scale, sign, out):  # pragma: no cover - compiled
+    """Rotate the halves of each head of x by the angles of table (2, r, hd/2) (cos, sin);
+    ``sign`` -1 rotates back; then multiply by ``scale``. x is a 1-D buffer whose row i (heads
+    x hd values) starts at ``i * x_stride`` (q and k are strided views of one product: a 3-D
+    view of them would not vectorise); out (r, heads * hd) C-contiguous."""
+    rows, width = out.shape
+    half = table.shape[2]
+    hd = 2 * half
+    for i in range(rows):
+        xr = x[i * x_stride : i * x_stride + width]
+        cos, sin = table[0, i], table[1, i]
+        o = out[i]
+        for b in range(0, width, hd):
+            x1, x2 = xr[b : b + half], xr[b + half : b + hd]
+            o1, o2 = o[b : b + half], o[b + half : b + hd]
+            if sign > 0:
+                for j in range(half):
+                    o1[j] = (x1[j] * cos[j] - x2[j] * sin[j]) * scale
+                    o2[j] = (x2[j] * cos[j] + x1[j] * sin[j]) * scale
+            else:
+                for j in range(half):
+                    o1[j] = (x1[j] * cos[j] + x2[j] * sin[j]) * scale
+                    o2[j] = (x2[j] * cos[j] - x1[j] * sin[j]) * scale
 
 
 @njit(**OPTIONS)
@@ -143,7 +149,7 @@ def warm_up() -> None:
     x2 = np.ones((1, 8), f)
     f32_gemv(x2, np.ones((8, 4), f), np.empty((2, 1, 4), f), np.empty((1, 4), f))
     rms_norm_rows(x2, np.ones(8, f), f(1e-5), f(1 / 8), np.empty_like(x2))
-    rope_rows(np.ones((1, 2, 8), f), np.ones((2, 1, 4), f), f(1), 1, np.empty((1, 2, 8), f))
+    rope_rows(np.ones(16, f), 16, np.ones((2, 1, 4), f), f(1), 1, np.empty((1, 16), f))
     x4 = np.ones((1, 2, 1, 8), f)
     softmax_rows(x4, np.zeros((1, 1, 8), f), f(1), np.empty_like(x4))
     kv_write(np.ones((1, 1, 8, 4), f), np.ones((1, 1, 1, 4), f), 0)

@@ -3,9 +3,9 @@ the GEMV of a packed (in, out) weight and the ops between the products where com
 
 Each factory takes decode steps and declines the rest (returns None, so numpy's kernel runs):
 the elementwise kernels take only nodes whose traced token axis is the literal 1 of the decode
-entry and at most ``MAX_ELEMENTS`` values, except RoPE, whose one compiled pass beats numpy's
-six at every size (training, forward and prefill use it, and flash attention's compiled
-exp: runtime/backends/numba_exp_factories.py); a product takes at most ``GEMV_MAX_ROWS``
+entry, except RoPE and RMSNorm, whose one compiled pass beats numpy's chain of passes at every
+size (training, forward and prefill use them, and flash attention's compiled exp:
+runtime/backends/numba_exp_factories.py); a product takes at most ``GEMV_MAX_ROWS``
 input rows (BLAS's GEMM reuses each weight block across rows and wins above); a softmax at most
 ``SOFTMAX_MAX_ELEMENTS`` values and no causal mask; nothing but float32. The kernels module is
 imported only when a factory builds a kernel.
@@ -26,6 +26,7 @@ import numpy as np
 
 from einplan.compiler.attrs import MatmulRecipe
 from einplan.compiler.ops import Op
+from einplan.runtime.kernels import KERNELS
 
 # products with at most this many input rows stream the weight in the compiled GEMV; above,
 # BLAS. Measured by `einplan bench kernels` (SmolLM2-135M's decode shapes, 2 cores, best of
@@ -37,8 +38,6 @@ from einplan.compiler.ops import Op
 # cores, and batch-8 decode with only the wide products compiled ran at 28.6 tok/s, against
 # 134 with every product on BLAS and 159 with every one compiled (benchmarks/generate.py).
 GEMV_MAX_ROWS = 8
-# elementwise steps up to this many output values run compiled (a decode step's are ~10^3)
-MAX_ELEMENTS = 1 << 16
 # a softmax over at most this many values runs compiled: its exp is a scalar call per value,
 # numpy's is SIMD; below this numpy's fixed cost (the blocks, six passes) is the larger
 SOFTMAX_MAX_ELEMENTS = 4096
@@ -104,17 +103,33 @@ def make_gemv(node, shapes, out_shape, scratch, inputs):
     return gemv
 
 
+def flat_rows(x: np.ndarray) -> tuple[np.ndarray, int] | None:
+    """A 2-D array with unit column stride as a 1-D view of its memory and its row stride (in
+    elements), the form in which a compiled kernel's rows vectorise; None for another
+    layout."""
+    item = x.itemsize
+    if x.ndim != 2 or x.strides[1] != item or x.strides[0] % item or x.strides[0] < 0:
+        return None
+    stride = x.strides[0] // item if x.shape[0] > 1 else x.shape[1]
+    span = (x.shape[0] - 1) * stride + x.shape[1] if x.size else 0
+    return np.lib.stride_tricks.as_strided(x, shape=(span,), strides=(item,)), stride
+
+
 def make_rms_norm(node, shapes, out_shape, scratch, inputs):
-    """RMSNorm of the rows of a decode step's input."""
-    if not _f32(node, inputs) or not one_token(node, -2) or math.prod(out_shape) > MAX_ELEMENTS:
+    """RMSNorm of the rows of a float32 input, of any step: one compiled pass per row against
+    numpy's four."""
+    if not _f32(node, inputs):
         return None
     nk = kernels()
     d = out_shape[-1]
     eps, inv_d = np.float32(node.attrs["eps"]), np.float32(1.0 / d)
     rows = _rows(out_shape)
+    fallback = KERNELS[Op.RMS_NORM](node, shapes, out_shape, scratch)
 
     def rms_norm(ins, out):
         x, w = ins
+        if not out.flags.c_contiguous:
+            return fallback(ins, out)
         nk.rms_norm_rows(x.reshape(rows, d), w, eps, inv_d, out.reshape(rows, d))
         return out
 
@@ -132,11 +147,15 @@ def make_rope(node, shapes, out_shape, scratch, inputs):
     heads = math.prod(int(d) for d in x_shape[2:-1])
     scale = np.float32(node.attrs.get("scale", 1.0))
     sign = -1 if node.attrs.get("inverse") else 1
-    x3, t3 = (rows, heads, hd), (2, rows, hd // 2)
+    x2, t3 = (rows, heads * hd), (2, rows, hd // 2)
+    fallback = KERNELS[Op.ROPE](node, shapes, out_shape, scratch)
 
     def rope(ins, out):
         x, table = ins
-        nk.rope_rows(x.reshape(x3), table.reshape(t3), scale, sign, out.reshape(x3))
+        flat = flat_rows(x.reshape(x2))
+        if flat is None or not out.flags.c_contiguous:
+            return fallback(ins, out)
+        nk.rope_rows(flat[0], flat[1], table.reshape(t3), scale, sign, out.reshape(x2))
         return out
 
     return rope

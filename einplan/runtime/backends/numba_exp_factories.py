@@ -16,6 +16,7 @@ import math
 import numpy as np
 
 from einplan.compiler.ops import Op
+from einplan.runtime.backends.numba_decode_factories import flat_rows
 from einplan.runtime.flash import make_flash_attention, make_flash_attention_grad
 from einplan.runtime.kernels import _silu_mul_block
 
@@ -48,17 +49,6 @@ def make_flash(node, shapes, out_shape, scratch, inputs):
         return None
     make = make_flash_attention if node.op is Op.FLASH_ATTENTION else make_flash_attention_grad
     return make(node, shapes, out_shape, scratch, exp=compiled_exp_rows())
-
-
-def flat_rows(x: np.ndarray) -> tuple[np.ndarray, int] | None:
-    """A 2-D array with unit column stride as a 1-D view of its memory and its row stride (in
-    elements); None for another layout."""
-    item = x.itemsize
-    if x.ndim != 2 or x.strides[1] != item or x.strides[0] % item or x.strides[0] < 0:
-        return None
-    stride = x.strides[0] // item if x.shape[0] > 1 else x.shape[1]
-    span = (x.shape[0] - 1) * stride + x.shape[1] if x.size else 0
-    return np.lib.stride_tricks.as_strided(x, shape=(span,), strides=(item,)), stride
 
 
 def make_silu_mul(node, shapes, out_shape, scratch, inputs):

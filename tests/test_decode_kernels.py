@@ -215,8 +215,9 @@ def test_many_token_softmax_falls_through_and_norms_compile_at_every_size():
 
 def test_only_the_decode_entry_gets_compiled_float_kernels():
     """A float plan's forward (and so training) runs numpy's kernels under the numba backend
-    but for RoPE, RMSNorm and flash attention's exp (SwiGLU too from MIN_SILU values, more than this
-    forward has); its decode compiles the GEMVs, norms, RoPE, softmax and cache writes."""
+    but for RoPE, RMSNorm and flash attention's exp (SwiGLU too from MIN_SILU values, more
+    than this forward has); its decode compiles the GEMVs, norms, RoPE, softmax and cache
+    writes."""
     import einplan
     from einplan.runtime.executor import Executor
     from einplan.runtime.kv_cache import allocate_cache

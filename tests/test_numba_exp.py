@@ -97,7 +97,7 @@ def test_compiled_flash_equals_numpy_flash_and_the_float64_chain(c):
 
 @settings(max_examples=25, deadline=None)
 @given(
-    size=st.sampled_from([(1, 7), (3, 1536), (64, 1024), (97, 677), (140, 1100), (1, 70000)]),
+    size=st.sampled_from([(1, 7), (3, 1536), (8, 1536), (64, 1024), (97, 677), (1, 70000)]),
     halves=st.booleans(),
     seed=st.integers(0, 99),
 )

@@ -27,7 +27,7 @@ import numpy as np
 from einplan.compiler.dtypes import to_numpy_dtype
 from einplan.compiler.ir import Node
 from einplan.compiler.ops import Op
-from einplan.compiler.passes.flash import Block, plan_tiles
+from einplan.compiler.passes.flash import Block, flash_workers, plan_tiles
 from einplan.runtime.blas import blas_controller
 from einplan.runtime.moe import buffer_key
 from einplan.runtime.qmatmul import THREADS, Helper
@@ -121,7 +121,9 @@ class Layout:
         self.causal = bool(a["causal"])
         b, n, h, g = self.b, self.n, self.h, self.g
         jobs = [(bi, hd, k) for bi in range(b) for hd in range(n) for k in range(len(self.blocks))]
-        self.shares = share_jobs(jobs, self.blocks, g, THREADS)
+        self.shares = share_jobs(
+            jobs, self.blocks, g, flash_workers(self.blocks, b * n, g, THREADS)
+        )
         self.rows = max(i1 - i0 for i0, i1, _ in self.blocks) * g
         self.width = max(j1 - j0 for *_, tiles in self.blocks for j0, j1, _ in tiles)
         self.scratch = scratch

@@ -41,6 +41,10 @@ BLOCK_Q = 128  # query rows per block (x the 3 query heads of a KV head: 384 row
 BLOCK_K = 512  # keys per tile
 MIN_TILED = 256  # auto: below this many keys one block (as fast); from it tiles win (and the
 # scores of one block would grow with the square of the length)
+# a step with fewer score entries runs its jobs on one thread: a 32-token prefill's (9 x 32 x 32)
+# took 154 us on one against 247 on two, 64 tokens 263 against 362, 128 tokens 723 against 573
+# (median of 200, one SmolLM2-135M layer, 2 cores)
+TWO_WORKERS_FROM = 1 << 16
 # decode (one query): the plain chain measured faster (benchmarks/attention.py --parts decode)
 FLASH_DECODE = False
 
@@ -68,6 +72,16 @@ def plan_tiles(
         tiles += [(j0, min(d0, j0 + block_k), False) for j0 in range(0, d0, block_k)]
         blocks.append((i0, i1, tiles))
     return blocks
+
+
+def flash_workers(blocks: list[Block], jobs_per_block: int, g: int, threads: int) -> int:
+    """Threads that share a step's jobs (``jobs_per_block``: batch rows x KV heads): one below
+    TWO_WORKERS_FROM score entries, where handing half to a helper thread costs more than it
+    saves, else ``threads``, at most one per job."""
+    rows_keys = sum((i1 - i0) * sum(j1 - j0 for j0, j1, _ in t) for i0, i1, t in blocks)
+    if jobs_per_block * g * rows_keys < TWO_WORKERS_FROM:
+        return 1
+    return max(1, min(threads, jobs_per_block * len(blocks)))
 
 
 SCORE_SPECS = {"bsngh,btnh->bngst": "bsnh", "bsngh,bnth->bngst": "bnth"}

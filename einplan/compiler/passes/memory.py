@@ -27,7 +27,7 @@ from einplan.compiler.ops import (
     OPS,
     Op,
 )
-from einplan.compiler.passes.flash import plan_tiles
+from einplan.compiler.passes.flash import flash_workers, plan_tiles
 from einplan.compiler.pipeline import PassContext
 from einplan.compiler.symbolic import evaluate, numel, poly_to_json, scale_poly
 from einplan.compiler.tags import Tag
@@ -206,7 +206,7 @@ def flash_bytes(n: Node, ins: list[Node], dims: dict[str, int], need) -> int:
     rows = max(i1 - i0 for i0, i1, _ in blocks) * g
     width = max(j1 - j0 for *_, tiles in blocks for j0, j1, _ in tiles)
     q, kv = b * heads * s * g * h, b * heads * t * h
-    workers = min(KERNEL_THREADS, b * heads * len(blocks))  # the jobs are shared out
+    workers = flash_workers(blocks, b * heads, g, KERNEL_THREADS)
     reverse = n.op is Op.FLASH_ATTENTION_GRAD
     for role in ("s", "ds") if reverse else ("s", "acc", "part"):
         cols = width if role in ("s", "ds") else h + 1

@@ -14,7 +14,7 @@ Measured per call against numpy's kernel on SmolLM2-135M decode shapes, batch 1 
 (best of 2000, 2 cores): RMSNorm 1.0 / 1.5 vs 5.6 / 5.9 us, RoPE on q 1.1 / 3.3 vs 9.4 / 16.5,
 softmax 8.4 vs 10.8 (batch 1), KV write 0.9 vs 1.1. Not kept (numpy's faster): SwiGLU 5.1 /
 34.5 vs 3.3 / 15.8 (with a scalar exp; the vectorised one of numba_exp.py takes SwiGLU from
-64K values), residual add 0.9 vs 0.5, the
+8K values, batch-8 decode), residual add 0.9 vs 0.5, the
 attention products 8.9 / 17.4 vs 5.9 / 5.9 (batched BLAS), softmax at batch 8 60 vs 27.
 """
 

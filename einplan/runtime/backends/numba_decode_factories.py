@@ -107,6 +107,8 @@ def flat_rows(x: np.ndarray) -> tuple[np.ndarray, int] | None:
     """A 2-D array with unit column stride as a 1-D view of its memory and its row stride (in
     elements), the form in which a compiled kernel's rows vectorise; None for another
     layout."""
+    if x.flags.c_contiguous:  # (a decode step's one row): a plain view, no strided one
+        return x.reshape(-1), x.shape[-1]
     item = x.itemsize
     if x.ndim != 2 or x.strides[1] != item or x.strides[0] % item or x.strides[0] < 0:
         return None

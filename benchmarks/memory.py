@@ -41,6 +41,9 @@ EINPLAN_ROWS: dict[str, dict] = {
     "einplan": {},  # attention auto: flash attention, tiled from 256 keys
     "einplan-plain": {"attention": "plain"},  # the scores -> softmax -> context chain
     "einplan-layers": {"checkpoint": "layers"},
+    # the numpy backend: no numba runtime in the process (its import and compiled kernels
+    # are about 125 MiB of resident memory)
+    "einplan-layers-numpy": {"checkpoint": "layers", "kernels": "numpy"},
     "einplan-every:2": {"checkpoint": "every:2"},
     "einplan-selective": {"checkpoint": "selective"},
     "einplan-flash": {"attention": "flash"},
@@ -75,20 +78,21 @@ def einplan_point(row: str, mode: str, seq: int, warmup: int, reps: int) -> dict
     from einplan.runtime.executor import Executor
     from einplan.runtime.trainer import Trainer
 
-    kwargs = EINPLAN_ROWS[row]
+    kwargs = dict(EINPLAN_ROWS[row])
+    kernels = kwargs.pop("kernels", None)  # a run option, not a compile one
     cfg = parse_train_config({**TRAIN, "micro_batch": 1, "seq_len": seq})
     ids = np.random.default_rng(1).integers(1, 49152, (1, seq + 1))
     t0 = time.perf_counter()
     if mode == "train":
         plan = einplan.compile_model(CONFIG, entries=("train_step", "loss"), train=cfg, **kwargs)
-        trainer = Trainer(plan, random_weights(plan.entry("train_step"), 0), cfg)
+        trainer = Trainer(plan, random_weights(plan.entry("train_step"), 0), cfg, kernels=kernels)
         compile_s = time.perf_counter() - t0
         samples = timed(lambda: trainer.run_step([ids]), warmup, reps, 0)
         graph, arena = plan.entry("train_step"), trainer.executor.activation_bytes()
     else:
         plan = einplan.compile_model(CONFIG, entries=("forward",), **kwargs)
         graph = plan.entry("forward")
-        ex = Executor(graph, random_weights(graph, 0))
+        ex = Executor(graph, random_weights(graph, 0), kernels=kernels)
         compile_s = time.perf_counter() - t0
         feed = {"tokens": ids[:, :seq], "positions": np.arange(seq)[None, :]}
         samples = timed(lambda: ex.run(feed), warmup, reps, 0)
@@ -119,10 +123,11 @@ def interleaved_cost(rows: list[str], seq: int, warmup: int, reps: int) -> list[
     ids = np.random.default_rng(1).integers(1, 49152, (1, seq + 1))
     trainers = {}
     for row in rows:
-        plan = einplan.compile_model(
-            CONFIG, entries=("train_step", "loss"), train=cfg, **EINPLAN_ROWS[row]
-        )
-        trainers[row] = Trainer(plan, random_weights(plan.entry("train_step"), 0), cfg)
+        kwargs = dict(EINPLAN_ROWS[row])
+        kernels = kwargs.pop("kernels", None)
+        plan = einplan.compile_model(CONFIG, entries=("train_step", "loss"), train=cfg, **kwargs)
+        weights = random_weights(plan.entry("train_step"), 0)
+        trainers[row] = Trainer(plan, weights, cfg, kernels=kernels)
     samples: dict[str, list[float]] = {row: [] for row in rows}
     for k in range(warmup + reps):
         for row, trainer in trainers.items():
@@ -226,6 +231,7 @@ def rejected(kwargs: dict) -> str | None:
     import einplan
     from einplan.errors import EinplanError
 
+    kwargs = {k: v for k, v in kwargs.items() if k != "kernels"}  # a run option
     try:
         einplan.compile_model("tiny", entries=("train_step", "loss"), **kwargs)
     except (TypeError, EinplanError) as e:

@@ -101,6 +101,18 @@ def _fused(op: Op, operands: Callable, wrt: tuple[str | None, ...] = (None,)) ->
     return rule
 
 
+def vjp_cross_entropy(b, n, ins, out, ct, need):
+    """The fused reverse op, reading the logits through an ``after`` view of the loss: it then
+    runs after the forward op's read of them and writes its (tokens, vocab) gradient over
+    them in place, not beside them (384 MiB of a SmolLM2 1x2048 step's 912 MiB peak)."""
+    if 0 not in need:
+        return [None, None]
+    attrs = {k: v for k, v in n.attrs.items() if k in FUSED_ATTRS}
+    logits = b.backward_op(Op.AFTER, [ins[0], out], {}, f"{n.name}.after")
+    grad = b.backward_op(Op.CROSS_ENTROPY_GRAD, [logits, ins[1], ct], attrs, f"{n.name}.grad0")
+    return [grad, None]
+
+
 def vjp_rope(b, n, ins, out, ct, need):
     """Rotation is orthogonal: d x = the cotangent rotated back (times the same scale)."""
     x, table = ins
@@ -203,7 +215,7 @@ RULES: dict[Op, Rule] = {
     Op.SILU_MUL: _fused(
         Op.SILU_MUL_GRAD, lambda ins, out, ct: [ins[0], ins[1], ct], wrt=("gate", "up")
     ),
-    Op.CROSS_ENTROPY: _fused(Op.CROSS_ENTROPY_GRAD, lambda ins, out, ct: [ins[0], ins[1], ct]),
+    Op.CROSS_ENTROPY: vjp_cross_entropy,
     Op.RESHAPE: vjp_reshape,
     Op.TRANSPOSE: vjp_transpose,
     Op.CAST: vjp_cast,
@@ -228,7 +240,7 @@ NOT_DIFFERENTIABLE: dict[Op, str] = {
     Op.KV_APPEND: "the KV cache is written only by prefill and decode",
     Op.SLICE_LAST: "only prefill takes the last position",
     Op.SPLIT: "packed projections exist only in inference graphs",
-    Op.AFTER: "only the checkpoint pass makes it, after the reverse graph",
+    Op.AFTER: "made only in reverse graphs (cross-entropy's rule, the checkpoint pass)",
     Op.ROPE_TABLE: "the rotary table is a function of positions only",
     Op.DEQUANTIZE: "quantised weights are frozen (train LoRA adapters over them)",
     Op.CROSS_ENTROPY_GRAD: "reverse ops are not differentiated again",

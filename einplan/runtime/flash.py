@@ -12,9 +12,13 @@ Tiles of an additive mask that hide every key of the tile (prefill's causal part
 cache slots) are skipped too, unless some row of the block sees no key at all: that row then
 averages every key, as the plain softmax does.
 
-The query blocks are shared between this thread and a helper (numpy and BLAS release the GIL),
-each block's small products on one BLAS thread: two BLAS threads per product spin-wait for each
-other, which on a busy machine made every tile's product ten times slower.
+The work is cut into jobs of one (batch row, KV head, query block), so that a tile stays in a
+core's L2 cache, and the jobs are shared between this thread and a helper (numpy and BLAS
+release the GIL), each job's small products on one BLAS thread: two BLAS threads per product
+spin-wait for each other, which on a busy machine made every tile's product ten times slower.
+A step of few score entries runs on this thread alone (compiler/passes/flash.py says when).
+How q, k and v carry an extra column so that the products subtract the running maximum and
+sum the rows: :class:`Layout`.
 """
 
 from __future__ import annotations

@@ -306,7 +306,7 @@ def _gradients(lay: Layout, q, k, v, mask, o, do, lse) -> dict[str, np.ndarray]:
     dq5 = dq_t.reshape(b, n, s, g, h)
     np.multiply(do5[..., :h], o.transpose(0, 2, 1, 3, 4), out=dq5, dtype=lay.dtype)
     np.sum(dq5, axis=-1, out=do5[..., h])
-    do5[..., h] *= -1  # (np.negative in place on a strided float32 view is wrong in numpy 2.4)
+    do5[..., h] *= -1  # (np.negative of a strided float32 view into one is wrong in numpy 2.4-2.5)
     dq_t[...] = 0
     dkv = [np.zeros((2, b, n, lay.t, h), lay.dtype) for _ in lay.shares]
     skips = lay.skippable(mask)

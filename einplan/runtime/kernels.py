@@ -349,20 +349,21 @@ def make_silu_mul(node, shapes, out_shape, scratch) -> Kernel:
         and all(tuple(s) == tuple(out_shape) for s in shapes)
     )
     if not blocked:  # decode and other small steps: one pass each, no slicing
-        return lambda ins, out: _silu_mul_block(ins[0], ins[1], out)
+        return lambda ins, out: silu_mul_block(ins[0], ins[1], out)
 
     def silu_mul(ins, out):
         if not out.flags.c_contiguous:
-            return _silu_mul_block(ins[0], ins[1], out)
+            return silu_mul_block(ins[0], ins[1], out)
         g2, u2, o2 = (x.reshape(-1, width) for x in (*ins, out))  # views: rows of one stride
         for r in range(0, o2.shape[0], rows):
-            _silu_mul_block(g2[r : r + rows], u2[r : r + rows], o2[r : r + rows])
+            silu_mul_block(g2[r : r + rows], u2[r : r + rows], o2[r : r + rows])
         return out
 
     return silu_mul
 
 
-def _silu_mul_block(g, u, out):
+def silu_mul_block(g, u, out):
+    """``g / (1 + exp(-g)) * u`` into ``out`` in five NumPy passes."""
     np.negative(g, out=out)
     np.exp(out, out=out)
     out += 1

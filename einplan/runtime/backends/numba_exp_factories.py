@@ -18,7 +18,7 @@ import numpy as np
 from einplan.compiler.ops import Op
 from einplan.runtime.backends.numba_decode_factories import flat_rows
 from einplan.runtime.flash import make_flash_attention, make_flash_attention_grad
-from einplan.runtime.kernels import _silu_mul_block
+from einplan.runtime.kernels import silu_mul_block
 
 NO_SHIFT = np.empty(0, np.float32)
 # SwiGLU steps below this many values keep numpy's kernel (the views and the call cost ~8 us).
@@ -68,7 +68,7 @@ def make_silu_mul(node, shapes, out_shape, scratch, inputs):
         g, u = (x.reshape(-1, width) for x in ins)
         fg, fu = flat_rows(g), flat_rows(u)
         if fg is None or fu is None or not out.flags.c_contiguous:
-            return _silu_mul_block(*ins, out)
+            return silu_mul_block(*ins, out)
         kernel(fg[0], fg[1], fu[0], fu[1], out.reshape(-1, width))
         return out
 

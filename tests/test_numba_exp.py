@@ -119,3 +119,11 @@ def test_compiled_swiglu_equals_numpys(size, halves, seed):
     assert made == ("numba" if rows * width >= MIN_SILU else "numpy")
     scale = np.abs(g).max() * np.abs(u).max()
     assert np.abs(got - want).max() <= 4e-7 * scale
+
+
+def test_warm_up_compiles_every_kernel():
+    """`einplan bench kernels` times this first call (the JIT, or the on-disk cache)."""
+    from einplan.runtime.backends import numba_exp
+
+    numba_exp.warm_up()
+    assert numba_exp.exp_rows.signatures and numba_exp.silu_mul_rows.signatures

@@ -58,6 +58,11 @@ def _first_calls() -> dict:
 
     numba_decode.warm_up()
     out["fp32 decode"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    from einplan.runtime.backends import numba_exp
+
+    numba_exp.warm_up()
+    out["exp, SwiGLU"] = time.perf_counter() - t0  # flash attention's exp and SwiGLU
     return out
 
 

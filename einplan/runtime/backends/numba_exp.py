@@ -93,3 +93,10 @@ def silu_mul_rows(g, g_stride, u, u_stride, out):  # pragma: no cover - compiled
         for i in range(width):
             x = gr[i]
             o[i] = x / (F(1.0) + exp32(-x)) * ur[i]
+
+
+def warm_up() -> None:
+    """Call every kernel once on tiny arrays (compile, or load from the on-disk cache)."""
+    s = np.zeros((2, 4), F)
+    exp_rows(s, np.zeros(2, F))
+    silu_mul_rows(np.ones(8, F), 4, np.ones(8, F), 4, s)

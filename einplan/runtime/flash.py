@@ -31,7 +31,7 @@ import numpy as np
 from einplan.compiler.dtypes import to_numpy_dtype
 from einplan.compiler.ir import Node
 from einplan.compiler.ops import Op
-from einplan.compiler.passes.flash import Block, flash_workers, plan_tiles
+from einplan.compiler.passes.flash import Block, block_entries, flash_workers, plan_tiles
 from einplan.runtime.blas import blas_controller
 from einplan.runtime.moe import buffer_key
 from einplan.runtime.qmatmul import THREADS, Helper
@@ -64,15 +64,14 @@ def exp_rows(s: np.ndarray, shift: np.ndarray | None = None) -> None:
     np.exp(s, out=s)
 
 
-def share_jobs(jobs: list[Job], blocks: list[Block], g: int, workers: int) -> list[list[Job]]:
+def share_jobs(jobs: list[Job], blocks: list[Block], workers: int) -> list[list[Job]]:
     """The jobs each worker computes: largest first to the least loaded, by the score entries
     of their tiles (causal blocks near the end see more keys)."""
     shares: list[list[Job]] = [[] for _ in range(max(1, min(workers, len(jobs))))]
     load = [0] * len(shares)
 
     def work(job: Job) -> int:
-        i0, i1, tiles = blocks[job[2]]
-        return (i1 - i0) * g * sum(j1 - j0 for j0, j1, _ in tiles)
+        return block_entries(blocks[job[2]])
 
     for job in sorted(jobs, key=work, reverse=True):
         w = load.index(min(load))
@@ -125,21 +124,20 @@ class Layout:
         self.causal = bool(a["causal"])
         b, n, h, g = self.b, self.n, self.h, self.g
         jobs = [(bi, hd, k) for bi in range(b) for hd in range(n) for k in range(len(self.blocks))]
-        self.shares = share_jobs(
-            jobs, self.blocks, g, flash_workers(self.blocks, b * n, g, THREADS)
-        )
+        self.shares = share_jobs(jobs, self.blocks, flash_workers(self.blocks, b * n, g, THREADS))
         self.rows = max(i1 - i0 for i0, i1, _ in self.blocks) * g
         self.width = max(j1 - j0 for *_, tiles in self.blocks for j0, j1, _ in tiles)
         self.scratch = scratch
         for role in roles:  # asked for now, so the binding counts them in its scratch bytes
             for worker in range(len(self.shares)):
-                self.tile(role, worker, self.rows, h + 1 if role in ("acc", "part") else 0)
+                self.tile(role, worker, self.rows)
         self.q_t = scratch("flash_q", (b, n, self.s * g, h + 1), self.dtype)
         self.k_t = scratch("flash_k", (b, n, self.t, h + 1), self.dtype)
         self.v_t = scratch("flash_v", (b, n, self.t, h + 1), self.dtype)
 
-    def tile(self, role: str, worker: int, rows: int, width: int) -> np.ndarray:
-        """A (rows, width) view of one worker's scratch tile (``width`` 0: the widest)."""
+    def tile(self, role: str, worker: int, rows: int, width: int | None = None) -> np.ndarray:
+        """A (rows, width) view of one worker's scratch tile: scores ("s", "ds") up to the
+        widest tile, sums ("acc", "part") of h+1 columns (``width`` None: all of them)."""
         cols = self.h + 1 if role in ("acc", "part") else self.width
         flat = self.scratch(f"flash_{role}{worker}", (self.rows * cols,), self.dtype)
         return flat[: rows * (width or cols)].reshape(rows, width or cols)
@@ -217,7 +215,7 @@ def _attend_block(lay: Layout, worker, job, skip, mask, out, lse) -> None:
     g, h = lay.g, lay.h
     r0, r1 = i0 * g, i1 * g
     q_blk = lay.q_t[bi, hd, r0:r1]
-    acc = lay.tile("acc", worker, r1 - r0, h + 1)  # the context | the row sums
+    acc = lay.tile("acc", worker, r1 - r0)  # the context | the row sums
     m = lse[bi, hd, r0:r1]
     fold = mask is None
     first = True
@@ -259,7 +257,7 @@ def _add_tile(lay: Layout, worker, job, q_blk, acc, j0: int, j1: int) -> bool:
     # (rows, h+1) x (h+1, keys) -> (rows, keys)
     np.matmul(q_blk, lay.k_t[bi, hd, j0:j1].T, out=s)
     lay.exp_rows(s)
-    part = lay.tile("part", worker, q_blk.shape[0], lay.h + 1)
+    part = lay.tile("part", worker, q_blk.shape[0])
     # (rows, keys) x (keys, h+1) -> (rows, h+1)
     np.matmul(s, lay.v_t[bi, hd, j0:j1], out=part)
     if not part[:, lay.h].max() <= SUM_LIMIT:  # also false for inf and nan

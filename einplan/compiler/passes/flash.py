@@ -74,12 +74,17 @@ def plan_tiles(
     return blocks
 
 
+def block_entries(block: Block) -> int:
+    """Score entries a query block computes per query head: its rows times its tiles' keys."""
+    i0, i1, tiles = block
+    return (i1 - i0) * sum(j1 - j0 for j0, j1, _ in tiles)
+
+
 def flash_workers(blocks: list[Block], jobs_per_block: int, g: int, threads: int) -> int:
     """Threads that share a step's jobs (``jobs_per_block``: batch rows x KV heads): one below
     TWO_WORKERS_FROM score entries, where handing half to a helper thread costs more than it
     saves, else ``threads``, at most one per job."""
-    rows_keys = sum((i1 - i0) * sum(j1 - j0 for j0, j1, _ in t) for i0, i1, t in blocks)
-    if jobs_per_block * g * rows_keys < TWO_WORKERS_FROM:
+    if jobs_per_block * g * sum(map(block_entries, blocks)) < TWO_WORKERS_FROM:
         return 1
     return max(1, min(threads, jobs_per_block * len(blocks)))
 

@@ -46,12 +46,11 @@ def attention_plan(seq: int, attention: str, decode: bool = False, tiles=None, m
     from einplan.compiler.pipeline import PassContext, run_pipeline
     from einplan.compiler.trace import Builder
 
-    saved = flash.BLOCK_Q, flash.BLOCK_K, flash.MIN_TILED, flash.FLASH_DECODE
+    saved = flash.BLOCK_Q, flash.BLOCK_K, flash.MIN_TILED
     if tiles:
         flash.BLOCK_Q, flash.BLOCK_K = tiles
     if min_tiled is not None:
         flash.MIN_TILED = min_tiled
-    flash.FLASH_DECODE = True
     try:
         b = Builder({"batch": 1, "seq": seq, "kv": seq}, "decode" if decode else "forward")
         s = 1 if decode else "seq"
@@ -77,7 +76,7 @@ def attention_plan(seq: int, attention: str, decode: bool = False, tiles=None, m
         ctx_ = PassContext(attention=attention, use_path_cache=False)
         return run_pipeline(b.graph, ctx_, ("flash", "contract", "schedule", "memory"))
     finally:
-        flash.BLOCK_Q, flash.BLOCK_K, flash.MIN_TILED, flash.FLASH_DECODE = saved
+        flash.BLOCK_Q, flash.BLOCK_K, flash.MIN_TILED = saved
 
 
 def attention_feed(seq: int, decode: bool = False) -> dict:
@@ -103,7 +102,7 @@ def time_side_by_side(graphs: dict, feed: dict, args) -> dict:
     """Median seconds of each graph's run, the graphs taking turns rep by rep."""
     from einplan.runtime.executor import Executor
 
-    runs = {name: Executor(g, {}) for name, g in graphs.items()}
+    runs = {name: Executor(g, {}, kernels=args.kernels) for name, g in graphs.items()}
     samples: dict[str, list[float]] = {name: [] for name in runs}
     for ex in runs.values():
         timed(lambda ex=ex: ex.run(feed), args.warmup, 0, 0)
@@ -291,6 +290,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--min-time", type=float, default=1.0)
+    ap.add_argument("--kernels", help="kernels backend (numpy, numba; default: the fastest)")
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "attention.json"))
     ap.add_argument("--case", help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -24,6 +24,7 @@ from einplan.runtime import flash as flash_runtime
 from einplan.runtime.executor import Executor
 from einplan.runtime.flash import GRADS, LSE, make_flash_attention, make_flash_attention_grad
 from einplan.runtime.generate import MASKED, attention_mask
+from einplan.runtime.kernels import KERNELS
 
 F64 = np.float64
 
@@ -73,7 +74,7 @@ def run_flash(q, k, v, mask=None, **attrs):
     ins = [q, k, v] + ([] if mask is None else [mask])
     node = flash_node(Op.FLASH_ATTENTION, q.shape, **attrs)
     out = np.empty_like(q)
-    make_flash_attention(node, [x.shape for x in ins], q.shape, scratch)(ins, out)
+    KERNELS[Op.FLASH_ATTENTION](node, [x.shape for x in ins], q.shape, scratch)(ins, out)
     return out
 
 
@@ -154,6 +155,70 @@ def test_reverse_equals_the_plain_chain(c):
     got = run_flash_grads(q, k, v, do, mask, **attrs)
     for name in "qkv":
         np.testing.assert_allclose(got[name], want[name], rtol=1e-10, atol=1e-11, err_msg=name)
+
+
+@settings(max_examples=60, deadline=None)
+@given(shapes(), st.booleans())
+def test_direct_steps_equal_the_plain_chain(c, cache_view):
+    """A direct step (few queries, all keys at once), one query or several, causal or padded,
+    keys as a view of a longer cache (decode's) or whole."""
+    q, k, v, mask, attrs, _ = make_case(c)
+    if cache_view:  # a cache with unwritten slots past the keys, as decode reads it
+        axis = 2 if c["bnth"] else 1
+        pad = [(0, 0)] * 4
+        pad[axis] = (0, 3)
+        k, v = (np.pad(x, pad)[(slice(None),) * axis + (slice(0, x.shape[axis]),)] for x in (k, v))
+    want, _ = plain(q, k, v, mask, attrs["causal"], c["bnth"])
+    got = run_flash(q, k, v, mask, direct=True, **attrs)
+    assert got.dtype == F64
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("queries", [1, 3])
+def test_direct_steps_of_each_backend_agree_in_float32(kernels, queries):
+    """The numba backend's direct step (numpy's products, decode's compiled softmax for one
+    query) against the float64 chain, GQA over a cache view with a padding mask."""
+    from einplan.runtime.backends import get_backend
+    from einplan.runtime.steps import ScratchBuffers
+
+    rng = np.random.default_rng(3)
+    b, n, g, h, t = 2, 3, 3, 16, 11
+    q = rng.standard_normal((b, queries, n, g, h)).astype(np.float32)
+    cache = rng.standard_normal((2, b, n, t + 4, h)).astype(np.float32)
+    k, v = cache[0, :, :, :t], cache[1, :, :, :t]
+    mask = padded_mask(rng, b, queries, t, every_row_sees=True).astype(np.float32)
+    shapes = [q.shape, k.shape, v.shape, mask.shape]
+    ins = [Node(i, Op.INPUT, (), {}, sh, "f32", f"in{i}") for i, sh in enumerate(shapes)]
+    attrs = {"layout": "bnth", "causal": False, "block_q": 3, "block_k": 4, "min_tiled": 0}
+    node = Node(4, Op.FLASH_ATTENTION, (0, 1, 2, 3), {**attrs, "direct": True}, q.shape, "f32", "f")
+    backend = get_backend(kernels)
+    kernel, made = backend.kernel_for(node, shapes, q.shape, ScratchBuffers().for_thread(0), ins)
+    assert made == kernels
+    got = kernel([q, k, v, mask], np.full(q.shape, np.nan, np.float32))
+    want, _ = plain(*(x.astype(F64) for x in (q, k, v, mask)), causal=False, bnth=True)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
+
+
+def test_decode_steps_attend_directly_with_the_arena_the_estimate_gives():
+    """Greedy generation over a padded batch runs decode's direct steps; each bound decode
+    arena is the memory pass's estimate (arena and scratch) at its sizes. (numpy's kernels: the
+    numba backend's GEMV adds partial sums per thread that the plan's estimate leaves out.)"""
+    from einplan.compiler.passes.memory import estimate_memory
+    from einplan.runtime.generate import GenerationRequest, Generator
+    from einplan.runtime.sampling import SamplingConfig
+
+    plan = einplan.compile_model("tiny")
+    decode = plan.entry("decode")
+    flash = [x for x in decode.nodes if x.op is Op.FLASH_ATTENTION]
+    assert flash and all(x.attrs.get("direct") for x in flash)
+    gen = Generator(plan, einplan.Session(plan, random_seed=0).weights, kernels="numpy")
+    out = gen.generate(GenerationRequest([[5, 6, 7, 8, 9], [3, 4]], 4, SamplingConfig()))
+    assert all(len(row) == 4 for row in out.tokens)
+    ex = gen._bound[2]
+    assert ex._prepared
+    for key, prepared in ex._prepared.items():
+        est = estimate_memory(decode, dict(key))
+        assert prepared.arena_bytes == est["arena_bytes"] + est["scratch_bytes"], key
 
 
 def test_reverse_equals_finite_differences():
@@ -346,13 +411,23 @@ def test_transformers_gradients_with_flash_tiles(case, small_tiles, monkeypatch)
         assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max(), name
 
 
-def test_auto_keeps_decode_plain_and_records_its_choice():
+def test_auto_tiles_forward_makes_decode_direct_and_records_its_choice():
     plan = einplan.compile_model("tiny")
     forward, decode = plan.entry("forward"), plan.entry("decode")
     assert forward.meta["attention"]["kind"] == "flash"
     assert forward.meta["attention"]["min_tiled"] == flash_pass.MIN_TILED
+    assert forward.meta["attention"]["direct"] == 0
     assert "flash_attention" in str(forward)
-    assert not any(n.op is Op.FLASH_ATTENTION for n in decode.nodes)
+    assert not any(n.attrs.get("direct") for n in forward.nodes)
+    flash = [n for n in decode.nodes if n.op is Op.FLASH_ATTENTION]
+    assert len(flash) == decode.meta["attention"]["direct"] == 4
+    assert all(n.attrs["direct"] for n in flash)
+    grad = einplan.compile_model("tiny", entries=("grad",)).entry("grad")
+    assert all(
+        n.attrs.get("keep") and not n.attrs.get("direct")
+        for n in grad.nodes
+        if n.op is Op.FLASH_ATTENTION
+    )
     plain_plan = einplan.compile_model("tiny", attention="plain")
     assert not any(n.op is Op.FLASH_ATTENTION for n in plain_plan.entry("forward").nodes)
     assert plain_plan.meta["attention"]["forward"]["kind"] == "plain"
@@ -376,7 +451,7 @@ def test_cli_compile_says_what_it_chose_and_train_refuses_it_for_a_plan(tmp_path
     assert main(["compile", "tiny", "-o", str(plan)]) == 0
     out = _unwrapped(capsys.readouterr().out)
     assert "forward: flash x4 (tiles 128 queries x 512" in out
-    assert "decode: plain (one query: plain measured faster)" in out
+    assert "decode: flash x4 direct (auto: at most 16 queries, all keys at once)" in out
     argv = ["train", str(plan), "--data", str(plan), "-o", str(tmp_path / "run")]
     assert main([*argv, "--attention", "flash"]) == 2
     assert "recompile it with einplan compile --train --attention" in capsys.readouterr().err

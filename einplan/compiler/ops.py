@@ -610,7 +610,12 @@ OPS: dict[Op, OpDef] = {
         _infer_moe_expert, arity=(5, 5), attrs={"expert": NAT, "k": GROUP, "keep": BOOL.optional()}
     ),
     Op.MOE_AUX_LOSS: OpDef(_infer_moe_aux_loss, 2, arity=(1, None), attrs=MOE_AUX),
-    Op.FLASH_ATTENTION: OpDef(_infer_flash, arity=(3, 4), attrs={**FLASH, "keep": BOOL.optional()}),
+    Op.FLASH_ATTENTION: OpDef(
+        _infer_flash,
+        arity=(3, 4),
+        # keep: leave the row log-sum-exp for reverse steps; direct: all scores at once, no tiles
+        attrs={**FLASH, "keep": BOOL.optional(), "direct": BOOL.optional()},
+    ),
     Op.CROSS_ENTROPY_GRAD: OpDef(
         _infer_cross_entropy_grad, 5, inplace=True, arity=(3, 3), attrs={"ignore_index": INT}
     ),

@@ -72,7 +72,9 @@ def attention_line(plan: Plan) -> str:
         a = g.meta.get("attention")
         if a is None:
             continue
-        if a["kind"] == "flash":
+        if a["kind"] == "flash" and a.get("direct") == a["nodes"]:
+            parts.append(f"{name}: flash x{a['nodes']} direct ({a['why']})")
+        elif a["kind"] == "flash":
             tiled = f"tiled from {a['min_tiled']} keys" if a["min_tiled"] else "always tiled"
             parts.append(
                 f"{name}: flash x{a['nodes']} (tiles {a['block_q']} queries x {a['block_k']} "

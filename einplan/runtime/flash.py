@@ -268,7 +268,8 @@ def _add_tile(lay: Layout, worker, job, q_blk, acc, j0: int, j1: int) -> bool:
 
 def make_flash_attention(node: Node, shapes, out_shape, scratch, exp=exp_rows):
     """softmax(scale * q k^T + mask) v by query blocks and key tiles (see the module doc);
-    ``exp``: the in-place exp of score rows, as :func:`exp_rows`."""
+    ``exp``: the in-place exp of score rows, as :func:`exp_rows`. (A ``direct`` step, few
+    queries, is runtime/kernels.py's make_direct_attention.)"""
     lay = Layout(node, shapes, scratch, ("s", "acc", "part"), exp)
     keep = bool(node.attrs.get("keep"))
     rows = (lay.b, lay.n, lay.s * lay.g)

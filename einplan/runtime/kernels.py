@@ -20,7 +20,7 @@ from einplan.compiler.attrs import QMatmulRecipe, UnaryRecipe, operand_copied
 from einplan.compiler.dtypes import to_numpy_dtype
 from einplan.compiler.ir import Node
 from einplan.compiler.ops import ADAMW_CHUNK, CE_BLOCK_BYTES, Op
-from einplan.runtime.flash import FLASH_KERNELS
+from einplan.runtime.flash import FLASH_KERNELS, make_flash_attention
 from einplan.runtime.moe import MOE_KERNELS
 from einplan.runtime.qmatmul import THREADS, QuantizedMatrix, scratch_shapes
 from einplan.runtime.quantize import fake_quantize
@@ -572,6 +572,54 @@ def make_rms_norm_grad(node, shapes, out_shape, scratch, xp=np) -> Kernel:
     return rms_norm_grad
 
 
+def direct_softmax(node: Node, keys) -> Node:
+    """The softmax node of a direct flash step's (b, n, g, s, keys) scores (``keys``: the
+    traced or concrete key count), for a softmax kernel factory."""
+    b, s, n, g, _ = node.shape
+    attrs = {"causal": node.attrs["causal"], "scale": node.attrs.get("scale", 1.0)}
+    return node.with_(op=Op.SOFTMAX, attrs=attrs, shape=(b, n, g, s, keys))
+
+
+def make_direct_attention(node: Node, shapes, out_shape, scratch, softmax=None):
+    """softmax(scale * q k^T + mask) v of a step of few queries (attr ``direct``: decode, a
+    speculative check) as the plain chain computes it, in one step: the (b, n, g, s, keys)
+    scores in one scratch buffer, no tiles and no heads-first copy of the cache. ``softmax``:
+    the kernel of :func:`direct_softmax`'s node (None: runtime/kernels.py's)."""
+    b, s, n, g, h = shapes[0]
+    bnth = node.attrs["layout"] == "bnth"
+    t = shapes[1][2] if bnth else shapes[1][1]
+    scores = scratch("flash_direct", (b, n, g, s, t), to_numpy_dtype(node.dtype))
+    if softmax is None:
+        probs = direct_softmax(node, t)
+        softmax = make_softmax(probs, [scores.shape, *shapes[3:4]], scores.shape, scratch)
+
+    def flash_attention(ins, out):
+        q, k, v = ins[:3]
+        if not bnth:
+            k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+        # (b, n, g, s, h) x (b, n, 1, h, t) -> (b, n, g, s, t): a product per query row (one
+        # per KV head with its g rows measured 3x slower from 1024 keys: BLAS's GEMM for 3 rows)
+        np.matmul(q.transpose(0, 2, 3, 1, 4), k[:, :, None].swapaxes(-1, -2), out=scores)
+        softmax([scores, *ins[3:4]], scores)
+        if s == 1:  # one product per KV head, its g query rows together (1.7x faster)
+            # (b, n, g, t) x (b, n, t, h) -> (b, n, g, h)
+            np.matmul(scores[:, :, :, 0], v, out=out[:, 0])
+            return out
+        # (b, n, g, s, t) x (b, n, 1, t, h) -> (b, n, g, s, h), written into (b, s, n, g, h)
+        np.matmul(scores, v[:, :, None], out=out.transpose(0, 2, 3, 1, 4))
+        return out
+
+    return flash_attention
+
+
+def make_flash(node: Node, shapes, out_shape, scratch) -> Kernel:
+    """A flash_attention step: direct (few queries) or by query blocks and key tiles
+    (runtime/flash.py)."""
+    if node.attrs.get("direct"):
+        return make_direct_attention(node, shapes, out_shape, scratch)
+    return make_flash_attention(node, shapes, out_shape, scratch)
+
+
 def make_softmax_grad(node, shapes, out_shape, scratch, xp=np) -> Kernel:
     """d x = scale * y * (ct - sum(ct * y)) over the last axis."""
     scale = scalar_type(node)(node.attrs.get("scale", 1.0))
@@ -754,6 +802,7 @@ KERNELS: dict[Op, Callable[..., Kernel]] = {
     Op.SGD: make_sgd,
     **MOE_KERNELS,
     **FLASH_KERNELS,
+    Op.FLASH_ATTENTION: make_flash,
 }
 
 

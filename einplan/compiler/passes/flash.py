@@ -9,8 +9,10 @@ held. It runs before autodiff, so the reverse graph differentiates the op (compi
 recomputing probabilities from the saved row log-sum-exp.
 
 ``ctx.attention``: ``plain`` keeps the chain; ``flash`` rewrites every entry, tiled at every
-length; ``auto`` rewrites every entry but decode and lets the kernel run one untiled block
-below :data:`MIN_TILED` keys. The choices are recorded in ``graph.meta["attention"]``.
+length; ``auto`` rewrites every entry and lets the kernel run one untiled block below
+:data:`MIN_TILED` keys. Either way an inference step of at most :data:`DIRECT_QUERIES`
+queries (decode) attends directly, without tiles. The choices are recorded in
+``graph.meta["attention"]``.
 """
 
 from __future__ import annotations
@@ -45,8 +47,16 @@ MIN_TILED = 256  # auto: below this many keys one block (as fast); from it tiles
 # took 154 us on one against 247 on two, 64 tokens 263 against 362, 128 tokens 723 against 573
 # (median of 200, one SmolLM2-135M layer, 2 cores)
 TWO_WORKERS_FROM = 1 << 16
-# decode (one query): the plain chain measured faster (benchmarks/attention.py --parts decode)
-FLASH_DECODE = False
+# an inference step with at most this many queries, a literal of the traced shape (decode: 1),
+# attends directly: all its scores at once, no tiles and no heads-first copy of the cache
+# (runtime/kernels.py make_direct_attention). Measured by `python benchmarks/attention.py --parts
+# decode --kernels numpy|numba` (one SmolLM2-135M layer, one query, 2 cores, 2026-12-01), median
+# us, direct against the plain chain: numpy 49/49 at 128 keys, 57/57 at 256, 113/202 at 1024,
+# 345/691 at 4096; numba 39/40, 55/53, 117/205, 384/741. The tiled kernel took 384 against 89
+# at 256 keys: it copies the whole cache heads-first.
+DIRECT_QUERIES = 16
+
+FULL_PRECISION = ("f32", "f64")  # dtypes a direct step multiplies in (16-bit ones: tiles)
 
 Tile = tuple[int, int, bool]  # first key, end key, whether it is the causal diagonal tile
 Block = tuple[int, int, list[Tile]]  # first row, end row, its key tiles
@@ -129,10 +139,8 @@ def flash_name(scores: Node) -> str:
 def run(graph: Graph, ctx: PassContext) -> Graph:
     """Fuse every attention chain into a flash_attention node as ``ctx.attention`` says."""
     choice = check_attention(ctx.attention)
-    decode = graph.name == "decode"
-    if choice == "plain" or (choice == "auto" and decode and not FLASH_DECODE):
-        why = "--attention plain" if choice == "plain" else "one query: plain measured faster"
-        graph.meta["attention"] = {"kind": "plain", "why": why}
+    if choice == "plain":
+        graph.meta["attention"] = {"kind": "plain", "why": "--attention plain"}
         return graph
     nodes, uses = graph.by_id(), graph.consumers()
     drop: set[int] = set()
@@ -149,17 +157,23 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
         attrs.update(block_q=BLOCK_Q, block_k=BLOCK_K, min_tiled=min_tiled)
         if ctx.mode is not Mode.INFERENCE:
             attrs["keep"] = True  # leave the row log-sum-exp for the reverse steps
+        elif n.dtype in FULL_PRECISION and isinstance(n.shape[1], int):
+            if n.shape[1] <= DIRECT_QUERIES:
+                attrs["direct"] = True
         inputs = (*scores.inputs, n.inputs[1], *probs.inputs[1:])  # q, k, v[, mask]
         fused[n.id] = n.with_(
             op=Op.FLASH_ATTENTION, inputs=inputs, attrs=attrs, name=flash_name(scores)
         )
         drop |= {scores.id, probs.id}
+    direct = sum(bool(n.attrs.get("direct")) for n in fused.values())
+    why = "--attention flash" if choice == "flash" else "auto: measured faster from 128 keys"
+    if direct:  # decode: as fast as the plain chain to 256 keys, 2x at 4096
+        why = f"{why.split(':')[0]}: at most {DIRECT_QUERIES} queries, all keys at once"
     graph.meta["attention"] = {
         "kind": "flash" if fused else "plain",
-        "why": ("--attention flash" if choice == "flash" else "auto: measured faster from 128 keys")
-        if fused
-        else "no attention chain found",
+        "why": why if fused else "no attention chain found",
         "nodes": len(fused),
+        "direct": direct,
         "block_q": BLOCK_Q,
         "block_k": BLOCK_K,
         "min_tiled": min_tiled,

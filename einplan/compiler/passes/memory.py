@@ -202,6 +202,9 @@ def flash_bytes(n: Node, ins: list[Node], dims: dict[str, int], need) -> int:
     dtype = "f64" if n.dtype == "f64" else "f32"  # 16-bit values are multiplied in float32
     b, s, heads, g, h = (evaluate(numel([d]), dims) for d in ins[0].shape)
     t = evaluate(numel([ins[1].shape[2] if a["layout"] == "bnth" else ins[1].shape[1]]), dims)
+    if a.get("direct"):  # the scores at once (make_direct_attention)
+        need("flash_direct", (b, heads, g, s, t), n.dtype)
+        return 0
     blocks = plan_tiles(s, t, a["causal"], a["block_q"], a["block_k"], a["min_tiled"])
     rows = max(i1 - i0 for i0, i1, _ in blocks) * g
     width = max(j1 - j0 for *_, tiles in blocks for j0, j1, _ in tiles)

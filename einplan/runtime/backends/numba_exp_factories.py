@@ -16,9 +16,9 @@ import math
 import numpy as np
 
 from einplan.compiler.ops import Op
-from einplan.runtime.backends.numba_decode_factories import flat_rows
+from einplan.runtime.backends.numba_decode_factories import flat_rows, make_softmax
 from einplan.runtime.flash import make_flash_attention, make_flash_attention_grad
-from einplan.runtime.kernels import silu_mul_block
+from einplan.runtime.kernels import direct_softmax, make_direct_attention, silu_mul_block
 
 NO_SHIFT = np.empty(0, np.float32)
 # SwiGLU steps below this many values keep numpy's kernel (the views and the call cost ~8 us).
@@ -45,11 +45,30 @@ def compiled_exp_rows():
 
 
 def make_flash(node, shapes, out_shape, scratch, inputs):
-    """Flash attention (forward or reverse) on the compiled exp; None for a float64 step."""
+    """Flash attention (forward or reverse) on the compiled exp, a direct step (few queries)
+    with decode's compiled softmax; None for a float64 step."""
     if node.dtype == "f64":
         return None
+    if node.attrs.get("direct"):
+        return make_direct(node, shapes, out_shape, scratch, inputs)
     make = make_flash_attention if node.op is Op.FLASH_ATTENTION else make_flash_attention_grad
     return make(node, shapes, out_shape, scratch, exp=compiled_exp_rows())
+
+
+def make_direct(node, shapes, out_shape, scratch, inputs):
+    """A direct flash step (runtime/kernels.py make_direct_attention: BLAS products) whose
+    softmax is decode's compiled one where it takes the scores (one query, few keys). A
+    compiled loop over the keys for the whole step measured slower than these BLAS products
+    (one SmolLM2 layer, `benchmarks/attention.py --parts decode`: 209 against 130 us at 1024
+    keys, 745 against 496 at 4096), so only the softmax is compiled."""
+    b, s, n, g, h = shapes[0]
+    keys_node = inputs[1]
+    bnth = node.attrs["layout"] == "bnth"
+    keys, t = (keys_node.shape[2], shapes[1][2]) if bnth else (keys_node.shape[1], shapes[1][1])
+    scores = (b, n, g, s, t)
+    probs = direct_softmax(node, keys)
+    sm = make_softmax(probs, [scores, *shapes[3:4]], scores, scratch, [probs, *inputs[3:4]])
+    return make_direct_attention(node, shapes, out_shape, scratch, softmax=sm)
 
 
 def make_silu_mul(node, shapes, out_shape, scratch, inputs):

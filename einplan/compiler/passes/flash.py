@@ -166,9 +166,10 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
         )
         drop |= {scores.id, probs.id}
     direct = sum(bool(n.attrs.get("direct")) for n in fused.values())
-    why = "--attention flash" if choice == "flash" else "auto: measured faster from 128 keys"
+    chosen = "--attention flash" if choice == "flash" else "auto"
+    why = chosen if choice == "flash" else "auto: measured faster from 128 keys"
     if direct:  # decode: as fast as the plain chain to 256 keys, 2x at 4096
-        why = f"{why.split(':')[0]}: at most {DIRECT_QUERIES} queries, all keys at once"
+        why = f"{chosen}: at most {DIRECT_QUERIES} queries, all keys at once"
     graph.meta["attention"] = {
         "kind": "flash" if fused else "plain",
         "why": why if fused else "no attention chain found",

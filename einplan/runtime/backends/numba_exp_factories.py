@@ -61,11 +61,10 @@ def make_direct(node, shapes, out_shape, scratch, inputs):
     compiled loop over the keys for the whole step measured slower than these BLAS products
     (one SmolLM2 layer, `benchmarks/attention.py --parts decode`: 209 against 130 us at 1024
     keys, 745 against 496 at 4096), so only the softmax is compiled."""
-    b, s, n, g, h = shapes[0]
-    keys_node = inputs[1]
-    bnth = node.attrs["layout"] == "bnth"
-    keys, t = (keys_node.shape[2], shapes[1][2]) if bnth else (keys_node.shape[1], shapes[1][1])
-    scores = (b, n, g, s, t)
+    b, s, n, g, _ = shapes[0]
+    axis = 2 if node.attrs["layout"] == "bnth" else 1  # the keys' axis of k
+    scores = (b, n, g, s, shapes[1][axis])
+    keys = inputs[1].shape[axis]
     probs = direct_softmax(node, keys)
     sm = make_softmax(probs, [scores, *shapes[3:4]], scores, scratch, [probs, *inputs[3:4]])
     return make_direct_attention(node, shapes, out_shape, scratch, softmax=sm)

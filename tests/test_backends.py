@@ -96,16 +96,43 @@ def test_compiled_gather_is_bit_identical(bits, group, symmetric):
 
 
 @needs_numba
-def test_group_edge_segment_kernels_agree():
-    """in/2 a multiple of 64, of 32 only, and of neither: the three int4 kernels."""
+def test_every_int4_kernel_agrees_where_it_applies():
+    """in/2 a multiple of 64, of 32 only, and of neither; groups whose edges fall inside a
+    row's high half: each int4 kernel that takes the shape (the table-lookup one with
+    AVX-512, which q4_kernel picks wherever it fits), 1 to 9 input rows."""
+    from einplan.runtime.backends import numba_int4_lut as lut
     from einplan.runtime.backends import numba_kernels as nk
 
-    for cols, group in [(256, 64), (192, 64), (96, 32)]:
+    for cols, group in [(256, 64), (192, 64), (96, 32), (576, 64), (384, 128), (320, 32)]:
+        half = cols // 2
+        kernels = [nk.q4_matmul_any]
+        kernels += [nk.q4_matmul_32] if half % 32 == 0 else []
+        kernels += [nk.q4_matmul_64] if half % 64 == 0 and group % 64 == 0 else []
+        lookup = lut.has_avx512() and lut.fits(group, half)
+        kernels += [lut.q4_lut_matmul] if lookup else []
+        assert (nk.q4_kernel(group, half) is lut.q4_lut_matmul) == lookup
         w = quantized(9, cols, 4, group, False)
-        x = np.random.default_rng(2).standard_normal((3, cols), np.float32)
-        out = np.empty((3, 9), np.float32)
-        nk.q4_matmul(x, w.q, w.scale, w.zero_f32, w.group, out)
-        close(out, x @ w.dequantize().T, x, w)
+        for m in (1, 2, 3, 4, 5, 9):
+            x = np.random.default_rng(m).standard_normal((m, cols), np.float32)
+            for kernel in kernels:
+                out = np.full((m, 9), np.nan, np.float32)
+                kernel(x, w.q, w.scale, w.zero_f32, w.group, out)
+                close(out, x @ w.dequantize().T, x, w)
+
+
+@needs_numba
+def test_lookup_kernel_is_taken_on_avx512():
+    """The fast int4 kernel is not silently absent on the machines it is written for."""
+    import os
+
+    import llvmlite.binding
+
+    from einplan.runtime.backends import numba_int4_lut as lut
+
+    host = llvmlite.binding.get_host_cpu_features().get("avx512f", False)
+    portable = bool(os.environ.get("NUMBA_CPU_NAME"))
+    assert lut.has_avx512() == (host and not portable)
+    assert lut.fits(64, 288) and lut.fits(128, 768) and not lut.fits(32, 48)
 
 
 def test_unknown_or_missing_backend_is_a_clear_error(monkeypatch):

@@ -42,6 +42,14 @@ def _first_calls() -> dict:
         else:
             kernel(np.ascontiguousarray(x[:, :k_in]), q, s, s * 0, 64 if k_in == 128 else 32, o)
         out[name] = time.perf_counter() - t0
+    from einplan.runtime.backends import numba_int4_lut as lut
+
+    if lut.has_avx512():
+        t0 = time.perf_counter()
+        q4 = np.zeros((4, 64), np.uint8)
+        s = np.ones((4, 2), np.float32)
+        lut.q4_lut_matmul(x, q4, s, s * 0, 64, np.empty((1, 4), np.float32))
+        out["q4_lut_matmul"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     nk.q_take_rows(
         np.zeros(2, np.int64),

@@ -93,6 +93,8 @@ class QuantizedMatrix:
     ) -> None:
         """``q``: (out, in) i8/u8 for 8 bits, (out, in/2) packed u8 for 4 bits (see
         runtime/quantize.py); ``scale`` and ``zero`` (None: symmetric): (out, in/group)."""
+        # contiguous rows: the compiled kernels walk them by pointer (no copy when already so)
+        q, scale = np.ascontiguousarray(q), np.ascontiguousarray(scale)
         self.q, self.scale, self.bits, self.group = q, scale, bits, group
         self.rows = q.shape[0]
         self.cols = q.shape[1] * (8 // bits)
@@ -110,7 +112,7 @@ class QuantizedMatrix:
         take one layout for every scheme)."""
         if self._zero_f32 is None:
             z = self.zero if self.zero is not None else np.zeros(self.scale.shape, np.uint8)
-            self._zero_f32 = z.astype(np.float32)
+            self._zero_f32 = np.ascontiguousarray(z, dtype=np.float32)
         return self._zero_f32
 
     def unpack(

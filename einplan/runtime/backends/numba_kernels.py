@@ -133,8 +133,13 @@ def q4_matmul_any(x, q, scale, zero, group, out):  # pragma: no cover - compiled
 
 
 def q4_kernel(group: int, half: int):
-    """The int4 product with the longest constant segment that fits the group and the
-    packed width ``half`` (= in/2)."""
+    """The int4 product for a group and packed width ``half`` (= in/2): the table-lookup
+    kernel where the CPU and the shape allow it (numba_int4_lut.py), else the portable one
+    with the longest constant segment that fits."""
+    from einplan.runtime.backends import numba_int4_lut as lut  # it imports this module
+
+    if lut.has_avx512() and lut.fits(group, half):
+        return lut.q4_lut_matmul
     if group % 64 == 0 and half % 64 == 0:
         return q4_matmul_64
     return q4_matmul_32 if half % 32 == 0 else q4_matmul_any

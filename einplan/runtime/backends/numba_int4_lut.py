@@ -131,8 +131,8 @@ def make_lookup_rows(rows: int):
                     g = builder.lshr(element, lg)
                     s = builder.load(builder.gep(s_row, [g]))
                     z = builder.load(builder.gep(z_row, [g]))
-                    w = builder.fmul(builder.fsub(levels, broadcast(builder, z)), broadcast(builder, s))
-                    builder.store(w, table)
+                    w = builder.fsub(levels, broadcast(builder, z))
+                    builder.store(builder.fmul(w, broadcast(builder, s)), table)
 
             units = builder.udiv(half, ir.Constant(I64, UNIT))
             with cgutils.for_range(builder, units) as loop:
@@ -148,7 +148,8 @@ def make_lookup_rows(rows: int):
                 lanes = builder.zext(packed, IVEC)
                 base = builder.mul(c, ir.Constant(I64, 2 * UNIT))
                 for k, (shift, side) in enumerate(LOOKUPS):
-                    index = lanes if shift == 0 else builder.lshr(lanes, ir.Constant(IVEC, [shift] * 16))
+                    by = ir.Constant(IVEC, [shift] * 16)
+                    index = lanes if shift == 0 else builder.lshr(lanes, by)
                     w = builder.call(permute, [table[side], index])
                     at = builder.add(base, ir.Constant(I64, 16 * k))
                     for r in range(rows):

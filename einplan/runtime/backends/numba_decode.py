@@ -30,36 +30,39 @@ GEMV_COLUMNS = 512
 @njit(parallel=True, **OPTIONS)
 def f32_gemv(x, w, part, out):  # pragma: no cover - compiled
     """``out = x . w``: x (m, in), w (in, out) row-major, out (m, out); part (T, m, out) is
-    scratch. Each of T threads streams a contiguous block of w's rows (so the hardware
-    prefetcher sees one long run), four rows at a time, column chunk by column chunk, into
-    its partial sums of every row of x; the partials are added at the end. The 1-D views of
-    the chunk's rows let LLVM vectorise the sweep (measured: 2-D indexing of a chunk did not)."""
+    scratch. Each of T threads owns a contiguous block of w's rows and reads it as four
+    streams at once, from the starts of its four quarters: four far-apart runs keep more
+    reads in flight than one (measured on SmolLM2's shapes, 2 cores: 28-33 GB/s against 17-30
+    for four adjacent rows, which the prefetcher sees as one run). One row of x sweeps whole
+    weight rows; several rows sweep them column chunk by column chunk, so the chunk's weights
+    and partial sums stay in L1 while every row of x passes. The partials are added at the
+    end. The 1-D views of the rows let LLVM vectorise the sweep (2-D indexing did not)."""
     m, k_in = x.shape
     n = w.shape[1]
     threads = part.shape[0]
     chunk = (k_in + threads - 1) // threads
+    width = n if m == 1 else GEMV_COLUMNS
     for t in prange(threads):
         k0 = min(k_in, t * chunk)
         k1 = min(k_in, k0 + chunk)
+        q = (k1 - k0) // 4
         p = part[t]
         p[:, :] = 0
-        k = k0
-        while k + 4 <= k1:
-            for c0 in range(0, n, GEMV_COLUMNS):
-                c1 = min(n, c0 + GEMV_COLUMNS)
-                w0, w1, w2, w3 = w[k, c0:c1], w[k + 1, c0:c1], w[k + 2, c0:c1], w[k + 3, c0:c1]
+        for k in range(k0, k0 + q):
+            for c0 in range(0, n, width):
+                c1 = min(n, c0 + width)
+                w0, w1 = w[k, c0:c1], w[k + q, c0:c1]
+                w2, w3 = w[k + 2 * q, c0:c1], w[k + 3 * q, c0:c1]
                 for i in range(m):
-                    a0, a1, a2, a3 = x[i, k], x[i, k + 1], x[i, k + 2], x[i, k + 3]
+                    a0, a1, a2, a3 = x[i, k], x[i, k + q], x[i, k + 2 * q], x[i, k + 3 * q]
                     pi = p[i, c0:c1]
                     for o in range(pi.shape[0]):
                         pi[o] += a0 * w0[o] + a1 * w1[o] + a2 * w2[o] + a3 * w3[o]
-            k += 4
-        while k < k1:
+        for k in range(k0 + 4 * q, k1):
             for i in range(m):
                 a0 = x[i, k]
                 for o in range(n):
                     p[i, o] += a0 * w[k, o]
-            k += 1
     for i in range(m):
         for o in range(n):
             s = np.float32(0)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import CASES, FIXTURES, ONE_LAYER
+from conftest import BACKENDS, CASES, FIXTURES, ONE_LAYER
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import load_file
@@ -197,6 +197,24 @@ def test_direct_steps_of_each_backend_agree_in_float32(kernels, queries):
     got = kernel([q, k, v, mask], np.full(q.shape, np.nan, np.float32))
     want, _ = plain(*(x.astype(F64) for x in (q, k, v, mask)), causal=False, bnth=True)
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.skipif("numba" not in BACKENDS, reason="numba is not installed")
+def test_one_query_attention_walks_only_the_cache_a_key_view_slices():
+    """The compiled one-query step reads the whole (b, n, ctx, h) cache of a leading slice of
+    it, and refuses any other view (the BLAS step runs those): a view that starts past slot 0,
+    a stepped one, one whose rows are not the cache's."""
+    from einplan.runtime.backends.numba_exp_factories import cache_of
+
+    cache = np.arange(2 * 3 * 10 * 4, dtype=np.float32).reshape(2, 3, 10, 4)
+    whole = cache_of(cache[:, :, :7])
+    assert whole is not None and whole.shape == cache.shape
+    assert np.shares_memory(whole, cache) and np.array_equal(whole, cache)
+    assert cache_of(cache) is not None
+    assert cache_of(cache[:, :, 1:8]) is None  # would reach past the cache's end
+    assert cache_of(cache[:, :, ::2]) is None
+    assert cache_of(cache[:, :, :7, :2]) is None
+    assert cache_of(cache.transpose(0, 2, 1, 3)[:, :3]) is None
 
 
 def test_decode_steps_attend_directly_with_the_arena_the_estimate_gives():

@@ -20,6 +20,7 @@ from einplan.runtime.backends import NUMPY, Backend
 from einplan.runtime.device import free_bytes
 from einplan.runtime.kernels import Kernel, Scratch
 from einplan.runtime.memory_limit import check_fits
+from einplan.runtime.qmatmul import QuantizedMatrix
 from einplan.runtime.recorder import StepInfo
 
 # views that only look at their input: over a buffer known before the run they are made once
@@ -92,11 +93,15 @@ class ScratchBuffers:
 
 
 def fixed_view(n: Node, kernel: Kernel, fixed: dict[int, np.ndarray]) -> np.ndarray | None:
-    """The view a reshape or split step makes of arrays known before the run, made once now;
-    None when the step must run each time (its input is computed, or a reshape copies)."""
-    if n.op not in PURE_VIEWS or any(i not in fixed for i in n.inputs):
+    """The view a reshape or split step makes of arrays known before the run, or the handle a
+    dequantize step makes of a packed weight (runtime/qmatmul.py: no float copy), made once
+    now; None when the step must run each time (its input is computed, a reshape copies, or
+    the dequantize writes floats). A quantised decode token skips 4 steps a layer so."""
+    if n.op not in (*PURE_VIEWS, Op.DEQUANTIZE) or any(i not in fixed for i in n.inputs):
         return None
     view = kernel([fixed[i] for i in n.inputs], None)
+    if n.op is Op.DEQUANTIZE:
+        return view if isinstance(view, QuantizedMatrix) else None
     return view if view.base is not None else None
 
 

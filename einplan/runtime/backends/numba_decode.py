@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from einplan.runtime.backends.numba_exp import exp32
 from einplan.runtime.backends.numba_kernels import OPTIONS
 
 # output columns a thread sweeps before its next four weight rows: four rows of that width
@@ -136,6 +137,55 @@ def softmax_rows(x, mask, scale, out):  # pragma: no cover - compiled
 
 
 @njit(**OPTIONS)
+def attend_one_query(q, k, v, t, mask, scale, out):  # pragma: no cover - compiled
+    """softmax(scale * q k^T + mask) v for one query per head over the first ``t`` keys: q
+    (b, 1, n, g, h), k and v (b, n, ctx, h) C-contiguous (the whole cache: a slice of it
+    would compile to strided loops, 5x slower), mask (b, 1, t) or (0, 0, 0) for none, out
+    like q. As runtime/kernels.py's direct step computes it, in one pass per KV head: each
+    key row is read once for its g query heads, each value row once into their g context
+    rows; the exp is numba_exp.py's."""
+    nb, _, n_kv, g, h = q.shape
+    has_mask = mask.shape[0] > 0
+    one = np.float32(1)
+    p = np.empty((g, t), np.float32)
+    for b in range(nb):
+        for n in range(n_kv):
+            for j in range(t):
+                kj = k[b, n, j]
+                for r in range(g):
+                    qr = q[b, 0, n, r]
+                    acc = np.float32(0)
+                    for d in range(h):
+                        acc += qr[d] * kj[d]
+                    acc *= scale
+                    if has_mask:
+                        acc += mask[b, 0, j]
+                    p[r, j] = acc
+            for r in range(g):
+                pr = p[r]
+                top = -np.inf
+                for j in range(t):
+                    top = max(top, pr[j])
+                total = np.float32(0)
+                for j in range(t):
+                    e = exp32(pr[j] - top)
+                    pr[j] = e
+                    total += e
+                inv = one / total
+                for j in range(t):
+                    pr[j] *= inv
+            ctx = out[b, 0, n]
+            ctx[:, :] = 0
+            for j in range(t):
+                vj = v[b, n, j]
+                for r in range(g):
+                    w = p[r, j]
+                    cr = ctx[r]
+                    for d in range(h):
+                        cr[d] += w * vj[d]
+
+
+@njit(**OPTIONS)
 def kv_write(cache, new, pos):  # pragma: no cover - compiled
     """``cache[:, :, pos:pos+s] = new.transpose(0, 2, 1, 3)``: cache (b, n, ctx, h), new
     (b, s, n, h)."""
@@ -156,3 +206,6 @@ def warm_up() -> None:
     x4 = np.ones((1, 2, 1, 8), f)
     softmax_rows(x4, np.zeros((1, 1, 8), f), f(1), np.empty_like(x4))
     kv_write(np.ones((1, 1, 8, 4), f), np.ones((1, 1, 1, 4), f), 0)
+    kv = np.ones((1, 1, 8, 4), f)
+    q5 = np.ones((1, 1, 1, 2, 4), f)
+    attend_one_query(q5, kv, kv, 8, np.zeros((1, 1, 8), f), f(1), np.empty_like(q5))

@@ -16,7 +16,7 @@ import math
 import numpy as np
 
 from einplan.compiler.ops import Op
-from einplan.runtime.backends.numba_decode_factories import flat_rows, make_softmax
+from einplan.runtime.backends.numba_decode_factories import flat_rows, kernels, make_softmax
 from einplan.runtime.flash import make_flash_attention, make_flash_attention_grad
 from einplan.runtime.kernels import direct_softmax, make_direct_attention, silu_mul_block
 
@@ -25,6 +25,10 @@ NO_SHIFT = np.empty(0, np.float32)
 # Median us of SmolLM2's (rows, 1536) gate and up, compiled against numpy: 1 row 9.0 / 3.5,
 # 8 rows 12.9 / 16.4, 32 rows 26.8 / 66.3, 128 rows 81.9 / 240
 MIN_SILU = 1 << 13
+# decode's attention as one compiled pass up to this many keys; BLAS's products beyond. One
+# SmolLM2 layer (3 KV heads of 3 queries, head dim 64), compiled against BLAS's direct step
+# (us): 128 keys 12 / 40, 512 52 / 75, 1024 104 / 129, 2048 208 / 183, 4096 441 / 414
+ATTEND_MAX_KEYS = 1024
 
 
 def compiled():
@@ -57,17 +61,59 @@ def make_flash(node, shapes, out_shape, scratch, inputs):
 
 def make_direct(node, shapes, out_shape, scratch, inputs):
     """A direct flash step (runtime/kernels.py make_direct_attention: BLAS products) whose
-    softmax is decode's compiled one where it takes the scores (one query, few keys). A
-    compiled loop over the keys for the whole step measured slower than these BLAS products
-    (one SmolLM2 layer, `benchmarks/attention.py --parts decode`: 209 against 130 us at 1024
-    keys, 745 against 496 at 4096), so only the softmax is compiled."""
+    softmax is decode's compiled one where it takes the scores (one query, few keys); one
+    query per head over at most ATTEND_MAX_KEYS keys of a (b, n, ctx, h) cache runs as one
+    compiled pass (make_attend_one_query)."""
     b, s, n, g, _ = shapes[0]
     axis = 2 if node.attrs["layout"] == "bnth" else 1  # the keys' axis of k
     scores = (b, n, g, s, shapes[1][axis])
     keys = inputs[1].shape[axis]
     probs = direct_softmax(node, keys)
     sm = make_softmax(probs, [scores, *shapes[3:4]], scores, scratch, [probs, *inputs[3:4]])
-    return make_direct_attention(node, shapes, out_shape, scratch, softmax=sm)
+    blas = make_direct_attention(node, shapes, out_shape, scratch, softmax=sm)
+    if s == 1 and axis == 2 and shapes[1][2] <= ATTEND_MAX_KEYS and node.dtype == "f32":
+        return make_attend_one_query(node, blas)
+    return blas
+
+
+def cache_of(a: np.ndarray) -> np.ndarray | None:
+    """The C-contiguous (b, n, ctx, h) cache whose ``[:, :, :t]`` is ``a`` (the view a KV
+    append returns), as an array the compiled kernel may walk row by row; None when ``a``
+    is not such a slice (then the BLAS step runs)."""
+    b, n, _, h = a.shape
+    item = a.itemsize
+    if a.strides[3] != item or a.strides[2] != h * item or a.strides[1] % (h * item):
+        return None
+    ctx = a.strides[1] // (h * item)
+    if a.strides[0] != n * ctx * h * item or ctx < a.shape[2]:
+        return None
+    base = a
+    while isinstance(base.base, np.ndarray):
+        base = base.base
+    lo, hi = np.lib.array_utils.byte_bounds(base)
+    start = np.lib.array_utils.byte_bounds(a)[0]
+    if start < lo or start + b * n * ctx * h * item > hi:
+        return None
+    return np.lib.stride_tricks.as_strided(a, (b, n, ctx, h), a.strides, writeable=False)
+
+
+def make_attend_one_query(node, blas):
+    """Decode's attention as one compiled pass (numba_decode.attend_one_query); the BLAS
+    step ``blas`` for keys and values that are not leading slices of a cache."""
+    attend = kernels().attend_one_query
+    scale = np.float32(node.attrs.get("scale", 1.0))
+    no_mask = np.zeros((0, 0, 0), np.float32)
+
+    def flash_attention(ins, out):
+        q, k, v = ins[:3]
+        k_all, v_all = cache_of(k), cache_of(v)
+        if k_all is None or v_all is None or not q.flags.c_contiguous:
+            return blas(ins, out)
+        mask = ins[3] if len(ins) == 4 else no_mask
+        attend(q, k_all, v_all, k.shape[2], mask, scale, out)
+        return out
+
+    return flash_attention
 
 
 def make_silu_mul(node, shapes, out_shape, scratch, inputs):

@@ -62,6 +62,7 @@ def close(got, want, x, w):
 def test_compiled_products_equal_dequantise_then_matmul(
     bits, group, symmetric, rows, groups, m, strided, seed
 ):
+    from einplan.runtime.backends import numba_int4
     from einplan.runtime.backends import numba_kernels as nk
 
     cols = group * groups  # int4 in/2 need not be a multiple of the group: segments split
@@ -72,7 +73,7 @@ def test_compiled_products_equal_dequantise_then_matmul(
     if bits == 8:
         nk.q8_matmul(x, w.q, w.scale, w.zero_f32, out)
     else:
-        nk.q4_matmul(x, w.q, w.scale, w.zero_f32, w.group, out)
+        numba_int4.q4_matmul(x, w.q, w.scale, w.zero_f32, w.group, out)
     close(out, x @ w.dequantize().T, x, w)
     close(out, numpy_product(w, x), x, w)
 
@@ -100,7 +101,7 @@ def test_every_int4_kernel_agrees_where_it_applies():
     """in/2 a multiple of 64, of 32 only, and of neither; groups whose edges fall inside a
     row's high half: each int4 kernel that takes the shape (the table-lookup one with
     AVX-512, which q4_kernel picks wherever it fits), 1 to 9 input rows."""
-    from einplan.runtime.backends import numba_int4_lut as lut
+    from einplan.runtime.backends import numba_int4 as int4
     from einplan.runtime.backends import numba_kernels as nk
 
     for cols, group in [(256, 64), (192, 64), (96, 32), (576, 64), (384, 128), (320, 32)]:
@@ -108,9 +109,9 @@ def test_every_int4_kernel_agrees_where_it_applies():
         kernels = [nk.q4_matmul_any]
         kernels += [nk.q4_matmul_32] if half % 32 == 0 else []
         kernels += [nk.q4_matmul_64] if half % 64 == 0 and group % 64 == 0 else []
-        lookup = lut.has_avx512() and lut.fits(group, half)
-        kernels += [lut.q4_lut_matmul] if lookup else []
-        assert (nk.q4_kernel(group, half) is lut.q4_lut_matmul) == lookup
+        lookup = int4.has_avx512() and int4.fits(group, half)
+        kernels += [int4.q4_lut_matmul] if lookup else []
+        assert (int4.q4_kernel(group, half) is int4.q4_lut_matmul) == lookup
         w = quantized(9, cols, 4, group, False)
         for m in (1, 2, 3, 4, 5, 9):
             x = np.random.default_rng(m).standard_normal((m, cols), np.float32)
@@ -127,12 +128,12 @@ def test_lookup_kernel_is_taken_on_avx512():
 
     import llvmlite.binding
 
-    from einplan.runtime.backends import numba_int4_lut as lut
+    from einplan.runtime.backends import numba_int4 as int4
 
     host = llvmlite.binding.get_host_cpu_features().get("avx512f", False)
     portable = bool(os.environ.get("NUMBA_CPU_NAME"))
-    assert lut.has_avx512() == (host and not portable)
-    assert lut.fits(64, 288) and lut.fits(128, 768) and not lut.fits(32, 48)
+    assert int4.has_avx512() == (host and not portable)
+    assert int4.fits(64, 288) and int4.fits(128, 768) and not int4.fits(32, 48)
 
 
 def test_unknown_or_missing_backend_is_a_clear_error(monkeypatch):

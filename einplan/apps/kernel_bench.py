@@ -42,13 +42,13 @@ def _first_calls() -> dict:
         else:
             kernel(np.ascontiguousarray(x[:, :k_in]), q, s, s * 0, 64 if k_in == 128 else 32, o)
         out[name] = time.perf_counter() - t0
-    from einplan.runtime.backends import numba_int4_lut as lut
+    from einplan.runtime.backends import numba_int4 as int4
 
-    if lut.has_avx512():
+    if int4.has_avx512():
         t0 = time.perf_counter()
         q4 = np.zeros((4, 64), np.uint8)
         s = np.ones((4, 2), np.float32)
-        lut.q4_lut_matmul(x, q4, s, s * 0, 64, np.empty((1, 4), np.float32))
+        int4.q4_lut_matmul(x, q4, s, s * 0, 64, np.empty((1, 4), np.float32))
         out["q4_lut_matmul"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     nk.q_take_rows(
@@ -86,6 +86,7 @@ def _best(fn, reps: int) -> float:
 
 def speed(reps: int = 50) -> list[dict]:
     """Per decode shape: numpy's kernel and the compiled one, µs per call (best of reps)."""
+    from einplan.runtime.backends import numba_int4
     from einplan.runtime.backends import numba_kernels as nk
     from einplan.runtime.qmatmul import THREADS, QuantizedMatrix, scratch_shapes
     from einplan.runtime.quantize import quantize_weight
@@ -99,7 +100,7 @@ def speed(reps: int = 50) -> list[dict]:
         out = np.empty((1, rows), np.float32)
         sh = scratch_shapes(rows, cols, group, 1)
         bufs = [{k: np.empty(s, np.float32) for k, s in sh.items()} for _ in range(THREADS)]
-        kern = nk.q8_matmul if bits == 8 else nk.q4_kernel(group, cols // 2)
+        kern = nk.q8_matmul if bits == 8 else numba_int4.q4_kernel(group, cols // 2)
         args = (
             (x, w.q, w.scale, w.zero_f32, out)
             if bits == 8

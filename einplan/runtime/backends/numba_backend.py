@@ -38,6 +38,13 @@ def compiled():
     return numba_kernels
 
 
+def compiled_int4():
+    """The int4 kernels module (imports numba on first use)."""
+    from einplan.runtime.backends import numba_int4
+
+    return numba_int4
+
+
 def make_qmatmul(node, shapes, out_shape, scratch, inputs):
     """``x . W^T`` reading the packed weight, for at most MAX_ROWS rows of x; else None."""
     r = node.attrs.get("recipe")
@@ -48,7 +55,7 @@ def make_qmatmul(node, shapes, out_shape, scratch, inputs):
         return None
     nk = compiled()
     n_out = out_shape[-1]
-    kernel = nk.q8_matmul if r.bits == 8 else nk.q4_kernel(r.group, shapes[1][1] // 2)
+    kernel = nk.q8_matmul if r.bits == 8 else compiled_int4().q4_kernel(r.group, shapes[1][1] // 2)
 
     def qmatmul(ins, out):
         x, w = ins

@@ -132,24 +132,6 @@ def q4_matmul_any(x, q, scale, zero, group, out):  # pragma: no cover - compiled
             out[i, o] = total
 
 
-def q4_kernel(group: int, half: int):
-    """The int4 product for a group and packed width ``half`` (= in/2): the table-lookup
-    kernel where the CPU and the shape allow it (numba_int4_lut.py), else the portable one
-    with the longest constant segment that fits."""
-    from einplan.runtime.backends import numba_int4_lut as lut  # it imports this module
-
-    if lut.has_avx512() and lut.fits(group, half):
-        return lut.q4_lut_matmul
-    if group % 64 == 0 and half % 64 == 0:
-        return q4_matmul_64
-    return q4_matmul_32 if half % 32 == 0 else q4_matmul_any
-
-
-def q4_matmul(x, q, scale, zero, group, out):
-    """``x . W^T`` of an int4 weight into ``out`` (see make_q4_matmul)."""
-    q4_kernel(group, q.shape[1])(x, q, scale, zero, group, out)
-
-
 @njit(parallel=True, nogil=True, cache=True)
 def q_take_rows(ids, q, scale, zero, bits, group, out):  # pragma: no cover - compiled
     """Rows ``ids`` (1-D) of the float weight into out (len(ids), in): ``(u - z) * s`` per

@@ -1,5 +1,7 @@
-"""The int4 product by table lookup (AVX-512): each nibble becomes its dequantised weight in one
-permute, so a decode product costs a load, a shift, a permute and an FMA per 16 weights.
+"""int4 products: the table-lookup kernel (AVX-512), where each nibble becomes its dequantised
+weight in one permute, so a decode product costs a load, a shift, a permute and an FMA per 16
+weights; and the choice of kernel per weight (q4_kernel) among it and numba_kernels.py's
+portable ones.
 
 For one output row and one group, the sixteen possible weights ``(u - z) * s`` (u = 0..15)
 fit one 16-float vector: the *table*. ``vpermps`` looks up sixteen 32-bit lanes at once, each
@@ -34,7 +36,12 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from einplan.runtime.backends.numba_kernels import OPTIONS
+from einplan.runtime.backends.numba_kernels import (
+    OPTIONS,
+    q4_matmul_32,
+    q4_matmul_64,
+    q4_matmul_any,
+)
 
 UNIT = 32  # packed bytes per step of the loop: 64 weights, four lookups of 16
 F32 = ir.FloatType()
@@ -215,3 +222,20 @@ def q4_lut_matmul(x, q, scale, zero, group, out):  # pragma: no cover - compiled
             i += 2
         if m - i == 1:
             out[i, o] = lookup_1(xp, q, scale, zero, log_group, o, i)[0]
+
+
+def q4_kernel(group: int, half: int):
+    """The int4 product for a group and packed width ``half`` (= in/2): the table-lookup
+    kernel where the CPU and the shape allow it, else the portable one with the longest
+    constant segment that fits."""
+    if has_avx512() and fits(group, half):
+        return q4_lut_matmul
+    if group % 64 == 0 and half % 64 == 0:
+        return q4_matmul_64
+    return q4_matmul_32 if half % 32 == 0 else q4_matmul_any
+
+
+def q4_matmul(x, q, scale, zero, group, out):
+    """``x . W^T`` of an int4 weight into ``out`` (numba_kernels.py make_q4_matmul says
+    what each kernel computes)."""
+    q4_kernel(group, q.shape[1])(x, q, scale, zero, group, out)

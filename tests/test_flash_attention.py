@@ -184,8 +184,8 @@ def test_direct_steps_of_each_backend_agree_in_float32(kernels, queries):
     rng = np.random.default_rng(3)
     b, n, g, h, t = 2, 3, 3, 16, 11
     q = rng.standard_normal((b, queries, n, g, h)).astype(np.float32)
-    cache = rng.standard_normal((2, b, n, t + 4, h)).astype(np.float32)
-    k, v = cache[0, :, :, :t], cache[1, :, :, :t]
+    caches = [rng.standard_normal((b, n, t + 4, h)).astype(np.float32) for _ in range(2)]
+    k, v = (c[:, :, :t] for c in caches)  # the views a KV append gives
     mask = padded_mask(rng, b, queries, t, every_row_sees=True).astype(np.float32)
     shapes = [q.shape, k.shape, v.shape, mask.shape]
     ins = [Node(i, Op.INPUT, (), {}, sh, "f32", f"in{i}") for i, sh in enumerate(shapes)]
@@ -206,15 +206,16 @@ def test_one_query_attention_walks_only_the_cache_a_key_view_slices():
     a stepped one, one whose rows are not the cache's."""
     from einplan.runtime.backends.numba_exp_factories import cache_of
 
-    cache = np.arange(2 * 3 * 10 * 4, dtype=np.float32).reshape(2, 3, 10, 4)
-    whole = cache_of(cache[:, :, :7])
-    assert whole is not None and whole.shape == cache.shape
-    assert np.shares_memory(whole, cache) and np.array_equal(whole, cache)
-    assert cache_of(cache) is not None
-    assert cache_of(cache[:, :, 1:8]) is None  # would reach past the cache's end
-    assert cache_of(cache[:, :, ::2]) is None
-    assert cache_of(cache[:, :, :7, :2]) is None
-    assert cache_of(cache.transpose(0, 2, 1, 3)[:, :3]) is None
+    five = np.arange(2 * 2 * 3 * 10 * 4, dtype=np.float32).reshape(2, 2, 3, 10, 4)
+    for cache in five:  # a cache may be a part of a larger array (keys and values in one)
+        whole = cache_of(cache[:, :, :7])
+        assert whole.shape == cache.shape and np.shares_memory(whole, cache)
+        assert np.array_equal(whole, cache)
+        assert cache_of(cache) is cache
+        assert cache_of(cache[:, :, ::2]) is None
+        assert cache_of(cache[:, :, :7, :2]) is None
+        assert cache_of(cache.transpose(0, 2, 1, 3)[:, :3]) is None
+    assert cache_of(five[1, :, :, 1:8]) is None  # from slot 1: would reach past the end
 
 
 def test_decode_steps_attend_directly_with_the_arena_the_estimate_gives():

@@ -24,7 +24,6 @@ from einplan.runtime import flash as flash_runtime
 from einplan.runtime.executor import Executor
 from einplan.runtime.flash import GRADS, LSE, make_flash_attention, make_flash_attention_grad
 from einplan.runtime.generate import MASKED, attention_mask
-from einplan.runtime.kernels import KERNELS
 
 F64 = np.float64
 
@@ -71,10 +70,12 @@ def flash_node(op, shape, dtype="f64", wrt=None, **attrs):
 
 
 def run_flash(q, k, v, mask=None, **attrs):
+    """The tiled kernel (runtime/flash.py), at any size: KERNELS would run small inference
+    steps directly (attends_directly)."""
     ins = [q, k, v] + ([] if mask is None else [mask])
     node = flash_node(Op.FLASH_ATTENTION, q.shape, **attrs)
     out = np.empty_like(q)
-    KERNELS[Op.FLASH_ATTENTION](node, [x.shape for x in ins], q.shape, scratch)(ins, out)
+    make_flash_attention(node, [x.shape for x in ins], q.shape, scratch)(ins, out)
     return out
 
 
@@ -218,10 +219,28 @@ def test_one_query_attention_walks_only_the_cache_a_key_view_slices():
     assert cache_of(five[1, :, :, 1:8]) is None  # from slot 1: would reach past the end
 
 
+def test_short_inference_steps_attend_directly_where_the_scores_fit_the_copies():
+    """An inference flash step runs directly at bound sizes where its scores take no more
+    memory than the tiled kernel's copies (a short prefill), tiled beyond; never a training
+    step (its reverse reads the saved log-sum-exp) nor a 16-bit one."""
+    from einplan.compiler.passes.flash import attends_directly
+
+    node = flash_node(Op.FLASH_ATTENTION, ("batch", "seq", 3, 3, 64), "f32")
+    assert attends_directly(node, (1, 27, 3, 3, 64), 31)
+    assert attends_directly(node, (1, 64, 3, 3, 64), 64)
+    assert not attends_directly(node, (1, 128, 3, 3, 64), 128)
+    assert not attends_directly(node.with_(attrs={**node.attrs, "keep": True}), (1, 4, 3, 3, 64), 4)
+    assert not attends_directly(node.with_(dtype="bf16"), (1, 4, 3, 3, 64), 4)
+    assert attends_directly(
+        node.with_(attrs={**node.attrs, "direct": True}), (1, 1, 3, 3, 64), 9999
+    )
+
+
 def test_decode_steps_attend_directly_with_the_arena_the_estimate_gives():
-    """Greedy generation over a padded batch runs decode's direct steps; each bound decode
-    arena is the memory pass's estimate (arena and scratch) at its sizes. (numpy's kernels: the
-    numba backend's GEMV adds partial sums per thread that the plan's estimate leaves out.)"""
+    """Greedy generation over a padded batch runs decode's direct steps (and the short
+    prefill's, at its bound sizes); each bound prefill and decode arena is the memory pass's
+    estimate (arena and scratch) at its sizes. (numpy's kernels: the numba backend's GEMV
+    adds partial sums per thread that the plan's estimate leaves out.)"""
     from einplan.compiler.passes.memory import estimate_memory
     from einplan.runtime.generate import GenerationRequest, Generator
     from einplan.runtime.sampling import SamplingConfig
@@ -233,11 +252,11 @@ def test_decode_steps_attend_directly_with_the_arena_the_estimate_gives():
     gen = Generator(plan, einplan.Session(plan, random_seed=0).weights, kernels="numpy")
     out = gen.generate(GenerationRequest([[5, 6, 7, 8, 9], [3, 4]], 4, SamplingConfig()))
     assert all(len(row) == 4 for row in out.tokens)
-    ex = gen._bound[2]
-    assert ex._prepared
-    for key, prepared in ex._prepared.items():
-        est = estimate_memory(decode, dict(key))
-        assert prepared.arena_bytes == est["arena_bytes"] + est["scratch_bytes"], key
+    for entry, ex in (("prefill", gen._bound[1]), ("decode", gen._bound[2])):
+        assert ex._prepared
+        for key, prepared in ex._prepared.items():
+            est = estimate_memory(plan.entry(entry), dict(key))
+            assert prepared.arena_bytes == est["arena_bytes"] + est["scratch_bytes"], key
 
 
 def test_reverse_equals_finite_differences():

@@ -20,6 +20,7 @@ from einplan.compiler.attrs import QMatmulRecipe, UnaryRecipe, operand_copied
 from einplan.compiler.dtypes import to_numpy_dtype
 from einplan.compiler.ir import Node
 from einplan.compiler.ops import ADAMW_CHUNK, CE_BLOCK_BYTES, Op
+from einplan.compiler.passes.flash import attends_directly, key_axis
 from einplan.runtime.flash import FLASH_KERNELS, make_flash_attention
 from einplan.runtime.moe import MOE_KERNELS
 from einplan.runtime.qmatmul import THREADS, QuantizedMatrix, scratch_shapes
@@ -615,7 +616,7 @@ def make_direct_attention(node: Node, shapes, out_shape, scratch, softmax=None):
 def make_flash(node: Node, shapes, out_shape, scratch) -> Kernel:
     """A flash_attention step: direct (few queries) or by query blocks and key tiles
     (runtime/flash.py)."""
-    if node.attrs.get("direct"):
+    if attends_directly(node, shapes[0], shapes[1][key_axis(node)]):
         return make_direct_attention(node, shapes, out_shape, scratch)
     return make_flash_attention(node, shapes, out_shape, scratch)
 

@@ -58,6 +58,28 @@ DIRECT_QUERIES = 16
 
 FULL_PRECISION = ("f32", "f64")  # dtypes a direct step multiplies in (16-bit ones: tiles)
 
+
+def key_axis(n: Node) -> int:
+    """The keys' axis of a flash step's k and v: (b, n, t, h) from a KV cache, else (b, t, n, h)."""
+    return 2 if n.attrs["layout"] == "bnth" else 1
+
+
+def attends_directly(n: Node, sizes: tuple[int, ...], keys: int) -> bool:
+    """Whether a flash step runs as one direct step (all scores at once) at these bound sizes
+    (``sizes``: q's (b, s, n, g, h)): marked ``direct`` (decode), or an inference step in
+    float32/64 whose scores take no more memory than the tiled kernel's heads-first copies of
+    q, k and v (a prompt of up to about 100 tokens), so the plan's memory estimate holds either
+    way. One SmolLM2-135M layer, 2 cores, causal with a padding mask, tiled against direct
+    (us, numba): 27 queries over 31 keys 252 / 84, 32 over 64 295 / 149, 64 over 64 326 / 257;
+    (the tiled kernel's job set-up and copies dominate at these sizes)."""
+    if n.attrs.get("direct"):
+        return True
+    if n.op is not Op.FLASH_ATTENTION or n.attrs.get("keep") or n.dtype not in FULL_PRECISION:
+        return False
+    _, s, _, g, h = sizes
+    return g * s * keys <= (h + 1) * (g * s + 2 * keys)
+
+
 Tile = tuple[int, int, bool]  # first key, end key, whether it is the causal diagonal tile
 Block = tuple[int, int, list[Tile]]  # first row, end row, its key tiles
 

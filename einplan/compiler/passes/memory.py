@@ -27,7 +27,12 @@ from einplan.compiler.ops import (
     OPS,
     Op,
 )
-from einplan.compiler.passes.flash import flash_workers, plan_tiles
+from einplan.compiler.passes.flash import (
+    attends_directly,
+    flash_workers,
+    key_axis,
+    plan_tiles,
+)
 from einplan.compiler.pipeline import PassContext
 from einplan.compiler.symbolic import evaluate, numel, poly_to_json, scale_poly
 from einplan.compiler.tags import Tag
@@ -201,8 +206,8 @@ def flash_bytes(n: Node, ins: list[Node], dims: dict[str, int], need) -> int:
     a = n.attrs
     dtype = "f64" if n.dtype == "f64" else "f32"  # 16-bit values are multiplied in float32
     b, s, heads, g, h = (evaluate(numel([d]), dims) for d in ins[0].shape)
-    t = evaluate(numel([ins[1].shape[2] if a["layout"] == "bnth" else ins[1].shape[1]]), dims)
-    if a.get("direct"):  # the scores at once (make_direct_attention)
+    t = evaluate(numel([ins[1].shape[key_axis(n)]]), dims)
+    if attends_directly(n, (b, s, heads, g, h), t):  # the scores at once (make_direct_attention)
         need("flash_direct", (b, heads, g, s, t), n.dtype)
         return 0
     blocks = plan_tiles(s, t, a["causal"], a["block_q"], a["block_k"], a["min_tiled"])

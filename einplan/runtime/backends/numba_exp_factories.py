@@ -16,6 +16,7 @@ import math
 import numpy as np
 
 from einplan.compiler.ops import Op
+from einplan.compiler.passes.flash import attends_directly, key_axis
 from einplan.runtime.backends.numba_decode_factories import flat_rows, kernels, make_softmax
 from einplan.runtime.flash import make_flash_attention, make_flash_attention_grad
 from einplan.runtime.kernels import direct_softmax, make_direct_attention, silu_mul_block
@@ -53,7 +54,7 @@ def make_flash(node, shapes, out_shape, scratch, inputs):
     with decode's compiled softmax; None for a float64 step."""
     if node.dtype == "f64":
         return None
-    if node.attrs.get("direct"):
+    if attends_directly(node, shapes[0], shapes[1][key_axis(node)]):
         return make_direct(node, shapes, out_shape, scratch, inputs)
     make = make_flash_attention if node.op is Op.FLASH_ATTENTION else make_flash_attention_grad
     return make(node, shapes, out_shape, scratch, exp=compiled_exp_rows())
@@ -65,7 +66,7 @@ def make_direct(node, shapes, out_shape, scratch, inputs):
     query per head over at most ATTEND_MAX_KEYS keys of a (b, n, ctx, h) cache runs as one
     compiled pass (make_attend_one_query)."""
     b, s, n, g, _ = shapes[0]
-    axis = 2 if node.attrs["layout"] == "bnth" else 1  # the keys' axis of k
+    axis = key_axis(node)
     scores = (b, n, g, s, shapes[1][axis])
     keys = inputs[1].shape[axis]
     probs = direct_softmax(node, keys)

@@ -192,6 +192,8 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
     why = chosen if choice == "flash" else "auto: measured faster from 128 keys"
     if direct:  # decode: as fast as the plain chain to 256 keys, 2x at 4096
         why = f"{chosen}: at most {DIRECT_QUERIES} queries, all keys at once"
+    elif ctx.mode is Mode.INFERENCE and any(n.dtype in FULL_PRECISION for n in fused.values()):
+        why += "; a short prompt attends directly (scores no larger than the tiles' copies)"
     graph.meta["attention"] = {
         "kind": "flash" if fused else "plain",
         "why": why if fused else "no attention chain found",

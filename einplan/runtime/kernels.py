@@ -588,7 +588,7 @@ def make_direct_attention(node: Node, shapes, out_shape, scratch, softmax=None):
     the kernel of :func:`direct_softmax`'s node (None: runtime/kernels.py's)."""
     b, s, n, g, h = shapes[0]
     bnth = node.attrs["layout"] == "bnth"
-    t = shapes[1][2] if bnth else shapes[1][1]
+    t = shapes[1][key_axis(node)]
     scores = scratch("flash_direct", (b, n, g, s, t), to_numpy_dtype(node.dtype))
     if softmax is None:
         probs = direct_softmax(node, t)

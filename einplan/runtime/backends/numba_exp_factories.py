@@ -72,7 +72,7 @@ def make_direct(node, shapes, out_shape, scratch, inputs):
     probs = direct_softmax(node, keys)
     sm = make_softmax(probs, [scores, *shapes[3:4]], scores, scratch, [probs, *inputs[3:4]])
     blas = make_direct_attention(node, shapes, out_shape, scratch, softmax=sm)
-    if s == 1 and axis == 2 and shapes[1][2] <= ATTEND_MAX_KEYS and node.dtype == "f32":
+    if s == 1 and axis == 2 and shapes[1][axis] <= ATTEND_MAX_KEYS and node.dtype == "f32":
         return make_attend_one_query(node, blas)
     return blas
 

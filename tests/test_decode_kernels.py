@@ -214,23 +214,24 @@ def test_many_token_softmax_falls_through_and_norms_compile_at_every_size():
 
 
 def test_only_the_decode_entry_gets_compiled_float_kernels():
-    """A float plan's forward (and so training) runs numpy's kernels under the numba backend
-    but for RoPE, RMSNorm and flash attention's exp (SwiGLU too from MIN_SILU values, more
-    than this forward has); its decode compiles the GEMVs, norms, RoPE, the softmax of its direct
-    flash steps and cache
-    writes."""
+    """A float plan's forward runs numpy's kernels under the numba backend but for RoPE,
+    RMSNorm, flash attention's exp (SwiGLU too from MIN_SILU values, more than this forward
+    has) and the products of weights bound as panels (an inference plan's projections:
+    runtime/panels.py); bound as arrays, its products run on BLAS. Its decode compiles the
+    products, norms, RoPE, the softmax of its direct flash steps and cache writes."""
     import einplan
     from einplan.runtime.executor import Executor
     from einplan.runtime.kv_cache import allocate_cache
 
     plan = einplan.compile_model("tiny")
-    weights = einplan.Session(plan, random_seed=0).weights
-    forward = Executor(plan.entry("forward"), weights, kernels="numba")
-    from einplan.runtime.backends.numba_decode_factories import GEMV_MAX_ROWS
-
-    forward.prepare({"batch": 1, "seq": GEMV_MAX_ROWS + 1})  # products on BLAS too
-    table = next(iter(forward._prepared.values())).table
-    assert {i.op for i in table if i.backend == "numba"} == {"rope", "rms_norm", "flash_attention"}
+    weights = einplan.Session(plan, random_seed=0, kernels="numba").weights
+    unpacked = einplan.Session(plan, random_seed=0, kernels="numpy").weights
+    compiled = {"rope", "rms_norm", "flash_attention"}
+    for bound, ops in ((weights, compiled | {"einsum"}), (unpacked, compiled)):
+        forward = Executor(plan.entry("forward"), bound, kernels="numba")
+        forward.prepare({"batch": 1, "seq": 9})
+        table = next(iter(forward._prepared.values())).table
+        assert {i.op for i in table if i.backend == "numba"} == ops
     graph = plan.entry("decode")
     decode = Executor(graph, {**weights, **allocate_cache(graph, 1, 16)}, kernels="numba")
     decode.prepare({"batch": 1, "kv": 16, "ctx": 16})

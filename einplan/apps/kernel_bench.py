@@ -1,6 +1,6 @@
 """``einplan bench kernels``: what the compiled kernels cost to get (JIT on a machine's first
 run, loading from the on-disk cache after) and what they gain per call on SmolLM2-135M's
-decode shapes, against numpy's kernels."""
+product shapes, against numpy's kernels."""
 
 from __future__ import annotations
 
@@ -67,6 +67,11 @@ def _first_calls() -> dict:
     numba_decode.warm_up()
     out["fp32 decode"] = time.perf_counter() - t0
     t0 = time.perf_counter()
+    from einplan.runtime.backends import numba_panels
+
+    numba_panels.warm_up()
+    out["fp32 panels"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     from einplan.runtime.backends import numba_exp
 
     numba_exp.warm_up()
@@ -112,7 +117,7 @@ def speed(reps: int = 50) -> list[dict]:
     return rows_out + gemv_speed(reps)
 
 
-# (in, out) of SmolLM2-135M's packed fp32 decode products
+# (in, out) of SmolLM2-135M's packed fp32 products
 GEMV_SHAPES = [
     ("qkv", 576, 960),
     ("attn o", 576, 576),
@@ -123,26 +128,38 @@ GEMV_SHAPES = [
 
 
 def gemv_speed(reps: int) -> list[dict]:
-    """The fp32 GEMV (numba) against BLAS per decode shape and rows of x, each call on a
-    weight not in the caches (weights rotate through 256 MB)."""
+    """fp32 products per shape and rows of x (1: decode, 8: batch-8 decode, 32: a prompt):
+    BLAS on the (in, out) array (numpy), the panel kernel on the same weight as panels
+    (numba: an inference plan's projections) and, up to 8 rows, the GEMV of the array (numba
+    on weights bound unpacked); each call on a weight not in the caches (weights rotate
+    through 256 MB)."""
     from numba import get_num_threads
 
     from einplan.runtime.backends.numba_decode import f32_gemv
+    from einplan.runtime.backends.numba_panels import panel_matmul
+    from einplan.runtime.panels import pack_panels
 
     rows_out = []
     rng = np.random.default_rng(0)
     for name, k_in, n in GEMV_SHAPES:
         copies = max(2, (256 << 20) // (4 * k_in * n))
         ws = [rng.standard_normal((k_in, n), np.float32) for _ in range(copies)]
-        for m in (1, 2, 4, 8, 16):
+        panels = [pack_panels(w).panels for w in ws]
+        for m in (1, 8, 32):
             x = rng.standard_normal((m, k_in), np.float32)
             out = np.empty((m, n), np.float32)
-            part = np.empty((get_num_threads(), m, n), np.float32)
             blas = rotating(lambda w, x=x, out=out: np.matmul(x, w, out=out), ws)
-            compiled = rotating(lambda w, x=x, p=part, out=out: f32_gemv(x, w, p, out), ws)
-            t_np, t_nb = _best(blas, reps), _best(compiled, reps)
-            shape = f"fp32 {name} {k_in}x{n}, {m} row{'s' if m > 1 else ''}"
-            rows_out.append({"shape": shape, "numpy_us": t_np * 1e6, "numba_us": t_nb * 1e6})
+            packed = rotating(lambda p, x=x, out=out: panel_matmul(x, p, out), panels)
+            row = {
+                "shape": f"fp32 {name} {k_in}x{n}, {m} row{'s' if m > 1 else ''}",
+                "numpy_us": _best(blas, reps) * 1e6,
+                "numba_us": _best(packed, reps) * 1e6,
+            }
+            if m <= 8:
+                part = np.empty((get_num_threads(), m, n), np.float32)
+                gemv = rotating(lambda w, x=x, p=part, out=out: f32_gemv(x, w, p, out), ws)
+                row["gemv_us"] = _best(gemv, reps) * 1e6
+            rows_out.append(row)
     return rows_out
 
 

@@ -172,7 +172,8 @@ class Session:
         else:
             arrays.update(init_lora(graph, lora_seed))
         device = self.kernels.device
-        self.weights = {k: to_device(a, device, k) for k, a in arrays.items()}
+        placed = {k: to_device(a, device, k) for k, a in arrays.items()}
+        self.weights = self.kernels.pack_weights(self.plan, placed)  # numba: panels
         self.executor = Executor(graph, self.weights, workers, self.kernels)
         if isinstance(tokenizer, Tokenizer):
             self.tokenizer: Tokenizer | None = tokenizer

@@ -46,9 +46,11 @@ def run_kernels(args: argparse.Namespace) -> None:
             print(f"{k:<16} {cold[k]:18.2f} {cached[k]:9.3f}")
     total = sum(cold.values()), sum(cached.values())
     print(f"{'total':<16} {total[0]:18.2f} {total[1]:9.2f}")
-    print(f"\n{'decode product (1 token)':<30} {'numpy us':>9} {'numba us':>9}")
+    print(f"\n{'product':<38} {'numpy us':>9} {'numba us':>9} {'GEMV us':>9}")
     for s in r["speed"]:
-        print(f"{s['shape']:<30} {s['numpy_us']:9.0f} {s['numba_us']:9.0f}")
+        gemv = f"{s['gemv_us']:9.0f}" if "gemv_us" in s else ""
+        print(f"{s['shape']:<38} {s['numpy_us']:9.0f} {s['numba_us']:9.0f} {gemv}")
+    print("(fp32: numba = weights as panels, GEMV = the compiled GEMV of an unpacked weight)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -24,6 +24,7 @@ from einplan.runtime.backends import Backend, get_backend
 from einplan.runtime.blas import blas_controller
 from einplan.runtime.device import to_device
 from einplan.runtime.load import busy_machine
+from einplan.runtime.panels import PanelMatrix
 from einplan.runtime.recorder import Recorder, debug_level
 from einplan.runtime.steps import OutputRing, Prepared, Step, prepare_steps
 
@@ -100,7 +101,10 @@ class Executor:
                 key = n.attrs["key"]
                 if key not in params:
                     raise InputError(f"no array bound for {n.op.value} {key}")
-                arr = self._check_leaf(n, params[key])
+                arr = params[key]
+                if isinstance(arr, PanelMatrix) and self.backend.pack is None:
+                    arr = arr.unpack()  # packed for another backend: this one reads arrays
+                arr = self._check_leaf(n, arr)
                 self.params[n.id] = to_device(arr, self.backend.device, key)
         self._prepared: OrderedDict[tuple, Prepared] = OrderedDict()
         self.max_prepared = 2  # sets of sizes kept prepared (arenas and kernels)

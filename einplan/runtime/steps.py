@@ -20,6 +20,7 @@ from einplan.runtime.backends import NUMPY, Backend
 from einplan.runtime.device import free_bytes
 from einplan.runtime.kernels import Kernel, Scratch
 from einplan.runtime.memory_limit import check_fits
+from einplan.runtime.panels import PanelMatrix, mark_panels
 from einplan.runtime.qmatmul import QuantizedMatrix
 from einplan.runtime.recorder import StepInfo
 
@@ -205,7 +206,10 @@ def prepare_steps(
         thread = ann.thread if pooled else 0
         shape = resolve_shape(n.shape, dims)
         ins = [resolve_shape(nodes[i].shape, dims) for i in n.inputs]
-        in_nodes = [nodes[i] for i in n.inputs]
+        in_nodes = [
+            mark_panels(nodes[i]) if isinstance(params.get(i), PanelMatrix) else nodes[i]
+            for i in n.inputs
+        ]
         kernel, made_by = backend.kernel_for(n, ins, shape, scratch.for_thread(thread), in_nodes)
         view = fixed_view(n, kernel, fixed)
         if view is not None:

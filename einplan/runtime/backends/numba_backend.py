@@ -23,6 +23,7 @@ from einplan.compiler.ops import Op
 from einplan.runtime.backends.base import Backend
 from einplan.runtime.backends.numba_decode_factories import DECODE_FACTORIES
 from einplan.runtime.backends.numba_exp_factories import EXP_FACTORIES
+from einplan.runtime.backends.numba_panel_factories import PANEL_FACTORIES, pack_weights
 from einplan.runtime.kernels import make_gather
 from einplan.runtime.qmatmul import QuantizedMatrix
 
@@ -111,4 +112,8 @@ def merge_tables(*tables: dict) -> dict:
     return {op: first_of(*(t[op] for t in tables if op in t)) for op in ops}
 
 
-NUMBA = Backend("numba", merge_tables(QUANT_FACTORIES, DECODE_FACTORIES, EXP_FACTORIES))
+NUMBA = Backend(
+    "numba",
+    merge_tables(PANEL_FACTORIES, QUANT_FACTORIES, DECODE_FACTORIES, EXP_FACTORIES),
+    pack=pack_weights,
+)

@@ -1,0 +1,108 @@
+"""Weights held as panels (runtime/panels.py): the layout, which weights the numba backend
+packs, and its products against numpy's."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import BACKENDS, FIXTURES
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import einplan
+from einplan.compiler.attrs import MatmulRecipe
+from einplan.compiler.ir import Node
+from einplan.compiler.ops import Op
+from einplan.runtime.executor import Executor
+from einplan.runtime.panels import PANEL, PanelMatrix, is_panels, mark_panels, pack_panels
+
+CASE = FIXTURES / "llama_gqa_tied"
+needs_numba = pytest.mark.skipif("numba" not in BACKENDS, reason="numba is not installed")
+
+
+def assert_product(got: np.ndarray, x: np.ndarray, w: np.ndarray) -> None:
+    """Equal to x @ w to float32 rounding: error against sum |x| |w| (the terms' scale)."""
+    want = x.astype(np.float64) @ w.astype(np.float64)
+    scale = np.abs(x).astype(np.float64) @ np.abs(w) + 1e-30
+    assert np.all(np.abs(got - want) <= 4e-6 * scale), np.max(np.abs(got - want) / scale)
+
+
+def test_pack_and_unpack_round_trip_and_refuse_what_does_not_fit():
+    w = np.random.default_rng(0).standard_normal((7, 3 * PANEL), np.float32)
+    p = pack_panels(w)
+    assert p.panels.shape == (3, 7, PANEL) and p.shape == w.shape and p.nbytes == w.nbytes
+    assert np.array_equal(p.panels[1, 4], w[4, PANEL : 2 * PANEL])
+    assert np.array_equal(p.unpack(), w)
+    for bad in (w[:, :40], w.astype(np.float64), w[0]):
+        with pytest.raises(ValueError, match="cannot pack"):
+            pack_panels(bad)
+    with pytest.raises(ValueError, match="C-contiguous float32"):
+        PanelMatrix(p.panels[:, ::2])
+    node = Node(3, Op.PARAM, (), {"key": "w"}, (7, 96), "f32")
+    assert is_panels(mark_panels(node)) and not is_panels(node)
+
+
+@needs_numba
+@settings(max_examples=60, deadline=None)
+@given(
+    m=st.sampled_from([1, 2, 3, 5, 8, 9, 17, 33, 130, 261]),
+    k=st.integers(1, 150),
+    panels=st.integers(1, 9),
+    lead=st.sampled_from([(1,), (2,), ()]),
+    strided=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_panel_product_equals_numpy(m, k, panels, lead, strided, seed):
+    """The factory's kernel (every tile shape, row blocks, a strided x) against numpy."""
+    from einplan.runtime.backends.numba_panel_factories import make_panel_product
+
+    rng = np.random.default_rng(seed)
+    n = panels * PANEL
+    rows = m * (lead[0] if lead else 1)
+    w = rng.standard_normal((k, n), np.float32)
+    x = rng.standard_normal((rows, 2 * k), np.float32)
+    x = x[:, ::2] if strided else np.ascontiguousarray(x[:, :k])
+    x_shape = (*lead, m, k)
+    letters = "bs"[-len(x_shape) + 1 :]
+    spec = f"{letters}i,io->{letters}o"
+    recipe = MatmulRecipe([], [], [], [], [], [])  # (the factory only asks that there is one)
+    weight = mark_panels(Node(1, Op.PARAM, (), {"key": "w"}, (k, n), "f32"))
+    x_node = Node(0, Op.INPUT, (), {}, x_shape, "f32")
+    node = Node(2, Op.EINSUM, (0, 1), {"spec": spec, "recipe": recipe}, (*x_shape[:-1], n), "f32")
+    kernel = make_panel_product(node, [x_shape, (k, n)], (*x_shape[:-1], n), None, [x_node, weight])
+    out = np.full((*x_shape[:-1], n), np.nan, np.float32)
+    kernel([x.reshape(x_shape), pack_panels(w)], out)
+    assert_product(out.reshape(rows, n), x, w)
+
+
+@needs_numba
+def test_numba_packs_the_projections_of_inference_plans_only():
+    from einplan.runtime.backends.numba_panel_factories import panel_keys
+
+    plan = einplan.compile_model(CASE / "config.json")
+    keys = panel_keys(plan)
+    session = einplan.Session(plan, CASE, kernels="numba")
+    packed = {k for k, a in session.weights.items() if isinstance(a, PanelMatrix)}
+    assert packed == keys and len(keys) == 8  # q+k+v, o, gate+up, down of two layers
+    assert "model.embed_tokens.weight" not in keys  # the tied head: a gather reads it too
+    trained = einplan.compile_model(CASE / "config.json", entries=("forward", "grad"))
+    assert panel_keys(trained) == set()  # its gradients read the weights transposed
+    numpy_weights = einplan.Session(plan, CASE, kernels="numpy").weights
+    assert not any(isinstance(a, PanelMatrix) for a in numpy_weights.values())
+
+
+@needs_numba
+def test_packed_weights_give_numpys_logits_on_either_backend():
+    """A forward over panels (numba) equals numpy's over arrays; a numpy executor given the
+    packed weights unpacks them and gives the same."""
+    plan = einplan.compile_model(CASE / "config.json")
+    ids = np.random.default_rng(0).integers(0, 256, (2, 37))
+    want = einplan.Session(plan, CASE, kernels="numpy").forward(ids)
+    packed = einplan.Session(plan, CASE, kernels="numba")
+    got = packed.forward(ids)
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
+    graph = plan.entry("forward")
+    positions = np.broadcast_to(np.arange(ids.shape[1]), ids.shape)
+    run = Executor(graph, packed.weights, kernels="numpy").run
+    again = run({"tokens": ids, "positions": positions})["logits"]
+    np.testing.assert_allclose(again, want, rtol=1e-6, atol=1e-6)

@@ -58,7 +58,7 @@ def run_case_here(batch: int, prompt: int, new: int, reps: int, kernels: str) ->
     from einplan.runtime.sampling import SamplingConfig
 
     plan = einplan.compile_model(CONFIG)
-    session = einplan.Session(plan, random_seed=0)
+    session = einplan.Session(plan, random_seed=0, kernels=kernels)  # numba: weights as panels
     gen = Generator(plan, session.weights, kernels=kernels)
     rng = np.random.default_rng(1)
     prompts = [rng.integers(1, 49152, prompt).tolist() for _ in range(batch)]

@@ -173,6 +173,7 @@ class Session:
             arrays.update(init_lora(graph, lora_seed))
         device = self.kernels.device
         placed = {k: to_device(a, device, k) for k, a in arrays.items()}
+        del arrays  # packing replaces arrays one by one: nothing else may hold them
         self.weights = self.kernels.pack_weights(self.plan, placed)  # numba: panels
         self.executor = Executor(graph, self.weights, workers, self.kernels)
         if isinstance(tokenizer, Tokenizer):

@@ -26,13 +26,14 @@ class Backend:
     table: dict[Op, Factory] = field(default_factory=dict)
     device: str = "cpu"
     cuda_graph: bool = True  # a GPU device: replay each bound entry as one CUDA graph
-    # (plan, weights) -> weights in the layouts this backend's kernels read (runtime/panels.py);
-    # None: the arrays as they are
+    # (plan, weights) -> the weights dict, its arrays replaced in place by the layouts this
+    # backend's kernels read (runtime/panels.py); None: the arrays as they are
     pack: Callable[[Any, dict[str, Any]], dict[str, Any]] | None = None
 
     def pack_weights(self, plan: Any, weights: dict[str, Any]) -> dict[str, Any]:
-        """``weights`` in the layouts this backend's kernels read fastest, for all of ``plan``'s
-        entries (the numba backend: panels, runtime/panels.py); the same dict without one."""
+        """``weights`` (changed in place and returned) in the layouts this backend's kernels
+        read fastest, for all of ``plan``'s entries (the numba backend: panels,
+        runtime/panels.py); unchanged for a backend without such layouts."""
         return weights if self.pack is None else self.pack(plan, weights)
 
     @property

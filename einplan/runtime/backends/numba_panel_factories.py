@@ -58,10 +58,13 @@ def panel_keys(plan: Any) -> set[str]:
 
 
 def pack_weights(plan: Any, arrays: dict[str, Any]) -> dict[str, Any]:
-    """``arrays`` with each weight of ``panel_keys`` held as panels (the arrays given are
-    not changed; the packed ones replace them in the dict returned)."""
-    keys = panel_keys(plan)
-    return {k: pack_panels(a) if k in keys and packable(a) else a for k, a in arrays.items()}
+    """Hold each weight of ``panel_keys`` as panels, in place: each packed weight replaces its
+    array in ``arrays`` (returned), one at a time, so an array nothing else holds is freed
+    before the next is packed and binding never holds two copies of the weights."""
+    for key in panel_keys(plan):
+        if key in arrays and packable(arrays[key]):
+            arrays[key] = pack_panels(arrays[key])
+    return arrays
 
 
 def kernels():

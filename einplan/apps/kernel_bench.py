@@ -149,7 +149,9 @@ def gemv_speed(reps: int) -> list[dict]:
             x = rng.standard_normal((m, k_in), np.float32)
             out = np.empty((m, n), np.float32)
             blas = rotating(lambda w, x=x, out=out: np.matmul(x, w, out=out), ws)
-            packed = rotating(lambda p, x=x, out=out: panel_matmul(x, p, out), panels)
+            packed = rotating(
+                lambda p, x=x, out=out: panel_matmul(x, p, out, get_num_threads()), panels
+            )
             row = {
                 "shape": f"fp32 {name} {k_in}x{n}, {m} row{'s' if m > 1 else ''}",
                 "numpy_us": _best(blas, reps) * 1e6,

@@ -85,6 +85,9 @@ def make_panel_product(node, shapes, out_shape, scratch, inputs):
             "float32 x . W product: report this (runtime/backends/numba_panel_factories.py)"
         )
     nk = kernels()
+    from numba import get_num_threads
+
+    threads = get_num_threads()
     m = math.prod(int(d) for d in shapes[0][:-1])
     k_in, n = shapes[1]
 
@@ -92,10 +95,10 @@ def make_panel_product(node, shapes, out_shape, scratch, inputs):
         x, w = ins
         x2 = np.ascontiguousarray(x.reshape(m, k_in))
         if out.flags.c_contiguous:
-            nk.panel_matmul(x2, w.panels, out.reshape(m, n))
+            nk.panel_matmul(x2, w.panels, out.reshape(m, n), threads)
         else:  # (the arena's buffers are contiguous; a strided output gets a copy)
             tmp = np.empty((m, n), np.float32)
-            nk.panel_matmul(x2, w.panels, tmp)
+            nk.panel_matmul(x2, w.panels, tmp, threads)
             out[...] = tmp.reshape(out.shape)
         return out
 

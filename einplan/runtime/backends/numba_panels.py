@@ -12,7 +12,8 @@ as the tile's outputs: no partial sums in memory, no reduction across threads.
   of x stays in each core's L2 while the panels stream past it; each panel is read once per
   block, front to back, while the tiles of that block reuse it from L1/L2.
 - A decode product (m = 1) takes tiles of 1 row x 4 panels: four streams 128 x in bytes
-  apart keep more reads in flight than one (the lesson of numba_decode.f32_gemv).
+  apart keep more reads in flight than one (the lesson of numba_decode.f32_gemv). Each thread
+  takes an equal run of panels (SmolLM2's 18-panel products would split 3:2 by tiles).
 
 Tiles with fewer than 8 sums split the input dimension into interleaved chains (``chains``)
 so that enough FMAs are independent to hide their latency; the chains are added at the end.
@@ -164,19 +165,22 @@ def panel_rows(x, w, out, i0, i1, p):  # pragma: no cover - compiled
 
 
 @njit(parallel=True, **OPTIONS)
-def panel_matmul(x, w, out):  # pragma: no cover - compiled
+def panel_matmul(x, w, out, threads):  # pragma: no cover - compiled
     """``out = x . W``: x (m, in), W as panels w (n, in, 32), out (m, 32 n); all C-contiguous
-    float32 (see the module docstring for the tiles)."""
+    float32 (see the module docstring for the tiles); ``threads``: numba's thread count (an
+    argument: a kernel that reads it is not cached)."""
     m = x.shape[0]
     n = w.shape[0]
-    if m == 1:
-        for g in prange((n + 3) // 4):
-            p = 4 * g
-            if p + 4 <= n:
+    if m == 1:  # each thread an equal run of panels, four at a time
+        per = (n + threads - 1) // threads
+        for t in prange(threads):
+            p, end = min(n, t * per), min(n, (t + 1) * per)
+            while end - p >= 4:
                 tile_1x4(x, w, out, 0, p)
-            else:
-                for q in range(p, n):
-                    tile_1(x, w, out, 0, q)
+                p += 4
+            while p < end:
+                tile_1(x, w, out, 0, p)
+                p += 1
         return
     for i0 in range(0, m, ROW_BLOCK):
         i1 = min(m, i0 + ROW_BLOCK)
@@ -188,4 +192,4 @@ def warm_up() -> None:
     """Call the kernel once per path on tiny arrays (compile, or load from the disk cache)."""
     w = np.ones((1, 8, PANEL), np.float32)
     for m in (1, 2):
-        panel_matmul(np.ones((m, 8), np.float32), w, np.empty((m, PANEL), np.float32))
+        panel_matmul(np.ones((m, 8), np.float32), w, np.empty((m, PANEL), np.float32), 2)

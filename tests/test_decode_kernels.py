@@ -216,8 +216,8 @@ def test_many_token_softmax_falls_through_and_norms_compile_at_every_size():
 def test_only_the_decode_entry_gets_compiled_float_kernels():
     """A float plan's forward runs numpy's kernels under the numba backend but for RoPE,
     RMSNorm, flash attention's exp (SwiGLU too from MIN_SILU values, more than this forward
-    has) and the products of weights bound as panels (an inference plan's projections:
-    runtime/panels.py); bound as arrays, its products run on BLAS. Its decode compiles the
+    has) and the products and tied-embedding gather of weights bound as panels (an inference
+    plan's: runtime/panels.py); bound as arrays, its products run on BLAS. Its decode compiles the
     products, norms, RoPE, the softmax of its direct flash steps and cache writes."""
     import einplan
     from einplan.runtime.executor import Executor
@@ -227,7 +227,7 @@ def test_only_the_decode_entry_gets_compiled_float_kernels():
     weights = einplan.Session(plan, random_seed=0, kernels="numba").weights
     unpacked = einplan.Session(plan, random_seed=0, kernels="numpy").weights
     compiled = {"rope", "rms_norm", "flash_attention"}
-    for bound, ops in ((weights, compiled | {"einsum"}), (unpacked, compiled)):
+    for bound, ops in ((weights, compiled | {"einsum", "gather"}), (unpacked, compiled)):
         forward = Executor(plan.entry("forward"), bound, kernels="numba")
         forward.prepare({"batch": 1, "seq": 9})
         table = next(iter(forward._prepared.values())).table

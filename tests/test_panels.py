@@ -83,8 +83,8 @@ def test_numba_packs_the_projections_of_inference_plans_only():
     keys = panel_keys(plan)
     session = einplan.Session(plan, CASE, kernels="numba")
     packed = {k for k, a in session.weights.items() if isinstance(a, PanelMatrix)}
-    assert packed == keys and len(keys) == 8  # q+k+v, o, gate+up, down of two layers
-    assert "model.embed_tokens.weight" not in keys  # the tied head: a gather reads it too
+    # q+k+v, o, gate+up, down of two layers and the tied embedding (gather and head)
+    assert packed == keys and len(keys) == 9 and "model.embed_tokens.weight" in keys
     trained = einplan.compile_model(CASE / "config.json", entries=("forward", "grad"))
     assert panel_keys(trained) == set()  # its gradients read the weights transposed
     numpy_weights = einplan.Session(plan, CASE, kernels="numpy").weights
@@ -106,3 +106,20 @@ def test_packed_weights_give_numpys_logits_on_either_backend():
     run = Executor(graph, packed.weights, kernels="numpy").run
     again = run({"tokens": ids, "positions": positions})["logits"]
     np.testing.assert_allclose(again, want, rtol=1e-6, atol=1e-6)
+
+
+@needs_numba
+def test_gather_of_a_tied_table_held_as_panels_picks_its_columns():
+    from einplan.runtime.backends.numba_panel_factories import make_panel_gather
+
+    table = np.random.default_rng(0).standard_normal((5, 3 * PANEL), np.float32)  # (d, vocab)
+    ids = np.array([[0, 31, 32], [95, 64, 33]])
+    leaf = mark_panels(Node(0, Op.PARAM, (), {"key": "e"}, table.shape, "f32"))
+    node = Node(2, Op.GATHER, (0, 1), {"transposed": True}, (2, 3, 5), "f32")
+    id_node = Node(1, Op.INPUT, (), {}, ids.shape, "i64")
+    kernel = make_panel_gather(node, [table.shape, ids.shape], (2, 3, 5), None, [leaf, id_node])
+    out = np.empty((2, 3, 5), np.float32)
+    kernel([pack_panels(table), ids], out)
+    assert np.array_equal(out, table.T[ids])
+    with pytest.raises(IndexError):
+        kernel([pack_panels(table), np.array([[96]])], np.empty((1, 1, 5), np.float32))

@@ -2,11 +2,12 @@
 product that reads them (runtime/backends/numba_panels.py).
 
 A weight is packed when every step that reads it, in every entry of the plan, is a float32
-``x . W`` product of the (in, out) weight (``reads_panels``): the projections of inference
-plans (compiler/passes/pack.py stores them so). A weight that anything else reads stays as it
-is: the tied embedding (a gather reads its rows), the weights of a plan with training entries
-(their gradients read W transposed), quantised and mixture-of-experts weights. The factory
-takes every product of a packed weight, whatever its number of rows; products of weights
+``x . W`` product of the (in, out) weight or the gather of a tied (d, vocab) embedding table
+(``reads_panels``): the projections and the LM head of inference plans
+(compiler/passes/pack.py stores them so). A weight that anything else reads stays as it is:
+the weights of a plan with training entries (their gradients read W transposed), an untied
+(vocab, d) embedding, quantised and mixture-of-experts weights. The factories take every
+product of a packed weight, whatever its number of rows, and its gather; products of weights
 bound unpacked keep the GEMV/BLAS kernels (numba_decode_factories.py).
 
 This module does not import numba: the kernels module is imported when a factory first
@@ -24,17 +25,20 @@ from einplan.compiler.ir import Node
 from einplan.compiler.ops import Op
 from einplan.errors import EinplanError
 from einplan.runtime.backends.numba_decode_factories import is_gemv
-from einplan.runtime.panels import is_panels, pack_panels, packable
+from einplan.runtime.panels import PANEL, is_panels, pack_panels, packable
 
 
-def reads_panels(node: Node, inputs: list[Node]) -> bool:
-    """Whether a step is a product the panel kernel computes: a float32 ``...i,io->...o``
-    einsum whose second operand is a weight leaf (and whose first is not that weight)."""
-    if node.op is not Op.EINSUM or len(inputs) != 2 or inputs[1].op is not Op.PARAM:
+def reads_panels(node: Node, inputs: list[Node], pos: int) -> bool:
+    """Whether a step reads its input ``pos`` (a weight leaf) through a panel kernel: as the
+    weight of a float32 ``...i,io->...o`` product (``pos`` 1), or as the (d, vocab) table of
+    a float32 gather of columns (``pos`` 0: a tied embedding, whose head is such a product)."""
+    if node.dtype != "f32" or inputs[pos].op is not Op.PARAM or inputs[pos].dtype != "f32":
         return False
-    if inputs[0].id == inputs[1].id or node.dtype != "f32":
+    if node.op is Op.GATHER:
+        return pos == 0 and bool(node.attrs.get("transposed"))
+    if node.op is not Op.EINSUM or len(inputs) != 2 or pos != 1:
         return False
-    if any(n.dtype != "f32" for n in inputs):
+    if inputs[0].id == inputs[1].id or inputs[0].dtype != "f32":
         return False
     return is_gemv(node, [n.shape for n in inputs])
 
@@ -51,7 +55,7 @@ def panel_keys(plan: Any) -> set[str]:
                 leaf = nodes[i]
                 if leaf.op is not Op.PARAM:
                     continue
-                good = pos == 1 and reads_panels(n, [nodes[j] for j in n.inputs])
+                good = reads_panels(n, [nodes[j] for j in n.inputs], pos)
                 key = leaf.attrs["key"]
                 ok[key] = ok.get(key, True) and good and i not in outputs
     return {k for k, good in ok.items() if good}
@@ -74,16 +78,22 @@ def kernels():
     return numba_panels
 
 
+def check_reads_panels(node: Node, inputs: list[Node], pos: int) -> None:
+    """Refuse a step given a weight held as panels that it cannot read so (panel_keys packs
+    only weights every step reads through ``reads_panels``: this is a bug if it happens)."""
+    if not reads_panels(node, inputs, pos):
+        raise EinplanError(
+            f"step {node.name} reads weight {inputs[pos].name} held as panels, which its "
+            "kernels cannot read: report this (runtime/backends/numba_panel_factories.py)"
+        )
+
+
 def make_panel_product(node, shapes, out_shape, scratch, inputs):
     """``x . W`` for a weight bound as panels, for any number of rows of x; None when the
     weight is bound as an array."""
     if len(inputs) != 2 or not is_panels(inputs[1]):
         return None
-    if not reads_panels(node, inputs):
-        raise EinplanError(
-            f"step {node.name} reads weight {inputs[1].name} held as panels but is not a "
-            "float32 x . W product: report this (runtime/backends/numba_panel_factories.py)"
-        )
+    check_reads_panels(node, inputs, 1)
     nk = kernels()
     from numba import get_num_threads
 
@@ -105,4 +115,21 @@ def make_panel_product(node, shapes, out_shape, scratch, inputs):
     return product
 
 
-PANEL_FACTORIES = {Op.EINSUM: make_panel_product}
+def make_panel_gather(node, shapes, out_shape, scratch, inputs):
+    """The embedding lookup of a tied (d, vocab) table bound as panels: token v is column
+    v % 32 of panel v // 32 (a strided read of d values per token); None for an array."""
+    if not inputs or not is_panels(inputs[0]):
+        return None
+    check_reads_panels(node, inputs, 0)
+    d = shapes[0][0]
+
+    def gather_panels(ins, out):
+        table, ids = ins
+        flat = np.asarray(ids).reshape(-1)  # (ids past the table raise IndexError, as numpy's)
+        out.reshape(-1, d)[...] = table.panels[flat // PANEL, :, flat % PANEL]
+        return out
+
+    return gather_panels
+
+
+PANEL_FACTORIES = {Op.EINSUM: make_panel_product, Op.GATHER: make_panel_gather}

@@ -75,6 +75,7 @@ def einplan_point(row: str, mode: str, seq: int, warmup: int, reps: int) -> dict
     import einplan
     from einplan.formats.weights import random_weights
     from einplan.models.train_config import parse_train_config
+    from einplan.runtime.backends import get_backend
     from einplan.runtime.executor import Executor
     from einplan.runtime.trainer import Trainer
 
@@ -92,7 +93,9 @@ def einplan_point(row: str, mode: str, seq: int, warmup: int, reps: int) -> dict
     else:
         plan = einplan.compile_model(CONFIG, entries=("forward",), **kwargs)
         graph = plan.entry("forward")
-        ex = Executor(graph, random_weights(graph, 0), kernels=kernels)
+        # as Session binds them: the numba backend holds the projections as panels
+        weights = get_backend(kernels).pack_weights(plan, random_weights(graph, 0))
+        ex = Executor(graph, weights, kernels=kernels)
         compile_s = time.perf_counter() - t0
         feed = {"tokens": ids[:, :seq], "positions": np.arange(seq)[None, :]}
         samples = timed(lambda: ex.run(feed), warmup, reps, 0)

@@ -50,6 +50,7 @@ def run_case_here(
 
     from einplan.api import compile_model, plan_config
     from einplan.formats.weights import load_weights, random_weights
+    from einplan.runtime.backends import get_backend
     from einplan.runtime.generate import GenerationRequest, Generator
     from einplan.runtime.sampling import SamplingConfig
 
@@ -61,6 +62,7 @@ def run_case_here(
     else:
         tied = plan_config(plan).tie_word_embeddings
         arrays = load_weights(plan.entry("decode"), weights, tied=tied)
+    arrays = get_backend(kernels).pack_weights(plan, arrays)  # as Session binds them
     gen = Generator(plan, arrays, kernels=kernels)
     prompts = [np.random.default_rng(1).integers(1, 49152, prompt).tolist()]
     # warm-up at the measured request's size: kernels, buffers, the binding of its context

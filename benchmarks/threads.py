@@ -60,11 +60,13 @@ def run_case_here(case: str, way: str, new: int, reps: int) -> dict:
     config = MODELS.get(model, ROOT / "configs" / f"{model}.json")
     if kind == "decode":
         from einplan.formats.weights import random_weights
+        from einplan.runtime.backends import get_backend
         from einplan.runtime.generate import GenerationRequest, Generator
 
         plan = einplan.compile_model(config, entries=("prefill", "decode"))
         set_blas_threads(plan, threads)
-        gen = Generator(plan, random_weights(plan.entry("decode"), 0), workers)
+        weights = random_weights(plan.entry("decode"), 0)
+        gen = Generator(plan, get_backend().pack_weights(plan, weights), workers)  # as Session
         rng = np.random.default_rng(1)
         prompts = [rng.integers(1, 49152, seq).tolist() for _ in range(batch)]
         gen.generate(GenerationRequest(prompts, 8))  # warm-up: kernels, buffers

@@ -4,6 +4,7 @@ errors for missing, unexpected, mis-shaped or truncated tensors; hub ids offline
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import ml_dtypes
@@ -118,3 +119,30 @@ def test_missing_path_and_offline_hub_id(monkeypatch, tmp_path, plan):
 def test_session_needs_weights_or_an_explicit_random_seed(plan):
     with pytest.raises(ValueError, match="either weights or random_seed"):
         einplan.Session(plan)
+
+
+def resident_kib(path) -> int:
+    """Resident KiB of this process's mappings of ``path`` (Linux /proc/self/smaps)."""
+    total, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        first = line.split(maxsplit=1)[0]
+        if "-" in first and not first.endswith(":"):  # a mapping's header line
+            inside = line.rstrip().endswith(str(path))
+        elif inside and first == "Rss:":
+            total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux /proc")
+def test_binding_leaves_no_file_pages_resident(tmp_path):
+    """Binding reads every tensor (copies, the NaN check); the file's pages are then unmapped
+    from the process, or RSS would count the weights twice."""
+    path = tmp_path / "model.safetensors"  # a path no other test maps
+    shutil.copy(CASE / "model.safetensors", path)
+    plan = einplan.compile_model(CASE / "config.json")
+    tensors = load_file(path)  # (a reference read, not mapped)
+    bound = load_weights(plan.entry("forward"), tmp_path)
+    assert resident_kib(path) == 0
+    norm = "model.layers.0.input_layernorm.weight"
+    assert np.array_equal(bound[norm], tensors[norm])  # a view of the file reads it back
+    assert resident_kib(path) > 0

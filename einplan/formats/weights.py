@@ -11,11 +11,12 @@ memory map over the offsets of the checked header.)
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import shutil
 import struct
 import zlib
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -315,7 +316,20 @@ def load_weights(
             f"weights {origin} hold NaN or infinite values in {shorten(bad, ', ')}; the file "
             "is damaged or comes from a diverged training run (use an earlier checkpoint)"
         )
+    release_file_pages(tensors.values())
     return bound
+
+
+def release_file_pages(arrays: Iterable[np.ndarray]) -> None:
+    """Unmap from this process the pages of the checkpoint files that binding read (the OS
+    keeps them in its page cache). Binding copies most weights (transposed, packed): without
+    this the copied file pages stay resident beside the copies, and an fp32 SmolLM2 held
+    1.16 GB of RSS for 0.51 GB of weights. Arrays still viewing the file read their pages
+    back in on use."""
+    maps = {id(m): m for a in arrays if (m := getattr(a, "_mmap", None)) is not None}
+    for m in maps.values():
+        if hasattr(m, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            m.madvise(mmap.MADV_DONTNEED)
 
 
 def non_finite(arrays: Mapping[str, np.ndarray], chunk: int = 1 << 22) -> list[str]:

@@ -44,6 +44,7 @@ EINPLAN_ROWS: dict[str, dict] = {
     # the numpy backend: no numba runtime in the process (its import and compiled kernels
     # are about 125 MiB of resident memory)
     "einplan-layers-numpy": {"checkpoint": "layers", "kernels": "numpy"},
+    "einplan-numpy": {"kernels": "numpy"},  # the forward without panels or compiled kernels
     "einplan-every:2": {"checkpoint": "every:2"},
     "einplan-selective": {"checkpoint": "selective"},
     "einplan-flash": {"attention": "flash"},

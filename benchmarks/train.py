@@ -42,7 +42,7 @@ MODELS = {
 TRAIN = {"optimizer": "adamw", "weight_decay": 0.01, "grad_clip": 1.0, "beta2": 0.999}
 
 
-def run_case_here(model: str, batch: int, seq: int, args) -> dict:
+def run_case_here(model: str, batch: int, seq: int, kernels: str, args) -> dict:
     """One einplan case in this process (called in a subprocess by :func:`main`)."""
     import numpy as np
 
@@ -55,7 +55,7 @@ def run_case_here(model: str, batch: int, seq: int, args) -> dict:
     t0 = time.perf_counter()
     plan = einplan.compile_model(MODELS[model], entries=("train_step", "loss"), train=cfg)
     compile_s = time.perf_counter() - t0
-    trainer = Trainer(plan, random_weights(plan.entry("train_step"), 0), cfg)
+    trainer = Trainer(plan, random_weights(plan.entry("train_step"), 0), cfg, kernels=kernels)
     vocab = plan.config["vocab_size"]
     ids = np.random.default_rng(1).integers(1, vocab, (batch, seq + 1))
     stats = []
@@ -76,26 +76,27 @@ def run_case_here(model: str, batch: int, seq: int, args) -> dict:
         "loss_first_last": (stats[0].loss, stats[-1].loss),
         "peak_rss_kib": ru.ru_maxrss,
         "minflt": ru.ru_minflt,
+        "kernels": kernels,
     }
 
 
-def run_ours(model, batch, seq, args) -> dict:
+def run_ours(model, batch, seq, kernels, args) -> dict:
     cmd = [
         sys.executable,
         __file__,
         "--case",
-        f"{model}:{batch}:{seq}",
+        f"{model}:{batch}:{seq}:{kernels}",
         "--warmup",
         str(args.warmup),
         "--reps",
         str(args.reps),
     ]
     res = subprocess_json(cmd)
-    res.update(engine="einplan", model=model, batch=batch, seq=seq)
+    res.update(engine="einplan", model=model, batch=batch, seq=seq, kernels=kernels)
     return res
 
 
-def run_torch(model, batch, seq, args) -> dict:
+def run_torch(model, batch, seq, kernels, args) -> dict:
     res = run_torch_case(
         args.torch_python, f"{model}:train:{batch}:{seq}", args.warmup, args.reps, 0
     )
@@ -111,25 +112,27 @@ def main() -> None:
         default="smollm2-135m:1:256,smollm2-135m:4:256,tiny:1:256,tiny:4:256",
         help="comma list of model:batch:seq (models: smollm2-135m, tiny)",
     )
+    ap.add_argument("--kernels", default="numba", help="einplan's backends, e.g. numpy,numba")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "train.json"))
     ap.add_argument("--case", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.case:
-        model, b, s = args.case.split(":")
-        print(json.dumps(run_case_here(model, int(b), int(s), args)))
+        model, b, s, kernels = args.case.split(":")
+        print(json.dumps(run_case_here(model, int(b), int(s), kernels, args)))
         return
 
     results = []
     for case in args.cases.split(","):
         model, b, s = case.split(":")
-        runs = [run_ours] + ([run_torch] if args.torch_python else [])
-        for run in runs:  # the two engines interleaved, case by case
-            r = run(model, int(b), int(s), args)
+        runs = [(run_ours, k) for k in args.kernels.split(",")]
+        runs += [(run_torch, "")] if args.torch_python else []
+        for run, kernels in runs:  # the engines interleaved, case by case
+            r = run(model, int(b), int(s), kernels, args)
             results.append(r)
             print(
-                f"{r['engine']} {model} {b}x{s}: {r.get('tokens_per_s', 0):.1f} tok/s "
+                f"{r['engine']} {kernels} {model} {b}x{s}: {r.get('tokens_per_s', 0):.1f} tok/s "
                 f"{r.get('error', '')[-300:]}",
                 file=sys.stderr,
             )
@@ -161,7 +164,7 @@ def main() -> None:
         ref = torch_tps.get((r["model"], r["batch"], r["seq"]))
         ratio = f"{r['tokens_per_s'] / ref:.2f}x" if ref and r["engine"] == "einplan" else ""
         t.add_row(
-            r["engine"],
+            f"{r['engine']} ({r['kernels']})" if r.get("kernels") else r["engine"],
             r["model"],
             case,
             f"{r['tokens_per_s']:.1f}",

@@ -49,6 +49,7 @@ def mib(n: int) -> str:
 def kernels_line(plan: Plan) -> str:
     """Which kernels backend would run what: chosen when the plan is bound, not stored."""
     from einplan.runtime.backends import available_backends, default_backend
+    from einplan.runtime.backends.numba_panel_factories import panel_keys
 
     g = plan.entry("decode") if "decode" in plan.entries else plan.entry("forward")
     compiled = sum(
@@ -57,9 +58,15 @@ def kernels_line(plan: Plan) -> str:
         if n.op.value == "einsum" and type(n.attrs.get("recipe")).__name__ == "QMatmulRecipe"
     )
     installed = ", ".join(available_backends())
+    panels = len(panel_keys(plan))
     quantised = f"{compiled} quantised products of {g.name} (<= 16 rows), " if compiled else ""
+    held = (
+        f"holds {panels} float32 weights as panels and computes every product of them; "
+        if panels
+        else "computes float32 products of <= 8 rows (GEMV); "
+    )
     what = (
-        f"numba compiles {quantised}float32 products of <= 2 rows (decode's GEMV) and the "
+        f"numba {held}{quantised}RMSNorm, RoPE, SwiGLU, flash attention's exp and the "
         "decode-sized ops between products; numpy the rest"
     )
     return f"{default_backend()} by default (installed: {installed}; --kernels); {what}"

@@ -8,9 +8,10 @@ walks the input dimension once; at each step it loads the 32 weights of each of 
 as the tile's outputs: no partial sums in memory, no reduction across threads.
 
 - Prompt and forward products (m > 1) take tiles of 8 rows x 1 panel (16 sums, then 4, 2 and
-  1 rows for the rest), parallel over panels. Rows go in blocks of ``ROW_BLOCK`` so a block
-  of x stays in each core's L2 while the panels stream past it; each panel is read once per
-  block, front to back, while the tiles of that block reuse it from L1/L2.
+  1 rows for the rest), parallel over panels. Rows go in blocks of ``ROW_BLOCK`` (fewer for
+  wide rows: at most ``BLOCK_BYTES`` of x) so a block of x stays in each core's L2 while the
+  panels stream past it; each panel is read once per block, front to back, while the tiles
+  of that block reuse it from L1/L2.
 - A decode product (m = 1) takes tiles of 1 row x 4 panels: four streams 128 x in bytes
   apart keep more reads in flight than one (the lesson of numba_decode.f32_gemv). Each thread
   takes an equal run of panels (SmolLM2's 18-panel products would split 3:2 by tiles).
@@ -41,7 +42,8 @@ from einplan.runtime.panels import PANEL
 
 VEC = ir.VectorType(F32, 16)
 HALVES = PANEL // 16  # vectors per panel row
-ROW_BLOCK = 128  # rows of x per block: 128 x in floats stay in L2 while the panels stream
+ROW_BLOCK = 128  # rows of x per block (at most): they stay in L2 while the panels stream
+BLOCK_BYTES = 1 << 20  # ... and their floats at most this many bytes (wide inputs: fewer rows)
 
 
 def make_tile(rows: int, panels: int):
@@ -182,8 +184,9 @@ def panel_matmul(x, w, out, threads):  # pragma: no cover - compiled
                 tile_1(x, w, out, 0, p)
                 p += 1
         return
-    for i0 in range(0, m, ROW_BLOCK):
-        i1 = min(m, i0 + ROW_BLOCK)
+    block = max(8, min(ROW_BLOCK, BLOCK_BYTES // (4 * x.shape[1]) // 8 * 8))
+    for i0 in range(0, m, block):
+        i1 = min(m, i0 + block)
         for p in prange(n):
             panel_rows(x, w, out, i0, i1, p)
 

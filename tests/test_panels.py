@@ -123,3 +123,18 @@ def test_gather_of_a_tied_table_held_as_panels_picks_its_columns():
     assert np.array_equal(out, table.T[ids])
     with pytest.raises(IndexError):
         kernel([pack_panels(table), np.array([[96]])], np.empty((1, 1, 5), np.float32))
+
+
+@needs_numba
+def test_wide_inputs_take_smaller_row_blocks():
+    """in = 4100: a block holds 56 rows of x (1 MiB), so 70 rows take two blocks."""
+    from einplan.runtime.backends.numba_panels import BLOCK_BYTES, panel_matmul
+
+    rng = np.random.default_rng(3)
+    k = 4100
+    assert BLOCK_BYTES // (4 * k) // 8 * 8 == 56
+    x = rng.standard_normal((70, k), np.float32)
+    w = rng.standard_normal((k, 2 * PANEL), np.float32)
+    out = np.full((70, 2 * PANEL), np.nan, np.float32)
+    panel_matmul(x, pack_panels(w).panels, out, 2)
+    assert_product(out, x, w)

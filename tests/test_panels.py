@@ -138,3 +138,17 @@ def test_wide_inputs_take_smaller_row_blocks():
     out = np.full((70, 2 * PANEL), np.nan, np.float32)
     panel_matmul(x, pack_panels(w).panels, out, 2)
     assert_product(out, x, w)
+
+
+@needs_numba
+def test_a_step_that_cannot_read_panels_is_refused_clearly():
+    """A weight held as panels reaching a step no kernel reads it in (a bug: the backend
+    packs only what its kernels read) is a clear error, not numpy's kernel on a PanelMatrix."""
+    from einplan.errors import EinplanError
+    from einplan.runtime.backends import get_backend
+
+    leaf = mark_panels(Node(0, Op.PARAM, (), {"key": "w"}, (4, PANEL), "f32"))
+    x = Node(1, Op.INPUT, (), {}, (2, 4), "f32")
+    node = Node(2, Op.EINSUM, (1, 0), {"spec": "si,io->so"}, (2, PANEL), "f64")  # not f32
+    with pytest.raises(EinplanError, match="held as panels"):
+        get_backend("numba").kernel_for(node, [(2, 4), (4, PANEL)], (2, PANEL), None, [x, leaf])

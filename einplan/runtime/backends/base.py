@@ -9,8 +9,10 @@ from typing import Any
 from einplan.compiler.ir import Node
 from einplan.compiler.ops import Op
 from einplan.compiler.tags import Tag
+from einplan.errors import EinplanError
 from einplan.runtime.device import DeviceError, array_module
 from einplan.runtime.kernels import KERNELS, Kernel, Scratch
+from einplan.runtime.panels import is_panels
 from einplan.runtime.upcast import make_upcast
 
 Factory = Callable[..., Kernel | None]
@@ -74,6 +76,12 @@ class Backend:
             kernel = factory(node, shapes, out_shape, scratch, list(inputs))
             if kernel is not None:
                 return kernel, self.name
+        held = [i.name for i in inputs if is_panels(i)]
+        if held:  # (the backend packs only weights its kernels read: a bug if this happens)
+            raise EinplanError(
+                f"step {node.name} ({node.op.value}) reads {', '.join(held)} held as panels, "
+                f"which no {self.name} kernel of it reads: report this (runtime/panels.py)"
+            )
         if self.device != "cpu":
             raise DeviceError(
                 f"step {node.name} ({node.op.value}) has no {self.device} kernel: the "

@@ -23,7 +23,6 @@ import numpy as np
 
 from einplan.compiler.ir import Node
 from einplan.compiler.ops import Op
-from einplan.errors import EinplanError
 from einplan.runtime.backends.numba_decode_factories import is_gemv
 from einplan.runtime.panels import PANEL, is_panels, pack_panels, packable
 
@@ -78,22 +77,12 @@ def kernels():
     return numba_panels
 
 
-def check_reads_panels(node: Node, inputs: list[Node], pos: int) -> None:
-    """Refuse a step given a weight held as panels that it cannot read so (panel_keys packs
-    only weights every step reads through ``reads_panels``: this is a bug if it happens)."""
-    if not reads_panels(node, inputs, pos):
-        raise EinplanError(
-            f"step {node.name} reads weight {inputs[pos].name} held as panels, which its "
-            "kernels cannot read: report this (runtime/backends/numba_panel_factories.py)"
-        )
-
-
 def make_panel_product(node, shapes, out_shape, scratch, inputs):
     """``x . W`` for a weight bound as panels, for any number of rows of x; None when the
-    weight is bound as an array."""
-    if len(inputs) != 2 or not is_panels(inputs[1]):
+    weight is bound as an array (a step that declines a weight held as panels is refused by
+    Backend.kernel_for)."""
+    if len(inputs) != 2 or not is_panels(inputs[1]) or not reads_panels(node, inputs, 1):
         return None
-    check_reads_panels(node, inputs, 1)
     nk = kernels()
     from numba import get_num_threads
 
@@ -118,9 +107,8 @@ def make_panel_product(node, shapes, out_shape, scratch, inputs):
 def make_panel_gather(node, shapes, out_shape, scratch, inputs):
     """The embedding lookup of a tied (d, vocab) table bound as panels: token v is column
     v % 32 of panel v // 32 (a strided read of d values per token); None for an array."""
-    if not inputs or not is_panels(inputs[0]):
+    if not inputs or not is_panels(inputs[0]) or not reads_panels(node, inputs, 0):
         return None
-    check_reads_panels(node, inputs, 0)
     d = shapes[0][0]
 
     def gather_panels(ins, out):

@@ -146,3 +146,22 @@ def test_binding_leaves_no_file_pages_resident(tmp_path):
     norm = "model.layers.0.input_layernorm.weight"
     assert np.array_equal(bound[norm], tensors[norm])  # a view of the file reads it back
     assert resident_kib(path) > 0
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux /proc")
+def test_a_copied_tensor_drops_its_file_pages(tmp_path):
+    """Binding drops each tensor's pages as soon as it is copied, so a weight is never held
+    twice (copy and file pages) while the rest bind: the peak stays one copy."""
+    from einplan.formats.weights import drop_file_pages, read_safetensors_index
+
+    path = tmp_path / "model.safetensors"
+    rng = np.random.default_rng(0)
+    small = np.ones(10, np.float32)
+    save_file({"a": small, "big": rng.standard_normal((1024, 1024), np.float32), "c": small}, path)
+    arr = read_safetensors_index(path)["big"][0]
+    copy = np.array(arr.T)  # reads its 4 MiB
+    assert resident_kib(path) >= 4096
+    drop_file_pages(arr)
+    assert resident_kib(path) <= 128  # what the kernel mapped around the reads, at most
+    assert np.array_equal(copy.T, arr)  # still readable: read back from the page cache
+    drop_file_pages(np.ones(3))  # an array in memory: nothing to do

@@ -262,6 +262,8 @@ def bind_params(graph: Graph, tensors: Mapping[str, np.ndarray]) -> dict[str, np
             # row-major (in, out): concatenate keeps one transposed part column-major
             packed = np.ascontiguousarray(np.concatenate(parts, axis=1))
             out[n.attrs["key"]] = packed.astype(dtype, copy=False)
+            for m in n.attrs["pack"]:  # copied: the file's pages of it are not needed now
+                drop_file_pages(tensors[m.key])
         else:
             arr = tensors[n.attrs["key"]]
             out[n.attrs["key"]] = arr if arr.dtype == dtype else arr.astype(dtype)
@@ -318,6 +320,23 @@ def load_weights(
         )
     release_file_pages(tensors.values())
     return bound
+
+
+def drop_file_pages(a: np.ndarray) -> None:
+    """Unmap from this process the pages of one memory-mapped tensor once it has been copied
+    (see release_file_pages), so that binding never holds a weight as copy and file pages at
+    once; nothing for an array in memory. A neighbour sharing an edge page reads it back."""
+    m = getattr(a, "_mmap", None)
+    if m is None or not hasattr(m, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    root = a
+    while isinstance(root.base, np.ndarray):
+        root = root.base
+    start = a.__array_interface__["data"][0] - root.__array_interface__["data"][0]
+    lo = start // mmap.PAGESIZE * mmap.PAGESIZE
+    hi = min(len(m), -(-(start + a.nbytes) // mmap.PAGESIZE) * mmap.PAGESIZE)
+    if hi > lo:
+        m.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 
 def release_file_pages(arrays: Iterable[np.ndarray]) -> None:

@@ -519,3 +519,62 @@ def test_a_tile_far_above_the_running_maximum_is_done_again():
     assert p[..., 8:].sum(axis=-1).min() > 0.99  # the last tile's keys take the weight
     assert False in calls  # ... and the running maximum was raised for them
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.skipif("numba" not in BACKENDS, reason="numba is not installed")
+@settings(max_examples=25, deadline=None)
+@given(
+    s=st.integers(1, 90),
+    extra=st.sampled_from([0, 0, 7, 40]),
+    n=st.integers(1, 2),
+    g=st.integers(1, 3),
+    h=st.sampled_from([64, 128]),
+    bq=st.sampled_from([1, 3, 8, 32]),
+    bk=st.sampled_from([32, 64, 96]),
+    bnth=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_compiled_causal_forward_equals_the_chain(s, extra, n, g, h, bq, bk, bnth, seed):
+    """The numba backend's whole-kernel causal forward (numba_flash.py: panel products,
+    block and tile edges that do not divide the lengths, keys past the queries) against the
+    float64 chain; its kernel is chosen only where it applies."""
+    from einplan.runtime.backends.numba_exp_factories import compiles_whole, make_causal_flash
+    from einplan.runtime.steps import ScratchBuffers
+
+    rng = np.random.default_rng(seed)
+    t = s + extra
+    q = rng.standard_normal((2, s, n, g, h)).astype(np.float32)
+    kv_shape = (2, n, t, h) if bnth else (2, t, n, h)
+    k, v = (rng.standard_normal(kv_shape).astype(np.float32) for _ in range(2))
+    shapes = [q.shape, k.shape, v.shape]
+    ins = [Node(i, Op.INPUT, (), {}, sh, "f32", f"in{i}") for i, sh in enumerate(shapes)]
+    attrs = {"layout": "bnth" if bnth else "bsnh", "causal": True, "block_q": bq}
+    attrs.update(block_k=bk, min_tiled=0, scale=0.125)
+    node = Node(3, Op.FLASH_ATTENTION, (0, 1, 2), attrs, q.shape, "f32", "f")
+    assert compiles_whole(node, shapes, ins)
+    assert not compiles_whole(node.with_(attrs={**attrs, "keep": True}), shapes, ins)
+    assert not compiles_whole(node.with_(attrs={**attrs, "causal": False}), shapes, ins)
+    kernel = make_causal_flash(node, shapes, q.shape, ScratchBuffers().for_thread(0))
+    got = kernel([q, k, v], np.full(q.shape, np.nan, np.float32))
+    want, _ = plain(*(x.astype(F64) for x in (q * np.float32(0.125), k, v)), bnth=bnth)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.skipif("numba" not in BACKENDS, reason="numba is not installed")
+def test_the_forward_of_a_long_prompt_takes_the_compiled_kernel():
+    """SmolLM2's forward at 512 tokens: each flash step gets numba_flash's kernel (a short
+    step attends directly instead)."""
+    from einplan.runtime.backends import get_backend
+    from einplan.runtime.steps import ScratchBuffers
+
+    plan = einplan.compile_model("smollm2-135m", entries=("forward",))
+    graph = plan.entry("forward")
+    node = next(x for x in graph.nodes if x.op is Op.FLASH_ATTENTION)
+    by_id = graph.by_id()
+    ins = [by_id[i] for i in node.inputs]
+    for s, want in ((512, "causal_flash"), (8, "direct")):
+        shapes = [(1, s, 3, 3, 64), (1, s, 3, 64), (1, s, 3, 64)]
+        kernel, made = get_backend("numba").kernel_for(
+            node, shapes, shapes[0], ScratchBuffers().for_thread(0), ins
+        )
+        assert made == "numba" and (kernel.__name__ == "causal_flash") == (want != "direct")

@@ -1,6 +1,7 @@
 """Factories of the numba backend's kernels built on its vectorised exp
-(runtime/backends/numba_exp.py): flash attention (runtime/flash.py's kernels with the
-compiled exp for the score tiles; the products stay BLAS's) and SwiGLU.
+(runtime/backends/numba_exp.py): flash attention (the causal forward of a ``forward`` entry
+as one compiled kernel, numba_flash.py; the other tiled steps runtime/flash.py's kernels with
+the compiled exp for the score tiles, their products BLAS's) and SwiGLU.
 
 Measured on SmolLM2-135M shapes (2 cores, Zen 4): one layer's causal attention at 4096
 tokens took 165 ms with NumPy's exp and 138 with the compiled one (1024 tokens: 16.3 and
@@ -56,8 +57,59 @@ def make_flash(node, shapes, out_shape, scratch, inputs):
         return None
     if attends_directly(node, shapes[0], shapes[1][key_axis(node)]):
         return make_direct(node, shapes, out_shape, scratch, inputs)
+    if compiles_whole(node, shapes, inputs):
+        return make_causal_flash(node, shapes, out_shape, scratch)
     make = make_flash_attention if node.op is Op.FLASH_ATTENTION else make_flash_attention_grad
     return make(node, shapes, out_shape, scratch, exp=compiled_exp_rows())
+
+
+def compiles_whole(node, shapes, inputs) -> bool:
+    """Whether a flash step runs as one compiled kernel (numba_flash.py): the causal forward
+    of float32 values without a mask or kept statistics (a plan's ``forward`` entry; training
+    keeps the log-sum-exp for its reverse step), heads of a multiple of 64 dims."""
+    a = node.attrs
+    return (
+        node.op is Op.FLASH_ATTENTION
+        and node.dtype == "f32"
+        and all(i.dtype == "f32" for i in inputs[:3])
+        and bool(a.get("causal"))
+        and len(shapes) == 3
+        and not a.get("keep")
+        and shapes[0][-1] % 64 == 0
+        and a["block_k"] % 32 == 0
+    )
+
+
+def make_causal_flash(node, shapes, out_shape, scratch):
+    """The causal forward as numba_flash.causal_flash, on the pass's query blocks and key
+    tiles, its buffers in the binding's scratch."""
+    from numba import get_num_threads
+
+    from einplan.runtime.backends import numba_flash as nf
+
+    b, s, n, g, h = shapes[0]
+    bnth = node.attrs["layout"] == "bnth"
+    t = shapes[1][key_axis(node)]
+    bq, bk = node.attrs["block_q"], node.attrs["block_k"]
+    threads = get_num_threads()
+    panels = -(-t // nf.PANEL)
+    rows, width = min(bq, s) * g, min(bk, panels * nf.PANEL)
+    f32 = np.float32
+    kp = scratch("flash_kp", (b, n, panels, h, nf.PANEL), f32)
+    vp = scratch("flash_vp", (b, n, h // nf.PANEL, t, nf.PANEL), f32)
+    xb, tb, acc = (scratch(f"flash_{r}", (threads, rows, h), f32) for r in ("xb", "tb", "acc"))
+    sb = scratch("flash_sb", (threads, rows, width), f32)
+    stats = scratch("flash_stats", (threads, 2, rows), f32)
+    scale = f32(node.attrs.get("scale", 1.0))
+
+    def causal_flash(ins, out):
+        q, k, v = ins[:3]
+        heads_first = (0, 1, 2, 3) if bnth else (0, 2, 1, 3)
+        nf.as_panels(k.transpose(heads_first), v.transpose(heads_first), kp, vp)
+        nf.causal_flash(q, kp, vp, scale, t - s, bq, bk, out, xb, sb, tb, acc, stats)
+        return out
+
+    return causal_flash
 
 
 def make_direct(node, shapes, out_shape, scratch, inputs):

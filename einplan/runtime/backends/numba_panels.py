@@ -47,23 +47,25 @@ BLOCK_BYTES = 1 << 20  # ... and their floats at most this many bytes (wide inpu
 
 
 def make_tile(rows: int, panels: int):
-    """An intrinsic ``tile(x, w, out, i0, p0)``: ``out[i0:i0+rows, 32 p0 : 32 (p0+panels)] =
-    x[i0:i0+rows] . W`` for the panels ``w`` (n, in, 32); x (m, in) and out (m, n*32),
-    C-contiguous."""
+    """An intrinsic ``tile(x, w, out, i0, p0, c0, k0, k_len)``: ``out[i0:i0+rows, 32 c0 :
+    32 (c0+panels)] = x[i0:i0+rows, :k_len] . W[k0:k0+k_len, 32 p0 : 32 (p0+panels)]`` for
+    the panels ``w`` (n, in, 32) of W; x (m, >= k_len) and out (m, >= 32 (c0+panels)),
+    all C-contiguous. A product passes c0 = p0, k0 = 0, k_len = in; flash attention's tiles
+    (numba_flash.py) take a run of keys."""
     chains = max(1, 4 // (rows * panels))  # at least 8 independent sums in flight
 
     @intrinsic
-    def tile(typingctx, x, w, out, i0, p0):
+    def tile(typingctx, x, w, out, i0, p0, c0, k0, k_len):
         if not all(isinstance(a, types.Array) and a.layout == "C" for a in (x, w, out)):
             return None
-        sig = types.void(x, w, out, i0, p0)
+        sig = types.void(x, w, out, i0, p0, c0, k0, k_len)
 
         def codegen(context, builder, signature, args):
             xa, wa, oa = (
                 context.make_array(t)(context, builder, a)
                 for t, a in zip(signature.args[:3], args[:3], strict=True)
             )
-            iv, pv = (
+            iv, pv, cv, k0v, k_in = (
                 context.cast(builder, a, t, types.int64)
                 for t, a in zip(signature.args[3:], args[3:], strict=True)
             )
@@ -71,15 +73,20 @@ def make_tile(rows: int, panels: int):
             def const(v):
                 return ir.Constant(I64, v)
 
-            k_in = cgutils.unpack_tuple(builder, xa.shape, 2)[1]
+            x_width = cgutils.unpack_tuple(builder, xa.shape, 2)[1]
+            w_rows = cgutils.unpack_tuple(builder, wa.shape, 3)[1]
             n_out = cgutils.unpack_tuple(builder, oa.shape, 2)[1]
             x_rows = [
-                builder.gep(xa.data, [builder.mul(builder.add(iv, const(r)), k_in)])
+                builder.gep(xa.data, [builder.mul(builder.add(iv, const(r)), x_width)])
                 for r in range(rows)
             ]
-            panel_size = builder.mul(k_in, const(PANEL))
+            panel_size = builder.mul(w_rows, const(PANEL))
+            start = builder.mul(k0v, const(PANEL))
             w_panels = [
-                builder.gep(wa.data, [builder.mul(builder.add(pv, const(q)), panel_size)])
+                builder.gep(
+                    wa.data,
+                    [builder.add(builder.mul(builder.add(pv, const(q)), panel_size), start)],
+                )
                 for q in range(panels)
             ]
             fma = cgutils.get_or_insert_function(
@@ -128,7 +135,7 @@ def make_tile(rows: int, panels: int):
             for r in range(rows):
                 out_row = builder.gep(oa.data, [builder.mul(builder.add(iv, const(r)), n_out)])
                 for q in range(panels):
-                    col = builder.mul(builder.add(pv, const(q)), const(PANEL))
+                    col = builder.mul(builder.add(cv, const(q)), const(PANEL))
                     for j in range(HALVES):
                         total = builder.load(sums[(0, r, q, j)])
                         for h in range(1, chains):
@@ -154,16 +161,16 @@ def panel_rows(x, w, out, i0, i1, p):  # pragma: no cover - compiled
     """Rows i0:i1 of panel p: tiles of 8 rows, then one of 4, 2 and 1 for the rest."""
     i = i0
     while i1 - i >= 8:
-        tile_8(x, w, out, i, p)
+        tile_8(x, w, out, i, p, p, 0, x.shape[1])
         i += 8
     if i1 - i >= 4:
-        tile_4(x, w, out, i, p)
+        tile_4(x, w, out, i, p, p, 0, x.shape[1])
         i += 4
     if i1 - i >= 2:
-        tile_2(x, w, out, i, p)
+        tile_2(x, w, out, i, p, p, 0, x.shape[1])
         i += 2
     if i1 - i == 1:
-        tile_1(x, w, out, i, p)
+        tile_1(x, w, out, i, p, p, 0, x.shape[1])
 
 
 @njit(parallel=True, **OPTIONS)
@@ -178,10 +185,10 @@ def panel_matmul(x, w, out, threads):  # pragma: no cover - compiled
         for t in prange(threads):
             p, end = min(n, t * per), min(n, (t + 1) * per)
             while end - p >= 4:
-                tile_1x4(x, w, out, 0, p)
+                tile_1x4(x, w, out, 0, p, p, 0, x.shape[1])
                 p += 4
             while p < end:
-                tile_1(x, w, out, 0, p)
+                tile_1(x, w, out, 0, p, p, 0, x.shape[1])
                 p += 1
         return
     block = max(8, min(ROW_BLOCK, BLOCK_BYTES // (4 * x.shape[1]) // 8 * 8))

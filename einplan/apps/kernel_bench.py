@@ -72,6 +72,11 @@ def _first_calls() -> dict:
     numba_panels.warm_up()
     out["fp32 panels"] = time.perf_counter() - t0
     t0 = time.perf_counter()
+    from einplan.runtime.backends import numba_flash
+
+    numba_flash.warm_up()
+    out["causal flash"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     from einplan.runtime.backends import numba_exp
 
     numba_exp.warm_up()

@@ -66,8 +66,9 @@ def kernels_line(plan: Plan) -> str:
         else "computes float32 products of <= 8 rows (GEMV); "
     )
     what = (
-        f"numba {held}{quantised}RMSNorm, RoPE, SwiGLU, flash attention's exp and the "
-        "decode-sized ops between products; numpy the rest"
+        f"numba {held}{quantised}RMSNorm, RoPE, SwiGLU, a forward's causal flash attention "
+        "(one kernel; other flash steps its exp) and the decode-sized ops between products; "
+        "numpy the rest"
     )
     return f"{default_backend()} by default (installed: {installed}; --kernels); {what}"
 

@@ -74,6 +74,7 @@ def causal_flash(q, kp, vp, scale, off, bq, bk, out, xb, sb, tb, acc, stats):  #
     for th in prange(threads):
         x, sc, tc, ac = xb[th], sb[th], tb[th], acc[th]
         top, total = stats[th, 0], stats[th, 1]
+        lanes = np.empty(16, np.float32)
         for job in range(th, jobs, threads):
             blk = job % blocks
             n = (job // blocks) % nh
@@ -97,9 +98,21 @@ def causal_flash(q, kp, vp, scale, off, bq, bk, out, xb, sb, tb, acc, stats):  #
                     seen = min(width, i0 + r // g + off - j0 + 1)  # keys of the tile it sees
                     for j in range(max(seen, 0), width):
                         sc[r, j] = -np.inf
+                    # the row maximum in 16 lanes: a select per lane vectorises, a max
+                    # reduction does not (no fastmath nnan: NaN must stay NaN)
+                    for lane in range(16):
+                        lanes[lane] = -np.inf
+                    full = width // 16 * 16
+                    row = sc[r]
+                    for j in range(0, full, 16):
+                        for lane in range(16):
+                            v = row[j + lane]
+                            lanes[lane] = v if v > lanes[lane] else lanes[lane]
                     mx = top[r]
-                    for j in range(width):
-                        mx = max(mx, sc[r, j])
+                    for lane in range(16):
+                        mx = max(mx, lanes[lane])
+                    for j in range(full, width):
+                        mx = max(mx, row[j])
                     rescale = exp32(top[r] - mx) if top[r] > -np.inf else np.float32(0)
                     row_sum = np.float32(0)
                     for j in range(width):

@@ -19,30 +19,12 @@ import numpy as np
 from numba import njit, prange
 
 from einplan.runtime.backends.numba_exp import OPTIONS, exp32
-from einplan.runtime.backends.numba_panels import make_tile, tile_1, tile_2, tile_4, tile_8
+from einplan.runtime.backends.numba_panels import make_tile, panel_rows
 from einplan.runtime.panels import PANEL
 
 tile_4x2 = make_tile(4, 2)
 tile_2x2 = make_tile(2, 2)
 tile_1x2 = make_tile(1, 2)
-
-
-@njit(**OPTIONS)
-def score_rows(x, kp, sb, rows, p, c):  # pragma: no cover - compiled
-    """sb[:rows, 32c : 32c+32] = x[:rows] . K^T panel p (8, 4, 2, 1 rows a tile)."""
-    h = x.shape[1]
-    i = 0
-    while rows - i >= 8:
-        tile_8(x, kp, sb, i, p, c, 0, h)
-        i += 8
-    if rows - i >= 4:
-        tile_4(x, kp, sb, i, p, c, 0, h)
-        i += 4
-    if rows - i >= 2:
-        tile_2(x, kp, sb, i, p, c, 0, h)
-        i += 2
-    if rows - i == 1:
-        tile_1(x, kp, sb, i, p, c, 0, h)
 
 
 @njit(**OPTIONS)
@@ -93,7 +75,7 @@ def causal_flash(q, kp, vp, scale, off, bq, bk, out, xb, sb, tb, acc, stats):  #
             for j0 in range(0, limit, bk):
                 width = min(limit, j0 + bk) - j0
                 for c in range((width + PANEL - 1) // PANEL):
-                    score_rows(x, kb, sc, rows, j0 // PANEL + c, c)
+                    panel_rows(x, kb, sc, 0, rows, j0 // PANEL + c, c)  # the scores
                 for r in range(rows):
                     seen = min(width, i0 + r // g + off - j0 + 1)  # keys of the tile it sees
                     for j in range(max(seen, 0), width):

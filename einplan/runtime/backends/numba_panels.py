@@ -157,20 +157,22 @@ tile_1x4 = make_tile(1, 4)
 
 
 @njit(**OPTIONS)
-def panel_rows(x, w, out, i0, i1, p):  # pragma: no cover - compiled
-    """Rows i0:i1 of panel p: tiles of 8 rows, then one of 4, 2 and 1 for the rest."""
+def panel_rows(x, w, out, i0, i1, p, c):  # pragma: no cover - compiled
+    """Rows i0:i1 of panel p into output column block c: tiles of 8 rows, then one of 4, 2
+    and 1 for the rest."""
+    k = x.shape[1]
     i = i0
     while i1 - i >= 8:
-        tile_8(x, w, out, i, p, p, 0, x.shape[1])
+        tile_8(x, w, out, i, p, c, 0, k)
         i += 8
     if i1 - i >= 4:
-        tile_4(x, w, out, i, p, p, 0, x.shape[1])
+        tile_4(x, w, out, i, p, c, 0, k)
         i += 4
     if i1 - i >= 2:
-        tile_2(x, w, out, i, p, p, 0, x.shape[1])
+        tile_2(x, w, out, i, p, c, 0, k)
         i += 2
     if i1 - i == 1:
-        tile_1(x, w, out, i, p, p, 0, x.shape[1])
+        tile_1(x, w, out, i, p, c, 0, k)
 
 
 @njit(parallel=True, **OPTIONS)
@@ -195,7 +197,7 @@ def panel_matmul(x, w, out, threads):  # pragma: no cover - compiled
     for i0 in range(0, m, block):
         i1 = min(m, i0 + block)
         for p in prange(n):
-            panel_rows(x, w, out, i0, i1, p)
+            panel_rows(x, w, out, i0, i1, p, p)
 
 
 def warm_up() -> None:

@@ -323,11 +323,14 @@ def load_weights(
 
 
 def drop_file_pages(a: np.ndarray) -> None:
-    """Unmap from this process the pages of one memory-mapped tensor once it has been copied
-    (see release_file_pages), so that binding never holds a weight as copy and file pages at
-    once; nothing for an array in memory. A neighbour sharing an edge page reads it back."""
+    """Unmap from this process the pages of one memory-mapped tensor (the OS keeps them in its
+    page cache; a later read faults them back in); nothing for an array in memory. Binding
+    copies most weights (transposed, packed): without this each copied weight stayed resident
+    twice, as its copy and as file pages (an fp32 SmolLM2 held 1.16 GB of RSS for 0.51 GB of
+    weights). Called as each packed weight is copied (so the peak holds one copy) and on
+    every tensor once binding is done (release_file_pages)."""
     m = getattr(a, "_mmap", None)
-    if m is None or not hasattr(m, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+    if m is None or not hasattr(mmap, "MADV_DONTNEED"):
         return
     root = a
     while isinstance(root.base, np.ndarray):
@@ -340,15 +343,9 @@ def drop_file_pages(a: np.ndarray) -> None:
 
 
 def release_file_pages(arrays: Iterable[np.ndarray]) -> None:
-    """Unmap from this process the pages of the checkpoint files that binding read (the OS
-    keeps them in its page cache). Binding copies most weights (transposed, packed): without
-    this the copied file pages stay resident beside the copies, and an fp32 SmolLM2 held
-    1.16 GB of RSS for 0.51 GB of weights. Arrays still viewing the file read their pages
-    back in on use."""
-    maps = {id(m): m for a in arrays if (m := getattr(a, "_mmap", None)) is not None}
-    for m in maps.values():
-        if hasattr(m, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
-            m.madvise(mmap.MADV_DONTNEED)
+    """drop_file_pages of every tensor binding read (the NaN check read them all)."""
+    for a in arrays:
+        drop_file_pages(a)
 
 
 def non_finite(arrays: Mapping[str, np.ndarray], chunk: int = 1 << 22) -> list[str]:

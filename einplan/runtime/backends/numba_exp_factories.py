@@ -21,6 +21,7 @@ from einplan.compiler.passes.flash import attends_directly, key_axis
 from einplan.runtime.backends.numba_decode_factories import flat_rows, kernels, make_softmax
 from einplan.runtime.flash import make_flash_attention, make_flash_attention_grad
 from einplan.runtime.kernels import direct_softmax, make_direct_attention, silu_mul_block
+from einplan.runtime.panels import PANEL
 
 NO_SHIFT = np.empty(0, np.float32)
 # SwiGLU steps below this many values keep numpy's kernel (the views and the call cost ~8 us).
@@ -88,15 +89,16 @@ def make_causal_flash(node, shapes, out_shape, scratch):
     from einplan.runtime.backends import numba_flash as nf
 
     b, s, n, g, h = shapes[0]
-    bnth = node.attrs["layout"] == "bnth"
+    # k and v heads first, (b, n, t, h): a view of either layout
+    heads_first = (0, 1, 2, 3) if node.attrs["layout"] == "bnth" else (0, 2, 1, 3)
     t = shapes[1][key_axis(node)]
     bq, bk = node.attrs["block_q"], node.attrs["block_k"]
     threads = get_num_threads()
-    panels = -(-t // nf.PANEL)
-    rows, width = min(bq, s) * g, min(bk, panels * nf.PANEL)
+    panels = -(-t // PANEL)
+    rows, width = min(bq, s) * g, min(bk, panels * PANEL)
     f32 = np.float32
-    kp = scratch("flash_kp", (b, n, panels, h, nf.PANEL), f32)
-    vp = scratch("flash_vp", (b, n, h // nf.PANEL, t, nf.PANEL), f32)
+    kp = scratch("flash_kp", (b, n, panels, h, PANEL), f32)
+    vp = scratch("flash_vp", (b, n, h // PANEL, t, PANEL), f32)
     xb, tb, acc = (scratch(f"flash_{r}", (threads, rows, h), f32) for r in ("xb", "tb", "acc"))
     sb = scratch("flash_sb", (threads, rows, width), f32)
     stats = scratch("flash_stats", (threads, 2, rows), f32)
@@ -104,7 +106,6 @@ def make_causal_flash(node, shapes, out_shape, scratch):
 
     def causal_flash(ins, out):
         q, k, v = ins[:3]
-        heads_first = (0, 1, 2, 3) if bnth else (0, 2, 1, 3)
         nf.as_panels(k.transpose(heads_first), v.transpose(heads_first), kp, vp)
         nf.causal_flash(q, kp, vp, scale, t - s, bq, bk, out, xb, sb, tb, acc, stats)
         return out

@@ -120,7 +120,9 @@ def causal_flash(q, kp, vp, scale, off, bq, bk, out, xb, sb, tb, acc, stats):  #
 @njit(parallel=True, **OPTIONS)
 def as_panels(k, v, kp, vp):  # pragma: no cover - compiled
     """K^T and V of heads-first (b, n, t, h) keys and values (any strides) into the panels
-    causal_flash reads: kp (b, n, ceil(t/32), h, 32), zero past t; vp (b, n, h/32, t, 32)."""
+    causal_flash reads: per (b, n), kp is runtime/panels.pack_panels of K^T and vp of V,
+    written here into the binding's scratch (no allocation per call), kp zero-padded past t
+    to whole panels."""
     nb, nh, t, h = k.shape
     for bn in prange(nb * nh):
         b, n = bn // nh, bn % nh
